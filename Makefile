@@ -1,0 +1,57 @@
+# `make run` and `make test` work on a fresh Debian machine: they install what they need.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+LDAP_PORT ?= 3890
+export PATH := $(CURDIR)/$(VENV)/bin:/usr/sbin:/sbin:$(PATH)
+
+.PHONY: run test bench deps debs install stop clean help
+
+help:
+	@echo "make run    start a private slapd and the registration server (TLS on https://localhost:8443)"
+	@echo "make test   the whole suite, against real slapd, gunicorn and openssl"
+	@echo "make bench  benchmarks (ratios measured in one run)"
+	@echo "make stop   stop the private slapd of make run"
+
+debs:
+	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null; then \
+	  echo "installing Debian packages slapd ldap-utils openssl"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl >/dev/null; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+install: debs $(STAMP)
+
+run: install
+	$(PY) -m directory_sync.slapd start --dir var/slapd --port $(LDAP_PORT) --demo
+	AUTOENROLL_LDAP__URL=ldap://127.0.0.1:$(LDAP_PORT) $(VENV)/bin/autoenroll init
+	@echo
+	@echo "The registration server starts below (Ctrl-C stops it; 'make stop' stops slapd)."
+	@echo "In another terminal, from $(CURDIR), enroll the demo user alice:"
+	@echo "  source .venv/bin/activate"
+	@echo "  CODE=\$$(autoenroll invite alice@example.org)"
+	@echo "  autoenroll-agent bootstrap --email alice@example.org --code \$$CODE"
+	@echo "  autoenroll-agent enroll --email alice@example.org --profile smime-encryption"
+	@echo "  ldapsearch -x -LLL -H ldap://127.0.0.1:$(LDAP_PORT) -b ou=people,dc=example,dc=org '(mail=alice@example.org)' 'userCertificate;binary'"
+	@echo "bob@example.org is in the directory but not entitled: his enroll is refused with 403."
+	@echo
+	AUTOENROLL_LDAP__URL=ldap://127.0.0.1:$(LDAP_PORT) $(VENV)/bin/autoenroll serve
+
+stop: $(STAMP)
+	$(PY) -m directory_sync.slapd stop --dir var/slapd
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	-$(PY) -m directory_sync.slapd stop --dir var/slapd
+	rm -rf var

@@ -1,0 +1,30 @@
+"""LDAP connection settings (one frozen value, passed in, never imported as a global)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The service password of the private dev/demo/test slapd built from ldap_schema/ (see base.ldif).
+# Named as what it is: only a private slapd on loopback may use it.
+DEV_SERVICE_PASSWORD = "autoenroll-dev-insecure"
+
+SUFFIX = "dc=example,dc=org"
+
+
+@dataclass(frozen=True)
+class LdapSettings:
+    """Where the directory is and how it is shaped. Defaults match the demo DIT of `make run`."""
+
+    url: str = "ldap://127.0.0.1:3890"
+    bind_dn: str = f"cn=autoenroll,ou=services,{SUFFIX}"
+    password: str = DEV_SERVICE_PASSWORD
+    base_dn: str = SUFFIX
+    users_base: str = f"ou=people,{SUFFIX}"
+    groups_base: str = f"ou=groups,{SUFFIX}"
+    ca_entry_dn: str = f"cn=Autoenroll CA,ou=services,{SUFFIX}"
+    mail_attribute: str = "mail"
+    group_member_attribute: str = "member"  # "uniqueMember" for groupOfUniqueNames
+    use_memberof: bool = True  # read memberOf (overlay) instead of searching groups for member=<dn>
+    nested_groups: bool = False  # follow groups that are members of groups
+    timeout_seconds: float = 5.0  # connect and per-operation timeout: a dead slapd must fail fast
+    pool_size: int = 4  # idle connections kept per process (gthread workers share them)

@@ -1,0 +1,398 @@
+"""LdapDirectory: users, groups and certificates in LDAP (ldap3), behind the project's error tree.
+
+Thread safety: each operation borrows a connection from a small pool (one thread per connection at a
+time), so gunicorn gthread workers can share one LdapDirectory. A connection that broke (slapd restarted)
+is dropped and the operation is tried once more on a fresh one; if that fails too the caller gets
+DirectoryUnavailable within `timeout_seconds`.
+
+Errors: `_run`/`_check`/`_translate` are the one adapter from ldap3 to registration_app.core.errors;
+nothing outside this module sees an ldap3 exception.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import TypeVar
+
+from cryptography import x509
+from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE, NONE, SUBTREE, Connection, Server
+from ldap3.core import exceptions as ldap_exc
+from ldap3.utils.dn import parse_dn
+
+from directory_sync.config import LdapSettings
+from directory_sync.escape import check_email, filter_value, normalise_dn, rdn_value
+from registration_app.core.errors import AmbiguousUser, AutoenrollError, DirectoryUnavailable, UserNotFound
+from registration_app.core.model import UserEntry
+
+T = TypeVar("T")
+
+CERT_ATTR = "userCertificate;binary"
+CA_CERT_ATTR = "cACertificate;binary"
+CRL_ATTR = "certificateRevocationList;binary"
+PAGE_SIZE = 500
+PAGED_RESULTS_OID = "1.2.840.113556.1.4.319"
+
+SUCCESS, SIZE_LIMIT_EXCEEDED, NO_SUCH_ATTRIBUTE, ATTRIBUTE_OR_VALUE_EXISTS = 0, 4, 16, 20
+NO_SUCH_OBJECT, ENTRY_ALREADY_EXISTS = 32, 68
+# Result codes that say "the server cannot serve right now", as opposed to "it refuses this".
+_TRANSIENT = {1, 3, 11, 51, 52, 80}
+
+# ldap3 raises these when the server is unreachable, hung up or too slow.
+_CONNECTION_ERRORS = (ldap_exc.LDAPCommunicationError, ldap_exc.LDAPResponseTimeoutError,
+                      ldap_exc.LDAPSocketOpenError, ldap_exc.LDAPStartTLSError)
+
+
+class LdapDirectory:
+    """The Directory of DESIGN.md (find_user, groups_of, publish) plus what reconcile needs."""
+
+    def __init__(self, settings: LdapSettings) -> None:
+        self.settings = settings
+        self._server = Server(settings.url, connect_timeout=settings.timeout_seconds, get_info=NONE)
+        self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
+
+    # --- lookups -------------------------------------------------------------------------------
+    def find_user(self, email: str) -> UserEntry | None:
+        """The single entry under users_base whose mail is `email`; None if none; AmbiguousUser if several."""
+        check_email(email)
+        flt = f"({self.settings.mail_attribute}={filter_value(email)})"
+
+        def work(conn: Connection) -> list[dict]:
+            # Two results are enough to know it is ambiguous.
+            conn.search(self.settings.users_base, flt, SUBTREE, attributes=self._user_attributes(),
+                        size_limit=2)
+            _check(conn, SIZE_LIMIT_EXCEEDED)
+            return _entries(conn)
+
+        entries = self._run(work)
+        if len(entries) > 1:
+            raise AmbiguousUser()
+        return self._user_entry(entries[0], email) if entries else None
+
+    def groups_of(self, user: UserEntry | str) -> frozenset[str]:
+        """Normalised DNs of the groups `user` belongs to, read live (memberOf or a member= search)."""
+        dn = user.dn if isinstance(user, UserEntry) else user
+        found: set[str] = set()
+        todo = self._parents(dn)
+        while todo:
+            group = todo.pop()
+            if group in found:
+                continue
+            found.add(group)
+            if self.settings.nested_groups:
+                todo |= self._parents(group)
+        return frozenset(found)
+
+    def is_member(self, user: UserEntry | str, groups: Iterable[str]) -> bool:
+        """True if the user is in any of `groups` (each a full DN, or a bare cn under groups_base)."""
+        wanted = {self._group_dn(g) for g in groups}
+        return bool(wanted) and not wanted.isdisjoint(self.groups_of(user))
+
+    def members_of_group(self, group: str) -> Iterator[UserEntry]:
+        """Every user of a group (DN or bare cn), by paged searches."""
+        group_dn = self._group_dn(group)
+        if self.settings.use_memberof and not self.settings.nested_groups:
+            flt = f"(&({self.settings.mail_attribute}=*)(memberOf={filter_value(group_dn)}))"
+            for entry in self._paged(self.settings.users_base, flt, self._user_attributes()):
+                yield self._user_entry(entry)
+            return
+        # Without memberOf (e.g. after slapadd) or when nesting: expand the member lists, then walk users.
+        members = self._expanded_members(group_dn)
+        flt = f"({self.settings.mail_attribute}=*)"
+        for entry in self._paged(self.settings.users_base, flt, self._user_attributes()):
+            if normalise_dn(entry["dn"]) in members:
+                yield self._user_entry(entry)
+
+    def iter_users(self, since: datetime | None = None) -> Iterator[UserEntry]:
+        """Every user with a mail address; with `since`, only entries modified at or after it (UTC if naive)."""
+        flt = f"({self.settings.mail_attribute}=*)"
+        if since is not None:
+            when = (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+            flt = f"(&{flt}(modifyTimestamp>={when:%Y%m%d%H%M%SZ}))"
+        for entry in self._paged(self.settings.users_base, flt, self._user_attributes()):
+            yield self._user_entry(entry)
+
+    # --- publication ---------------------------------------------------------------------------
+    def publish(self, user: UserEntry | str, add: list[bytes], remove: list[bytes]) -> None:
+        """Add and remove userCertificate;binary values in ONE modify; idempotent; others' values untouched.
+
+        The entry is read first, so only absent values are added and only present values deleted.
+        GnuPG's dirmngr uses only the first value, and OpenLDAP appends added values: so among the values
+        of the issuers of `add`/`remove` ("ours"), the order is encryption certificates first, newest
+        first (see `plan_publication`), and values of ours that must move are deleted and re-added in
+        the same modify. If another writer changes the attribute between our read and our modify, the
+        modify fails as a whole and we read again (up to three times).
+        """
+        dn = user.dn if isinstance(user, UserEntry) else user
+
+        def work(conn: Connection) -> None:
+            for _ in range(3):
+                conn.search(dn, "(objectClass=*)", BASE, attributes=[CERT_ATTR])
+                _check(conn)
+                current = _values(_entries(conn)[0], CERT_ATTR) if conn.response else []
+                deletes, adds = plan_publication(current, add, remove)
+                if not deletes and not adds:
+                    return
+                ops = [(MODIFY_DELETE, deletes)] if deletes else []
+                ops += [(MODIFY_ADD, adds)] if adds else []
+                conn.modify(dn, {CERT_ATTR: ops})
+                if _check(conn, NO_SUCH_ATTRIBUTE, ATTRIBUTE_OR_VALUE_EXISTS) == SUCCESS:
+                    return
+            raise DirectoryUnavailable("The directory entry keeps changing; try again later")
+
+        self._run(work)
+
+    def publish_ca(self, ca_cert_der: bytes, crl_der: bytes | None = None) -> None:
+        """Replace the CA entry's certificate (and CRL, if given); create the entry if it is missing."""
+        dn = self.settings.ca_entry_dn
+        changes = {CA_CERT_ATTR: [(MODIFY_REPLACE, [ca_cert_der])]}
+        if crl_der is not None:
+            changes[CRL_ATTR] = [(MODIFY_REPLACE, [crl_der])]
+
+        def work(conn: Connection) -> None:
+            for _ in range(2):  # a concurrent creator may win the add: then modify again
+                conn.modify(dn, changes)
+                if _check(conn, NO_SUCH_OBJECT) == SUCCESS:
+                    return
+                attributes = {"objectClass": ["applicationProcess", "pkiCA"], "cn": _first_rdn_value(dn),
+                              CA_CERT_ATTR: [ca_cert_der]}
+                if crl_der is not None:
+                    attributes[CRL_ATTR] = [crl_der]
+                conn.add(dn, attributes=attributes)
+                if _check(conn, ENTRY_ALREADY_EXISTS) == SUCCESS:
+                    return
+
+        self._run(work)
+
+    def close(self) -> None:
+        while True:
+            try:
+                _close(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _user_attributes(self) -> list[str]:
+        attrs = [self.settings.mail_attribute, "cn", CERT_ATTR]
+        return attrs + (["memberOf"] if self.settings.use_memberof else [])
+
+    def _user_entry(self, entry: dict, email: str | None = None) -> UserEntry:
+        mails = [v.decode() for v in _values(entry, self.settings.mail_attribute)]
+        matching = [m for m in mails if email is not None and m.lower() == email.lower()]
+        names = [v.decode() for v in _values(entry, "cn")]
+        return UserEntry(
+            dn=entry["dn"],
+            email=(matching or mails or [email or ""])[0],
+            common_name=names[0] if names else "",
+            member_of=frozenset(normalise_dn(v.decode()) for v in _values(entry, "memberOf")),
+            certificates=tuple(_values(entry, CERT_ATTR)),
+        )
+
+    def _group_dn(self, group: str) -> str:
+        if "=" in group:
+            return normalise_dn(group)
+        return normalise_dn(f"cn={rdn_value(group)},{self.settings.groups_base}")
+
+    def _parents(self, dn: str) -> set[str]:
+        """Groups that list `dn` as a direct member."""
+        if self.settings.use_memberof:
+            def work(conn: Connection) -> list[dict]:
+                conn.search(dn, "(objectClass=*)", BASE, attributes=["memberOf"])
+                _check(conn, NO_SUCH_OBJECT)
+                return _entries(conn)
+
+            return {normalise_dn(v.decode()) for e in self._run(work) for v in _values(e, "memberOf")}
+        flt = f"({self.settings.group_member_attribute}={filter_value(dn)})"
+        return {normalise_dn(e["dn"]) for e in self._paged(self.settings.groups_base, flt, ["1.1"])}
+
+    def _expanded_members(self, group_dn: str) -> set[str]:
+        """Normalised member DNs of a group; with nested_groups, members of member groups too."""
+        attr = self.settings.group_member_attribute
+        members: dict[str, set[str]] = {
+            normalise_dn(e["dn"]): {normalise_dn(v.decode()) for v in _values(e, attr)}
+            for e in self._paged(self.settings.groups_base, f"({attr}=*)", [attr])
+        }
+        result: set[str] = set()
+        todo, seen = [group_dn], set()
+        while todo:
+            group = todo.pop()
+            if group in seen:
+                continue
+            seen.add(group)
+            for member in members.get(group, ()):
+                result.add(member)
+                if self.settings.nested_groups and member in members:
+                    todo.append(member)
+        return result
+
+    # --- the adapter: connections, retries, errors ---------------------------------------------
+    def _acquire(self) -> tuple[Connection, bool]:
+        try:
+            return self._idle.get_nowait(), True
+        except queue.Empty:
+            pass
+        s = self.settings
+        conn = Connection(self._server, user=s.bind_dn, password=s.password, receive_timeout=s.timeout_seconds,
+                          raise_exceptions=False, auto_bind=True, return_empty_attributes=False)
+        return conn, False
+
+    def _release(self, conn: Connection) -> None:
+        if self._idle.qsize() < self.settings.pool_size:
+            self._idle.put(conn)
+        else:
+            _close(conn)
+
+    def _run(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` on a pooled connection; a stale pooled connection gets one retry on a fresh one."""
+        while True:
+            try:
+                conn, reused = self._acquire()
+            except ldap_exc.LDAPException as exc:
+                raise _translate(exc) from exc
+            try:
+                result = work(conn)
+            except ldap_exc.LDAPException as exc:
+                _close(conn)
+                if reused and isinstance(exc, _CONNECTION_ERRORS):
+                    continue  # e.g. slapd restarted since this connection was opened
+                raise _translate(exc) from exc
+            except BaseException:
+                _close(conn)
+                raise
+            self._release(conn)
+            return result
+
+    def _paged(self, base: str, flt: str, attributes: list[str]) -> Iterator[dict]:
+        """Paged subtree search. The paging state lives on the connection, so one connection is held
+        until the generator finishes; only the first page is retried on a fresh connection."""
+        conn, reused = self._acquire_or_translate()
+        cookie: bytes | None = None
+        ok = False
+        try:
+            while True:
+                try:
+                    conn.search(base, flt, SUBTREE, attributes=attributes, paged_size=PAGE_SIZE,
+                                paged_cookie=cookie)
+                except _CONNECTION_ERRORS:
+                    if cookie is not None or not reused:
+                        raise
+                    _close(conn)  # stale after a slapd restart: start over on another connection
+                    conn, reused = self._acquire_or_translate()
+                    continue
+                _check(conn, NO_SUCH_OBJECT)
+                page, cookie = _entries(conn), _cookie(conn)
+                yield from page
+                if not cookie:
+                    break
+            ok = True
+        except ldap_exc.LDAPException as exc:
+            raise _translate(exc) from exc
+        finally:
+            if ok:
+                self._release(conn)
+            else:
+                _close(conn)
+
+    def _acquire_or_translate(self) -> tuple[Connection, bool]:
+        try:
+            return self._acquire()
+        except ldap_exc.LDAPException as exc:
+            raise _translate(exc) from exc
+
+
+def plan_publication(current: list[bytes], add: list[bytes], remove: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(values to delete, values to add, in order) turning `current` into what publish wants. Pure.
+
+    "Ours" are the values whose issuer is the issuer of a value in `add` or `remove`; the others are
+    never touched. Wanted order among ours: encryption-capable first, then newer notBefore first,
+    new values before old ones on ties. OpenLDAP can only delete and append, so the longest prefix of
+    ours already in that order stays, the rest of ours is deleted and re-added.
+    """
+    add = list(dict.fromkeys(add))
+    removing = set(remove) - set(add)
+    issuers = {i for i in map(_issuer, [*add, *remove]) if i is not None}
+    kept_ours = [v for v in current if v not in removing and _issuer(v) in issuers]
+    wanted = sorted(dict.fromkeys([*add, *kept_ours]), key=_rank)
+    same = 0
+    while same < min(len(kept_ours), len(wanted)) and kept_ours[same] == wanted[same]:
+        same += 1
+    deletes = [v for v in current if v in removing] + kept_ours[same:]
+    return deletes, wanted[same:]
+
+
+def _parse(der: bytes) -> x509.Certificate | None:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+
+
+def _issuer(der: bytes) -> bytes | None:
+    cert = _parse(der)
+    return cert.issuer.public_bytes() if cert else None
+
+
+def _rank(der: bytes) -> tuple[int, float]:
+    cert = _parse(der)
+    if cert is None:
+        return (1, 0.0)
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        encrypts = usage.key_encipherment or usage.key_agreement or usage.data_encipherment
+    except x509.ExtensionNotFound:
+        encrypts = True  # no KeyUsage: any use
+    return (0 if encrypts else 1, -cert.not_valid_before_utc.timestamp())
+
+
+def _check(conn: Connection, *allowed: int) -> int:
+    """The result code of the last operation if it is success or `allowed`; else the project's error."""
+    code = conn.result["result"]
+    if code == SUCCESS or code in allowed:
+        return code
+    description = conn.result.get("description", str(code))
+    if code == NO_SUCH_OBJECT:
+        raise UserNotFound("The directory entry does not exist")
+    if code in _TRANSIENT:
+        raise DirectoryUnavailable(ldap_result=description)
+    # insufficientAccessRights, objectClassViolation...: a deployment problem, not the caller's; 503 so
+    # that the outbox keeps retrying until an operator fixes it.
+    raise DirectoryUnavailable("The LDAP directory refused the operation", ldap_result=description)
+
+
+def _translate(exc: ldap_exc.LDAPException) -> AutoenrollError:
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return DirectoryUnavailable(ldap_error=type(exc).__name__)
+    if isinstance(exc, ldap_exc.LDAPBindError):
+        return DirectoryUnavailable("The LDAP directory refused the service account's bind")
+    return AutoenrollError("LDAP client error", ldap_error=type(exc).__name__)  # a bug of ours
+
+
+def _entries(conn: Connection) -> list[dict]:
+    return [r for r in conn.response or [] if r.get("type") == "searchResEntry"]
+
+
+def _values(entry: dict, name: str) -> list[bytes]:
+    raw = entry.get("raw_attributes", {})
+    for key, values in raw.items():
+        if key.lower() == name.lower():
+            return list(values)
+    return []
+
+
+def _cookie(conn: Connection) -> bytes | None:
+    control = conn.result.get("controls", {}).get(PAGED_RESULTS_OID, {})
+    return control.get("value", {}).get("cookie") or None
+
+
+def _first_rdn_value(dn: str) -> str:
+    value = parse_dn(dn)[0][1]
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+def _close(conn: Connection) -> None:
+    try:
+        conn.unbind()
+    except Exception:  # the socket may already be dead; we only want it closed
+        pass

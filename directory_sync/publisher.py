@@ -1,0 +1,140 @@
+"""Publication through the outbox: the database says what the directory must show; this makes it so.
+
+An outbox row names a user whose entry must be brought in line with our records. Syncing a user
+computes the whole desired state of this CA's values from the database (current certificates first,
+encryption before signature) and applies it in one idempotent modify, so rows can be retried,
+reordered or processed twice without harm, and nothing is dropped while LDAP is down: a failed row
+stays queued with exponential back-off and jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import or_, select, update
+
+from registration_app.core.errors import AutoenrollError
+from registration_app.core.model import Profile
+from registration_app.store.db import Database
+from registration_app.store.models import Certificate, CrlState, Outbox
+
+log = logging.getLogger("autoenroll.publisher")
+
+CLAIM = timedelta(seconds=60)
+MAX_BACKOFF = 300.0
+
+
+def desired_values(certs: list[Certificate], profiles: dict[str, Profile], now: datetime
+                   ) -> tuple[list[bytes], list[bytes]]:
+    """(values to show, in order; values of ours to remove) — a pure function of our records."""
+    def shown(c: Certificate) -> bool:
+        if c.not_after <= now:
+            return False
+        if c.status == "valid":
+            return True
+        profile = profiles.get(c.profile)
+        return c.status == "superseded" and profile is not None and profile.keep_superseded
+
+    keep = sorted((c for c in certs if shown(c)),
+                  key=lambda c: (c.status != "valid", c.usage != "encryption", -c.issued_at.timestamp()))
+    gone = [c.der for c in certs if not shown(c)]
+    return [c.der for c in keep], gone
+
+
+class Publisher:
+    def __init__(self, db: Database, directory, profiles: dict[str, Profile], ca_certificate_der: bytes):
+        self.db = db
+        self.directory = directory
+        self.profiles = profiles
+        self.ca_der = ca_certificate_der
+
+    # -- one user --------------------------------------------------------------------------
+    def sync_user(self, user_dn: str, now: datetime | None = None) -> None:
+        now = now or datetime.now(timezone.utc)
+        with self.db.transaction() as session:
+            certs = list(session.execute(select(Certificate).where(Certificate.user_dn == user_dn)).scalars())
+        add, remove = desired_values(certs, self.profiles, now)
+        self.directory.publish(user_dn, add, remove)
+
+    def sync_ca(self) -> None:
+        with self.db.transaction() as session:
+            state = session.get(CrlState, 1)
+            crl = state.der if state is not None else None
+        self.directory.publish_ca(self.ca_der, crl)
+
+    # -- the queue -------------------------------------------------------------------------
+    def _claim(self, now: datetime, user_dn: str | None, limit: int) -> list[Outbox]:
+        def work(session):
+            query = select(Outbox).where(
+                Outbox.done_at.is_(None), Outbox.next_attempt_at <= now,
+                or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
+            ).order_by(Outbox.id).limit(limit)
+            if user_dn is not None:
+                query = query.where(Outbox.user_dn == user_dn)
+            rows = list(session.execute(query).scalars())
+            claimed = []
+            for row in rows:
+                result = session.execute(update(Outbox).where(
+                    Outbox.id == row.id,
+                    or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
+                ).values(claimed_until=now + CLAIM))
+                if result.rowcount == 1:
+                    claimed.append(row)
+            return claimed
+        return self.db.run(work)
+
+    def drain(self, *, user_dn: str | None = None, limit: int = 200, now: datetime | None = None) -> int:
+        """Process due rows (only this user's when given); returns how many were completed."""
+        now = now or datetime.now(timezone.utc)
+        rows = self._claim(now, user_dn, limit)
+        by_target: dict[str, list[Outbox]] = {}
+        for row in rows:
+            by_target.setdefault("\0crl" if row.reason == "crl" else row.user_dn, []).append(row)
+        done = 0
+        for target, group in by_target.items():
+            ids = [r.id for r in group]
+            try:
+                if target == "\0crl":
+                    self.sync_ca()
+                else:
+                    self.sync_user(target, now=now)
+            except AutoenrollError as exc:
+                self._failed(group, exc, now)
+                log.warning("event=publish.retry target=%r rows=%d attempts=%d error=%r",
+                            target, len(ids), group[0].attempts + 1, exc.detail)
+                continue
+            self.db.run(lambda s: s.execute(update(Outbox).where(Outbox.id.in_(ids))
+                                            .values(done_at=datetime.now(timezone.utc), claimed_until=None,
+                                                    last_error=None)))
+            done += len(ids)
+            log.info("event=publish.done target=%r rows=%d", target, len(ids))
+        return done
+
+    def _failed(self, rows: list[Outbox], exc: AutoenrollError, now: datetime) -> None:
+        def work(session):
+            for row in rows:
+                attempts = row.attempts + 1
+                delay = min(MAX_BACKOFF, 2.0 ** attempts) * random.uniform(0.5, 1.5)
+                session.execute(update(Outbox).where(Outbox.id == row.id).values(
+                    attempts=attempts, next_attempt_at=now + timedelta(seconds=delay),
+                    claimed_until=None, last_error=str(exc.detail)[:500]))
+        self.db.run(work)
+
+    def run_forever(self, stop: threading.Event, interval: float = 2.0) -> None:
+        """The outbox worker: drain until stopped; any error is logged and retried later."""
+        while not stop.is_set():
+            try:
+                while self.drain() and not stop.is_set():
+                    pass
+            except Exception:  # a worker that dies silently would lose nothing but delay everything
+                log.exception("event=publish.worker_error")
+            stop.wait(interval)
+
+    def start_thread(self, interval: float = 2.0) -> tuple[threading.Thread, threading.Event]:
+        stop = threading.Event()
+        thread = threading.Thread(target=self.run_forever, args=(stop, interval), name="outbox", daemon=True)
+        thread.start()
+        return thread, stop

@@ -1,0 +1,1 @@
+"""The user-server side: bootstrap, enroll, renew, recover, and the renewal daemon."""

@@ -1,0 +1,126 @@
+"""The connected user server (agent), from its TLS client certificate.
+
+gunicorn verified the handshake already, but behind a TLS-terminating proxy the certificate arrives in a
+header, so it is verified again here, against the agent anchors, at `now`. The agent presents its *server*
+certificate as TLS client certificate: its EKU must contain clientAuth or serverAuth.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from registration_app.core.errors import (
+    AgentNotAllowed,
+    BadClientCertificate,
+    ConfigError,
+    NoClientCertificate,
+)
+from registration_app.core.model import AgentIdentity
+
+__all__ = ["AgentPolicy", "identify_agent", "thumbprint", "ANY_AGENT"]
+
+ANY_AGENT = "*"  # in `allowed`: any certificate that chains to the anchors
+_TLS_EKUS = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
+
+
+@dataclass(frozen=True)
+class AgentPolicy:
+    """Which user servers may connect.
+
+    anchors: CA certificates that issue agent certificates (an intermediate may be an anchor: the TLS
+    layer gives us only the peer certificate, no chain).
+    allowed: subject CN, DNS SAN (both case-insensitive), full RFC 4514 subject, or "*" for any.
+    """
+
+    anchors: tuple[x509.Certificate, ...]
+    allowed: frozenset[str]
+
+    def __post_init__(self) -> None:
+        if not self.anchors:
+            raise ConfigError("no agent trust anchors are configured")
+
+    def permits(self, names: frozenset[str], subject: str) -> bool:
+        allowed = {a.casefold() for a in self.allowed}
+        return ANY_AGENT in allowed or subject.casefold() in allowed or any(n.casefold() in allowed for n in names)
+
+
+def thumbprint(cert_der: bytes) -> str:
+    """base64url (no padding) SHA-256 of the DER: the JWS `x5t#S256` that binds a request to the channel."""
+    return base64.urlsafe_b64encode(hashlib.sha256(cert_der).digest()).rstrip(b"=").decode("ascii")
+
+
+def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -> AgentIdentity:
+    """Raises NoClientCertificate, BadClientCertificate (not parseable or not trusted), AgentNotAllowed."""
+    if not peer_der:
+        raise NoClientCertificate("this endpoint requires the user server's TLS client certificate")
+    peer_der = bytes(peer_der)
+    try:
+        cert = x509.load_der_x509_certificate(peer_der)
+        subject = cert.subject.rfc4514_string()
+        names = _names(cert)
+    except Exception:  # whatever a proxy header or a peer sends, a parse failure is the client's
+        raise BadClientCertificate("the TLS client certificate is not a valid DER certificate") from None
+
+    now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(policy.anchors)))
+        .time(now)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(cert, [])
+    except VerificationError as error:
+        text = str(error).removeprefix("validation failed: ")[:300]
+        raise BadClientCertificate(f"the TLS client certificate {subject!r} is not trusted: {text}") from None
+
+    if not policy.permits(names, subject):
+        raise AgentNotAllowed(f"the user server {subject!r} is not on the allow list")
+    return AgentIdentity(subject=subject, names=names, certificate_der=peer_der, thumbprint=thumbprint(peer_der))
+
+
+def _names(cert: x509.Certificate) -> frozenset[str]:
+    names: set[str] = {
+        attr.value for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(attr.value, str)
+    }
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset(names)
+    names.update(san.get_values_for_type(x509.DNSName))
+    names.update(san.get_values_for_type(x509.RFC822Name))
+    names.update(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return frozenset(names)
+
+
+def _leaf_eku(policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
+    if not any(oid in eku for oid in _TLS_EKUS):
+        raise ValueError("the certificate's extended key usage has neither clientAuth nor serverAuth")
+
+
+def _ca_eku(policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+    if eku is None or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku:
+        return
+    if not any(oid in eku for oid in _TLS_EKUS):
+        raise ValueError("a CA in the chain restricts its extended key usage and excludes TLS")
+
+
+_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().require_present(
+    x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _leaf_eku
+)
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_eku)

@@ -1,0 +1,234 @@
+"""The user's identity from the certificate chain (`x5c`) of their JWS.
+
+The chain is verified with `cryptography.x509.verification` against the configured user trust anchors.
+S/MIME certificates carry the emailProtection EKU, not clientAuth, so the client verifier gets explicit
+extension policies: the leaf must have emailProtection and digitalSignature; a CA that restricts its
+EKU must allow emailProtection (or anyExtendedKeyUsage).
+
+Checks that the verifier would also make (validity, EKU, key usage, an email SAN) are made first, by
+hand, so that the caller gets a message that says what to do instead of a generic "chain failed".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from registration_app.core.errors import (
+    CertificateExpired,
+    CertificateRevoked,
+    ConfigError,
+    MalformedJWS,
+    UntrustedChain,
+)
+from registration_app.core.model import UserIdentity
+
+__all__ = ["UserTrust", "verify_user_chain", "MAX_CHAIN_LENGTH"]
+
+MAX_CHAIN_LENGTH = 5  # certificates in x5c, leaf included
+
+_EMAIL_PROTECTION = ExtendedKeyUsageOID.EMAIL_PROTECTION
+_ANY_EKU = ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE
+_BOOTSTRAP_HINT = "ask an administrator for an enrollment code and bootstrap a new certificate"
+
+
+@dataclass(frozen=True)
+class UserTrust:
+    """Trust anchors for user certificates, and the CAs of this server (a subset, or their issuers)."""
+
+    anchors: tuple[x509.Certificate, ...]
+    our_issuers: tuple[x509.Certificate, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.anchors:
+            raise ConfigError("no user trust anchors are configured")
+
+    @functools.cached_property
+    def store(self) -> Store:
+        # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass
+        return Store(list(self.anchors))
+
+
+def verify_user_chain(
+    x5c: Sequence[bytes],
+    trust: UserTrust,
+    now: datetime,
+    is_revoked: Callable[[x509.Certificate], bool],
+) -> UserIdentity:
+    """Verify the DER chain (leaf first) and return who the user is.
+
+    Raises MalformedJWS (not DER), CertificateExpired, UntrustedChain, CertificateRevoked.
+    `is_revoked` is asked only about a leaf whose chain verified.
+    """
+    if not x5c:
+        raise MalformedJWS("x5c must contain at least the user's certificate")
+    if len(x5c) > MAX_CHAIN_LENGTH:
+        raise MalformedJWS(f"x5c has {len(x5c)} certificates; at most {MAX_CHAIN_LENGTH} are accepted")
+    certs = [_load_certificate(der, index) for index, der in enumerate(x5c)]
+    leaf, intermediates = certs[0], certs[1:]
+    now = _as_utc(now)
+
+    _check_validity(leaf, now)
+    _check_leaf_usage(leaf)
+    email = _leaf_email(leaf)
+
+    verifier = (
+        PolicyBuilder()
+        .store(trust.store)
+        .time(now)
+        .max_chain_depth(MAX_CHAIN_LENGTH)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        verified = verifier.verify(leaf, intermediates)
+    except VerificationError as error:
+        raise UntrustedChain(
+            f"the user certificate does not chain to a trusted CA: {_short(error)}"
+        ) from None
+
+    if is_revoked(leaf):
+        raise CertificateRevoked(
+            f"the user certificate (serial {leaf.serial_number:x}) has been revoked and can no longer "
+            f"authenticate; {_BOOTSTRAP_HINT}"
+        )
+
+    return UserIdentity(
+        email=email,
+        certificate_der=bytes(x5c[0]),
+        serial=leaf.serial_number,
+        not_after=leaf.not_valid_after_utc,
+        issuer_is_ours=_issued_by_one_of(leaf, verified.chain[1:2], trust.our_issuers),
+    )
+
+
+# --- extension policies -------------------------------------------------------------------
+
+
+def _leaf_eku(policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
+    if _EMAIL_PROTECTION not in eku:
+        raise ValueError("the leaf's extended key usage lacks emailProtection")
+
+
+def _leaf_key_usage(policy: Policy, cert: x509.Certificate, ku: x509.KeyUsage) -> None:
+    if not ku.digital_signature:
+        raise ValueError("the leaf's key usage lacks digitalSignature")
+
+
+def _ca_eku(policy: Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
+    # An intermediate without EKU is unrestricted; one with EKU must allow S/MIME.
+    if eku is not None and _EMAIL_PROTECTION not in eku and _ANY_EKU not in eku:
+        raise ValueError("a CA in the chain restricts its extended key usage and excludes emailProtection")
+
+
+_EE_POLICY = (
+    ExtensionPolicy.webpki_defaults_ee()
+    .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _leaf_eku)
+    .require_present(x509.KeyUsage, Criticality.AGNOSTIC, _leaf_key_usage)
+)
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
+    x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ca_eku
+)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _load_certificate(der: bytes, index: int) -> x509.Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(bytes(der))
+        # Parsing is lazy: touch what we read later so that a malformed field fails here, as a 400.
+        cert.extensions  # noqa: B018
+        cert.not_valid_before_utc  # noqa: B018
+        cert.not_valid_after_utc  # noqa: B018
+        cert.subject  # noqa: B018
+        cert.issuer  # noqa: B018
+    except Exception as error:  # any parse failure of attacker-supplied DER is a client error
+        raise MalformedJWS(f"x5c[{index}] is not a valid DER certificate ({type(error).__name__})") from None
+    return cert
+
+
+def _as_utc(now: datetime) -> datetime:
+    return now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+
+
+def _check_validity(leaf: x509.Certificate, now: datetime) -> None:
+    if now < leaf.not_valid_before_utc:
+        raise CertificateExpired(
+            f"the user certificate is not valid before {leaf.not_valid_before_utc.isoformat()} "
+            f"(server time {now.isoformat()}); check the clocks, or {_BOOTSTRAP_HINT}"
+        )
+    if now > leaf.not_valid_after_utc:
+        raise CertificateExpired(
+            f"the user certificate expired on {leaf.not_valid_after_utc.isoformat()}; an expired "
+            f"certificate cannot authenticate: {_BOOTSTRAP_HINT}"
+        )
+
+
+def _check_leaf_usage(leaf: x509.Certificate) -> None:
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise UntrustedChain("the user certificate has no extended key usage; emailProtection is required") from None
+    if _EMAIL_PROTECTION not in eku:
+        raise UntrustedChain("the user certificate is not an S/MIME certificate: its EKU lacks emailProtection")
+    try:
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise UntrustedChain("the user certificate has no key usage; digitalSignature is required") from None
+    if not ku.digital_signature:
+        raise UntrustedChain(
+            "the user certificate may not sign (key usage lacks digitalSignature): "
+            "sign with the user's signature certificate"
+        )
+
+
+def _leaf_email(leaf: x509.Certificate) -> str:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise UntrustedChain("the user certificate has no subjectAltName with an email address") from None
+    emails = san.get_values_for_type(x509.RFC822Name)
+    if len(emails) != 1:
+        raise UntrustedChain(
+            f"the user certificate must name exactly one email address (rfc822Name), it names {len(emails)}"
+        )
+    return emails[0]
+
+
+def _issued_by_one_of(
+    leaf: x509.Certificate,
+    verified_issuer: list[x509.Certificate],
+    our_issuers: tuple[x509.Certificate, ...],
+) -> bool:
+    if verified_issuer and verified_issuer[0] in our_issuers:
+        return True
+    # The same CA may be configured with another certificate for the same key (renewed, cross-signed).
+    for ca in our_issuers:
+        if ca.subject != leaf.issuer:
+            continue
+        try:
+            leaf.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def _short(error: Exception) -> str:
+    text = str(error).removeprefix("validation failed: ")
+    return text if len(text) <= 300 else text[:297] + "..."

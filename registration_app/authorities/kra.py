@@ -1,0 +1,76 @@
+"""Key recovery authority: escrows encryption keys, gives them back only with a grant.
+
+The RA process holds only the KRA's public storage key; the private storage key is loaded (with
+its passphrase) by `recover`, so a split deployment can keep it on the KRA host alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+
+from ..core.errors import EscrowFailed, Forbidden, UnknownCertificate
+from ..store import audit
+from ..store.db import Database
+from ..store.models import Escrow
+from .escrow_crypto import escrow_aad, open_private_key, seal_private_key
+
+
+@dataclass(frozen=True)
+class RecoveryGrant:
+    """Why a recovery is allowed: the owner themself, or a released m-of-n officer request."""
+
+    kind: str  # "owner" | "officers"
+    email: str  # whose keys
+    actor: str  # who receives them
+    request_id: str | None = None
+
+
+class LocalKRA:
+    def __init__(self, db: Database, storage_public_key, load_storage_private_key: Callable[[], object]):
+        self.db = db
+        self._public = storage_public_key
+        self._load_private = load_storage_private_key
+        self._private = None
+
+    def escrow(self, serial: str, key, *, email: str, profile: str, actor: str,
+               now: datetime | None = None) -> int:
+        """Seal and commit; returns the escrow id. Any failure raises EscrowFailed."""
+        now = now or datetime.now(timezone.utc)
+        try:
+            blob = seal_private_key(key, self._public, escrow_aad(int(serial, 16), email, profile))
+
+            def work(session):
+                row = Escrow(serial=serial, email=email, profile=profile, blob=blob, created_at=now)
+                session.add(row)
+                session.flush()
+                audit.append(session, event="key.escrowed", outcome="done", actor=actor, subject=email,
+                             now=now, detail={"serial": serial, "profile": profile, "escrow_id": row.id})
+                return row.id
+
+            return self.db.run(work)
+        except Exception as exc:  # the caller must not deliver anything, whatever went wrong
+            raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
+
+    def has_escrow(self, serial: str) -> bool:
+        with self.db.transaction() as session:
+            return session.execute(select(Escrow.id).where(Escrow.serial == serial)).first() is not None
+
+    def recover(self, serial: str, grant: RecoveryGrant, *, now: datetime | None = None):
+        now = now or datetime.now(timezone.utc)
+        with self.db.transaction() as session:
+            row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one_or_none()
+        if row is None:
+            raise UnknownCertificate(f"no escrowed key for serial {serial[:48]}")
+        if row.email.lower() != grant.email.lower():
+            raise Forbidden("the recovery grant does not cover this key")
+        if self._private is None:
+            self._private = self._load_private()
+        key = open_private_key(row.blob, self._private, escrow_aad(int(serial, 16), row.email, row.profile))
+        self.db.run(lambda s: audit.append(
+            s, event="key.recovered", outcome="done", actor=grant.actor, subject=row.email, now=now,
+            detail={"serial": serial, "grant": grant.kind, "request_id": grant.request_id}))
+        return key

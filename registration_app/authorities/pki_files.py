@@ -1,0 +1,264 @@
+"""Key and certificate files in the data directory, and the initial PKI that `autoenroll init` creates.
+
+Every file is written to a temporary name and then hard-linked to its final name: the link fails if the
+name exists (never overwrite) and the final name only ever holds complete content. Private keys and
+secrets are created with mode 0600, certificates and public keys 0644.
+
+`create_pki` makes two separate roots:
+
+- the **S/MIME CA** (`ca.key`, `ca.pem`) that signs users' certificates and the CRL — the trust anchor mail
+  clients and the user-JWS verifier use;
+- a **TLS CA** (`tls-ca.key`, `tls-ca.pem`) that signs the registration server's certificate and the user
+  servers' (agents') client certificates — the anchor gunicorn's `ca_certs` and the agents trust.
+
+Keeping them apart means a user's S/MIME certificate can never be taken for an agent's TLS identity (or
+the reverse), the S/MIME CA issues only S/MIME certificates (as the BR expect of an S/MIME issuer), and
+either CA can be replaced without reissuing the other's certificates.
+
+The KRA storage key (`kra.key`, RSA-3072) has no certificate: `kra.pem` is its SubjectPublicKeyInfo
+("PUBLIC KEY" PEM), which is all a sealer needs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from ..core.errors import AlreadyExists, ConfigError
+from ..core.model import KeyType
+from .certs import build_ca_certificate, build_tls_certificate
+from .keys import generate_private_key
+
+_KEY_MODE = 0o600
+_PUBLIC_MODE = 0o644
+
+
+# --- single files ---------------------------------------------------------------------------------
+
+
+def write_private_key(path: Path, key, passphrase: bytes) -> None:
+    """Write `key` as encrypted PKCS#8 PEM (best available encryption), mode 0600, never overwriting."""
+    if not passphrase:
+        raise ConfigError("a non-empty passphrase is required to write a private key")
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(bytes(passphrase)),
+    )
+    _write_new(Path(path), pem, _KEY_MODE)
+
+
+def write_unencrypted_private_key(path: Path, key) -> None:
+    """Write `key` as plain PKCS#8 PEM, mode 0600: only for TLS keys a server must read unattended."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_new(Path(path), pem, _KEY_MODE)
+
+
+def read_private_key(path: Path, passphrase: bytes | None):
+    """Load a PEM private key; `passphrase` None for an unencrypted one."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return serialization.load_pem_private_key(data, password=passphrase or None)
+    except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
+        raise ConfigError(f"{path.name}: {exc}") from None
+    except ValueError:
+        raise ConfigError(f"{path.name}: cannot load the key (wrong passphrase or not a PEM key)") from None
+
+
+def write_cert(path: Path, cert: x509.Certificate) -> None:
+    _write_new(Path(path), cert.public_bytes(serialization.Encoding.PEM), _PUBLIC_MODE)
+
+
+def write_public_key(path: Path, public_key) -> None:
+    pem = public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _write_new(Path(path), pem, _PUBLIC_MODE)
+
+
+def read_public_key(path: Path):
+    path = Path(path)
+    try:
+        return serialization.load_pem_public_key(path.read_bytes())
+    except ValueError:
+        raise ConfigError(f"{path.name}: not a PEM public key") from None
+
+
+def read_cert(path: Path) -> x509.Certificate:
+    """The first certificate of a PEM file (or a DER file)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise ConfigError(f"{path.name}: not a certificate") from None
+
+
+def read_certs(path: Path) -> list[x509.Certificate]:
+    """All certificates of a PEM bundle, in file order."""
+    path = Path(path)
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError:
+        raise ConfigError(f"{path.name}: not a PEM certificate bundle") from None
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a secret (passphrase, MAC key) with mode 0600, never overwriting."""
+    _write_new(Path(path), bytes(data), _KEY_MODE)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits; a key file must be exactly 0600
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise AlreadyExists(f"refusing to overwrite {path.name}", path=str(path)) from None
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the initial PKI ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where `create_pki` put each file (relative names are fixed; the directory is the caller's)."""
+
+    ca_key: Path
+    ca_cert: Path
+    kra_key: Path
+    kra_public_key: Path
+    tls_ca_key: Path
+    tls_ca_cert: Path
+    server_key: Path
+    server_cert: Path
+    agent_key: Path
+    agent_cert: Path
+
+    @classmethod
+    def in_dir(cls, datadir: Path) -> PkiPaths:
+        d = Path(datadir)
+        return cls(
+            ca_key=d / "ca.key", ca_cert=d / "ca.pem",
+            kra_key=d / "kra.key", kra_public_key=d / "kra.pem",
+            tls_ca_key=d / "tls-ca.key", tls_ca_cert=d / "tls-ca.pem",
+            server_key=d / "server.key", server_cert=d / "server.pem",
+            agent_key=d / "agent.key", agent_cert=d / "agent.pem",
+        )
+
+    def all(self) -> list[Path]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def create_pki(
+    datadir: Path,
+    *,
+    ca_key_type: KeyType = KeyType.EC_P256,
+    ca_name: str = "Autoenroll CA",
+    org: str | None = None,
+    server_names: Iterable[str] = ("localhost", "127.0.0.1"),
+    agent_names: Iterable[str] = ("agent.example.org",),
+    passphrase: bytes,
+    now: datetime,
+) -> PkiPaths:
+    """Create the S/MIME CA, the KRA storage key, the TLS CA, a server and an agent certificate.
+
+    If every file exists, nothing is touched and the paths are returned. If only some exist, AlreadyExists
+    names them: keys are never overwritten, and a half-made PKI is for a person to look at.
+    The CA, TLS CA and KRA keys are encrypted with `passphrase`; server.key and agent.key are not
+    (gunicorn and the agent read them unattended) but are mode 0600.
+    """
+    paths = PkiPaths.in_dir(datadir)
+    present = [p for p in paths.all() if p.exists()]
+    if len(present) == len(paths.all()):
+        return paths
+    if present:
+        missing = [p.name for p in paths.all() if not p.exists()]
+        raise AlreadyExists(
+            f"{Path(datadir).name}: {', '.join(p.name for p in present)} already exist but "
+            f"{', '.join(missing)} do not; refusing to overwrite or mix key material",
+            present=[str(p) for p in present],
+        )
+    if not passphrase:
+        raise ConfigError("a non-empty passphrase is required for the CA and KRA keys")
+    server_names, agent_names = list(server_names), list(agent_names)
+    if not server_names or not agent_names:
+        raise ConfigError("the server and the agent each need at least one name")
+
+    # Generate everything before writing anything: a failure here leaves no file behind.
+    ca_key = generate_private_key(ca_key_type)
+    ca_cert = build_ca_certificate(ca_key, _name(ca_name, org), now)
+    kra_key = generate_private_key(KeyType.RSA_3072)
+    tls_ca_key = generate_private_key(KeyType.EC_P256)
+    tls_ca_cert = build_ca_certificate(tls_ca_key, _name(f"{ca_name} TLS", org), now)
+    server_key = generate_private_key(KeyType.EC_P256)
+    server_cert = _tls_cert(tls_ca_cert, tls_ca_key, server_key, server_names, now, server=True)
+    agent_key = generate_private_key(KeyType.EC_P256)
+    agent_cert = _tls_cert(tls_ca_cert, tls_ca_key, agent_key, agent_names, now, server=False)
+
+    Path(datadir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Keys first, each followed by its certificate, so that an interrupted run is visible as such.
+    write_private_key(paths.ca_key, ca_key, passphrase)
+    write_cert(paths.ca_cert, ca_cert)
+    write_private_key(paths.kra_key, kra_key, passphrase)
+    write_public_key(paths.kra_public_key, kra_key.public_key())
+    write_private_key(paths.tls_ca_key, tls_ca_key, passphrase)
+    write_cert(paths.tls_ca_cert, tls_ca_cert)
+    write_unencrypted_private_key(paths.server_key, server_key)
+    write_cert(paths.server_cert, server_cert)
+    write_unencrypted_private_key(paths.agent_key, agent_key)
+    write_cert(paths.agent_cert, agent_cert)
+    return paths
+
+
+def _name(common_name: str, org: str | None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else []
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))  # most significant first
+    return x509.Name(attributes)
+
+
+def _tls_cert(ca_cert, ca_key, key, names: list[str], now: datetime, *, server: bool) -> x509.Certificate:
+    dns, ips = [], []
+    for name in names:
+        try:
+            ips.append(ipaddress.ip_address(name))
+        except ValueError:
+            dns.append(name)
+    return build_tls_certificate(
+        ca_cert, ca_key, key.public_key(), dns_names=dns, ip_addresses=ips, common_name=names[0],
+        client=not server, server=server, now=now,
+    )

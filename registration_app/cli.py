@@ -1,0 +1,180 @@
+"""`autoenroll`: the operator's command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import click
+
+from .core.errors import AutoenrollError
+from .settings import Settings, load_settings
+
+
+def _settings(ctx) -> Settings:
+    return ctx.obj["settings"]
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="AUTOENROLL_CONFIG", help="TOML configuration (default: built-in defaults, data in ./var).")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """Registration server: second certificates from first ones, beside LDAP."""
+    logging.basicConfig(level=os.environ.get("AUTOENROLL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        settings = load_settings(config_path if config_path and config_path.exists() else None)
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
+    ctx.obj = {"settings": settings, "config_path": config_path}
+
+
+def _services(ctx):
+    from .services import build_services
+    try:
+        return build_services(_settings(ctx))
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
+
+
+AGENT_TOML = """# autoenroll-agent configuration, written by `autoenroll init`
+server = "{server}"
+cert = "agent.pem"
+key = "agent.key"
+server_ca = "tls-ca.pem"
+store = "agent-store"
+"""
+
+
+@main.command()
+@click.option("--ca-key-type", type=click.Choice(["ec-p256", "rsa-3072"]), default="ec-p256", show_default=True)
+@click.option("--ca-name", default="Autoenroll CA", show_default=True)
+@click.option("--server-name", "server_names", multiple=True, default=("localhost", "127.0.0.1"), show_default=True)
+@click.option("--agent-name", "agent_names", multiple=True, default=("agent.example.org",), show_default=True)
+@click.pass_context
+def init(ctx, ca_key_type, ca_name, server_names, agent_names) -> None:
+    """Create the CA, the KRA storage key, TLS certificates, the database and the agent config."""
+    from .authorities.pki_files import PkiPaths, create_pki, write_secret
+    from .core.model import KeyType
+    from .store.db import migrate
+
+    settings = _settings(ctx)
+    data = settings.data_dir
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    existed = PkiPaths.in_dir(data).ca_cert.exists()
+    if not settings.ca_passphrase and not settings.path("passphrase").exists():
+        write_secret(settings.path("passphrase"), secrets.token_urlsafe(32).encode())
+    try:
+        create_pki(data, ca_key_type=KeyType(ca_key_type), ca_name=ca_name, server_names=server_names,
+                   agent_names=agent_names, passphrase=settings.passphrase(), now=datetime.now(timezone.utc))
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
+    migrate(settings.db_url)
+    agent_toml = settings.path("agent.toml")
+    if not agent_toml.exists():
+        agent_toml.write_text(AGENT_TOML.format(server=settings.public_url))
+    click.echo(("already initialised: " if existed else "initialised: ") + str(data.resolve()))
+    click.echo(f"  CA certificate: {PkiPaths.in_dir(data).ca_cert}")
+    click.echo(f"  agent config:   {agent_toml}")
+
+
+@main.command()
+@click.pass_context
+def serve(ctx) -> None:
+    """Run the registration server under gunicorn (TLS, optional client certificates)."""
+    from .web.server import run
+    run(_settings(ctx))
+
+
+@main.command()
+@click.argument("email")
+@click.option("--hours", type=int, help="Validity of the code (default: enrollment_code_ttl_hours).")
+@click.pass_context
+def invite(ctx, email: str, hours: int | None) -> None:
+    """Print a one-time enrollment code for EMAIL's first signature certificate."""
+    from .store import audit
+    from .store.repos import create_enrollment_code
+    services = _services(ctx)
+    ttl = timedelta(hours=hours or services.settings.enrollment_code_ttl_hours)
+    user = services.directory.find_user(email)
+    if user is None:
+        raise click.ClickException(f"no directory entry has the email address {email!r}")
+    code_id, printed = create_enrollment_code(services.db, user.email, ttl, created_by=_operator())
+    services.db.run(lambda s: audit.append(s, event="invite.created", outcome="done", actor=_operator(),
+                                           subject=user.email, detail={"code_id": code_id, "ttl_hours": ttl / timedelta(hours=1)}))
+    click.echo(printed)
+    click.echo(f"one-time code for {user.email}, valid for {ttl}; give it to the user's agent:", err=True)
+    click.echo(f"  autoenroll-agent bootstrap --email {user.email} --code {printed}", err=True)
+
+
+def _operator() -> str:
+    return f"operator:{os.environ.get('SUDO_USER') or os.environ.get('USER') or 'unknown'}"
+
+
+@main.group()
+def audit() -> None:
+    """The hash-chained audit log."""
+
+
+@audit.command("verify")
+@click.pass_context
+def audit_verify(ctx) -> None:
+    """Check that no audit row was changed or deleted."""
+    from .store import audit as audit_log
+    from .store.db import Database
+    db = Database(_settings(ctx).db_url)
+    with db.transaction() as session:
+        report = audit_log.verify(session)
+    if report.ok:
+        click.echo(f"audit log intact: {report.rows} rows")
+    else:
+        click.echo(f"audit log BROKEN after {report.rows} good rows: {report.problem}", err=True)
+        sys.exit(2)
+
+
+@main.group()
+def sync() -> None:
+    """Directory synchronisation."""
+
+
+@sync.command("status")
+@click.pass_context
+def sync_status(ctx) -> None:
+    """Outbox depth and age of the oldest pending publication."""
+    from .store.db import Database
+    from .store.repos import outbox_status
+    click.echo(json.dumps(outbox_status(Database(_settings(ctx).db_url)), indent=2))
+
+
+@sync.command("drain")
+@click.pass_context
+def sync_drain(ctx) -> None:
+    """Publish everything that is due now (the server's worker does this on its own)."""
+    services = _services(ctx)
+    done = services.publisher.drain(limit=100000)
+    click.echo(f"published {done} outbox rows")
+
+
+@main.command()
+@click.argument("serial")
+@click.option("--reason", default="unspecified", show_default=True,
+              type=click.Choice(["unspecified", "keyCompromise", "affiliationChanged", "superseded",
+                                 "cessationOfOperation", "privilegeWithdrawn"]))
+@click.pass_context
+def revoke(ctx, serial: str, reason: str) -> None:
+    """Revoke a certificate by serial (hex); the CRL is regenerated and the directory updated."""
+    from cryptography import x509
+    services = _services(ctx)
+    try:
+        changed = services.ca.revoke(serial.lower().removeprefix("0x"), x509.ReasonFlags(reason),
+                                     actor=_operator())
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
+    services.publisher.drain()
+    click.echo(f"revoked {serial} ({reason})" if changed else f"{serial} was already revoked")

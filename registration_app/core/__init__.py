@@ -1,0 +1,1 @@
+"""Pure domain: no Flask, no SQLAlchemy, no ldap3 (STYLE.md)."""

@@ -1,0 +1,172 @@
+"""One error tree. Each class has a stable `code`, an HTTP `status` and a public message.
+
+The web layer turns any AutoenrollError into an RFC 9457 problem document in one place
+(registration_app/web/errors.py). Messages are safe to show to the caller: never put key
+material, passwords or internal paths in them.
+"""
+
+from __future__ import annotations
+
+
+class AutoenrollError(Exception):
+    code = "internal"
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str | None = None, **extra: object) -> None:
+        self.detail = detail or self.title
+        self.extra = extra
+        super().__init__(self.detail)
+
+
+# --- request shape (400, 413, 415) -------------------------------------------------------
+class BadRequest(AutoenrollError):
+    code, status, title = "bad_request", 400, "Malformed request"
+
+
+class MalformedJSON(BadRequest):
+    code, title = "malformed_json", "The body is not valid JSON"
+
+
+class MalformedJWS(BadRequest):
+    code, title = "malformed_jws", "The body is not a valid flattened JWS"
+
+
+class UnsupportedAlgorithm(BadRequest):
+    code, title = "bad_algorithm", "The JWS algorithm is not allowed"
+
+
+class MalformedCSR(BadRequest):
+    code, title = "malformed_csr", "The certificate signing request is not valid"
+
+
+class BodyTooLarge(AutoenrollError):
+    code, status, title = "body_too_large", 413, "The request body is too large"
+
+
+class WrongContentType(AutoenrollError):
+    code, status, title = "wrong_content_type", 415, "Unsupported content type"
+
+
+# --- authentication (401) ----------------------------------------------------------------
+class Unauthenticated(AutoenrollError):
+    code, status, title = "unauthenticated", 401, "Authentication failed"
+
+
+class NoClientCertificate(Unauthenticated):
+    code, title = "no_client_certificate", "A TLS client certificate is required"
+
+
+class BadClientCertificate(Unauthenticated):
+    code, title = "bad_client_certificate", "The TLS client certificate is not trusted"
+
+
+class BadSignature(Unauthenticated):
+    code, title = "bad_signature", "The JWS signature does not verify"
+
+
+class UntrustedChain(Unauthenticated):
+    code, title = "untrusted_chain", "The user certificate does not chain to a trusted CA"
+
+
+class CertificateExpired(Unauthenticated):
+    code, title = "certificate_expired", "The user certificate has expired or is not yet valid"
+
+
+class CertificateRevoked(Unauthenticated):
+    code, title = "certificate_revoked", "The user certificate has been revoked"
+
+
+class BadNonce(Unauthenticated):
+    code, title = "bad_nonce", "The nonce is unknown, expired or already used"
+
+
+class UrlMismatch(Unauthenticated):
+    code, title = "url_mismatch", "The signed url does not match the request URL"
+
+
+class BindingMismatch(Unauthenticated):
+    code, title = "binding_mismatch", "The request is bound to another TLS client certificate"
+
+
+class BadEnrollmentCode(Unauthenticated):
+    code, title = "bad_enrollment_code", "The enrollment code is unknown, used or expired"
+
+
+# --- authorisation (403) -----------------------------------------------------------------
+class Forbidden(AutoenrollError):
+    code, status, title = "forbidden", 403, "Not allowed"
+
+
+class AgentNotAllowed(Forbidden):
+    code, title = "agent_not_allowed", "This user server is not allowed to act for users"
+
+
+class NotEntitled(Forbidden):
+    code, title = "not_entitled", "The user is not entitled to this profile"
+
+
+class CsrMismatch(Forbidden):
+    code, title = "csr_mismatch", "The CSR does not match the authenticated user"
+
+
+class NotOwner(Forbidden):
+    code, title = "not_owner", "The certificate does not belong to this user"
+
+
+class NotOfficer(Forbidden):
+    code, title = "not_officer", "Only recovery officers may do this"
+
+
+# --- lookups (404, 409) ------------------------------------------------------------------
+class NotFound(AutoenrollError):
+    code, status, title = "not_found", 404, "Not found"
+
+
+class UnknownProfile(NotFound):
+    code, title = "unknown_profile", "No such profile"
+
+
+class UserNotFound(NotFound):
+    code, title = "user_not_found", "No directory entry has this email address"
+
+
+class UnknownCertificate(NotFound):
+    code, title = "unknown_certificate", "No such certificate"
+
+
+class Conflict(AutoenrollError):
+    code, status, title = "conflict", 409, "Conflict"
+
+
+class AmbiguousUser(Conflict):
+    code, title = "ambiguous_user", "Several directory entries have this email address"
+
+
+class AlreadyExists(Conflict):
+    code, title = "already_exists", "Refusing to overwrite existing material"
+
+
+class RateLimited(AutoenrollError):
+    code, status, title = "rate_limited", 429, "Too many requests"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 60, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
+# --- dependencies (503) ------------------------------------------------------------------
+class Unavailable(AutoenrollError):
+    code, status, title = "unavailable", 503, "A dependency is unavailable; try again later"
+
+
+class DirectoryUnavailable(Unavailable):
+    code, title = "directory_unavailable", "The LDAP directory is unavailable"
+
+
+class EscrowFailed(Unavailable):
+    code, title = "escrow_failed", "The key could not be escrowed; nothing was issued"
+
+
+class ConfigError(AutoenrollError):
+    code, status, title = "config_error", 500, "Configuration error"

@@ -1,0 +1,173 @@
+"""The registration authority: what happens between an authenticated request and the key authority.
+
+The web layer authenticates (agent by TLS, user by JWS) and hands over a VerifiedRequest; this
+module decides (profile, entitlement from LDAP, renewal policy, rate limits), asks the key
+authority, and tries the directory once inline. It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
+from .core.entitlement import is_entitled
+from .core.errors import (AutoenrollError, BadEnrollmentCode, BadRequest, Conflict, NotEntitled,
+                          RateLimited, UserNotFound)
+from .core.model import AgentIdentity, KeySource, Profile, UserEntry, VerifiedRequest
+from .core.profiles import get_profile
+from .store import audit
+from .store.db import Database
+from .store.repos import (current_certificate, enrollment_code, issued_since, latest_certificate,
+                          use_enrollment_code)
+
+log = logging.getLogger("autoenroll.ra")
+
+MAX_PASSWORD = 1024
+
+
+def _pem(cert) -> str:
+    return cert.public_bytes(Encoding.PEM).decode()
+
+
+def _optional(payload: dict, name: str, kind: type, default=None):
+    value = payload.get(name, default)
+    if value is not default and not isinstance(value, kind):
+        raise BadRequest(f"field {name!r} must be a {kind.__name__}")
+    return value
+
+
+@dataclass
+class RegistrationAuthority:
+    settings: object
+    db: Database
+    directory: object
+    key_authority: LocalKeyAuthority
+    publisher: object
+
+    # -- entitlement --------------------------------------------------------------------------
+    def entitled_user(self, email: str, profile: Profile, actor: str) -> UserEntry:
+        user = self.directory.find_user(email)
+        if user is None:
+            raise UserNotFound(f"no directory entry has the email address {email!r}")
+        groups = self.directory.groups_of(user)
+        if not is_entitled(profile, groups):
+            raise NotEntitled(f"{email} is not a member of a group entitled to profile {profile.name!r}",
+                              profile=profile.name)
+        self.db.run(lambda s: audit.append(s, event="enrollment.allowed", outcome="allowed", actor=actor,
+                                           subject=email, detail={"profile": profile.name, "dn": user.dn}))
+        return user
+
+    # -- policy ---------------------------------------------------------------------------------
+    def _replacement_of(self, email: str, profile: Profile, replace: bool, now: datetime) -> str | None:
+        """The serial the new certificate replaces; refuses when policy says not now."""
+        with self.db.transaction() as session:
+            if issued_since(session, email, profile.name, now - timedelta(days=1)) >= profile.max_per_day:
+                raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
+                                  f"{profile.name!r}; try again later", retry_after=3600)
+            current = current_certificate(session, email, profile.name)
+            latest = latest_certificate(session, email, profile.name)
+        if current is not None and not replace:
+            window = min(timedelta(days=profile.renew_window_days),
+                         (current.not_after - current.not_before) / 3)
+            opens = current.not_after - window
+            if now < opens:
+                raise Conflict(
+                    f"{email} already has a current {profile.name!r} certificate (serial {current.serial}, "
+                    f"valid until {current.not_after:%Y-%m-%d}); renewal opens on {opens:%Y-%m-%d}, "
+                    "or ask for a replacement explicitly (replace: true)", serial=current.serial)
+        return latest.serial if latest is not None else None
+
+    def _password(self, payload: dict) -> str | None:
+        password = _optional(payload, "password", str)
+        if password is not None and not 1 <= len(password) <= MAX_PASSWORD:
+            raise BadRequest(f"the PKCS#12 password must be 1 to {MAX_PASSWORD} characters")
+        return password
+
+    # -- the cases ------------------------------------------------------------------------------
+    def enroll(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
+        """signature → encryption, expiring signature → replacement signature, replacement encryption."""
+        now = now or datetime.now(timezone.utc)
+        payload, actor = request.payload, request.agent.subject
+        profile = get_profile(self.settings.profiles, payload.get("profile"))
+        replace = _optional(payload, "replace", bool, False)
+        legacy = _optional(payload, "pkcs12_legacy", bool, False)
+        csr_text = _optional(payload, "csr", str)
+        password = self._password(payload)
+        email = request.user.email
+        if csr_text is not None and profile.key_source is KeySource.SERVER:
+            raise BadRequest(f"profile {profile.name!r} keys are generated by the key authority; send no csr")
+        if csr_text is None and profile.key_source is KeySource.CLIENT:
+            raise BadRequest(f"profile {profile.name!r} needs a csr: the key is generated by the agent")
+        if csr_text is None and password is None:
+            raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
+        from .auth.csr import verify_csr  # auth is a sibling part; imported here to keep service light
+        csr = verify_csr(csr_text, email=email) if csr_text is not None else None
+
+        user = self.entitled_user(email, profile, actor)
+        replaces = self._replacement_of(email, profile, replace, now)
+        issued = self.key_authority.issue(IssueRequest(
+            user=user, profile=profile, actor=actor, password=password, csr=csr, replaces=replaces,
+            legacy_pkcs12=legacy), now=now)
+        return self._response(issued, profile, user)
+
+    def bootstrap(self, payload: dict, code_id: str, agent: AgentIdentity,
+                  now: datetime | None = None) -> dict:
+        """An invited user's first signature certificate, from an agent-generated CSR."""
+        now = now or datetime.now(timezone.utc)
+        code = enrollment_code(self.db, code_id, now)
+        if code is None:
+            raise BadEnrollmentCode("the enrollment code is unknown, used or expired; ask for a new one")
+        csr_text = _optional(payload, "csr", str)
+        if csr_text is None:
+            raise BadRequest("field 'csr' is required")
+        from .auth.csr import verify_csr
+        csr = verify_csr(csr_text, email=code.email)
+        profile = get_profile(self.settings.profiles, self.settings.bootstrap_profile)
+        user = self.directory.find_user(code.email)
+        if user is None:
+            raise UserNotFound(f"no directory entry has the email address {code.email!r}")
+
+        def burn(session):
+            if not use_enrollment_code(session, code_id, now):
+                raise BadEnrollmentCode("the enrollment code was used already")
+            audit.append(session, event="bootstrap.allowed", outcome="allowed", actor=agent.subject,
+                         subject=code.email, now=now, detail={"code_id": code_id})
+
+        self.db.run(burn)
+        with self.db.transaction() as session:
+            latest = latest_certificate(session, code.email, profile.name)
+        issued = self.key_authority.issue(IssueRequest(
+            user=user, profile=profile, actor=agent.subject, csr=csr,
+            replaces=latest.serial if latest else None), now=now)
+        return self._response(issued, profile, user)
+
+    def _response(self, issued: Issued, profile: Profile, user: UserEntry) -> dict:
+        published = self.publish_now(user.dn)
+        body = {
+            "serial": issued.serial,
+            "profile": profile.name,
+            "usage": profile.usage.value,
+            "email": user.email,
+            "not_after": issued.certificate.not_valid_after_utc.isoformat(),
+            "certificate": _pem(issued.certificate),
+            "chain": [_pem(c) for c in issued.chain],
+            "escrowed": issued.escrowed,
+            "published": published,
+        }
+        if issued.pkcs12 is not None:
+            body["pkcs12"] = base64.b64encode(issued.pkcs12).decode()
+        return body
+
+    def publish_now(self, user_dn: str) -> bool:
+        """Try the directory once, inline; on failure the outbox keeps the row for the worker."""
+        try:
+            self.publisher.drain(user_dn=user_dn)
+        except AutoenrollError as exc:
+            log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
+            return False
+        return True

@@ -1,0 +1,90 @@
+"""The agent API. Every route needs a verified TLS client certificate of an allowed agent; the
+user is authenticated by the JWS of the body, bound to that certificate."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from urllib.parse import unquote
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from flask import Blueprint, g, jsonify, request
+
+from ..auth.agent import identify_agent
+from ..auth.jws import verify_bootstrap_request, verify_user_request
+from ..core.errors import BadClientCertificate, WrongContentType
+from ..store.repos import consume_nonce, enrollment_code, issue_nonce
+
+api = Blueprint("api", __name__)
+
+JOSE_TYPES = {"application/jose+json", "application/json"}
+
+
+def peer_certificate_der() -> bytes | None:
+    """The client certificate of this connection: from gunicorn's TLS socket, or forwarded by a
+    configured TLS-terminating proxy (off by default)."""
+    services = g.services
+    if request.remote_addr in services.settings.trusted_proxies:
+        forwarded = request.headers.get("X-Client-Cert")
+        if forwarded:
+            try:
+                return x509.load_pem_x509_certificate(unquote(forwarded).encode()).public_bytes(Encoding.DER)
+            except ValueError as exc:
+                raise BadClientCertificate("the forwarded client certificate cannot be parsed") from exc
+    sock = request.environ.get("gunicorn.socket")
+    getpeercert = getattr(sock, "getpeercert", None)
+    if getpeercert is not None:
+        return getpeercert(binary_form=True)
+    return request.environ.get("autoenroll.peer_certificate")  # set by tests' WSGI middleware
+
+
+@api.before_request
+def _authenticate_agent():
+    services = g.services
+    g.agent = identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc))
+
+
+def _body() -> bytes:
+    mimetype = request.mimetype
+    if mimetype not in JOSE_TYPES:
+        raise WrongContentType(f"send the flattened JWS as application/jose+json, not {mimetype or 'nothing'!r}")
+    return request.get_data(cache=False)
+
+
+def _verified():
+    services = g.services
+    verified = verify_user_request(
+        _body(), url=request.url, agent=g.agent, trust=services.user_trust,
+        consume_nonce=lambda n: consume_nonce(services.db, n), is_revoked=services.ca.is_revoked,
+        now=datetime.now(timezone.utc))
+    g.user_email = verified.user.email
+    return verified
+
+
+@api.get("/nonce")
+def nonce():
+    services = g.services
+    value = issue_nonce(services.db, services.nonce_ttl)
+    response = jsonify({"nonce": value})
+    response.headers["Replay-Nonce"] = value
+    return response
+
+
+@api.post("/enroll")
+def enroll():
+    services = g.services
+    return jsonify(services.ra.enroll(_verified())), 201
+
+
+@api.post("/bootstrap")
+def bootstrap():
+    services = g.services
+
+    def code_secret(code_id: str):
+        row = enrollment_code(services.db, code_id)
+        return row.mac_key if row is not None else None
+
+    payload, code_id = verify_bootstrap_request(
+        _body(), url=request.url, agent=g.agent, code_secret=code_secret,
+        consume_nonce=lambda n: consume_nonce(services.db, n))
+    return jsonify(services.ra.bootstrap(payload, code_id, g.agent)), 201

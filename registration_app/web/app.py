@@ -1,0 +1,43 @@
+"""Application factory: `create_app(settings, services=None)` builds a fresh app (one per test)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from flask import Flask, g, request
+
+from ..settings import Settings
+from .api import api
+from .errors import register_error_handlers
+from .public import public
+
+log = logging.getLogger("autoenroll.web")
+
+
+def create_app(settings: Settings, services=None) -> Flask:
+    if services is None:
+        from ..services import build_services
+        services = build_services(settings)
+    app = Flask("autoenroll")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["autoenroll"] = services
+
+    @app.before_request
+    def _context():
+        g.services = services
+        g.request_id = request.headers.get("X-Request-ID", "")[:64] or secrets.token_hex(8)
+
+    @app.after_request
+    def _stamp(response):
+        response.headers["X-Request-ID"] = g.request_id
+        response.headers.setdefault("Cache-Control", "no-store")
+        log.info("event=request method=%s path=%s status=%d request_id=%s agent=%r",
+                 request.method, request.path, response.status_code, g.request_id,
+                 getattr(g.get("agent"), "subject", None))
+        return response
+
+    register_error_handlers(app)
+    app.register_blueprint(public)
+    app.register_blueprint(api, url_prefix="/api/v1")
+    return app

@@ -1,0 +1,68 @@
+"""The one place where errors become RFC 9457 problem documents."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ..core.errors import AutoenrollError
+from ..store import audit
+
+log = logging.getLogger("autoenroll.web")
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra):
+    body = {"type": f"urn:autoenroll:problem:{code}", "title": title, "status": status,
+            "detail": detail, "code": code, "request_id": getattr(g, "request_id", None)}
+    body.update({k: v for k, v in extra.items() if isinstance(v, (str, int, float, bool))})
+    response = jsonify(body)
+    response.status_code = status
+    response.content_type = "application/problem+json"
+    return response
+
+
+def _record_denial(error: AutoenrollError) -> None:
+    """Every refused API request is one audit row (who asked, what for, why refused)."""
+    services = getattr(g, "services", None)
+    if services is None or not request.path.startswith("/api/"):
+        return
+    agent = getattr(g, "agent", None)
+    user = getattr(g, "user_email", None)
+    try:
+        services.db.run(lambda s: audit.append(
+            s, event="request.denied", outcome="denied",
+            actor=agent.subject if agent else f"peer:{request.remote_addr}",
+            subject=user or "", detail={"path": request.path, "code": error.code,
+                                        "reason": error.detail[:300], "request_id": g.request_id}))
+    except Exception:  # the refusal stands even when the audit store is down; say so in the log
+        log.exception("event=audit.write_failed request_id=%s", getattr(g, "request_id", None))
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(AutoenrollError)
+    def _autoenroll(error: AutoenrollError):
+        if error.status >= 500:
+            log.error("event=request.error request_id=%s code=%s detail=%r", g.get("request_id"),
+                      error.code, error.detail, exc_info=error.status == 500)
+        else:
+            log.info("event=request.refused request_id=%s code=%s detail=%r", g.get("request_id"),
+                     error.code, error.detail)
+            _record_denial(error)
+        response = problem(error.status, error.code, error.title, error.detail, **error.extra)
+        if getattr(error, "retry_after", None):
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http(error: HTTPException):
+        code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(
+            error.code or 400, "bad_request")
+        return problem(error.code or 400, code, error.name, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        log.exception("event=request.bug request_id=%s", g.get("request_id"))
+        return problem(500, "internal", "Internal error",
+                       "an unexpected error occurred; the request id identifies it in the server log")

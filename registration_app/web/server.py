@@ -1,0 +1,52 @@
+"""gunicorn, embedded: TLS with optional client certificates, threaded workers for keep-alive."""
+
+from __future__ import annotations
+
+import ssl
+
+from gunicorn.app.base import BaseApplication
+
+from ..authorities.pki_files import PkiPaths
+from ..settings import Settings
+
+
+class _Server(BaseApplication):
+    def __init__(self, settings: Settings, options: dict) -> None:
+        self.settings = settings
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from ..services import build_services
+        from .app import create_app
+        services = build_services(self.settings, run_migrations=False)  # done once in run()
+        services.start_background()
+        return create_app(self.settings, services)
+
+
+def gunicorn_options(settings: Settings) -> dict:
+    paths = PkiPaths.in_dir(settings.data_dir)
+    return {
+        "bind": settings.bind,
+        "workers": settings.workers,
+        "threads": settings.threads,
+        "worker_class": "gthread",
+        "certfile": str(paths.server_cert),
+        "keyfile": str(paths.server_key),
+        "ca_certs": str(paths.tls_ca_cert),
+        "cert_reqs": ssl.CERT_OPTIONAL,  # /health and /crl stay public; /api/ demands a certificate
+        "keepalive": 30,
+        "timeout": 60,
+        "graceful_timeout": 10,
+        "accesslog": None,
+    }
+
+
+def run(settings: Settings) -> None:
+    from ..store.db import migrate
+    migrate(settings.db_url)
+    _Server(settings, gunicorn_options(settings)).run()
