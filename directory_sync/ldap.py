@@ -11,6 +11,7 @@ nothing outside this module sees an ldap3 exception.
 
 from __future__ import annotations
 
+import math
 import queue
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,7 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 from cryptography import x509
-from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE, NONE, SUBTREE, Connection, Server
+from ldap3 import BASE, IP_SYSTEM_DEFAULT, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE, NONE, SUBTREE, Connection, Server
 from ldap3.core import exceptions as ldap_exc
 from ldap3.utils.dn import parse_dn
 
@@ -50,7 +51,6 @@ class LdapDirectory:
 
     def __init__(self, settings: LdapSettings) -> None:
         self.settings = settings
-        self._server = Server(settings.url, connect_timeout=settings.timeout_seconds, get_info=NONE)
         self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
 
     # --- lookups -------------------------------------------------------------------------------
@@ -229,13 +229,27 @@ class LdapDirectory:
 
     # --- the adapter: connections, retries, errors ---------------------------------------------
     def _acquire(self) -> tuple[Connection, bool]:
+        """(connection, reused): an idle pooled connection, else a new bound one."""
         try:
             return self._idle.get_nowait(), True
         except queue.Empty:
             pass
         s = self.settings
-        conn = Connection(self._server, user=s.bind_dn, password=s.password, receive_timeout=s.timeout_seconds,
-                          raise_exceptions=False, auto_bind=True, return_empty_attributes=False)
+        # A Server per connection: ldap3's Server is not thread-safe and, in its default mode, shuns an
+        # address for 5 s after a failed connect, which would outlast a slapd restart.
+        server = Server(s.url, connect_timeout=s.timeout_seconds, get_info=NONE, mode=IP_SYSTEM_DEFAULT)
+        # ldap3 packs receive_timeout into SO_RCVTIMEO as whole seconds: it must be an int.
+        conn = Connection(server, user=s.bind_dn, password=s.password,
+                          receive_timeout=max(1, math.ceil(s.timeout_seconds)),
+                          raise_exceptions=False, return_empty_attributes=False)
+        try:
+            bound = conn.bind()
+        except BaseException:
+            _close(conn)
+            raise
+        if not bound:
+            _close(conn)
+            raise ldap_exc.LDAPBindError(conn.result.get("description", "bind failed"))
         return conn, False
 
     def _release(self, conn: Connection) -> None:
@@ -394,5 +408,8 @@ def _first_rdn_value(dn: str) -> str:
 def _close(conn: Connection) -> None:
     try:
         conn.unbind()
-    except Exception:  # the socket may already be dead; we only want it closed
+    except Exception:  # the peer may be gone; we only want the socket closed
         pass
+    # After a failed send ldap3 may consider itself closed and leave the socket open: close it anyway.
+    if conn.socket is not None:
+        conn.socket.close()

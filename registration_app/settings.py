@@ -40,8 +40,10 @@ DEFAULT_PROFILES = {
 class Settings:
     data_dir: Path = Path("var")
     database_url: str = ""  # empty: sqlite file in data_dir
-    public_url: str = "https://localhost:8443"  # how agents reach us; CRL/AIA URLs derive from it
+    public_url: str = "https://localhost:8443"  # how agents reach us (mTLS)
+    http_url: str = "http://localhost:8080"  # plain HTTP for the CRL and CA certificate (S/MIME BR)
     bind: str = "127.0.0.1:8443"
+    http_bind: str = "127.0.0.1:8080"  # plain HTTP: /crl/ca.crl, /ca.crt, /health only; empty = off
     workers: int = 2
     threads: int = 4
     ca_passphrase: str = ""  # empty: read data_dir/passphrase
@@ -68,11 +70,11 @@ class Settings:
 
     @property
     def crl_url(self) -> str:
-        return self.public_url.rstrip("/") + "/crl/ca.crl"
+        return self.http_url.rstrip("/") + "/crl/ca.crl"
 
     @property
     def ca_issuers_url(self) -> str:
-        return self.public_url.rstrip("/") + "/ca.crt"
+        return self.http_url.rstrip("/") + "/ca.crt"
 
     def path(self, name: str) -> Path:
         return self.data_dir / name

@@ -113,9 +113,13 @@ def make_ca(
     not_after: datetime | None = None,
     path_len: int | None = None,
     eku: tuple[x509.ObjectIdentifier, ...] | None = None,
+    key: PrivateKey | None = None,
 ) -> Issued:
-    """A root (issuer=None, self-signed) or an intermediate CA signed by `issuer`."""
-    key = new_key(key_type)
+    """A root (issuer=None, self-signed) or an intermediate CA signed by `issuer`.
+
+    Pass the `key` of an existing CA (and its name) to re-issue that CA's certificate.
+    """
+    key = key or new_key(key_type)
     subject = _name(name)
     not_before = not_before or NOW - 30 * DAY
     not_after = not_after or NOW + 3650 * DAY

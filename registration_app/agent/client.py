@@ -43,6 +43,7 @@ class RegistrationClient:
         self.config = config
         self.timeout = timeout
         self.session = requests.Session()
+        self.session.trust_env = False  # never let REQUESTS_CA_BUNDLE or a proxy variable redirect trust
         self.session.cert = (str(config.cert), str(config.key))
         self.session.verify = str(config.server_ca)
         der = x509.load_pem_x509_certificate(config.cert.read_bytes()).public_bytes(Encoding.DER)

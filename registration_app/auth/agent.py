@@ -8,6 +8,7 @@ certificate as TLS client certificate: its EKU must contain clientAuth or server
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -53,6 +54,11 @@ class AgentPolicy:
         if not self.anchors:
             raise ConfigError("no agent trust anchors are configured")
 
+    @functools.cached_property
+    def store(self) -> Store:
+        # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass
+        return Store(list(self.anchors))
+
     def permits(self, names: frozenset[str], subject: str) -> bool:
         allowed = {a.casefold() for a in self.allowed}
         return ANY_AGENT in allowed or subject.casefold() in allowed or any(n.casefold() in allowed for n in names)
@@ -78,7 +84,7 @@ def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -
     now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
     verifier = (
         PolicyBuilder()
-        .store(Store(list(policy.anchors)))
+        .store(policy.store)
         .time(now)
         .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
         .build_client_verifier()

@@ -93,6 +93,7 @@ def verify_user_request(
     """Authenticate a user's request relayed by `agent`; see the module docstring for the order of checks."""
     request = _parse_flattened(body)
     alg = _require_alg(request.header, USER_ALGORITHMS)
+    _check_header_parameters(request.header)
     x5c = _require_x5c(request.header)
     binding = _require_binding(request.header)
 
@@ -129,6 +130,7 @@ def verify_bootstrap_request(
     """
     request = _parse_flattened(body)
     _require_alg(request.header, (BOOTSTRAP_ALGORITHM,))
+    _check_header_parameters(request.header)
     code_id = _require_str(request.header, "kid")
     binding = _require_binding(request.header)
 
@@ -221,6 +223,10 @@ def _require_alg(header: dict[str, Any], allowed: tuple[str, ...]) -> str:
     if not isinstance(alg, str) or alg not in allowed:
         shown = repr(alg)[:40]
         raise UnsupportedAlgorithm(f"alg {shown} is not allowed here; use {' or '.join(allowed)}")
+    return alg
+
+
+def _check_header_parameters(header: dict[str, Any]) -> None:
     for name, reason in _REFUSED_HEADER.items():
         if name in header:
             raise MalformedJWS(f"the header parameter {name!r} is refused: {reason}")
@@ -230,7 +236,6 @@ def _require_alg(header: dict[str, Any], allowed: tuple[str, ...]) -> str:
         check_registry_header({**joserfc_jws.JWSRegistry.default_header_registry, **_EXTRA_HEADERS}, header)
     except JoseError as error:
         raise MalformedJWS(f"the protected header is invalid: {error.description}") from None
-    return alg
 
 
 def _require_str(header: dict[str, Any], name: str) -> str:

@@ -15,7 +15,8 @@ from .public import public
 log = logging.getLogger("autoenroll.web")
 
 
-def create_app(settings: Settings, services=None) -> Flask:
+def create_app(settings: Settings, services=None, *, with_api: bool = True) -> Flask:
+    """`with_api=False` builds the public-only app of the plain-HTTP listener (CRL, CA, health)."""
     if services is None:
         from ..services import build_services
         services = build_services(settings)
@@ -39,5 +40,6 @@ def create_app(settings: Settings, services=None) -> Flask:
 
     register_error_handlers(app)
     app.register_blueprint(public)
-    app.register_blueprint(api, url_prefix="/api/v1")
+    if with_api:
+        app.register_blueprint(api, url_prefix="/api/v1")
     return app

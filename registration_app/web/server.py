@@ -46,7 +46,27 @@ def gunicorn_options(settings: Settings) -> dict:
     }
 
 
+def start_plain_http(settings: Settings):
+    """The CRL distribution point and caIssuers URLs are plain HTTP (S/MIME BR): a small threaded
+    listener in the gunicorn master serves only the public routes from the same database."""
+    if not settings.http_bind:
+        return None
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from ..services import build_services
+    from .app import create_app
+    host, _, port = settings.http_bind.rpartition(":")
+    app = create_app(settings, build_services(settings, run_migrations=False), with_api=False)
+    server = make_server(host, int(port), app, threaded=True)
+    threading.Thread(target=server.serve_forever, name="plain-http", daemon=True).start()
+    return server
+
+
 def run(settings: Settings) -> None:
     from ..store.db import migrate
     migrate(settings.db_url)
-    _Server(settings, gunicorn_options(settings)).run()
+    options = gunicorn_options(settings)
+    options["when_ready"] = lambda _arbiter: start_plain_http(settings)
+    _Server(settings, options).run()

@@ -52,9 +52,22 @@ def test_user_of_an_external_ca_is_not_ours(root, trust):
 
 def test_issuer_is_ours_recognises_a_reissued_ca_certificate(root, issuing):
     user = pki.make_user_cert(issuing, "alice@example.org")
-    # the same issuing CA, configured through its certificate (the chain sent only the leaf + root is anchor)
-    trust = UserTrust(anchors=(root.cert,), our_issuers=(issuing.cert,))
+    renewed = pki.make_intermediate(root, "User Issuing CA", key=issuing.key, not_after=pki.NOW + 5000 * pki.DAY)
+    assert renewed.cert != issuing.cert
+    trust = UserTrust(anchors=(root.cert,), our_issuers=(renewed.cert,))
     assert verify([user, issuing], trust).issuer_is_ours
+
+
+def test_not_ours_when_only_the_name_matches(root, issuing):
+    impostor = pki.make_intermediate(pki.make_ca("Other Root"), "User Issuing CA")  # same subject, other key
+    user = pki.make_user_cert(issuing, "alice@example.org")
+    trust = UserTrust(anchors=(root.cert,), our_issuers=(impostor.cert,))
+    assert verify([user, issuing], trust).issuer_is_ours is False
+
+
+def test_chain_may_include_the_root(root, issuing, trust):
+    user = pki.make_user_cert(issuing, "alice@example.org")
+    assert verify([user, issuing, root], trust).issuer_is_ours
 
 
 def test_rsa_chain(root):

@@ -30,3 +30,14 @@ def cert(issuer: str, email: str, *, encryption: bool, age_days: int = 0) -> byt
         .add_extension(x509.KeyUsage(**usage), critical=True)
     )
     return builder.sign(_KEY, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def crl(issuer: str) -> bytes:
+    """DER of an empty CRL (slapd checks the certificateList syntax, so it must be a real one)."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .last_update(NOW)
+        .next_update(NOW + timedelta(days=7))
+    )
+    return builder.sign(_KEY, hashes.SHA256()).public_bytes(serialization.Encoding.DER)

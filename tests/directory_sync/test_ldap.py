@@ -1,0 +1,208 @@
+"""LdapDirectory against a real slapd: lookups, escaping, entitlement, publication, failures."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from ldap3 import MODIFY_ADD
+
+from directory_sync.ldap import LdapDirectory, plan_publication
+from registration_app.core.errors import AmbiguousUser, BadRequest, DirectoryUnavailable, UserNotFound
+from tests.directory_sync.certs import cert, crl
+
+SMIME = "cn=smime-users,ou=groups,dc=example,dc=org"
+
+
+def certificates(directory: LdapDirectory, email: str) -> list[bytes]:
+    return list(directory.find_user(email).certificates)
+
+
+# --- lookups ---------------------------------------------------------------------------------------
+def test_find_alice(directory):
+    alice = directory.find_user("Alice@Example.org")
+    assert alice.dn == "uid=alice,ou=people,dc=example,dc=org"
+    assert (alice.email, alice.common_name) == ("alice@example.org", "Alice Anderson")
+    assert alice.member_of == {SMIME}
+
+
+def test_unknown_address_is_none(directory):
+    assert directory.find_user("nobody@example.org") is None
+
+
+@pytest.mark.parametrize("email", ["*@example.org", "alice@example.org)(mail=*", "x@y)(|(mail=*)",
+                                   "alice@example.org\\00", "\\2a@example.org", "a*@example.org"])
+def test_filter_injection_finds_nothing(directory, email):
+    assert directory.find_user(email) is None
+
+
+@pytest.mark.parametrize("email", ["alice@example.org\x00", "alice@example.org\n", "", "*", "no-at-sign"])
+def test_impossible_addresses_are_bad_requests(directory, email):
+    with pytest.raises(BadRequest):
+        directory.find_user(email)
+
+
+def test_two_entries_with_one_address_are_ambiguous(directory, ldap_admin):
+    for uid in ("twin1", "twin2"):
+        ldap_admin.add(f"uid={uid},ou=people,dc=example,dc=org", ["inetOrgPerson"],
+                       {"uid": uid, "cn": uid, "sn": uid, "mail": "twin@example.org"})
+    with pytest.raises(AmbiguousUser):
+        directory.find_user("twin@example.org")
+
+
+# --- groups ----------------------------------------------------------------------------------------
+def test_alice_is_entitled_bob_is_not(directory):
+    alice, bob = directory.find_user("alice@example.org"), directory.find_user("bob@example.org")
+    assert directory.groups_of(alice) == {SMIME}
+    assert directory.groups_of(bob) == frozenset()
+    assert directory.is_member(alice, ["smime-users"]) and directory.is_member(alice, ["CN=SMIME-Users,ou=groups,dc=example,dc=org"])
+    assert not directory.is_member(bob, ["smime-users", SMIME])
+    assert not directory.is_member(alice, ["recovery-officers"])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_groups_without_memberof(slapd, nested):
+    directory = LdapDirectory(slapd.settings(use_memberof=False, nested_groups=nested))
+    try:
+        assert directory.groups_of("uid=oscar,ou=people,dc=example,dc=org") == {
+            "cn=recovery-officers,ou=groups,dc=example,dc=org"}
+        assert sorted(u.email for u in directory.members_of_group("smime-users")) == [
+            "alice@example.org", "carol@example.org", "dave@example.org"]
+    finally:
+        directory.close()
+
+
+def test_nested_groups(slapd, directory, ldap_admin, new_user):
+    dn, _ = new_user()
+    inner, outer = "cn=nest-inner,ou=groups,dc=example,dc=org", "cn=nest-outer,ou=groups,dc=example,dc=org"
+    assert ldap_admin.add(inner, ["groupOfNames"], {"cn": "nest-inner", "member": [dn]})
+    assert ldap_admin.add(outer, ["groupOfNames"], {"cn": "nest-outer", "member": [inner]})
+    assert not directory.is_member(dn, ["nest-outer"])
+    for use_memberof in (True, False):
+        nested = LdapDirectory(slapd.settings(nested_groups=True, use_memberof=use_memberof))
+        try:
+            assert nested.is_member(dn, ["nest-outer"])
+            assert [u.dn for u in nested.members_of_group(outer)] == [dn]
+        finally:
+            nested.close()
+
+
+def test_members_of_group_pages_and_iter_users_since(directory, new_user):
+    # modifyTimestamp has whole seconds: start a fresh second so that older entries fall before it.
+    since = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=1)
+    time.sleep((since - datetime.now(timezone.utc)).total_seconds())
+    made = {new_user(groups=("recovery-officers",))[1] for _ in range(3)}
+    officers = {u.email for u in directory.members_of_group("recovery-officers")}
+    assert made | {"oscar@example.org", "olivia@example.org", "otto@example.org"} <= officers
+    recent = {u.email for u in directory.iter_users(since=since)}
+    assert made <= recent and "bob@example.org" not in recent
+    assert "bob@example.org" in {u.email for u in directory.iter_users()}
+
+
+def test_paged_search_beyond_one_page(slapd, ldap_admin):
+    for i in range(520):
+        ldap_admin.add(f"uid=p{i},ou=people,dc=example,dc=org", ["inetOrgPerson"],
+                       {"uid": f"p{i}", "cn": f"p{i}", "sn": "p", "mail": f"p{i}@paged.example.org"})
+    directory = LdapDirectory(slapd.settings(pool_size=1))
+    try:
+        users = [u for u in directory.iter_users() if u.email.endswith("@paged.example.org")]
+        assert len(users) == 520
+        stop_early = directory.iter_users()
+        next(stop_early)
+        stop_early.close()  # abandoning a paged search must not poison the pool
+        assert directory.find_user("p7@paged.example.org") is not None
+    finally:
+        directory.close()
+
+
+# --- publication -----------------------------------------------------------------------------------
+def test_publish_adds_removes_idempotently_and_leaves_foreign_values(directory, ldap_admin, new_user):
+    dn, email = new_user()
+    foreign = cert("Other CA", email, encryption=True)
+    assert ldap_admin.modify(dn, {"userCertificate;binary": [(MODIFY_ADD, [foreign])]})
+    old = cert("Autoenroll CA", email, encryption=True, age_days=30)
+    user = directory.find_user(email)
+    directory.publish(user, add=[old], remove=[])
+    directory.publish(user, add=[old], remove=[])  # again: nothing changes, no error
+    assert certificates(directory, email) == [foreign, old]
+
+    new = cert("Autoenroll CA", email, encryption=True)
+    for _ in range(2):
+        directory.publish(user.dn, add=[new], remove=[old])
+        assert certificates(directory, email) == [foreign, new]
+    directory.publish(user, add=[], remove=[new, cert("Autoenroll CA", email, encryption=True)])
+    assert certificates(directory, email) == [foreign]
+
+
+def test_new_encryption_certificate_comes_first_among_ours(directory, new_user):
+    dn, email = new_user()
+    signing = cert("Autoenroll CA", email, encryption=False, age_days=10)
+    old_enc = cert("Autoenroll CA", email, encryption=True, age_days=20)
+    directory.publish(dn, add=[signing], remove=[])
+    directory.publish(dn, add=[old_enc], remove=[])
+    assert certificates(directory, email) == [old_enc, signing]  # encryption first: dirmngr takes value 1
+
+    new_enc = cert("Autoenroll CA", email, encryption=True)
+    directory.publish(dn, add=[new_enc], remove=[])  # keep the superseded one (keep_superseded)
+    assert certificates(directory, email) == [new_enc, old_enc, signing]
+
+    new_signing = cert("Autoenroll CA", email, encryption=False)
+    directory.publish(dn, add=[new_signing], remove=[signing])  # a signature renewal does not jump ahead
+    assert certificates(directory, email) == [new_enc, old_enc, new_signing]
+
+
+def test_plan_publication_moves_only_what_it_must():
+    enc, sig = cert("A", "x@y", encryption=True, age_days=5), cert("A", "x@y", encryption=False, age_days=5)
+    foreign, new = cert("B", "x@y", encryption=True), cert("A", "x@y", encryption=True)
+    assert plan_publication([foreign, enc, sig], [enc], []) == ([], [])
+    assert plan_publication([sig, foreign], [new], [enc]) == ([sig], [new, sig])
+    assert plan_publication([foreign, enc, sig], [new], [enc]) == ([enc, sig], [new, sig])
+
+
+def test_publish_to_a_missing_entry(directory):
+    with pytest.raises(UserNotFound):
+        directory.publish("uid=gone,ou=people,dc=example,dc=org", add=[cert("A", "g@x", encryption=True)], remove=[])
+
+
+def test_publish_ca_creates_then_replaces(slapd, directory, ldap_admin):
+    ldap_admin.delete(slapd.settings().ca_entry_dn)
+    first, second = cert("Autoenroll CA", "ca@x", encryption=False), cert("Autoenroll CA", "ca@x", encryption=False)
+    directory.publish_ca(first)
+    revocations = crl("Autoenroll CA")
+    directory.publish_ca(second, revocations)
+    ldap_admin.search(slapd.settings().ca_entry_dn, "(objectClass=pkiCA)", "BASE",
+                      attributes=["cACertificate;binary", "certificateRevocationList;binary"])
+    raw = ldap_admin.response[0]["raw_attributes"]
+    assert raw["cACertificate;binary"] == [second]
+    assert raw["certificateRevocationList;binary"] == [revocations]
+
+
+# --- failures --------------------------------------------------------------------------------------
+def test_wrong_service_password_is_directory_unavailable(slapd):
+    directory = LdapDirectory(slapd.settings(password="wrong"))
+    with pytest.raises(DirectoryUnavailable):
+        directory.find_user("alice@example.org")
+
+
+def test_killed_slapd_fails_fast_then_recovers_after_restart(slapd, directory):
+    assert directory.find_user("alice@example.org") is not None  # a pooled connection now exists
+    slapd.kill()
+    try:
+        started = time.monotonic()
+        with pytest.raises(DirectoryUnavailable):
+            directory.find_user("alice@example.org")
+        with pytest.raises(DirectoryUnavailable):
+            list(directory.iter_users())
+        assert time.monotonic() - started < 2 * slapd.settings().timeout_seconds
+    finally:
+        slapd.restart()
+    assert directory.find_user("alice@example.org").email == "alice@example.org"
+
+
+def test_restart_is_invisible_to_the_next_call(slapd, directory):
+    assert directory.find_user("carol@example.org") is not None
+    slapd.restart()  # pooled connection is now stale
+    assert directory.find_user("carol@example.org") is not None
+    slapd.restart()
+    assert len(list(directory.members_of_group("smime-users"))) >= 3

@@ -1,0 +1,104 @@
+"""A running server platform for end-to-end tests: `autoenroll init` + `autoenroll serve` (gunicorn, TLS,
+client certificates) against a private slapd, driven through the real command lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from directory_sync.slapd import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@dataclass
+class Platform:
+    data: Path
+    config: Path
+    url: str
+    http_url: str
+    ldap_url: str
+    process: subprocess.Popen | None = None
+    log: Path | None = None
+
+    @property
+    def agent_config(self) -> Path:
+        return self.data / "agent.toml"
+
+    def autoenroll(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return cli("autoenroll", "--config", str(self.config), *args, check=check)
+
+    def agent(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return cli("autoenroll-agent", "--config", str(self.agent_config), *args, check=check)
+
+    def session(self, client_cert: bool = True) -> requests.Session:
+        s = requests.Session()
+        s.trust_env = False
+        s.verify = str(self.data / "tls-ca.pem")
+        if client_cert:
+            s.cert = (str(self.data / "agent.pem"), str(self.data / "agent.key"))
+        return s
+
+    def start(self, workers: int = 2) -> None:
+        self.log = self.data / "server.log"
+        env = {**os.environ, "AUTOENROLL_WORKERS": str(workers)}
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen([str(BIN / "autoenroll"), "--config", str(self.config), "serve"],
+                                            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited:\n{self.log.read_text()}")
+            try:
+                if self.session(client_cert=False).get(self.url + "/health", timeout=2).status_code in (200, 503):
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def make_platform(data: Path, ldap_url: str, *, extra: str = "") -> Platform:
+    port, http_port = free_port(), free_port()
+    config = data / "autoenroll.toml"
+    config.write_text(f"""
+data_dir = "."
+public_url = "https://localhost:{port}"
+http_url = "http://127.0.0.1:{http_port}"
+bind = "127.0.0.1:{port}"
+http_bind = "127.0.0.1:{http_port}"
+pkcs12_iterations = 2048
+outbox_interval_seconds = 0.5
+{extra}
+[ldap]
+url = "{ldap_url}"
+timeout_seconds = 2.0
+""")
+    platform = Platform(data=data, config=config, url=f"https://localhost:{port}",
+                        http_url=f"http://127.0.0.1:{http_port}", ldap_url=ldap_url)
+    platform.autoenroll("init")
+    return platform

@@ -1,0 +1,95 @@
+"""A user's whole path through the real server: invite → bootstrap → enroll → LDAP → openssl."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import tomllib
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from registration_app.authorities.escrow_crypto import escrow_aad, open_private_key
+from registration_app.authorities.pki_files import read_private_key
+from registration_app.store.db import Database
+from registration_app.store.models import Certificate, Escrow
+from sqlalchemy import func, select
+
+
+def ldap_certificates(platform, email: str) -> list[bytes]:
+    """What a mail client sees: an anonymous search by mail (ldapsearch, not our code)."""
+    out = subprocess.run(["ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H", platform.ldap_url,
+                          "-b", "ou=people,dc=example,dc=org", f"(mail={email})", "userCertificate;binary"],
+                         capture_output=True, text=True, check=True).stdout
+    return [base64.b64decode(line.split(":: ", 1)[1]) for line in out.splitlines()
+            if line.lower().startswith("usercertificate;binary::")]
+
+
+def db(platform) -> Database:
+    return Database(f"sqlite:///{platform.data / 'autoenroll.db'}")
+
+
+def invite_and_bootstrap(platform, email: str) -> None:
+    code = platform.autoenroll("invite", email).stdout.strip()
+    out = platform.agent("bootstrap", "--email", email, "--code", code).stdout
+    assert "signature certificate for" in out
+
+
+def test_encryption_certificate_end_to_end(platform, tmp_path):
+    email = "alice@example.org"
+    invite_and_bootstrap(platform, email)
+    out = platform.agent("enroll", "--email", email, "--profile", "smime-encryption").stdout
+    assert "published in the directory" in out
+    store = platform.data / "agent-store" / email
+    p12 = next(store.glob("smime-encryption-*.p12"))
+    password = p12.with_suffix(".pass")
+    assert p12.stat().st_mode & 0o777 == 0o600 and password.stat().st_mode & 0o777 == 0o600
+
+    # The directory shows the certificate to anyone: the encryption certificate comes first.
+    published = ldap_certificates(platform, email)
+    cert_pem = p12.with_suffix(".pem").read_bytes()
+    delivered = x509.load_pem_x509_certificates(cert_pem)[0]
+    assert published[0] == delivered.public_bytes(Encoding.DER)
+    (tmp_path / "from-ldap.der").write_bytes(published[0])
+    subprocess.run(["openssl", "x509", "-inform", "DER", "-in", tmp_path / "from-ldap.der",
+                    "-out", tmp_path / "from-ldap.pem"], check=True)
+
+    # Anyone encrypts to the published certificate; the delivered PKCS#12 decrypts it.
+    (tmp_path / "msg.txt").write_text("the quarterly numbers\n")
+    subprocess.run(["openssl", "cms", "-encrypt", "-aes256", "-in", tmp_path / "msg.txt",
+                    "-out", tmp_path / "msg.p7m", tmp_path / "from-ldap.pem"], check=True)
+    subprocess.run(["openssl", "pkcs12", "-in", p12, "-passin", f"file:{password}", "-nodes", "-nocerts",
+                    "-out", tmp_path / "key.pem"], check=True, capture_output=True)
+    subprocess.run(["openssl", "cms", "-decrypt", "-in", tmp_path / "msg.p7m", "-inkey", tmp_path / "key.pem",
+                    "-recip", tmp_path / "from-ldap.pem", "-out", tmp_path / "out.txt"], check=True)
+    assert (tmp_path / "out.txt").read_text() == "the quarterly numbers\n"
+
+    # The escrowed key opens with the KRA key and matches the certificate.
+    serial = format(delivered.serial_number, "x")
+    with db(platform).transaction() as session:
+        row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one()
+    passphrase = (platform.data / "passphrase").read_bytes().strip()
+    kra_key = read_private_key(platform.data / "kra.key", passphrase)
+    escrowed = open_private_key(row.blob, kra_key, escrow_aad(delivered.serial_number, email, "smime-encryption"))
+    spki = PublicFormat.SubjectPublicKeyInfo
+    assert escrowed.public_key().public_bytes(Encoding.DER, spki) == \
+        delivered.public_key().public_bytes(Encoding.DER, spki)
+
+    assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
+
+
+def test_user_not_entitled_gets_403_and_nothing_is_issued(platform):
+    email = "bob@example.org"
+    invite_and_bootstrap(platform, email)
+    before = ldap_certificates(platform, email)
+    result = platform.agent("enroll", "--email", email, "--profile", "smime-encryption", check=False)
+    assert result.returncode == 1
+    assert "not_entitled" in result.stderr and "smime-encryption" in result.stderr
+    with db(platform).transaction() as session:
+        assert session.execute(select(func.count()).select_from(Certificate).where(
+            Certificate.email == email, Certificate.profile == "smime-encryption")).scalar_one() == 0
+        assert session.execute(select(func.count()).select_from(Escrow).where(
+            Escrow.email == email)).scalar_one() == 0
+    assert ldap_certificates(platform, email) == before
+    assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
