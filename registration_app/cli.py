@@ -178,3 +178,8 @@ def revoke(ctx, serial: str, reason: str) -> None:
         raise click.ClickException(exc.detail) from exc
     services.publisher.drain()
     click.echo(f"revoked {serial} ({reason})" if changed else f"{serial} was already revoked")
+
+
+from .cli_directory import register as _register_directory_commands  # noqa: E402
+
+_register_directory_commands(main, sync)
