@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 from cryptography import x509
-from ldap3 import BASE, IP_SYSTEM_DEFAULT, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE, NONE, SUBTREE, Connection, Server
+from ldap3 import (BASE, IP_SYSTEM_DEFAULT, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE, NONE, SUBTREE, Connection,
+                   Server)
 from ldap3.core import exceptions as ldap_exc
 from ldap3.utils.dn import parse_dn
 
@@ -261,17 +262,17 @@ class LdapDirectory:
     def _run(self, work: Callable[[Connection], T]) -> T:
         """Run `work` on a pooled connection; a stale pooled connection gets one retry on a fresh one."""
         while True:
-            try:
-                conn, reused = self._acquire()
-            except ldap_exc.LDAPException as exc:
-                raise _translate(exc) from exc
+            conn, reused = self._acquire_or_translate()
             try:
                 result = work(conn)
             except ldap_exc.LDAPException as exc:
                 _close(conn)
-                if reused and isinstance(exc, _CONNECTION_ERRORS):
+                if reused and _stale(exc):
                     continue  # e.g. slapd restarted since this connection was opened
                 raise _translate(exc) from exc
+            except AutoenrollError:
+                self._release(conn)  # an LDAP result we turned into an error: the connection is fine
+                raise
             except BaseException:
                 _close(conn)
                 raise
@@ -289,8 +290,8 @@ class LdapDirectory:
                 try:
                     conn.search(base, flt, SUBTREE, attributes=attributes, paged_size=PAGE_SIZE,
                                 paged_cookie=cookie)
-                except _CONNECTION_ERRORS:
-                    if cookie is not None or not reused:
+                except _CONNECTION_ERRORS as exc:
+                    if cookie is not None or not reused or not _stale(exc):
                         raise
                     _close(conn)  # stale after a slapd restart: start over on another connection
                     conn, reused = self._acquire_or_translate()
@@ -316,7 +317,8 @@ class LdapDirectory:
             raise _translate(exc) from exc
 
 
-def plan_publication(current: list[bytes], add: list[bytes], remove: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+def plan_publication(current: list[bytes], add: list[bytes],
+                     remove: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     """(values to delete, values to add, in order) turning `current` into what publish wants. Pure.
 
     "Ours" are the values whose issuer is the issuer of a value in `add` or `remove`; the others are
@@ -373,6 +375,12 @@ def _check(conn: Connection, *allowed: int) -> int:
     # insufficientAccessRights, objectClassViolation...: a deployment problem, not the caller's; 503 so
     # that the outbox keeps retrying until an operator fixes it.
     raise DirectoryUnavailable("The LDAP directory refused the operation", ldap_result=description)
+
+
+def _stale(exc: ldap_exc.LDAPException) -> bool:
+    """A pooled connection the server has dropped (worth one retry), as opposed to a server that is
+    too slow: retrying a timeout would only double the wait."""
+    return isinstance(exc, _CONNECTION_ERRORS) and not isinstance(exc.__context__, TimeoutError)
 
 
 def _translate(exc: ldap_exc.LDAPException) -> AutoenrollError:

@@ -65,6 +65,12 @@ class Publisher:
             crl = state.der if state is not None else None
         self.directory.publish_ca(self.ca_der, crl)
 
+    def pending(self, user_dn: str) -> bool:
+        """Whether publication rows of this user still wait (LDAP refused or was unreachable)."""
+        with self.db.transaction() as session:
+            return session.execute(select(Outbox.id).where(
+                Outbox.user_dn == user_dn, Outbox.done_at.is_(None)).limit(1)).first() is not None
+
     # -- the queue -------------------------------------------------------------------------
     def _claim(self, now: datetime, user_dn: str | None, limit: int) -> list[Outbox]:
         def work(session):

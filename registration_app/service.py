@@ -17,17 +17,21 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
 from .core.entitlement import is_entitled
 from .core.errors import (AutoenrollError, BadEnrollmentCode, BadRequest, Conflict, NotEntitled,
-                          RateLimited, UserNotFound)
+                          NotOwner, RateLimited, UnknownCertificate, UserNotFound)
 from .core.model import AgentIdentity, KeySource, Profile, UserEntry, VerifiedRequest
 from .core.profiles import get_profile
+from .core.renewal import server_window_opens
 from .store import audit
 from .store.db import Database
+from .store.models import Certificate
 from .store.repos import (current_certificate, enrollment_code, issued_since, latest_certificate,
                           use_enrollment_code)
 
 log = logging.getLogger("autoenroll.ra")
 
 MAX_PASSWORD = 1024
+SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged", "superseded",
+                           "cessationOfOperation"}
 
 
 def _pem(cert) -> str:
@@ -63,18 +67,26 @@ class RegistrationAuthority:
         return user
 
     # -- policy ---------------------------------------------------------------------------------
-    def _replacement_of(self, email: str, profile: Profile, replace: bool, now: datetime) -> str | None:
-        """The serial the new certificate replaces; refuses when policy says not now."""
+    def _replacement_of(self, email: str, profile: Profile, replace: bool, renews: str | None,
+                        now: datetime) -> str | None:
+        """The serial the new certificate replaces; refuses when policy says not now.
+
+        `renews` (a serial) makes a renewal idempotent across retries and daemons: it succeeds only
+        while that serial is still the current one, so the same certificate is never renewed twice.
+        """
         with self.db.transaction() as session:
             if issued_since(session, email, profile.name, now - timedelta(days=1)) >= profile.max_per_day:
                 raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
                                   f"{profile.name!r}; try again later", retry_after=3600)
             current = current_certificate(session, email, profile.name)
             latest = latest_certificate(session, email, profile.name)
+        if renews is not None and (current is None or current.serial != renews.lower()):
+            newer = f"; the current one is {current.serial}" if current is not None else ""
+            raise Conflict(f"certificate {renews} is not the current {profile.name!r} certificate of {email} "
+                           f"(already renewed, revoked or unknown){newer}",
+                           current=current.serial if current else "")
         if current is not None and not replace:
-            window = min(timedelta(days=profile.renew_window_days),
-                         (current.not_after - current.not_before) / 3)
-            opens = current.not_after - window
+            opens = server_window_opens(current.not_before, current.not_after, profile.renew_window_days)
             if now < opens:
                 raise Conflict(
                     f"{email} already has a current {profile.name!r} certificate (serial {current.serial}, "
@@ -95,6 +107,7 @@ class RegistrationAuthority:
         payload, actor = request.payload, request.agent.subject
         profile = get_profile(self.settings.profiles, payload.get("profile"))
         replace = _optional(payload, "replace", bool, False)
+        renews = _optional(payload, "renews", str)
         legacy = _optional(payload, "pkcs12_legacy", bool, False)
         csr_text = _optional(payload, "csr", str)
         password = self._password(payload)
@@ -109,7 +122,11 @@ class RegistrationAuthority:
         csr = verify_csr(csr_text, email=email) if csr_text is not None else None
 
         user = self.entitled_user(email, profile, actor)
-        replaces = self._replacement_of(email, profile, replace, now)
+        if renews is not None and csr is not None:
+            earlier = self._earlier_renewal(email, profile, renews, csr)
+            if earlier is not None:  # a retry after a lost answer: same key, same certificate
+                return earlier
+        replaces = self._replacement_of(email, profile, replace, renews, now)
         issued = self.key_authority.issue(IssueRequest(
             user=user, profile=profile, actor=actor, password=password, csr=csr, replaces=replaces,
             legacy_pkcs12=legacy), now=now)
@@ -146,6 +163,48 @@ class RegistrationAuthority:
             replaces=latest.serial if latest else None), now=now)
         return self._response(issued, profile, user)
 
+    def _earlier_renewal(self, email: str, profile: Profile, renews: str, csr) -> dict | None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import PublicFormat
+        with self.db.transaction() as session:
+            current = current_certificate(session, email, profile.name)
+        if current is None or current.replaces != renews.lower():
+            return None
+        cert = x509.load_der_x509_certificate(current.der)
+        spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        if cert.public_key().public_bytes(*spki) != csr.public_key().public_bytes(*spki):
+            return None
+        return {"serial": current.serial, "profile": profile.name, "usage": profile.usage.value,
+                "email": current.email, "not_before": cert.not_valid_before_utc.isoformat(),
+                "not_after": cert.not_valid_after_utc.isoformat(), "certificate": _pem(cert),
+                "chain": [_pem(c) for c in self.key_authority.ca.chain], "escrowed": False,
+                "published": not self.publisher.pending(current.user_dn), "repeated": True}
+
+    def revoke_own(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
+        """A user revokes one of their own certificates (for example keyCompromise)."""
+        from cryptography import x509
+        payload = request.payload
+        serial = _optional(payload, "serial", str)
+        reason = _optional(payload, "reason", str, "unspecified")
+        if not serial or len(serial) > 48:
+            raise BadRequest("field 'serial' (hex) is required")
+        if reason not in SELF_REVOCATION_REASONS:
+            raise BadRequest(f"reason must be one of {', '.join(sorted(SELF_REVOCATION_REASONS))}")
+        user = self.directory.find_user(request.user.email)
+        if user is None:
+            raise UserNotFound(f"no directory entry has the email address {request.user.email!r}")
+        serial = serial.lower().removeprefix("0x")
+        with self.db.transaction() as session:
+            cert = session.get(Certificate, serial)
+            if cert is None:
+                raise UnknownCertificate(f"no certificate with serial {serial}")
+            if cert.email.lower() != user.email.lower() or cert.user_dn != user.dn:
+                raise NotOwner(f"certificate {serial} does not belong to {user.email}")
+        changed = self.key_authority.ca.revoke(serial, x509.ReasonFlags(reason),
+                                               actor=f"{request.agent.subject} for {user.email}", now=now)
+        return {"serial": serial, "status": "revoked", "reason": reason, "changed": changed,
+                "published": self.publish_now(user.dn)}
+
     def _response(self, issued: Issued, profile: Profile, user: UserEntry) -> dict:
         published = self.publish_now(user.dn)
         body = {
@@ -153,6 +212,7 @@ class RegistrationAuthority:
             "profile": profile.name,
             "usage": profile.usage.value,
             "email": user.email,
+            "not_before": issued.certificate.not_valid_before_utc.isoformat(),
             "not_after": issued.certificate.not_valid_after_utc.isoformat(),
             "certificate": _pem(issued.certificate),
             "chain": [_pem(c) for c in issued.chain],
@@ -167,7 +227,7 @@ class RegistrationAuthority:
         """Try the directory once, inline; on failure the outbox keeps the row for the worker."""
         try:
             self.publisher.drain(user_dn=user_dn)
+            return not self.publisher.pending(user_dn)
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
             return False
-        return True

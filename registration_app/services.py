@@ -16,6 +16,7 @@ from .authorities.keys import KeyPool
 from .authorities.kra import LocalKRA
 from .authorities.pki_files import PkiPaths, read_cert, read_certs, read_private_key, read_public_key
 from .core.errors import ConfigError
+from .recovery import Recovery
 from .service import RegistrationAuthority
 from .settings import Settings
 from .store.db import Database, migrate
@@ -32,6 +33,7 @@ class Services:
     key_authority: LocalKeyAuthority
     publisher: object
     ra: RegistrationAuthority
+    recovery: Recovery
     agent_policy: AgentPolicy
     user_trust: UserTrust
 
@@ -80,6 +82,8 @@ def build_services(settings: Settings, *, directory=None, run_migrations: bool =
     user_trust = UserTrust(anchors=anchors, our_issuers=(ca_cert,))
     agent_policy = AgentPolicy(anchors=(read_cert(paths.tls_ca_cert),), allowed=settings.agents_allowed)
     ra = RegistrationAuthority(settings, db, directory, key_authority, publisher)
+    recovery = Recovery(settings, db, directory, kra, ca.chain)
     return Services(settings=settings, db=db, directory=directory, ca=ca, kra=kra, pool=pool,
-                    key_authority=key_authority, publisher=publisher, ra=ra, agent_policy=agent_policy,
+                    key_authority=key_authority, publisher=publisher, ra=ra, recovery=recovery,
+                    agent_policy=agent_policy,
                     user_trust=user_trust)

@@ -6,12 +6,20 @@ Use from tests/conftest.py:  from tests.conftest_slapd import *
 from __future__ import annotations
 
 import uuid
+import warnings
 
 import pytest
-from ldap3 import Connection, Server
 
-from directory_sync.ldap import LdapDirectory
-from directory_sync.slapd import PrivateSlapd
+with warnings.catch_warnings():
+    # ldap3 2.9.1 reads pyasn1 0.6's deprecated tagMap/typeMap once, at import: not ours to fix. Importing
+    # it here keeps `pytest -W error` usable, since a command-line -W overrides ini filterwarnings.
+    warnings.filterwarnings("ignore", message="(tagMap|typeMap) is deprecated", category=DeprecationWarning)
+    import ldap3  # noqa: F401
+
+from ldap3 import Connection, Server  # noqa: E402
+
+from directory_sync.ldap import LdapDirectory  # noqa: E402
+from directory_sync.slapd import PrivateSlapd  # noqa: E402
 
 __all__ = ["slapd", "directory", "ldap_admin", "new_user"]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from . import actions
 from .actions import bootstrap as do_bootstrap
 from .actions import enroll as do_enroll
 from .client import AgentConfig, AgentError, RegistrationClient
@@ -75,9 +76,20 @@ def enroll(ctx, email, profile, password_file, legacy, replace, client_key) -> N
 
 
 @main.command(name="list")
+@click.option("--email", help="Ask the server for this user's certificates (all states) instead.")
 @click.pass_context
-def list_(ctx) -> None:
-    """What this agent holds for each user."""
+def list_(ctx, email: str | None) -> None:
+    """What this agent holds for each user (or, with --email, what the server knows)."""
+    if email:
+        try:
+            body = actions.list_remote(_client(ctx), ctx.obj["store"], email)
+        except (AgentError, ValueError) as exc:
+            _fail(exc)
+        click.echo(body["email"])
+        for c in body["certificates"]:
+            click.echo(f"  {c['profile']:24} {c['serial']}  {c['status']:10} until {c['not_after'][:10]}"
+                       f"{'  escrowed' if c['escrowed'] else ''}")
+        return
     for folder in ctx.obj["store"].users():
         state = folder.state()
         click.echo(folder.email)
@@ -85,3 +97,143 @@ def list_(ctx) -> None:
             current = state.get("current", {}).get(info["profile"]) == serial
             click.echo(f"  {info['profile']:24} {serial}  until {info['not_after'][:10]}"
                        f"{'  (current)' if current else ''}")
+
+
+@main.command()
+@click.option("--email", required=True)
+@click.option("--profile", default="smime-encryption", show_default=True)
+@click.option("--force", is_flag=True, help="Renew now, even before the renewal window opens.")
+@click.pass_context
+def renew(ctx, email: str, profile: str, force: bool) -> None:
+    """Renew the user's current certificate of PROFILE (signature keys are generated here)."""
+    try:
+        _report(actions.renew(_client(ctx), ctx.obj["store"], email, profile, force=force), "renewed certificate")
+    except (AgentError, ValueError) as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.option("--email", required=True)
+@click.option("--serial", "serials", multiple=True, help="Serial (hex) of an encryption certificate; repeatable.")
+@click.option("--all", "all_", is_flag=True, help="Every escrowed encryption key of the user.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--legacy", is_flag=True, help="3DES/SHA-1 PKCS#12 for clients that cannot read AES.")
+@click.pass_context
+def recover(ctx, email, serials, all_, password_file, legacy) -> None:
+    """Get the user's escrowed encryption keys back (current, superseded, expired or revoked)."""
+    if bool(serials) == all_:
+        _fail(click.UsageError("give --serial S (one or more) or --all"))
+    password = password_file.read_text().strip() if password_file else None
+    try:
+        outcomes = actions.recover(_client(ctx), ctx.obj["store"], email,
+                                   serials=None if all_ else list(serials), password=password, legacy=legacy)
+    except (AgentError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"recovered {len(outcomes)} key(s) for {email}")
+    for outcome in outcomes:
+        click.echo(f"  {outcome.profile} {outcome.serial} (until {outcome.not_after[:10]}): {outcome.files['pkcs12']}")
+
+
+@main.command()
+@click.option("--email", required=True)
+@click.option("--serial", required=True)
+@click.option("--reason", default="unspecified", show_default=True,
+              type=click.Choice(["unspecified", "keyCompromise", "affiliationChanged", "superseded",
+                                 "cessationOfOperation"]))
+@click.pass_context
+def revoke(ctx, email, serial, reason) -> None:
+    """Revoke one of the user's own certificates."""
+    try:
+        body = actions.revoke(_client(ctx), ctx.obj["store"], email, serial, reason)
+    except (AgentError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"revoked {body['serial']} ({body['reason']})")
+
+
+@main.group()
+def officer() -> None:
+    """m-of-n key recovery by recovery officers (each signs with their own certificate)."""
+
+
+def _officer_call(ctx, officer_email: str, path: str, payload: dict) -> dict:
+    try:
+        return actions.officer_call(_client(ctx), ctx.obj["store"], officer_email, path, payload)
+    except (AgentError, ValueError) as exc:
+        _fail(exc)
+
+
+def _show_request(body: dict) -> None:
+    click.echo(f"recovery request {body['id']}: {body['status']}; user {body['email']}; "
+               f"approvals {len(body['approvals'])}/{body['quorum']} {', '.join(body['approvals'])}; "
+               f"expires {body['expires_at'][:16]}")
+
+
+@officer.command("request")
+@click.option("--as", "officer_email", required=True, help="The requesting officer.")
+@click.option("--user", "user_email", required=True, help="Whose keys.")
+@click.option("--serial", "serials", multiple=True)
+@click.option("--reason", required=True)
+@click.pass_context
+def officer_request(ctx, officer_email, user_email, serials, reason) -> None:
+    payload = {"email": user_email, "reason": reason, **({"serials": list(serials)} if serials else {"all": True})}
+    _show_request(_officer_call(ctx, officer_email, "recovery-requests", payload))
+
+
+@officer.command("approve")
+@click.option("--as", "officer_email", required=True)
+@click.argument("request_id")
+@click.pass_context
+def officer_approve(ctx, officer_email, request_id) -> None:
+    _show_request(_officer_call(ctx, officer_email, f"recovery-requests/{request_id}/approve", {}))
+
+
+@officer.command("refuse")
+@click.option("--as", "officer_email", required=True)
+@click.argument("request_id")
+@click.pass_context
+def officer_refuse(ctx, officer_email, request_id) -> None:
+    _show_request(_officer_call(ctx, officer_email, f"recovery-requests/{request_id}/refuse", {}))
+
+
+@officer.command("show")
+@click.option("--as", "officer_email", required=True)
+@click.argument("request_id")
+@click.pass_context
+def officer_show(ctx, officer_email, request_id) -> None:
+    _show_request(_officer_call(ctx, officer_email, f"recovery-requests/{request_id}/show", {}))
+
+
+@officer.command("release")
+@click.option("--as", "officer_email", required=True)
+@click.argument("request_id")
+@click.pass_context
+def officer_release(ctx, officer_email, request_id) -> None:
+    """Receive the keys of an approved request (once)."""
+    try:
+        body, outcomes = actions.officer_release(_client(ctx), ctx.obj["store"], officer_email, request_id)
+    except (AgentError, ValueError) as exc:
+        _fail(exc)
+    _show_request(body)
+    for outcome in outcomes:
+        click.echo(f"  {outcome.serial}: {outcome.files['pkcs12']}")
+
+
+@main.command()
+@click.option("--interval", default=300.0, show_default=True, help="Seconds between passes.")
+@click.option("--once", is_flag=True, help="One pass, then exit (for cron or tests).")
+@click.option("--insecure-now", hidden=True, help="Pretend the time is this ISO instant (tests only).")
+@click.pass_context
+def daemon(ctx, interval: float, once: bool, insecure_now: str | None) -> None:
+    """Renew every certificate in the store at about two thirds of its lifetime."""
+    import logging
+    from datetime import datetime, timezone
+
+    from .daemon import RenewalDaemon
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    clock = (lambda: datetime.fromisoformat(insecure_now)) if insecure_now else (lambda: datetime.now(timezone.utc))
+    runner = RenewalDaemon(_client(ctx), ctx.obj["store"], clock=clock)
+    if once:
+        counts = runner.run_once()
+        click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
+        sys.exit(1 if counts["failed"] else 0)
+    runner.run_forever(interval)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from ..core.errors import EscrowFailed, Forbidden, UnknownCertificate
 from ..store import audit
 from ..store.db import Database
-from ..store.models import Escrow
+from ..store.models import Escrow, RecoveryRequest
 from .escrow_crypto import escrow_aad, open_private_key, seal_private_key
 
 
@@ -59,6 +59,14 @@ class LocalKRA:
         with self.db.transaction() as session:
             return session.execute(select(Escrow.id).where(Escrow.serial == serial)).first() is not None
 
+    def _check_officer_grant(self, serial: str, grant: RecoveryGrant) -> None:
+        """The KRA trusts no caller's word: the request must be released and name this key."""
+        with self.db.transaction() as session:
+            request = session.get(RecoveryRequest, grant.request_id or "")
+        if request is None or request.status != "released" or serial not in request.serials \
+                or request.target_email.lower() != grant.email.lower() or request.requester != grant.actor:
+            raise Forbidden("no released recovery request covers this key")
+
     def recover(self, serial: str, grant: RecoveryGrant, *, now: datetime | None = None):
         now = now or datetime.now(timezone.utc)
         with self.db.transaction() as session:
@@ -67,6 +75,10 @@ class LocalKRA:
             raise UnknownCertificate(f"no escrowed key for serial {serial[:48]}")
         if row.email.lower() != grant.email.lower():
             raise Forbidden("the recovery grant does not cover this key")
+        if grant.kind == "officers":
+            self._check_officer_grant(serial, grant)
+        elif grant.kind != "owner":
+            raise Forbidden("unknown kind of recovery grant")
         if self._private is None:
             self._private = self._load_private()
         key = open_private_key(row.blob, self._private, escrow_aad(int(serial, 16), row.email, row.profile))

@@ -170,3 +170,20 @@ class EscrowFailed(Unavailable):
 
 class ConfigError(AutoenrollError):
     code, status, title = "config_error", 500, "Configuration error"
+
+
+# --- recovery (issue 4) --------------------------------------------------------------------
+class SelfApproval(Forbidden):
+    code, title = "self_approval", "An officer cannot approve their own recovery request"
+
+
+class AlreadyApproved(Conflict):
+    code, title = "already_approved", "This officer already approved the request"
+
+
+class RecoveryNotReady(Conflict):
+    code, title = "recovery_not_ready", "The recovery request is not in a state that allows this"
+
+
+class RecoveryExpired(Conflict):
+    code, title = "recovery_expired", "The recovery request has expired"

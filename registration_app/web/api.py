@@ -88,3 +88,37 @@ def bootstrap():
         _body(), url=request.url, agent=g.agent, code_secret=code_secret,
         consume_nonce=lambda n: consume_nonce(services.db, n))
     return jsonify(services.ra.bootstrap(payload, code_id, g.agent)), 201
+
+
+@api.post("/certificates")
+def certificates():
+    """The authenticated user's certificates (current, superseded, expired, revoked)."""
+    return jsonify(g.services.recovery.list_own(_verified()))
+
+
+@api.post("/recover")
+def recover():
+    """Self-service recovery of the user's own escrowed encryption keys."""
+    return jsonify(g.services.recovery.recover_own(_verified()))
+
+
+@api.post("/revoke")
+def revoke():
+    """The user revokes one of their own certificates."""
+    return jsonify(g.services.ra.revoke_own(_verified()))
+
+
+@api.post("/recovery-requests")
+def open_recovery_request():
+    return jsonify(g.services.recovery.open_request(_verified())), 201
+
+
+@api.post("/recovery-requests/<request_id>/<action>")
+def recovery_action(request_id: str, action: str):
+    recovery = g.services.recovery
+    handlers = {"approve": recovery.approve, "refuse": recovery.refuse, "release": recovery.release,
+                "show": recovery.show}
+    if action not in handlers:
+        from ..core.errors import NotFound
+        raise NotFound(f"unknown action {action[:32]!r}; use approve, refuse, release or show")
+    return jsonify(handlers[action](_verified(), request_id))

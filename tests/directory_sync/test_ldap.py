@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -56,7 +57,8 @@ def test_alice_is_entitled_bob_is_not(directory):
     alice, bob = directory.find_user("alice@example.org"), directory.find_user("bob@example.org")
     assert directory.groups_of(alice) == {SMIME}
     assert directory.groups_of(bob) == frozenset()
-    assert directory.is_member(alice, ["smime-users"]) and directory.is_member(alice, ["CN=SMIME-Users,ou=groups,dc=example,dc=org"])
+    assert directory.is_member(alice, ["smime-users"])
+    assert directory.is_member(alice, ["CN=SMIME-Users,ou=groups,dc=example,dc=org"])
     assert not directory.is_member(bob, ["smime-users", SMIME])
     assert not directory.is_member(alice, ["recovery-officers"])
 
@@ -162,12 +164,14 @@ def test_plan_publication_moves_only_what_it_must():
 
 def test_publish_to_a_missing_entry(directory):
     with pytest.raises(UserNotFound):
-        directory.publish("uid=gone,ou=people,dc=example,dc=org", add=[cert("A", "g@x", encryption=True)], remove=[])
+        directory.publish("uid=gone,ou=people,dc=example,dc=org", add=[cert("A", "g@x", encryption=True)],
+                          remove=[])
 
 
 def test_publish_ca_creates_then_replaces(slapd, directory, ldap_admin):
     ldap_admin.delete(slapd.settings().ca_entry_dn)
-    first, second = cert("Autoenroll CA", "ca@x", encryption=False), cert("Autoenroll CA", "ca@x", encryption=False)
+    first = cert("Autoenroll CA", "ca@x", encryption=False)
+    second = cert("Autoenroll CA", "ca@x", encryption=False)
     directory.publish_ca(first)
     revocations = crl("Autoenroll CA")
     directory.publish_ca(second, revocations)
@@ -206,3 +210,15 @@ def test_restart_is_invisible_to_the_next_call(slapd, directory):
     assert directory.find_user("carol@example.org") is not None
     slapd.restart()
     assert len(list(directory.members_of_group("smime-users"))) >= 3
+
+
+def test_threads_share_one_directory(slapd):
+    directory = LdapDirectory(slapd.settings(pool_size=2))
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda i: directory.find_user(f"{('alice', 'bob', 'carol')[i % 3]}@example.org"),
+                                  range(120)))
+        assert {u.email for u in found} == {"alice@example.org", "bob@example.org", "carol@example.org"}
+        assert directory._idle.qsize() <= 2  # the pool keeps at most pool_size idle
+    finally:
+        directory.close()

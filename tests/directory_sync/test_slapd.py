@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from ldap3 import MODIFY_ADD, MODIFY_REPLACE, Connection, Server
 
-from directory_sync.slapd import PrivateSlapd, SERVICE_DN
+from directory_sync.slapd import SERVICE_DN, PrivateSlapd
 from tests.directory_sync.certs import cert, crl
 
 

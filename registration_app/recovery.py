@@ -1,0 +1,273 @@
+"""Key recovery: the user themself, or m-of-n recovery officers for someone else.
+
+Officers are members of the configured LDAP group, authenticated by their own certificates (a JWS
+like any user's). A request names the user and certificates; m officers other than the requester
+approve; the requester releases it exactly once (an atomic approved → released transition), and the
+KRA decrypts only for a released request that covers the serial. Every step is audited.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select, update
+
+from .authorities.ca import serial_hex  # noqa: F401  (re-exported for callers formatting serials)
+from .authorities.kra import LocalKRA, RecoveryGrant
+from .authorities.pkcs12 import to_pkcs12
+from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, RecoveryExpired,
+                          RecoveryNotReady, SelfApproval, UnknownCertificate, UserNotFound)
+from .core.model import VerifiedRequest
+from .store import audit
+from .store.db import Database
+from .store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
+
+
+def certificate_view(cert: Certificate, now: datetime, escrowed: bool) -> dict:
+    state = cert.status
+    if state == "valid" and cert.not_after <= now:
+        state = "expired"
+    return {"serial": cert.serial, "profile": cert.profile, "usage": cert.usage, "status": state,
+            "not_before": cert.not_before.isoformat(), "not_after": cert.not_after.isoformat(),
+            "revocation_reason": cert.revocation_reason, "escrowed": escrowed}
+
+
+def _serials(payload: dict) -> list[str] | None:
+    """None means all; otherwise a list of lowercase hex serials."""
+    if payload.get("all") is True:
+        return None
+    serials = payload.get("serials")
+    if not isinstance(serials, list) or not serials or len(serials) > 1000 or \
+            not all(isinstance(s, str) and 0 < len(s) <= 48 for s in serials):
+        raise BadRequest("send 'serials' (a list of hex serial numbers) or 'all': true")
+    try:
+        return [format(int(s.lower().removeprefix("0x"), 16), "x") for s in serials]
+    except ValueError as exc:
+        raise BadRequest("serial numbers are hexadecimal") from exc
+
+
+def _password(payload: dict) -> str:
+    password = payload.get("password")
+    if not isinstance(password, str) or not 1 <= len(password) <= 1024:
+        raise BadRequest("a PKCS#12 password of 1 to 1024 characters is required")
+    return password
+
+
+@dataclass
+class Recovery:
+    settings: object
+    db: Database
+    directory: object
+    kra: LocalKRA
+    ca_chain: list
+
+    # -- listing --------------------------------------------------------------------------------
+    def _own_certificates(self, email: str, user_dn: str, usage: str | None = None) -> list[tuple]:
+        with self.db.transaction() as session:
+            query = select(Certificate, Escrow.id).outerjoin(Escrow, Escrow.serial == Certificate.serial).where(
+                func.lower(Certificate.email) == email.lower(), Certificate.user_dn == user_dn)
+            if usage:
+                query = query.where(Certificate.usage == usage)
+            return list(session.execute(query.order_by(Certificate.issued_at)).all())
+
+    def _entry(self, email: str):
+        user = self.directory.find_user(email)
+        if user is None:
+            raise UserNotFound(f"no directory entry has the email address {email!r}")
+        return user
+
+    def list_own(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
+        now = now or datetime.now(timezone.utc)
+        user = self._entry(request.user.email)
+        usage = request.payload.get("usage")
+        if usage is not None and usage not in ("signature", "encryption"):
+            raise BadRequest("usage must be 'signature' or 'encryption'")
+        rows = self._own_certificates(user.email, user.dn, usage)
+        return {"email": user.email, "certificates": [certificate_view(c, now, e is not None) for c, e in rows]}
+
+    # -- self-service ---------------------------------------------------------------------------
+    def recover_own(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
+        now = now or datetime.now(timezone.utc)
+        payload = request.payload
+        password, wanted = _password(payload), _serials(payload)
+        legacy = payload.get("pkcs12_legacy", False) is True
+        user = self._entry(request.user.email)
+        own = {c.serial: (c, e) for c, e in self._own_certificates(user.email, user.dn, "encryption")}
+        if wanted is None:
+            wanted = [s for s, (_, e) in own.items() if e is not None]
+        for serial in wanted:
+            if serial not in own:
+                with self.db.transaction() as session:
+                    exists = session.get(Certificate, serial) is not None
+                if exists:
+                    raise NotOwner(f"certificate {serial} does not belong to {user.email}")
+                raise UnknownCertificate(f"no certificate with serial {serial}")
+            if own[serial][1] is None:
+                raise UnknownCertificate(f"certificate {serial} has no escrowed key")
+        grant = RecoveryGrant(kind="owner", email=user.email, actor=request.agent.subject + f" for {user.email}")
+        keys = [self._package(own[s][0], self.kra.recover(s, grant, now=now), password, legacy, now)
+                for s in wanted]
+        return {"email": user.email, "keys": keys}
+
+    def _package(self, cert: Certificate, key, password: str, legacy: bool, now: datetime) -> dict:
+        from cryptography import x509
+        certificate = x509.load_der_x509_certificate(cert.der)
+        p12 = to_pkcs12(key=key, cert=certificate, chain=self.ca_chain, password=password,
+                        friendly_name=f"{cert.email} {cert.profile} {cert.serial}", legacy=legacy,
+                        iterations=self.settings.pkcs12_iterations)
+        return {**certificate_view(cert, now, True), "pkcs12": base64.b64encode(p12).decode()}
+
+    # -- officers -------------------------------------------------------------------------------
+    def _officer(self, request: VerifiedRequest) -> str:
+        user = self.directory.find_user(request.user.email)
+        group = self.settings.recovery_officers_group.replace(" ", "").lower()
+        if user is None or group not in {g.replace(" ", "").lower() for g in self.directory.groups_of(user)}:
+            raise NotOfficer(f"{request.user.email} is not a member of {self.settings.recovery_officers_group}")
+        return user.email
+
+    def open_request(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
+        now = now or datetime.now(timezone.utc)
+        officer = self._officer(request)
+        payload = request.payload
+        target = payload.get("email")
+        reason = payload.get("reason")
+        if not isinstance(target, str) or not target or len(target) > 320:
+            raise BadRequest("field 'email' names whose keys are to be recovered")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
+            raise BadRequest("field 'reason' is required (why the keys are needed)")
+        wanted = _serials(payload)
+        with self.db.transaction() as session:
+            escrowed = {s for (s,) in session.execute(select(Escrow.serial).where(
+                func.lower(Escrow.email) == target.lower()))}
+        if wanted is None:
+            wanted = sorted(escrowed)
+        missing = [s for s in wanted if s not in escrowed]
+        if missing or not wanted:
+            raise UnknownCertificate(f"no escrowed key of {target} with serial {', '.join(missing) or '(none)'}")
+        request_id = secrets.token_hex(8)
+        ttl = timedelta(hours=self.settings.recovery_request_ttl_hours)
+
+        def work(session):
+            session.add(RecoveryRequest(id=request_id, requester=officer, target_email=target.lower(),
+                                        serials=wanted, reason=reason, status="pending", created_at=now,
+                                        expires_at=now + ttl))
+            audit.append(session, event="recovery.requested", outcome="done", actor=officer, subject=target,
+                         now=now, detail={"request_id": request_id, "serials": wanted, "reason": reason})
+
+        self.db.run(work)
+        return self.view(request_id, now)
+
+    def _load(self, session, request_id: str, now: datetime) -> RecoveryRequest:
+        row = session.get(RecoveryRequest, request_id) if isinstance(request_id, str) and len(request_id) <= 32 else None
+        if row is None:
+            raise NotFound(f"no recovery request {request_id!r}")
+        if row.status in ("pending", "approved") and row.expires_at <= now:
+            row.status = "expired"
+        return row
+
+    def approve(self, request: VerifiedRequest, request_id: str, now: datetime | None = None) -> dict:
+        now = now or datetime.now(timezone.utc)
+        officer = self._officer(request)
+
+        def work(session):
+            row = self._load(session, request_id, now)
+            if row.status == "expired":
+                return RecoveryExpired(f"recovery request {request_id} expired at {row.expires_at:%Y-%m-%d %H:%M} UTC")
+            if row.requester == officer:
+                return SelfApproval("the officer who opened a recovery request cannot approve it")
+            if row.status not in ("pending", "approved"):
+                return RecoveryNotReady(f"recovery request {request_id} is {row.status}")
+            done = session.execute(select(RecoveryApproval.id).where(
+                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).first()
+            if done:
+                return AlreadyApproved(f"{officer} already approved request {request_id}")
+            session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now))
+            session.flush()
+            count = session.execute(select(func.count()).where(
+                RecoveryApproval.request_id == request_id)).scalar_one()
+            if count >= self.settings.recovery_quorum:
+                row.status = "approved"
+            audit.append(session, event="recovery.approved", outcome="done", actor=officer,
+                         subject=row.target_email, now=now,
+                         detail={"request_id": request_id, "approvals": count,
+                                 "quorum": self.settings.recovery_quorum})
+            return None
+
+        error = self.db.run(work)  # an expiry found here is committed before the refusal is raised
+        if error is not None:
+            raise error
+        return self.view(request_id, now)
+
+    def refuse(self, request: VerifiedRequest, request_id: str, now: datetime | None = None) -> dict:
+        now = now or datetime.now(timezone.utc)
+        officer = self._officer(request)
+
+        def work(session):
+            row = self._load(session, request_id, now)
+            if row.status not in ("pending", "approved"):
+                return RecoveryNotReady(f"recovery request {request_id} is {row.status}")
+            row.status = "refused"
+            audit.append(session, event="recovery.refused", outcome="done", actor=officer,
+                         subject=row.target_email, now=now, detail={"request_id": request_id})
+            return None
+
+        error = self.db.run(work)
+        if error is not None:
+            raise error
+        return self.view(request_id, now)
+
+    def release(self, request: VerifiedRequest, request_id: str, now: datetime | None = None) -> dict:
+        now = now or datetime.now(timezone.utc)
+        officer = self._officer(request)
+        password = _password(request.payload)
+        legacy = request.payload.get("pkcs12_legacy", False) is True
+
+        def work(session):
+            row = self._load(session, request_id, now)
+            if row.status == "expired":
+                return RecoveryExpired(f"recovery request {request_id} expired; open a new one"), None
+            if row.requester != officer:
+                return NotOwner("only the officer who opened the request can release it"), None
+            claimed = session.execute(update(RecoveryRequest).where(
+                RecoveryRequest.id == request_id, RecoveryRequest.status == "approved",
+                RecoveryRequest.expires_at > now).values(status="released", released_at=now)).rowcount
+            if claimed != 1:
+                return RecoveryNotReady(f"recovery request {request_id} is {row.status}: it needs "
+                                        f"{self.settings.recovery_quorum} approvals and is released once"), None
+            audit.append(session, event="recovery.released", outcome="done", actor=officer,
+                         subject=row.target_email, now=now, detail={"request_id": request_id})
+            return None, (row.target_email, list(row.serials))
+
+        error, released = self.db.run(work)
+        if error is not None:
+            raise error
+        target, serials = released
+        grant = RecoveryGrant(kind="officers", email=target, actor=officer, request_id=request_id)
+        with self.db.transaction() as session:
+            certs = {c.serial: c for c in session.execute(
+                select(Certificate).where(Certificate.serial.in_(serials))).scalars()}
+        keys = [self._package(certs[s], self.kra.recover(s, grant, now=now), password, legacy, now)
+                for s in serials if s in certs]
+        return {**self.view(request_id, now), "keys": keys}
+
+    def show(self, request: VerifiedRequest, request_id: str) -> dict:
+        self._officer(request)
+        return self.view(request_id)
+
+    def view(self, request_id: str, now: datetime | None = None) -> dict:
+        now = now or datetime.now(timezone.utc)
+        with self.db.transaction() as session:
+            row = self._load(session, request_id, now)
+            approvals = [a for (a,) in session.execute(select(RecoveryApproval.officer).where(
+                RecoveryApproval.request_id == request_id).order_by(RecoveryApproval.id))]
+            return {"id": row.id, "status": row.status, "requester": row.requester, "email": row.target_email,
+                    "serials": row.serials, "reason": row.reason, "approvals": approvals,
+                    "quorum": self.settings.recovery_quorum, "expires_at": row.expires_at.isoformat()}
+
+    def list_requests(self, now: datetime | None = None) -> list[dict]:
+        with self.db.transaction() as session:
+            ids = [i for (i,) in session.execute(select(RecoveryRequest.id).order_by(RecoveryRequest.created_at))]
+        return [self.view(i, now) for i in ids]
