@@ -52,6 +52,9 @@ class Services:
         if outbox is not None:
             outbox[1].set()
             outbox[0].join(timeout=5)
+        close = getattr(self.directory, "close", None)
+        if close is not None:
+            close()
         self.db.dispose()
 
 

@@ -26,7 +26,9 @@ def main(ctx: click.Context, config_path: Path) -> None:
 
 
 def _client(ctx) -> RegistrationClient:
-    return RegistrationClient(ctx.obj["config"])
+    client = RegistrationClient(ctx.obj["config"])
+    ctx.call_on_close(client.close)
+    return client
 
 
 def _report(outcome, what: str) -> None:

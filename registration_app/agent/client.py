@@ -49,6 +49,15 @@ class RegistrationClient:
         der = x509.load_pem_x509_certificate(config.cert.read_bytes()).public_bytes(Encoding.DER)
         self.thumbprint = thumbprint(der)
 
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> RegistrationClient:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     def url(self, path: str) -> str:
         return f"{self.config.server}/api/v1/{path}"
 

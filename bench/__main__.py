@@ -1,0 +1,302 @@
+"""`python -m bench`: every benchmark in one run, a table of figures, ratios and goals, and
+bench/results/latest.json. `--smoke` runs everything with tiny sizes (< 60 s), for the test suite.
+
+Every ratio is measured in this run, on this machine: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform as host
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from directory_sync.slapd import PrivateSlapd
+
+from . import bare, directory, load, peers, world
+from .platform import make_platform
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EC_PROFILE, RSA_PROFILE = "smime-encryption-ec", "smime-encryption"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    enroll: int = 600  # enrollments in (1)
+    agents: int = 8
+    rsa: int = 32  # enrollments per RSA run in (2)
+    bare_seconds: float = 4.0
+    cfssl: int = 3000
+    openssl: int = 40
+    provision: int = 10_000  # users in the provisioned group (4)
+    reconcile: int = 100_000  # users in the directory (5)
+    changes: int = 100  # group exits before the incremental reconcile
+    profile: int = 150  # enrollments under cProfile
+
+
+SMOKE = Sizes(enroll=16, agents=4, rsa=4, bare_seconds=0.5, cfssl=40, openssl=2, provision=20, reconcile=200,
+              changes=5, profile=4)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def fmt(value, unit: str = "", digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:,.{digits}f}{unit}"
+
+
+def ratio(a, b) -> float | None:
+    return a / b if a and b else None
+
+
+class Run:
+    def __init__(self, sizes: Sizes, workdir: Path, only: set[str] | None, do_profile: bool):
+        self.sizes, self.workdir, self.only, self.do_profile = sizes, workdir, only, do_profile
+        self.results: dict = {}
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or name in self.only
+
+    # --- (1) (2) (3) (6): one directory, one server --------------------------------------------
+    def server_benchmarks(self) -> None:
+        s = self.sizes
+        slapd = PrivateSlapd(self.workdir / "slapd")
+        slapd.start()
+        try:
+            warmup = s.agents * 2
+            uids = world.new_uids(warmup + s.enroll + s.profile)
+            slapd.bulk_load(world.users_ldif(uids))
+            platform = make_platform(self.workdir / "server", slapd.url)  # production defaults
+            platform.start()
+            try:
+                self._enroll_and_bare(slapd, platform, uids, warmup)
+                if self.wanted("rsa"):
+                    self._rsa(slapd, platform, uids[warmup:warmup + s.rsa])
+                if self.do_profile:
+                    self._profile(platform, uids[warmup + s.enroll:])
+            finally:
+                platform.stop()
+        finally:
+            slapd.stop()
+
+    def _enroll_and_bare(self, slapd, platform, uids, warmup) -> None:
+        s = self.sizes
+        minter = world.Minter(platform.data, platform.passphrase)
+        users = minter.users(uids[:warmup + s.enroll])
+        payload = {"profile": EC_PROFILE, "password": "bench-password-0123"}
+        log(f"warm-up: {warmup} enrollments")
+        load.run_load(platform, users[:warmup], payload, agents=s.agents)
+        load.wait_idle(platform)
+        log(f"(1) {s.enroll} enrollments, {s.agents} agents, {EC_PROFILE}, default settings")
+        enroll = load.run_load(platform, users[warmup:], payload, agents=s.agents, slapd_pid=slapd.pid)
+        if enroll.ok != s.enroll:
+            raise RuntimeError(f"enrollments failed: {enroll.statuses}; see {platform.log}")
+        self.results["enroll"] = enroll.summary()
+        self.results["enroll"]["settings"] = {"workers": platform.settings().workers,
+                                              "threads": platform.settings().threads,
+                                              "pkcs12_iterations": platform.settings().pkcs12_iterations}
+
+        job = bare.BareJob(data_dir=platform.data, passphrase=platform.passphrase, ldap_url=slapd.url,
+                           bind_dn=slapd.settings().bind_dn, password=slapd.service_password,
+                           dns=tuple(world.user_dn(u) for u in uids[:warmup + s.enroll]),
+                           iterations=platform.settings().pkcs12_iterations, seconds=s.bare_seconds)
+        log("bare pipeline: 1 process, then 2 processes, with and without PKCS#12")
+        bare1 = bare.run_bare(job, 1)
+        bare2 = bare.run_bare(job, 2)
+        nop12 = bare.BareJob(**{**job.__dict__, "pkcs12": False})
+        bare2_nop12 = bare.run_bare(nop12, 2)
+        self.results["bare"] = {"1_process": bare1.summary(), "2_processes": bare2.summary(),
+                                "2_processes_without_pkcs12": bare2_nop12.summary(),
+                                "scaling": "bare run as 2 processes in parallel = the server's 2 workers on 2 cores"}
+
+        e = self.results["enroll"]
+        r = ratio(enroll.rate, bare2.rate)
+        self.results["ratios"] = {"enroll_over_bare": r}
+        self.rows += [
+            ("(1) enroll EC P-256, 8 agents mTLS keep-alive" if s.agents == 8 else f"(1) enroll EC, {s.agents} agents",
+             f"{fmt(enroll.rate)}/s, p50 {fmt(enroll.p50_ms)} ms, p99 {fmt(enroll.p99_ms)} ms",
+             f"enroll/bare {fmt(r, digits=2)}", ">= 0.8; p99 <= 50 ms"),
+            ("    bare pipeline 1 proc / 2 procs", f"{fmt(bare1.rate)}/s / {fmt(bare2.rate)}/s",
+             f"2-proc scaling {fmt(ratio(bare2.rate, bare1.rate), digits=2)}x", "-"),
+            ("    server cores used, client CPU share", f"{fmt(e['server_cores_used'], digits=2)} cores",
+             f"client {fmt(100 * enroll.client_cpu_share)}% of all CPU", "-"),
+        ]
+        rss = max(enroll.worker_peak_rss_mb or [0.0])
+        self.rows.append(("(6) peak RSS per gunicorn worker", ", ".join(f"{m:.0f} MB" for m in enroll.worker_peak_rss_mb),
+                          f"max {rss:.0f} MB", "<= 150 MB"))
+        self.results["memory"] = {"worker_peak_rss_mb": enroll.worker_peak_rss_mb, "max_mb": rss}
+
+        if self.wanted("peers"):
+            self._peers(enroll)
+
+    def _peers(self, enroll: load.LoadResult) -> None:
+        s = self.sizes
+        log(f"(3) peers: cfssl serve x {s.cfssl}, openssl script x {s.openssl}")
+        cfssl = peers.bench_cfssl(self.workdir / "cfssl", count=s.cfssl, agents=s.agents)
+        ossl = peers.bench_openssl(self.workdir / "openssl", count=s.openssl)
+        ours_cpu = enroll.server_cpu + enroll.slapd_cpu
+        ours_per_core = enroll.ok / ours_cpu if ours_cpu else None
+        self.results["peers"] = {
+            "ours": {"per_core_rate": ours_per_core, "cpu_counted": "gunicorn master + workers + slapd"},
+            "cfssl": cfssl.summary(), "openssl": ossl.summary(),
+            "ours_over_cfssl": ratio(ours_per_core, cfssl.count / cfssl.cpu if cfssl.cpu else None),
+            "ours_over_openssl": ratio(ours_per_core, ossl.count / ossl.cpu if ossl.cpu else None),
+            "work_only_we_do": peers.WHAT_THEY_SKIP, "work_only_they_do": peers.WHAT_WE_SKIP,
+        }
+        p = self.results["peers"]
+        self.rows += [
+            ("(3) per-core rate: ours (server+slapd CPU)", f"{fmt(ours_per_core)}/core-s", "", "-"),
+            ("    cfssl serve newcert (8 clients, HTTP)", f"{fmt(cfssl.count / cfssl.cpu if cfssl.cpu else None)}/core-s",
+             f"ours/cfssl {fmt(p['ours_over_cfssl'], digits=2)}", "-"),
+            ("    openssl CLI script", f"{fmt(ossl.count / ossl.cpu if ossl.cpu else None)}/core-s",
+             f"ours/openssl {fmt(p['ours_over_openssl'], digits=2)}", "-"),
+        ]
+
+    def _rsa(self, slapd, platform, uids) -> None:
+        s = self.sizes
+        minter = world.Minter(platform.data, platform.passphrase)
+        users = minter.users(uids)
+        payload = {"profile": RSA_PROFILE, "password": "bench-password-0123", "replace": True}
+        out = {}
+        for label, pool in (("empty", 0), ("warm", s.rsa)):
+            platform.restart(AUTOENROLL_KEY_POOL_SIZE=str(pool))
+            waited = load.wait_idle(platform)
+            log(f"(2) RSA-3072, key pool {label} (size {pool}, filled in {waited:.1f} s): {s.rsa} enrollments")
+            result = load.run_load(platform, users, payload, agents=s.agents, slapd_pid=slapd.pid)
+            if result.ok != len(users):
+                raise RuntimeError(f"RSA enrollments failed: {result.statuses}; see {platform.log}")
+            out[label] = {**result.summary(), "pool_size_per_worker": pool}
+        platform.restart(AUTOENROLL_KEY_POOL_SIZE="4")
+        self.results["rsa"] = out
+        self.rows.append((f"(2) RSA-3072 p99, {s.agents} agents: pool warm / empty",
+                          f"{fmt(out['warm']['p99_ms'])} ms / {fmt(out['empty']['p99_ms'])} ms",
+                          f"empty/warm {fmt(ratio(out['empty']['p99_ms'], out['warm']['p99_ms']), digits=1)}x",
+                          "-"))
+
+    def _profile(self, platform, uids) -> None:
+        from .profiling import profile_enrollments
+        log(f"profile: {len(uids)} enrollments in-process under cProfile")
+        users = world.Minter(platform.data, platform.passphrase).users(uids)
+        result = profile_enrollments(platform, users, {"profile": EC_PROFILE, "password": "bench-password-0123"})
+        self.results["profile"] = {k: v for k, v in result.items() if k != "by_cumulative"}
+        (RESULTS / "profile.txt").write_text(result["by_tottime"] + "\n" + result["by_cumulative"])
+
+    # --- (4) (5): a big directory ------------------------------------------------------------------
+    def directory_benchmarks(self) -> None:
+        s = self.sizes
+        slapd = PrivateSlapd(self.workdir / "slapd-big")
+        slapd.start()
+        try:
+            uids = world.new_uids(s.reconcile, prefix="r")
+            members = uids[:s.provision]
+            log(f"slapadd -q: {len(uids)} users, {len(members)} in the group")
+            t0 = time.perf_counter()
+            slapd.bulk_load(world.users_ldif(uids, group_members=members))
+            load_s = time.perf_counter() - t0
+            platform = make_platform(self.workdir / "server-big", slapd.url)
+            out: dict = {"slapadd_seconds": round(load_s, 2), "users": len(uids), "group_members": len(members)}
+
+            log(f"(4) provision --group ({len(members)} members)")
+            prov = directory.provision(platform, expected=len(members))
+            bare_ref = self.results.get("bare", {}).get("2_processes_without_pkcs12", {}).get("rate_per_s")
+            if prov.available:
+                out["provision"] = {"seconds": round(prov.seconds, 2), "issued": prov.items,
+                                    "users_per_s": round(prov.rate, 1),
+                                    "over_bare_without_pkcs12_2proc": ratio(prov.rate, bare_ref)}
+                self.rows.append((f"(4) provision --group, {len(members):,} users",
+                                  f"{fmt(prov.rate)} users/s ({prov.items} issued)",
+                                  f"over bare (no PKCS#12, 2 procs) {fmt(ratio(prov.rate, bare_ref), digits=2)}",
+                                  ">= 0.8 and >= 1,000/s"))
+            else:
+                out["provision"] = directory.NOT_AVAILABLE
+                self.rows.append(("(4) provision --group", directory.NOT_AVAILABLE, "-", ">= 0.8 and >= 1,000/s"))
+
+            log(f"(5) reconcile over {len(uids)} users: full, then incremental after {s.changes} changes")
+            full = directory.reconcile(platform, incremental=False, entries=len(uids))
+            if full.available:
+                directory.leave_group(slapd, members[:s.changes])
+                inc = directory.reconcile(platform, incremental=True, entries=s.changes)
+                out["reconcile"] = {"full_seconds": round(full.seconds, 2),
+                                    "full_entries_per_s": round(len(uids) / full.seconds, 1),
+                                    "incremental": ({"seconds": round(inc.seconds, 2), "changes": s.changes}
+                                                    if inc.available else inc.output or directory.NOT_AVAILABLE)}
+                self.rows.append((f"(5) reconcile full, {len(uids):,} users",
+                                  f"{fmt(full.seconds, ' s', 2)} ({fmt(len(uids) / full.seconds, '/s', 0)} entries)",
+                                  "-", "<= 20 s"))
+                self.rows.append((f"    reconcile incremental, {s.changes} changes",
+                                  fmt(inc.seconds, " s", 2) if inc.available else directory.NOT_AVAILABLE,
+                                  "-", "<= 1 s"))
+            else:
+                out["reconcile"] = directory.NOT_AVAILABLE
+                self.rows.append(("(5) reconcile full / incremental", directory.NOT_AVAILABLE, "-", "<= 20 s / <= 1 s"))
+            self.results["directory"] = out
+        finally:
+            slapd.stop()
+
+    # --- output ------------------------------------------------------------------------------------
+    def table(self) -> str:
+        header = ("benchmark", "figure", "ratio (same run)", "goal")
+        rows = [header, *self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        line = "+".join("-" * (w + 2) for w in widths)
+        out = [" | ".join(c.ljust(w) for c, w in zip(header, widths)), line]
+        out += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in self.rows]
+        return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: every benchmark runs, in < 60 s")
+    parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory"],
+                        help="run only these parts (repeatable); default: all")
+    parser.add_argument("--profile", action="store_true", help="also profile the request path (cProfile)")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    for field in Sizes.__dataclass_fields__:
+        parser.add_argument(f"--n-{field.replace('_', '-')}", type=type(getattr(Sizes(), field)), dest=f"size_{field}")
+    args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else Sizes()
+    overrides = {f: getattr(args, f"size_{f}") for f in Sizes.__dataclass_fields__ if getattr(args, f"size_{f}") is not None}
+    sizes = Sizes(**{**sizes.__dict__, **overrides})
+    only = set(args.only) if args.only else None
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="autoenroll-bench-"))
+    run = Run(sizes, workdir, only, args.profile)
+    started = time.perf_counter()
+    try:
+        if only is None or only & {"server", "rsa", "peers"}:
+            run.server_benchmarks()
+        if only is None or "directory" in only:
+            run.directory_benchmarks()
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    table = run.table()
+    print(table)
+    if "peers" in run.results:
+        print(f"\nwork {run.results['peers']['work_only_we_do']}.\nwork {run.results['peers']['work_only_they_do']}.")
+    document = {"when": datetime.now(timezone.utc).isoformat(), "smoke": args.smoke, "sizes": sizes.__dict__,
+                "host": {"python": sys.version.split()[0], "machine": host.machine(), "cpus": load.cpu_count()},
+                "seconds": round(time.perf_counter() - started, 1), "results": run.results,
+                "table": table.splitlines()}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    log(f"done in {document['seconds']} s; wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

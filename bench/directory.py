@@ -1,0 +1,101 @@
+"""Bulk pre-provisioning (`autoenroll provision --group`) and reconcile (`autoenroll sync reconcile`) over
+a directory loaded with `slapadd -q`. Both commands are being built (issue 5): when a command is missing,
+the benchmark says "not available yet" instead of failing."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from ldap3 import MODIFY_DELETE, Connection, Server
+
+from .world import GROUP_DN, user_dn
+
+NOT_AVAILABLE = "not available yet"
+
+
+@dataclass
+class CommandResult:
+    available: bool
+    seconds: float = 0.0
+    items: int = 0
+    output: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+
+def command_help(platform, *args: str) -> str | None:
+    """The --help text of `autoenroll ARGS`, or None when the command does not exist."""
+    result = platform.autoenroll(*args, "--help", check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def _count(pattern: str, text: str) -> int | None:
+    match = re.search(pattern, text, re.IGNORECASE)
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def provision(platform, *, group: str = GROUP_DN, profile: str = "smime-encryption-ec",
+              expected: int) -> CommandResult:
+    help_text = command_help(platform, "provision")
+    if help_text is None:
+        return CommandResult(False)
+    args = ["provision", "--group", group]
+    if "--profile" in help_text:
+        args += ["--profile", profile]
+    started = time.perf_counter()
+    result = platform.autoenroll(*args, check=False, timeout=3600)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"autoenroll {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    issued = _issued_certificates(platform, profile)
+    return CommandResult(True, seconds, issued, result.stdout + result.stderr, {"expected": expected})
+
+
+def _issued_certificates(platform, profile: str) -> int:
+    from sqlalchemy import func, select
+
+    from registration_app.store.db import Database
+    from registration_app.store.models import Certificate
+    db = Database(platform.db_url)
+    try:
+        with db.transaction() as session:
+            return session.execute(select(func.count()).select_from(Certificate)
+                                   .where(Certificate.profile == profile)).scalar_one()
+    finally:
+        db.dispose()
+
+
+def reconcile(platform, *, incremental: bool, entries: int) -> CommandResult:
+    help_text = command_help(platform, "sync", "reconcile")
+    if help_text is None:
+        return CommandResult(False)
+    args = ["sync", "reconcile"]
+    if incremental:
+        flag = next((f for f in ("--incremental", "--since-last", "--changed") if f in help_text), None)
+        if flag is None:
+            return CommandResult(False, output="no incremental option in `sync reconcile --help`")
+        args.append(flag)
+    elif "--full" in help_text:
+        args.append("--full")
+    started = time.perf_counter()
+    result = platform.autoenroll(*args, check=False, timeout=3600)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"autoenroll {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return CommandResult(True, seconds, entries, result.stdout + result.stderr)
+
+
+def leave_group(slapd, uids: list[str]) -> None:
+    """Take users out of the entitling group over LDAP (the memberOf overlay updates their entries)."""
+    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    try:
+        for uid in uids:
+            if not conn.modify(GROUP_DN, {"member": [(MODIFY_DELETE, [user_dn(uid)])]}):
+                raise RuntimeError(f"cannot remove {uid} from the group: {conn.result}")
+    finally:
+        conn.unbind()

@@ -1,0 +1,136 @@
+"""Concurrent agents against the running server: enrollments/s, latency percentiles, CPU on both sides."""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .client import AgentConnection
+from .platform import peak_rss_mb, process_cpu
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    ok: int
+    statuses: dict
+    wall: float
+    latencies: list[float] = field(repr=False, default_factory=list)
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+    slapd_cpu: float = 0.0
+    worker_peak_rss_mb: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.wall if self.wall else 0.0
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.latencies, 50) * 1000
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.latencies, 99) * 1000
+
+    @property
+    def server_cores(self) -> float:
+        return self.server_cpu / self.wall if self.wall else 0.0
+
+    @property
+    def client_cpu_share(self) -> float:
+        total = self.client_cpu + self.server_cpu + self.slapd_cpu
+        return self.client_cpu / total if total else 0.0
+
+    def summary(self) -> dict:
+        return {"requests": self.requests, "ok": self.ok, "statuses": self.statuses,
+                "wall_s": round(self.wall, 3), "rate_per_s": round(self.rate, 1),
+                "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1),
+                "client_cpu_s": round(self.client_cpu, 2), "server_cpu_s": round(self.server_cpu, 2),
+                "slapd_cpu_s": round(self.slapd_cpu, 2), "server_cores_used": round(self.server_cores, 2),
+                "client_cpu_share": round(self.client_cpu_share, 3),
+                "worker_peak_rss_mb": [round(m, 1) for m in self.worker_peak_rss_mb]}
+
+
+def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid: int | None = None) -> LoadResult:
+    """Every user enrolls once with `payload`; `agents` threads, each with its own keep-alive mTLS
+    connection, opened (TLS handshake) before the clock starts."""
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    for user in users:
+        work.put(user)
+    latencies: list[float] = []
+    statuses: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    ready = threading.Barrier(agents + 1)
+    errors: list[BaseException] = []
+
+    def agent() -> None:
+        conn = AgentConnection.for_platform(platform)
+        try:
+            conn.nonce()  # handshake + first request outside the measured window
+            ready.wait()
+            while True:
+                try:
+                    user = work.get_nowait()
+                except queue.Empty:
+                    return
+                reply = conn.enroll(user, payload)
+                with lock:
+                    statuses[reply.status] += 1
+                    if reply.status == 201:
+                        latencies.append(reply.seconds)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+            try:
+                ready.abort()
+            except threading.BrokenBarrierError:
+                pass
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=agent, daemon=True) for _ in range(agents)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    cpu0, server0 = time.process_time(), platform.cpu_seconds()
+    slapd0 = process_cpu(slapd_pid) if slapd_pid else 0.0
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    result = LoadResult(requests=len(users), ok=statuses.get(201, 0), statuses=dict(statuses), wall=wall,
+                        latencies=latencies, client_cpu=time.process_time() - cpu0,
+                        server_cpu=platform.cpu_seconds() - server0,
+                        slapd_cpu=(process_cpu(slapd_pid) - slapd0) if slapd_pid else 0.0,
+                        worker_peak_rss_mb=[peak_rss_mb(pid) for pid in platform.worker_pids()])
+    if errors:
+        raise RuntimeError(f"{len(errors)} agent thread(s) failed: {errors[0]!r}") from errors[0]
+    return result
+
+
+def wait_idle(platform, *, quiet_fraction: float = 0.05, window: float = 0.5, timeout: float = 120) -> float:
+    """Wait until the server's processes use less than `quiet_fraction` of a core (e.g. the RSA key
+    pools are full). Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = platform.cpu_seconds()
+        time.sleep(window)
+        if platform.cpu_seconds() - before < quiet_fraction * window:
+            return time.monotonic() - started
+    return time.monotonic() - started
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
