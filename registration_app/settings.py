@@ -107,22 +107,23 @@ def _coerce(value: object, current: object, name: str) -> object:
     raise ConfigError(f"setting {name} cannot be set this way")
 
 
-def _apply(obj, values: Mapping[str, object], prefix: str):
+def _apply(obj, values: Mapping[str, object], prefix: str, env: bool = False):
     known = {f.name: f for f in dataclasses.fields(obj)}
     changes = {}
     for key, value in values.items():
+        label = f"{prefix}{key.upper() if env else key}"
         if key not in known:
-            raise ConfigError(f"unknown setting {prefix}{key}")
+            raise ConfigError(f"unknown setting {label}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"setting {prefix}{key} must be a table")
-            changes[key] = _apply(current, value, f"{prefix}{key}.")
+                raise ConfigError(f"setting {label} must be a table")
+            changes[key] = _apply(current, value, label + ("__" if env else "."), env)
         else:
             try:
-                changes[key] = _coerce(value, current, prefix + key)
+                changes[key] = _coerce(value, current, label)
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"setting {prefix}{key}: {exc}") from exc
+                raise ConfigError(f"setting {label}: {exc}") from exc
     return dataclasses.replace(obj, **changes)
 
 
@@ -158,4 +159,4 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
             settings = dataclasses.replace(settings, data_dir=(config.parent / data["data_dir"]).resolve())
     env = _env_tree(environ)
     env.pop("profiles", None)
-    return _apply(settings, env, "AUTOENROLL_")
+    return _apply(settings, env, "AUTOENROLL_", env=True)

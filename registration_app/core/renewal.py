@@ -33,7 +33,7 @@ def retry_delay(failures: int, policy: RenewalPolicy = RenewalPolicy()) -> timed
     """Exponential back-off after `failures` consecutive failures (1 → base)."""
     if failures <= 0:
         return timedelta(0)
-    return min(policy.retry_max, policy.retry_base * (2 ** (failures - 1)))
+    return min(policy.retry_max, policy.retry_base * (2 ** min(failures - 1, 30)))
 
 
 def server_window_opens(not_before: datetime, not_after: datetime, window_days: int) -> datetime:

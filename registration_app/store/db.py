@@ -1,12 +1,22 @@
 """Engine and transactions.
 
 SQLite (the default) runs in WAL mode with synchronous=FULL and every transaction opened with
-BEGIN IMMEDIATE: writers queue on the database lock (busy_timeout) instead of failing later with
-"database is locked" when a read transaction tries to upgrade. PostgreSQL works by URL.
+BEGIN IMMEDIATE: writers queue on the database lock instead of failing later with "database is locked"
+when a read transaction tries to upgrade. PostgreSQL works by URL.
+
+Writers of one SQLite file queue on a lock file (flock) taken before BEGIN IMMEDIATE and released after
+COMMIT, and on a lock per process for its threads. SQLite's own busy handler polls with sleeps of up to
+100 ms, so under two gunicorn workers with four threads each most waiting was sleeping (measured: 1.1 of
+2 cores used, p99 over 1 s); a blocked flock wakes as soon as the holder commits. The kernel drops the
+flock of a process that dies, so a killed worker cannot wedge the others. busy_timeout stays as the
+fence for writers that do not take the lock (the sqlite3 CLI, another program).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +65,49 @@ def migrate(url: str) -> None:
     command.upgrade(cfg, "head")
 
 
+class _WriterQueue:
+    """Serialises the transactions on one SQLite file: a re-entrant lock for this process's threads,
+    then an exclusive flock shared with every other process. Re-made after fork (a flock belongs to the
+    open file description, which a child would otherwise share with its parent)."""
+
+    _init_lock = threading.Lock()
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._pid: int | None = None
+
+    def _ready(self) -> None:
+        with self._init_lock:
+            if self._pid == os.getpid():
+                return
+            self._lock = threading.RLock()
+            self._depth = 0
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) if self.path else None
+            self._pid = os.getpid()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if self._pid != os.getpid():
+            self._ready()
+        with self._lock:
+            self._depth += 1
+            try:
+                if self._depth == 1 and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _sqlite_file(engine: Engine) -> str | None:
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return str(Path(database).resolve()) + ".lock"
+
+
 class Database:
     """Owns the engine; `transaction()` is the only way code writes."""
 
@@ -62,11 +115,16 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._writers = _WriterQueue(_sqlite_file(self.engine)) if self.engine.dialect.name == "sqlite" else None
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work; retried by the caller via `run` if the database is busy."""
-        with self._sessions() as session, session.begin():
+        if self._writers is None:
+            with self._sessions() as session, session.begin():
+                yield session
+            return
+        with self._writers.held(), self._sessions() as session, session.begin():
             yield session
 
     def run(self, work, *, attempts: int = 5):
