@@ -83,6 +83,10 @@ class ServerPlatform:
         return run_cli("autoenroll", "--config", str(self.config), *args, check=check, env=self.env,
                        timeout=timeout)
 
+    def agent(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run_cli("autoenroll-agent", "--config", str(self.data / "agent.toml"), *args, check=check,
+                       env=self.env)
+
     def settings(self):
         from registration_app.settings import load_settings
         return load_settings(self.config, environ={**os.environ, **self.env})
@@ -136,6 +140,17 @@ class ServerPlatform:
         if self.process is None:
             return []
         return [self.process.pid, *self.worker_pids()]
+
+    def wait_workers(self, count: int | None = None, timeout: float = 30) -> list[int]:
+        """The worker pids once `count` (default: the configured number) are up and answering."""
+        count = count or int(self.settings().workers)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if len(pids) >= count:
+                return pids
+            time.sleep(0.05)
+        raise RuntimeError(f"only {len(self.worker_pids())} of {count} workers after {timeout} s")
 
     def cpu_seconds(self) -> float:
         """CPU (user + system) of the master and the live workers so far."""

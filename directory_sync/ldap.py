@@ -106,6 +106,15 @@ class LdapDirectory:
             if normalise_dn(entry["dn"]) in members:
                 yield self._user_entry(entry)
 
+    def group_dn(self, group: str) -> str:
+        """The normalised DN of a group given as a DN or as a bare cn under groups_base."""
+        return self._group_dn(group)
+
+    def group_members(self, group: str) -> set[str]:
+        """Normalised DNs of a group's members from its member attribute (nested ones too when
+        nested_groups): one paged search of the groups, whatever the size of the group."""
+        return self._expanded_members(self._group_dn(group))
+
     def iter_users(self, since: datetime | None = None) -> Iterator[UserEntry]:
         """Every user with a mail address; with `since`, only entries modified at or after it (UTC if naive)."""
         flt = f"({self.settings.mail_attribute}=*)"

@@ -5,6 +5,15 @@ computes the whole desired state of this CA's values from the database (current 
 encryption before signature) and applies it in one idempotent modify, so rows can be retried,
 reordered or processed twice without harm, and nothing is dropped while LDAP is down: a failed row
 stays queued with exponential back-off and jitter.
+
+A user whose entry no longer exists (noSuchObject) is not retried forever: the rows are marked done
+with last_error 'user gone' and an audit row `publish.user_gone`. Their certificates are not
+revoked here, because a missing entry can also be a rename: reconcile decides (a user found again by
+mail under another DN is followed; one found nowhere is revoked with affiliationChanged).
+
+The worker thread also keeps the CRL fresh when it was given the CA (`ca=`): at most once a minute it
+asks the CA to rebuild the CRL if it is past half its validity, which queues its publication to the
+CA entry like any revocation does.
 """
 
 from __future__ import annotations
@@ -12,12 +21,14 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import or_, select, update
 
-from registration_app.core.errors import AutoenrollError
+from registration_app.core.errors import AutoenrollError, UserNotFound
 from registration_app.core.model import Profile
+from registration_app.store import audit
 from registration_app.store.db import Database
 from registration_app.store.models import Certificate, CrlState, Outbox
 
@@ -25,6 +36,8 @@ log = logging.getLogger("autoenroll.publisher")
 
 CLAIM = timedelta(seconds=60)
 MAX_BACKOFF = 300.0
+CRL_CHECK_SECONDS = 60.0
+USER_GONE = "user gone"
 
 
 def desired_values(certs: list[Certificate], profiles: dict[str, Profile], now: datetime
@@ -45,11 +58,14 @@ def desired_values(certs: list[Certificate], profiles: dict[str, Profile], now: 
 
 
 class Publisher:
-    def __init__(self, db: Database, directory, profiles: dict[str, Profile], ca_certificate_der: bytes):
+    def __init__(self, db: Database, directory, profiles: dict[str, Profile], ca_certificate_der: bytes,
+                 ca=None):
         self.db = db
         self.directory = directory
         self.profiles = profiles
         self.ca_der = ca_certificate_der
+        self.ca = ca  # a LocalCA: lets the worker rebuild the CRL before nextUpdate
+        self._crl_checked = float("-inf")
 
     # -- one user --------------------------------------------------------------------------
     def sync_user(self, user_dn: str, now: datetime | None = None) -> None:
@@ -107,17 +123,42 @@ class Publisher:
                     self.sync_ca()
                 else:
                     self.sync_user(target, now=now)
+            except UserNotFound:
+                self.complete(ids, note=USER_GONE)
+                self.db.run(lambda s, t=target, g=group: audit.append(
+                    s, event="publish.user_gone", outcome="failed", actor="outbox", subject=g[0].email,
+                    detail={"dn": t, "rows": len(g), "serials": [r.serial for r in g if r.serial]}))
+                log.warning("event=publish.user_gone target=%r rows=%d", target, len(ids))
+                done += len(ids)
+                continue
             except AutoenrollError as exc:
                 self._failed(group, exc, now)
                 log.warning("event=publish.retry target=%r rows=%d attempts=%d error=%r",
                             target, len(ids), group[0].attempts + 1, exc.detail)
                 continue
-            self.db.run(lambda s: s.execute(update(Outbox).where(Outbox.id.in_(ids))
-                                            .values(done_at=datetime.now(timezone.utc), claimed_until=None,
-                                                    last_error=None)))
+            self.complete(ids)
             done += len(ids)
             log.info("event=publish.done target=%r rows=%d", target, len(ids))
         return done
+
+    def complete(self, ids: list[int], note: str | None = None) -> None:
+        """Mark outbox rows done (e.g. after reconcile or provisioning published the users directly)."""
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            self.db.run(lambda s, c=chunk: s.execute(update(Outbox).where(Outbox.id.in_(c)).values(
+                done_at=datetime.now(timezone.utc), claimed_until=None, last_error=note)))
+
+    def refresh_crl_if_due(self, *, force_check: bool = False) -> bool:
+        """Rebuild the CRL when it is past half its validity (checked at most once a minute)."""
+        if self.ca is None:
+            return False
+        if not force_check and time.monotonic() - self._crl_checked < CRL_CHECK_SECONDS:
+            return False
+        self._crl_checked = time.monotonic()
+        rebuilt = self.ca.refresh_crl_if_due() is not None
+        if rebuilt:
+            log.info("event=crl.refreshed reason=due")
+        return rebuilt
 
     def _failed(self, rows: list[Outbox], exc: AutoenrollError, now: datetime) -> None:
         def work(session):
@@ -133,6 +174,7 @@ class Publisher:
         """The outbox worker: drain until stopped; any error is logged and retried later."""
         while not stop.is_set():
             try:
+                self.refresh_crl_if_due()
                 while self.drain() and not stop.is_set():
                     pass
             except Exception:  # a worker that dies silently would lose nothing but delay everything

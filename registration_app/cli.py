@@ -109,7 +109,8 @@ def invite(ctx, email: str, hours: int | None) -> None:
     services.db.run(lambda s: audit.append(s, event="invite.created", outcome="done", actor=_operator(),
                                            subject=user.email, detail={"code_id": code_id, "ttl_hours": ttl / timedelta(hours=1)}))
     click.echo(printed)
-    click.echo(f"one-time code for {user.email}, valid for {ttl}; give it to the user's agent:", err=True)
+    click.echo(f"one-time code for {user.email}, valid for {ttl / timedelta(hours=1):g} hours; "
+               "give it to the user's agent:", err=True)
     click.echo(f"  autoenroll-agent bootstrap --email {user.email} --code {printed}", err=True)
 
 

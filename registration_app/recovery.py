@@ -107,7 +107,8 @@ class Recovery:
                 raise UnknownCertificate(f"no certificate with serial {serial}")
             if own[serial][1] is None:
                 raise UnknownCertificate(f"certificate {serial} has no escrowed key")
-        grant = RecoveryGrant(kind="owner", email=user.email, actor=request.agent.subject + f" for {user.email}")
+        grant = RecoveryGrant(kind="owner", email=user.email, actor=request.agent.subject + f" for {user.email}",
+                              evidence=(request.raw,))
         keys = [self._package(own[s][0], self.kra.recover(s, grant, now=now), password, legacy, now)
                 for s in wanted]
         return {"email": user.email, "keys": keys}
@@ -153,7 +154,7 @@ class Recovery:
         def work(session):
             session.add(RecoveryRequest(id=request_id, requester=officer, target_email=target.lower(),
                                         serials=wanted, reason=reason, status="pending", created_at=now,
-                                        expires_at=now + ttl))
+                                        expires_at=now + ttl, evidence=request.raw))
             audit.append(session, event="recovery.requested", outcome="done", actor=officer, subject=target,
                          now=now, detail={"request_id": request_id, "serials": wanted, "reason": reason})
 
@@ -180,11 +181,15 @@ class Recovery:
                 return SelfApproval("the officer who opened a recovery request cannot approve it")
             if row.status not in ("pending", "approved"):
                 return RecoveryNotReady(f"recovery request {request_id} is {row.status}")
+            if request.payload.get("email") != row.target_email or request.payload.get("serials") != row.serials:
+                # An approval names what it approves, so it cannot be moved to another request.
+                return BadRequest("an approval must repeat the request's 'email' and 'serials' exactly "
+                                  "(as shown by the show action)")
             done = session.execute(select(RecoveryApproval.id).where(
                 RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).first()
             if done:
                 return AlreadyApproved(f"{officer} already approved request {request_id}")
-            session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now))
+            session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now, evidence=request.raw))
             session.flush()
             count = session.execute(select(func.count()).where(
                 RecoveryApproval.request_id == request_id)).scalar_one()
@@ -239,13 +244,16 @@ class Recovery:
                                         f"{self.settings.recovery_quorum} approvals and is released once"), None
             audit.append(session, event="recovery.released", outcome="done", actor=officer,
                          subject=row.target_email, now=now, detail={"request_id": request_id})
-            return None, (row.target_email, list(row.serials))
+            approvals = [e for (e,) in session.execute(select(RecoveryApproval.evidence).where(
+                RecoveryApproval.request_id == request_id).order_by(RecoveryApproval.id))]
+            return None, (row.target_email, list(row.serials), (row.evidence or b"", *approvals, request.raw))
 
         error, released = self.db.run(work)
         if error is not None:
             raise error
-        target, serials = released
-        grant = RecoveryGrant(kind="officers", email=target, actor=officer, request_id=request_id)
+        target, serials, evidence = released
+        grant = RecoveryGrant(kind="officers", email=target, actor=officer, request_id=request_id,
+                              evidence=tuple(e for e in evidence if e))
         with self.db.transaction() as session:
             certs = {c.serial: c for c in session.execute(
                 select(Certificate).where(Certificate.serial.in_(serials))).scalars()}

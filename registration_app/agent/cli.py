@@ -186,7 +186,11 @@ def officer_request(ctx, officer_email, user_email, serials, reason) -> None:
 @click.argument("request_id")
 @click.pass_context
 def officer_approve(ctx, officer_email, request_id) -> None:
-    _show_request(_officer_call(ctx, officer_email, f"recovery-requests/{request_id}/approve", {}))
+    """Approve exactly what `show` displays: the approval repeats the user and serials it covers."""
+    shown = _officer_call(ctx, officer_email, f"recovery-requests/{request_id}/show", {})
+    _show_request(shown)
+    _show_request(_officer_call(ctx, officer_email, f"recovery-requests/{request_id}/approve",
+                                {"email": shown["email"], "serials": shown["serials"]}))
 
 
 @officer.command("refuse")

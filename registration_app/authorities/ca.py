@@ -39,36 +39,55 @@ class LocalCA:
     def chain(self) -> list[x509.Certificate]:
         return [self.certificate]
 
+    def build_certificate(self, public_key, profile: Profile, subject: Subject, *, serial: int,
+                          now: datetime) -> x509.Certificate:
+        """Sign only (nothing recorded): for batches that record many certificates in one transaction."""
+        return build_smime_certificate(ca_cert=self.certificate, ca_key=self._key, public_key=public_key,
+                                       profile=profile, subject=subject, now=now, urls=self.urls,
+                                       serial=serial)
+
+    def record_issued(self, session, cert: x509.Certificate, profile: Profile, subject: Subject, *,
+                      user_dn: str, replaces: str | None, key_source: str, actor: str, now: datetime,
+                      extra_audit: list[dict] | None = None, audit_detail: dict | None = None) -> Outbox:
+        """Add the certificate row, its outbox row and its audit row to `session` (the caller commits).
+
+        The predecessor (if any) becomes superseded in the same step; `renewal_key` makes a second
+        issuance after the same predecessor fail with IntegrityError at flush or commit.
+        """
+        serial_text = serial_hex(cert.serial_number)
+        if replaces is not None:
+            old = session.get(Certificate, replaces)
+            if old is not None and old.status == "valid":
+                old.status, old.superseded_by = "superseded", serial_text
+        session.add(Certificate(
+            serial=serial_text, email=subject.email, user_dn=user_dn, profile=profile.name,
+            usage=profile.usage.value, status="valid", der=cert.public_bytes(Encoding.DER),
+            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
+            key_source=key_source, replaces=replaces,
+            renewal_key=f"{subject.email.lower()}|{profile.name}|after:{replaces or 'none'}",
+        ))
+        outbox = Outbox(user_dn=user_dn, email=subject.email, serial=serial_text, reason="issued",
+                        created_at=now, next_attempt_at=now)
+        session.add(outbox)
+        for event in extra_audit or ():
+            audit.append(session, now=now, **event)
+        audit.append(session, event="certificate.issued", outcome="done", actor=actor,
+                     subject=subject.email, now=now,
+                     detail={"serial": serial_text, "profile": profile.name, "replaces": replaces,
+                             "not_after": cert.not_valid_after_utc.isoformat(), "key_source": key_source,
+                             **(audit_detail or {})})
+        return outbox
+
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,
              extra_audit: list[dict] | None = None) -> x509.Certificate:
         """Sign and record; the previous certificate (if any) becomes superseded in the same step."""
         now = now or datetime.now(timezone.utc)
-        cert = build_smime_certificate(ca_cert=self.certificate, ca_key=self._key, public_key=public_key,
-                                       profile=profile, subject=subject, now=now, urls=self.urls,
-                                       serial=serial)
-        serial_text = serial_hex(cert.serial_number)
+        cert = self.build_certificate(public_key, profile, subject, serial=serial, now=now)
 
         def record(session):
-            if replaces is not None:
-                old = session.get(Certificate, replaces)
-                if old is not None and old.status == "valid":
-                    old.status, old.superseded_by = "superseded", serial_text
-            session.add(Certificate(
-                serial=serial_text, email=subject.email, user_dn=user_dn, profile=profile.name,
-                usage=profile.usage.value, status="valid", der=cert.public_bytes(Encoding.DER),
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
-                key_source=key_source, replaces=replaces,
-                renewal_key=f"{subject.email.lower()}|{profile.name}|after:{replaces or 'none'}",
-            ))
-            session.add(Outbox(user_dn=user_dn, email=subject.email, serial=serial_text, reason="issued",
-                               created_at=now, next_attempt_at=now))
-            for event in extra_audit or ():
-                audit.append(session, now=now, **event)
-            audit.append(session, event="certificate.issued", outcome="done", actor=actor,
-                         subject=subject.email, now=now,
-                         detail={"serial": serial_text, "profile": profile.name, "replaces": replaces,
-                                 "not_after": cert.not_valid_after_utc.isoformat(), "key_source": key_source})
+            self.record_issued(session, cert, profile, subject, user_dn=user_dn, replaces=replaces,
+                               key_source=key_source, actor=actor, now=now, extra_audit=extra_audit)
 
         try:
             self.db.run(record)
@@ -80,60 +99,100 @@ class LocalCA:
     def revoke(self, serial: int | str, reason: x509.ReasonFlags, *, actor: str = "operator",
                now: datetime | None = None) -> bool:
         """Revoke and queue the unpublication; True if the status changed. The CRL is rebuilt."""
+        serial_text = (serial if isinstance(serial, str) else serial_hex(serial)).lower()
+        return bool(self.revoke_many([serial_text], reason, actor=actor, now=now, must_exist=True))
+
+    def revoke_many(self, serials: list[str], reason: x509.ReasonFlags, *, actor: str = "operator",
+                    now: datetime | None = None, must_exist: bool = False,
+                    details: dict[str, dict] | None = None) -> list[str]:
+        """Revoke several certificates in ONE transaction with ONE new CRL; returns the serials that
+        changed (those already revoked are left as they are). `details` adds to each audit row, by serial.
+
+        The new CRL (with its outbox row for the directory) is committed together with the revocations,
+        so no crash can leave a revoked certificate off the CRL that every reader is served. Escrowed keys
+        are never touched: old mail must stay readable.
+        """
         now = now or datetime.now(timezone.utc)
-        serial_text = serial if isinstance(serial, str) else serial_hex(serial)
 
         def work(session):
-            cert = session.get(Certificate, serial_text.lower())
-            if cert is None:
-                raise UnknownCertificate(f"no certificate with serial {serial_text[:48]}")
-            if cert.status == "revoked":
-                return False
-            cert.status, cert.revoked_at, cert.revocation_reason = "revoked", now, reason.value
-            session.add(Outbox(user_dn=cert.user_dn, email=cert.email, serial=cert.serial, reason="revoked",
-                               created_at=now, next_attempt_at=now))
-            audit.append(session, event="certificate.revoked", outcome="done", actor=actor,
-                         subject=cert.email, now=now, detail={"serial": cert.serial, "reason": reason.value})
-            return True
+            changed = []
+            for serial_text in serials:
+                cert = session.get(Certificate, serial_text.lower())
+                if cert is None:
+                    if must_exist:
+                        raise UnknownCertificate(f"no certificate with serial {serial_text[:48]}")
+                    continue
+                if cert.status == "revoked":
+                    continue
+                cert.status, cert.revoked_at, cert.revocation_reason = "revoked", now, reason.value
+                session.add(Outbox(user_dn=cert.user_dn, email=cert.email, serial=cert.serial,
+                                   reason="revoked", created_at=now, next_attempt_at=now))
+                audit.append(session, event="certificate.revoked", outcome="done", actor=actor,
+                             subject=cert.email, now=now,
+                             detail={"serial": cert.serial, "reason": reason.value,
+                                     **(details or {}).get(cert.serial, {})})
+                changed.append(cert.serial)
+            if changed:
+                self._refresh_crl_in(session, now)
+            return changed
 
-        changed = self.db.run(work)
-        if changed:
-            self.refresh_crl(now=now)
-        return changed
+        return self.db.run(work)
 
     def crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
         """The current CRL, rebuilt when it is missing or past half its validity."""
         now = now or datetime.now(timezone.utc)
         with self.db.transaction() as session:
             state = session.get(CrlState, 1)
-            if state is not None and state.der and state.next_update \
-                    and now < state.next_update - self.crl_validity / 2:
+            if not self._crl_due(state, now):
                 return x509.load_der_x509_crl(state.der)
-        return self.refresh_crl(now=now)
+        return self.refresh_crl_if_due(now=now) or self.crl_now()
 
-    def refresh_crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
+    def crl_now(self) -> x509.CertificateRevocationList | None:
+        """The CRL last built, whatever its age (None before the first)."""
+        with self.db.transaction() as session:
+            state = session.get(CrlState, 1)
+            return x509.load_der_x509_crl(state.der) if state is not None and state.der else None
+
+    def _crl_due(self, state: CrlState | None, now: datetime) -> bool:
+        """A CRL is rebuilt at half its validity, so relying parties never hold one past nextUpdate."""
+        return state is None or not state.der or state.next_update is None \
+            or now >= state.next_update - self.crl_validity / 2
+
+    def refresh_crl_if_due(self, now: datetime | None = None) -> x509.CertificateRevocationList | None:
+        """Rebuild the CRL if it is missing or past half its validity; the check and the rebuild are one
+        transaction, so several workers checking at once build one CRL, not one each. None if not due."""
         now = now or datetime.now(timezone.utc)
 
         def work(session):
-            state = session.get(CrlState, 1)
-            if state is None:
-                state = CrlState(id=1, number=0)
-                session.add(state)
-            revoked = session.execute(
-                select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-                .where(Certificate.status == "revoked")).all()
-            state.number += 1
-            crl = build_crl(ca_cert=self.certificate, ca_key=self._key,
-                            revoked=[(int(s, 16), at, x509.ReasonFlags(r) if r else None) for s, at, r in revoked],
-                            number=state.number, now=now, next_update=now + self.crl_validity)
-            state.der, state.this_update, state.next_update = crl.public_bytes(Encoding.DER), now, now + self.crl_validity
-            session.add(Outbox(user_dn="", email="", serial=None, reason="crl", created_at=now,
-                               next_attempt_at=now))
-            return crl
+            state = session.get(CrlState, 1, with_for_update=True)
+            return self._refresh_crl_in(session, now) if self._crl_due(state, now) else None
 
         return self.db.run(work)
 
+    def refresh_crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
+        now = now or datetime.now(timezone.utc)
+        return self.db.run(lambda session: self._refresh_crl_in(session, now))
+
+    def _refresh_crl_in(self, session, now: datetime) -> x509.CertificateRevocationList:
+        """Build the next CRL (number + 1) from the revoked rows and queue its publication to the CA entry."""
+        state = session.get(CrlState, 1, with_for_update=True)
+        if state is None:
+            state = CrlState(id=1, number=0)
+            session.add(state)
+        session.flush()
+        revoked = session.execute(
+            select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
+            .where(Certificate.status == "revoked")).all()
+        state.number = (state.number or 0) + 1
+        crl = build_crl(ca_cert=self.certificate, ca_key=self._key,
+                        revoked=[(int(s, 16), at, x509.ReasonFlags(r) if r else None) for s, at, r in revoked],
+                        number=state.number, now=now, next_update=now + self.crl_validity)
+        state.der, state.this_update, state.next_update = crl.public_bytes(Encoding.DER), now, now + self.crl_validity
+        session.add(Outbox(user_dn="", email="", serial=None, reason="crl", created_at=now, next_attempt_at=now))
+        return crl
+
     def is_revoked(self, cert: x509.Certificate) -> bool:
+        """Read from the database on every call (no cache), so a revocation refuses the next request."""
         if cert.issuer != self.certificate.subject:
             return False
         with self.db.transaction() as session:

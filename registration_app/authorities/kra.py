@@ -27,6 +27,9 @@ class RecoveryGrant:
     email: str  # whose keys
     actor: str  # who receives them
     request_id: str | None = None
+    # The signed requests behind the grant (the user's own JWS; or the opening, approval and release
+    # JWSs of the officers), so that a KRA in another process can verify the grant by itself.
+    evidence: tuple[bytes, ...] = ()
 
 
 class LocalKRA:

@@ -101,3 +101,4 @@ class VerifiedRequest:
     user: UserIdentity
     agent: AgentIdentity
     protected: dict = field(default_factory=dict)
+    raw: bytes = b""  # the JWS as received: evidence a split-mode KRA verifies on its own

@@ -56,8 +56,12 @@ def make_engine(url: str) -> Engine:
 
 def migrate(url: str) -> None:
     """Bring the schema to the newest Alembic revision."""
+    import logging
+
     from alembic import command
     from alembic.config import Config
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to an operator
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

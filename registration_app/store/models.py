@@ -156,6 +156,7 @@ class RecoveryRequest(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    evidence: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the opening signed JWS
 
 
 class RecoveryApproval(Base):
@@ -165,6 +166,7 @@ class RecoveryApproval(Base):
     request_id: Mapped[str] = mapped_column(ForeignKey("recovery_requests.id"))
     officer: Mapped[str] = mapped_column(String(320))
     at: Mapped[datetime] = mapped_column(UTCDateTime)
+    evidence: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the officer's signed JWS
 
     __table_args__ = (UniqueConstraint("request_id", "officer", name="uq_approval_once"),)
 

@@ -3,6 +3,7 @@ user is authenticated by the JWS of the body, bound to that certificate."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from urllib.parse import unquote
 
@@ -53,12 +54,13 @@ def _body() -> bytes:
 
 def _verified():
     services = g.services
+    body = _body()
     verified = verify_user_request(
-        _body(), url=request.url, agent=g.agent, trust=services.user_trust,
+        body, url=request.url, agent=g.agent, trust=services.user_trust,
         consume_nonce=lambda n: consume_nonce(services.db, n), is_revoked=services.ca.is_revoked,
         now=datetime.now(timezone.utc))
     g.user_email = verified.user.email
-    return verified
+    return dataclasses.replace(verified, raw=body)
 
 
 @api.get("/nonce")

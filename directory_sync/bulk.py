@@ -1,0 +1,171 @@
+"""Bulk LDAP for reconcile and provisioning: fast paged scans and one-modify publication.
+
+ldap3 decodes BER in pure Python: a paged scan of users with mail, memberOf and certificates reads
+about 12,000 entries/s here, python-ldap (libldap) about 56,000/s, and a python-ldap modify costs
+0.04 ms of client CPU instead of 0.26 ms. So the passes over whole directories use python-ldap when
+it is installed and fall back to LdapDirectory (ldap3) otherwise: slower, same effect.
+
+Errors: `_translate` is this module's adapter from python-ldap to registration_app.core.errors, the
+twin of ldap.py's; nothing outside this module sees a python-ldap exception.
+
+Entries come back as (dn, {lower-case attribute name: [bytes, ...]}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from directory_sync.ldap import CERT_ATTR, LdapDirectory, plan_publication
+from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
+
+try:  # python-ldap: C bindings to libldap (Debian libldap2-dev + libsasl2-dev to build it)
+    import ldap as _pyldap
+    from ldap.controls import SimplePagedResultsControl
+except ImportError:  # pragma: no cover - exercised only where python-ldap cannot be built
+    _pyldap = None
+
+PAGE_SIZE = 1000
+Entry = tuple[str, dict[str, list[bytes]]]
+
+
+class BulkDirectory:
+    """One connection (not shared between threads: give each thread its own BulkDirectory)."""
+
+    def __init__(self, directory: LdapDirectory) -> None:
+        self.directory = directory
+        self.settings = directory.settings
+        self._conn = None
+
+    @property
+    def fast(self) -> bool:
+        return _pyldap is not None
+
+    # --- reading ---------------------------------------------------------------------------------
+    def scan(self, base: str, flt: str, attributes: list[str]) -> Iterator[Entry]:
+        """Paged subtree search: every entry under `base` matching `flt` (a filter built with
+        escape.filter_value for any input)."""
+        if not self.fast:
+            for entry in self.directory._paged(base, flt, attributes):
+                yield entry["dn"], {k.lower(): list(v) for k, v in entry.get("raw_attributes", {}).items()}
+            return
+        conn = self._connection()
+        control = SimplePagedResultsControl(True, size=PAGE_SIZE, cookie=b"")
+        try:
+            while True:
+                msgid = conn.search_ext(base, _pyldap.SCOPE_SUBTREE, flt, attributes, serverctrls=[control])
+                _, data, _, controls = conn.result3(msgid, timeout=max(30.0, self.settings.timeout_seconds))
+                for dn, attrs in data:
+                    if dn is not None:  # referrals come back without a DN
+                        yield dn, {k.lower(): v for k, v in attrs.items()}
+                cookie = next((c.cookie for c in controls
+                               if c.controlType == SimplePagedResultsControl.controlType), b"")
+                if not cookie:
+                    return
+                control.cookie = cookie
+        except _pyldap.NO_SUCH_OBJECT:
+            return
+        except _pyldap.LDAPError as exc:
+            self._drop()
+            raise _translate(exc) from exc
+
+    def read(self, dn: str, attributes: list[str]) -> dict[str, list[bytes]] | None:
+        """One entry's attributes, or None if there is no such entry."""
+        if not self.fast:
+            def work(conn):
+                from ldap3 import BASE
+                from directory_sync.ldap import NO_SUCH_OBJECT, _check, _entries
+                conn.search(dn, "(objectClass=*)", BASE, attributes=attributes)
+                if _check(conn, NO_SUCH_OBJECT) == NO_SUCH_OBJECT:
+                    return None
+                entries = _entries(conn)
+                return {k.lower(): list(v) for k, v in entries[0].get("raw_attributes", {}).items()} \
+                    if entries else None
+            return self.directory._run(work)
+        conn = self._connection()
+        try:
+            result = conn.search_ext_s(dn, _pyldap.SCOPE_BASE, "(objectClass=*)", attributes,
+                                       timeout=self.settings.timeout_seconds)
+        except _pyldap.NO_SUCH_OBJECT:
+            return None
+        except _pyldap.LDAPError as exc:
+            self._drop()
+            raise _translate(exc) from exc
+        return {k.lower(): v for k, v in result[0][1].items()} if result else None
+
+    # --- writing ---------------------------------------------------------------------------------
+    def publish(self, dn: str, current: list[bytes], add: list[bytes], remove: list[bytes]) -> bool:
+        """Bring `dn`'s userCertificate;binary from `current` (as just read) to what `add`/`remove`
+        ask, in one modify, values of other issuers untouched. True if a modify was sent.
+
+        If the entry changed since it was read (the modify fails as a whole on a value that exists or
+        is missing), LdapDirectory.publish reads it again and retries.
+        """
+        deletes, adds = plan_publication(current, add, remove)
+        if not deletes and not adds:
+            return False
+        if not self.fast:
+            self.directory.publish(dn, add, remove)
+            return True
+        ops = ([(_pyldap.MOD_DELETE, CERT_ATTR, deletes)] if deletes else []) + \
+              ([(_pyldap.MOD_ADD, CERT_ATTR, adds)] if adds else [])
+        conn = self._connection()
+        try:
+            conn.modify_ext_s(dn, ops)
+        except (_pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
+            self.directory.publish(dn, add, remove)  # someone else wrote meanwhile: read again
+        except _pyldap.NO_SUCH_OBJECT as exc:
+            raise UserNotFound("The directory entry does not exist") from exc
+        except _pyldap.LDAPError as exc:
+            self._drop()
+            raise _translate(exc) from exc
+        return True
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> BulkDirectory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the connection --------------------------------------------------------------------------
+    def _connection(self):
+        if self._conn is not None:
+            return self._conn
+        s = self.settings
+        try:
+            conn = _pyldap.initialize(s.url)
+            conn.set_option(_pyldap.OPT_PROTOCOL_VERSION, 3)
+            conn.set_option(_pyldap.OPT_REFERRALS, 0)
+            conn.set_option(_pyldap.OPT_NETWORK_TIMEOUT, s.timeout_seconds)
+            conn.simple_bind_s(s.bind_dn, s.password)
+        except _pyldap.LDAPError as exc:
+            raise _translate(exc) from exc
+        self._conn = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.unbind_s()
+            except Exception:  # the peer may be gone; we only want the socket closed
+                pass
+
+
+def _translate(exc) -> AutoenrollError:
+    if isinstance(exc, _pyldap.INVALID_CREDENTIALS):
+        return DirectoryUnavailable("The LDAP directory refused the service account's bind")
+    if isinstance(exc, (_pyldap.SERVER_DOWN, _pyldap.TIMEOUT, _pyldap.CONNECT_ERROR, _pyldap.BUSY,
+                        _pyldap.UNAVAILABLE, _pyldap.TIMELIMIT_EXCEEDED)):
+        return DirectoryUnavailable(ldap_error=type(exc).__name__)
+    description = exc.args[0].get("desc", type(exc).__name__) if exc.args and isinstance(exc.args[0], dict) \
+        else type(exc).__name__
+    return DirectoryUnavailable("The LDAP directory refused the operation", ldap_result=description)
+
+
+def values(attrs: dict[str, list[bytes]], name: str) -> list[bytes]:
+    """The values of `name` (any case; `userCertificate;binary` also matches as returned)."""
+    return attrs.get(name.lower(), [])
+

@@ -1,0 +1,305 @@
+"""Bulk pre-provisioning: give every entitled member of a group an encryption certificate at once.
+
+So that colleagues can encrypt to someone before that person has ever run the agent: the key is
+generated here, escrowed, the certificate signed and published; the user collects the private key later
+through self-service recovery (POST /api/v1/recover), authenticated with their signature certificate.
+
+Fast because batched: for a batch of users, keys are generated, sealed for the KRA and certificates
+signed in memory; then the escrow rows, certificate rows, outbox rows and audit rows of the whole batch
+are committed in ONE transaction (escrow and certificate together, so no certificate exists whose key
+is not escrowed; the audit chain is appended row by row inside it), and a second thread publishes the
+batch with one LDAP modify per user while the next batch is being signed.
+
+Resumable and idempotent: a user who already has a current certificate of the profile is skipped, so a
+second run issues nothing and an interrupted run picks up where it stopped; a batch whose publication
+was interrupted stays in the outbox, which the server's worker (or `sync drain`) completes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from directory_sync.bulk import BulkDirectory, values
+from directory_sync.escape import filter_value
+from directory_sync.ldap import CERT_ATTR
+from directory_sync.publisher import desired_values
+from directory_sync.reconcile import Entitlement, LdapUser, dn_key
+from registration_app.authorities.ca import serial_hex
+from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
+from registration_app.authorities.key_authority import new_serial
+from registration_app.core.errors import AutoenrollError, BadRequest
+from registration_app.core.model import Profile, Subject, Usage
+from registration_app.store.models import Certificate, Escrow
+
+log = logging.getLogger("autoenroll.provision")
+
+BATCH = 200
+
+
+@dataclass
+class ProvisionReport:
+    group: str
+    profile: str
+    members: int = 0
+    entitled: int = 0
+    already: int = 0  # had a current certificate of the profile: skipped
+    issued: int = 0
+    published: int = 0
+    queued: int = 0  # issued, publication left to the outbox (LDAP refused or was down)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (email, why): nothing issued
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = f" ({self.issued / self.seconds:.0f}/s)" if self.issued and self.seconds else ""
+        return (f"provision {self.profile} for {self.group}: {self.members} members, {self.entitled} entitled, "
+                f"{self.already} already had one, {self.issued} issued{rate}, {self.published} published, "
+                f"{self.queued} left in the outbox, {len(self.failed)} failed, {self.seconds:.2f} s")
+
+
+@dataclass(frozen=True)
+class _Member:
+    dn: str
+    email: str
+    common_name: str
+    certificates: tuple[bytes, ...]
+
+
+@dataclass
+class _Item:
+    member: _Member
+    serial: int
+    cert: object
+    blob: bytes
+    replaces: str | None
+    outbox: object = None
+    outbox_id: int | None = None
+
+
+class Provisioner:
+    def __init__(self, services, *, kra_public_key, batch_size: int = BATCH, actor: str = "provision") -> None:
+        self.services = services
+        self.settings = services.settings
+        self.ldap = services.settings.ldap
+        self.db = services.db
+        self.ca = services.ca
+        self.kra_public_key = kra_public_key
+        self.batch_size = batch_size
+        self.actor = actor
+
+    # -- who --------------------------------------------------------------------------------------
+    def members(self, bulk: BulkDirectory, group: str) -> list[_Member]:
+        """Members of `group` (DN or bare cn) that are entitled to `profile` come later; here: everyone."""
+        directory = self.services.directory
+        group_dn = directory.group_dn(group)
+        attrs = [self.ldap.mail_attribute, "cn", "memberOf", CERT_ATTR]
+        if self.ldap.use_memberof and not self.ldap.nested_groups:
+            flt = f"(&({self.ldap.mail_attribute}=*)(memberOf={filter_value(group_dn)}))"
+            entries = list(bulk.scan(self.ldap.users_base, flt, attrs))
+        else:
+            wanted = {dn_key(m) for m in directory.group_members(group_dn)}
+            entries = [(dn, a) for dn, a in bulk.scan(self.ldap.users_base, f"({self.ldap.mail_attribute}=*)", attrs)
+                       if dn_key(dn) in wanted]
+        self._entries = {dn_key(dn): a for dn, a in entries}
+        out = []
+        for dn, a in entries:
+            mails = values(a, self.ldap.mail_attribute)
+            names = values(a, "cn")
+            out.append(_Member(dn=dn, email=mails[0].decode(), common_name=names[0].decode() if names else "",
+                               certificates=tuple(values(a, CERT_ATTR))))
+        return out
+
+    def _entitled(self, members: list[_Member], profile: Profile) -> list[_Member]:
+        entitlement = Entitlement(self.services.directory, {profile.name: profile})
+        out = []
+        for m in members:
+            a = self._entries[dn_key(m.dn)]
+            user = LdapUser(dn=m.dn, mails=(m.email.lower(),),
+                            groups=frozenset(dn_key(v.decode()) for v in values(a, "memberOf")),
+                            certificates=m.certificates)
+            if entitlement(user, profile):
+                out.append(m)
+        return out
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self, group: str, profile: Profile, *, progress: Callable[[int, int], None] | None = None,
+            now: datetime | None = None, dry_run: bool = False) -> ProvisionReport:
+        if profile.usage is not Usage.ENCRYPTION:
+            raise BadRequest(f"profile {profile.name!r} is not an encryption profile: signature keys are "
+                             "generated by their owners, and nobody else may hold them")
+        clock = time.monotonic()
+        now = now or datetime.now(timezone.utc)
+        report = ProvisionReport(group=group, profile=profile.name)
+        with BulkDirectory(self.services.directory) as bulk:
+            members = self.members(bulk, group)
+        report.members = len(members)
+        entitled = self._entitled(members, profile)
+        report.entitled = len(entitled)
+        current, latest = self._issued(profile, now)
+        seen: set[str] = set()
+        todo = []
+        for m in entitled:
+            email = m.email.lower()
+            if email in current:
+                report.already += 1
+            elif email in seen:  # two entries with one address: the RA refuses such users, so do we
+                report.failed.append((m.email, "several directory entries have this address"))
+            else:
+                seen.add(email)
+                todo.append(m)
+        if dry_run:
+            report.issued = len(todo)  # would issue
+            report.seconds = round(time.monotonic() - clock, 3)
+            return report
+        if progress is not None:
+            progress(0, len(todo))  # (advance, total)
+        publishing = _PublishThread(self)
+        publishing.start()
+        try:
+            for start in range(0, len(todo), self.batch_size):
+                batch = todo[start:start + self.batch_size]
+                items = self._build(batch, profile, latest, now)
+                items = self._commit(items, profile, group, now, report)
+                report.issued += len(items)
+                publishing.put(items)
+                if progress is not None:
+                    progress(len(batch), len(todo))
+        finally:
+            publishing.finish()
+        report.published, report.queued = publishing.published, publishing.queued
+        report.seconds = round(time.monotonic() - clock, 3)
+        log.info("event=provision.done group=%r profile=%s issued=%d published=%d queued=%d failed=%d seconds=%.2f",
+                 group, profile.name, report.issued, report.published, report.queued, len(report.failed),
+                 report.seconds)
+        return report
+
+    def _issued(self, profile: Profile, now: datetime) -> tuple[set[str], dict[str, str]]:
+        """(emails with a current certificate of the profile, newest serial per email) from the database."""
+        current: set[str] = set()
+        latest: dict[str, tuple[datetime, str]] = {}
+        with self.db.transaction() as session:
+            for email, serial, status, not_after, issued_at in session.execute(
+                    select(Certificate.email, Certificate.serial, Certificate.status, Certificate.not_after,
+                           Certificate.issued_at).where(Certificate.profile == profile.name)):
+                email = email.lower()
+                if status == "valid" and not_after > now:
+                    current.add(email)
+                if email not in latest or issued_at > latest[email][0]:
+                    latest[email] = (issued_at, serial)
+        return current, {e: s for e, (_, s) in latest.items()}
+
+    def _build(self, batch: list[_Member], profile: Profile, latest: dict[str, str], now: datetime) -> list[_Item]:
+        """Keys, escrow blobs and certificates of a batch, in memory (nothing is recorded yet)."""
+        items = []
+        for m in batch:
+            key = self.services.pool.take(profile.key_type)
+            serial = new_serial()
+            blob = seal_private_key(key, self.kra_public_key, escrow_aad(serial, m.email, profile.name))
+            cert = self.ca.build_certificate(key.public_key(), profile,
+                                             Subject(email=m.email, common_name=m.common_name or None),
+                                             serial=serial, now=now)
+            items.append(_Item(member=m, serial=serial, cert=cert, blob=blob, replaces=latest.get(m.email.lower())))
+        return items
+
+    def _commit(self, items: list[_Item], profile: Profile, group: str, now: datetime,
+                report: ProvisionReport) -> list[_Item]:
+        """Record a batch in one transaction; if a concurrent enrollment collides (renewal_key), record
+        the users one by one and skip those who got a certificate meanwhile."""
+        try:
+            self.db.run(lambda session: self._record(session, items, profile, group, now))
+            return items
+        except IntegrityError:
+            pass
+        kept = []
+        for item in items:
+            try:
+                self.db.run(lambda session, i=item: self._record(session, [i], profile, group, now))
+                kept.append(item)
+            except IntegrityError:
+                report.failed.append((item.member.email, "a certificate was issued meanwhile"))
+        return kept
+
+    def _record(self, session, items: list[_Item], profile: Profile, group: str, now: datetime) -> None:
+        escrows = []
+        for item in items:
+            serial = serial_hex(item.serial)
+            escrows.append(Escrow(serial=serial, email=item.member.email, profile=profile.name, blob=item.blob,
+                                  created_at=now))
+        session.add_all(escrows)
+        session.flush()  # escrow ids, and escrow before certificate within the transaction
+        for item, escrow in zip(items, escrows):
+            m = item.member
+            outbox = self.ca.record_issued(
+                session, item.cert, profile, Subject(email=m.email, common_name=m.common_name or None),
+                user_dn=m.dn, replaces=item.replaces, key_source="server", actor=self.actor, now=now,
+                audit_detail={"escrowed": True, "escrow_id": escrow.id, "provisioned_for": group})
+            item.outbox = outbox
+        session.flush()
+        for item in items:
+            item.outbox_id = item.outbox.id
+
+    # -- publication (called from the publishing thread) ------------------------------------------
+    def publish(self, bulk: BulkDirectory, items: list[_Item], now: datetime) -> tuple[list[int], int]:
+        """One modify per user from what the member scan read; returns (outbox ids done, failures)."""
+        dns = [i.member.dn for i in items]
+        rows: dict[str, list[Certificate]] = {}
+        with self.db.transaction() as session:
+            for start in range(0, len(dns), 500):
+                for cert in session.execute(select(Certificate).where(
+                        Certificate.user_dn.in_(dns[start:start + 500]))).scalars():
+                    rows.setdefault(cert.user_dn, []).append(cert)
+        done, failed = [], 0
+        for item in items:
+            add, remove = desired_values(rows.get(item.member.dn, []), self.settings.profiles, now)
+            try:
+                bulk.publish(item.member.dn, list(item.member.certificates), add, remove)
+                done.append(item.outbox_id)
+            except AutoenrollError as exc:
+                failed += 1
+                log.warning("event=provision.publish_deferred dn=%r error=%r", item.member.dn, exc.detail)
+        return done, failed
+
+
+class _PublishThread:
+    """Publishes committed batches while the next one is built (libldap waits outside the GIL)."""
+
+    def __init__(self, provisioner: Provisioner) -> None:
+        self.p = provisioner
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.published = self.queued = 0
+        self.thread = threading.Thread(target=self._work, name="provision-publish", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, items: list[_Item]) -> None:
+        self.queue.put(items)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def _work(self) -> None:
+        bulk = BulkDirectory(self.p.services.directory)
+        try:
+            while (items := self.queue.get()) is not None:
+                try:
+                    done, failed = self.p.publish(bulk, items, datetime.now(timezone.utc))
+                    self.p.services.publisher.complete(done)
+                    self.published += len(done)
+                    self.queued += failed
+                except BaseException as exc:  # LDAP down: the outbox keeps every row of this batch
+                    self.queued += len(items)
+                    log.warning("event=provision.publish_stopped error=%r", getattr(exc, "detail", exc))
+                    bulk.close()
+                    bulk = BulkDirectory(self.p.services.directory)
+        finally:
+            bulk.close()

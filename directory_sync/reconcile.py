@@ -1,0 +1,494 @@
+"""Reconcile: make the directory tell the truth about the CA's certificates, and end entitlements.
+
+One pass compares what LDAP shows with what the database knows, in memory, in dicts keyed by DN:
+
+- a user who is no longer in any group of a certificate's profile, or no longer in LDAP at all, has
+  their valid certificates of that profile revoked (affiliationChanged) and unpublished; a user whose
+  entry was renamed (found again by mail under one other DN) is followed, not revoked;
+- this CA's values that should not be there (revoked, expired, superseded, another user's) are
+  removed, current ones that are missing are added, and ours are put back in the order mail clients
+  need (current encryption certificate first, see ldap.plan_publication);
+- values from other issuers are never touched; escrowed keys are never deleted.
+
+A full pass reads every user with mail, memberOf and userCertificate;binary in one paged search
+(python-ldap, see bulk.py) and every certificate row in one query. An incremental pass reads only
+entries modified since the last run (`sync_state` row `reconcile.last_run`), the members of profile
+groups that changed (the memberOf overlay does not touch a user's modifyTimestamp when a group drops
+them, and refint removes deleted users from groups), and the users whose certificates were issued,
+revoked or expired since; periodic mode runs a full pass first and then incremental ones.
+
+`plan_user` is the decision for one user: a pure function, tested without I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+
+from cryptography import x509
+from sqlalchemy import or_, select, update
+
+from directory_sync.bulk import BulkDirectory, values
+from directory_sync.escape import filter_value
+from directory_sync.ldap import CERT_ATTR
+from directory_sync.publisher import USER_GONE, desired_values
+from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
+from registration_app.core.model import Profile
+from registration_app.store import audit
+from registration_app.store.db import Database
+from registration_app.store.models import Certificate, Outbox, SyncState
+
+log = logging.getLogger("autoenroll.reconcile")
+
+LAST_RUN = "reconcile.last_run"
+LAST_REPORT = "reconcile.last_report"
+NOT_ENTITLED, USER_NOT_IN_LDAP = "not entitled", "user gone"
+# modifyTimestamp has whole seconds and clocks drift a little: look back a bit further than the last run.
+SINCE_MARGIN = timedelta(seconds=5)
+# Above this many users to look up one by one, an incremental pass reads everything instead.
+MAX_INCREMENTAL_LOOKUPS = 2000
+MAX_PUBLISH_ERRORS = 20
+
+
+def dn_key(dn: str) -> str:
+    """A cheap comparable form of a DN (case and spaces ignored), used as dict key on 100,000 users."""
+    return "".join(dn.split()).lower()
+
+
+@dataclass(frozen=True)
+class CertRow:
+    """What reconcile needs of one certificate row (duck-types Certificate for desired_values)."""
+
+    serial: str
+    user_dn: str
+    email: str
+    profile: str
+    usage: str
+    status: str
+    der: bytes
+    not_before: datetime
+    not_after: datetime
+    issued_at: datetime
+
+
+@dataclass(frozen=True)
+class LdapUser:
+    dn: str
+    mails: tuple[str, ...]
+    groups: frozenset[str]  # dn_key of each memberOf value
+    certificates: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Revocation:
+    serial: str
+    email: str
+    dn: str
+    profile: str
+    why: str
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    revoke: tuple[Revocation, ...] = ()
+    publish: tuple[tuple[bytes, ...], tuple[bytes, ...]] | None = None  # (add, remove) or None
+
+    @property
+    def empty(self) -> bool:
+        return not self.revoke and self.publish is None
+
+
+@dataclass
+class ReconcileReport:
+    mode: str  # "full" | "incremental"
+    dry_run: bool
+    started_at: datetime
+    duration_seconds: float = 0.0
+    users_scanned: int = 0
+    certificates_checked: int = 0
+    revoked: list[Revocation] = field(default_factory=list)
+    republished: list[str] = field(default_factory=list)  # DNs whose values were (or would be) changed
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (old DN, new DN)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (DN, why)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (DN, error)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.revoked or self.republished or self.moved)
+
+    def summary(self) -> str:
+        verb = "would " if self.dry_run else ""
+        return (f"reconcile {self.mode}{' (dry run)' if self.dry_run else ''}: "
+                f"{self.users_scanned} users, {self.certificates_checked} certificates in "
+                f"{self.duration_seconds:.2f} s; {verb}revoke {len(self.revoked)}, {verb}republish "
+                f"{len(self.republished)}, {verb}follow {len(self.moved)} renamed; "
+                f"{len(self.skipped)} skipped, {len(self.errors)} errors")
+
+    def lines(self) -> list[str]:
+        verb = "would " if self.dry_run else ""
+        out = [self.summary()]
+        out += [f"  {verb}revoke {r.serial} ({r.profile}) of {r.email}: {r.why}" for r in self.revoked]
+        out += [f"  {verb}follow renamed entry {old} -> {new}" for old, new in self.moved]
+        out += [f"  {verb}republish {dn}" for dn in self.republished]
+        out += [f"  skipped {dn}: {why}" for dn, why in self.skipped]
+        out += [f"  error {dn}: {error}" for dn, error in self.errors]
+        return out
+
+    def as_dict(self) -> dict:
+        body = asdict(self)
+        body["started_at"] = self.started_at.isoformat()
+        return body
+
+
+# --- the decision for one user (pure) --------------------------------------------------------------
+def wanted_order(rows: Iterable[CertRow]) -> list[bytes]:
+    """Our values as plan_publication orders them: encryption first, then newest notBefore first."""
+    return [r.der for r in sorted(rows, key=lambda r: (r.usage != "encryption", -r.not_before.timestamp()))]
+
+
+def plan_user(user: LdapUser | None, rows: list[CertRow], *, profiles: dict[str, Profile],
+              entitled: Callable[[LdapUser, Profile], bool], now: datetime,
+              known_ours: dict[bytes, str] | None = None) -> UserPlan:
+    """What to do for one directory user (or one DN the database knows and LDAP does not).
+
+    `known_ours` maps DER → dn_key of every certificate of ours that the pass knows, so that a value
+    of ours sitting in the wrong entry is recognised and removed. Unknown values are never touched.
+    """
+    live = [r for r in rows if r.status == "valid" and r.not_after > now]
+    if user is None:
+        return UserPlan(revoke=tuple(Revocation(r.serial, r.email, r.user_dn, r.profile, USER_NOT_IN_LDAP)
+                                     for r in live))
+    revoke = []
+    for r in live:
+        profile = profiles.get(r.profile)
+        if profile is not None and not entitled(user, profile):  # an unknown profile is left alone
+            revoke.append(Revocation(r.serial, r.email, user.dn, r.profile, NOT_ENTITLED))
+    gone = {r.serial for r in revoke}
+    after = [replace(r, status="revoked") if r.serial in gone else r for r in rows]
+    add, remove = desired_values(after, profiles, now)
+    shown = set(add)
+    wanted = wanted_order(r for r in after if r.der in shown)
+    known = known_ours if known_ours is not None else {}
+    mine = {r.der for r in rows}
+    current_ours = [v for v in user.certificates if v in mine or v in known]
+    if current_ours == wanted:
+        return UserPlan(revoke=tuple(revoke))
+    strays = [v for v in current_ours if v not in shown and v not in mine]
+    return UserPlan(revoke=tuple(revoke), publish=(tuple(wanted), tuple(remove + strays)))
+
+
+# --- entitlement ----------------------------------------------------------------------------------
+def _cn(dn: str) -> str:
+    first = dn.split(",", 1)[0]
+    return first.split("=", 1)[1].strip().lower() if "=" in first else first.strip().lower()
+
+
+class Entitlement:
+    """Who may hold which profile, from the users' memberOf (or the groups' member lists)."""
+
+    def __init__(self, directory, profiles: dict[str, Profile]) -> None:
+        s = directory.settings
+        self.from_memberof = s.use_memberof and not s.nested_groups
+        self._dns = {name: {dn_key(g) for g in p.groups if "=" in g} for name, p in profiles.items()}
+        self._cns = {name: {g.strip().lower() for g in p.groups if "=" not in g} for name, p in profiles.items()}
+        self._members: dict[str, set[str]] = {}
+        if not self.from_memberof:
+            for name, profile in profiles.items():
+                members: set[str] = set()
+                for group in profile.groups:
+                    members |= {dn_key(m) for m in directory.group_members(group)}
+                self._members[name] = members
+
+    def group_keys(self, profile: Profile, directory) -> set[str]:
+        """dn_key of each group the profile names (bare cns resolved under groups_base)."""
+        return {dn_key(directory.group_dn(g)) for g in profile.groups}
+
+    def __call__(self, user: LdapUser, profile: Profile) -> bool:
+        if not self.from_memberof:
+            return dn_key(user.dn) in self._members.get(profile.name, ())
+        dns, cns = self._dns.get(profile.name, set()), self._cns.get(profile.name, set())
+        return any(g in dns or (cns and _cn(g) in cns) for g in user.groups)
+
+
+# --- the pass -------------------------------------------------------------------------------------
+class Reconciler:
+    def __init__(self, db: Database, directory, ca, publisher, profiles: dict[str, Profile], *,
+                 actor: str = "reconcile") -> None:
+        self.db = db
+        self.directory = directory  # LdapDirectory
+        self.ca = ca  # LocalCA
+        self.publisher = publisher
+        self.profiles = dict(profiles)
+        self.actor = actor
+        self.settings = directory.settings
+
+    # -- reading LDAP --
+    def _attributes(self) -> list[str]:
+        return [self.settings.mail_attribute, "memberOf", CERT_ATTR]
+
+    def _user(self, dn: str, attrs: dict[str, list[bytes]]) -> LdapUser:
+        return LdapUser(
+            dn=dn,
+            mails=tuple(v.decode().lower() for v in values(attrs, self.settings.mail_attribute)),
+            groups=frozenset(dn_key(v.decode()) for v in values(attrs, "memberOf")),
+            certificates=tuple(values(attrs, CERT_ATTR)),
+        )
+
+    def _scan_users(self, bulk: BulkDirectory, since: datetime | None = None) -> dict[str, LdapUser]:
+        flt = f"({self.settings.mail_attribute}=*)"
+        if since is not None:
+            flt = f"(&{flt}(modifyTimestamp>={_generalized(since)}))"
+        return {dn_key(dn): self._user(dn, attrs)
+                for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes())}
+
+    # -- reading the database --
+    @staticmethod
+    def _rows(session, *where) -> list[CertRow]:
+        columns = (Certificate.serial, Certificate.user_dn, Certificate.email, Certificate.profile,
+                   Certificate.usage, Certificate.status, Certificate.der, Certificate.not_before,
+                   Certificate.not_after, Certificate.issued_at)
+        result = session.execute(select(*columns).where(*where)) if where else session.execute(select(*columns))
+        utc = timezone.utc
+        return [CertRow(s, dn, e, p, u, st, der, _aware(nb, utc), _aware(na, utc), _aware(ia, utc))
+                for s, dn, e, p, u, st, der, nb, na, ia in result]
+
+    def _rows_of(self, dns: Iterable[str]) -> list[CertRow]:
+        dns = list(dict.fromkeys(dns))
+        out: list[CertRow] = []
+        with self.db.transaction() as session:
+            for start in range(0, len(dns), 500):
+                out += self._rows(session, Certificate.user_dn.in_(dns[start:start + 500]))
+        return out
+
+    # -- the passes --
+    def run(self, *, dry_run: bool = False, incremental: bool = False,
+            now: datetime | None = None) -> ReconcileReport:
+        now = now or datetime.now(timezone.utc)
+        clock = time.monotonic()
+        since = self.last_run() if incremental else None
+        report = ReconcileReport(mode="incremental" if since is not None else "full", dry_run=dry_run,
+                                 started_at=now)
+        entitled = Entitlement(self.directory, self.profiles)
+        with BulkDirectory(self.directory) as bulk:
+            if since is None:
+                users, rows, known = self._full_inputs(bulk)
+            else:
+                users, rows, known = self._incremental_inputs(bulk, entitled, since - SINCE_MARGIN, now)
+                if users is None:  # too much changed: a full pass is cheaper than lookups
+                    report.mode = "full"
+                    users, rows, known = self._full_inputs(bulk)
+            report.users_scanned, report.certificates_checked = len(users), len(rows)
+            self._reconcile(bulk, users, rows, known, entitled, report, now, dry_run)
+        report.duration_seconds = round(time.monotonic() - clock, 3)
+        if not dry_run:
+            self._remember(report)
+        log.info("event=reconcile.done mode=%s dry_run=%s users=%d certificates=%d revoked=%d "
+                 "republished=%d moved=%d errors=%d seconds=%.2f", report.mode, dry_run, report.users_scanned,
+                 report.certificates_checked, len(report.revoked), len(report.republished), len(report.moved),
+                 len(report.errors), report.duration_seconds)
+        return report
+
+    def _full_inputs(self, bulk):
+        users = self._scan_users(bulk)
+        with self.db.transaction() as session:
+            rows = self._rows(session)
+        known = {r.der: dn_key(r.user_dn) for r in rows}
+        return users, rows, known
+
+    def _incremental_inputs(self, bulk, entitled: Entitlement, since: datetime, now: datetime):
+        users = self._scan_users(bulk, since)
+        dns: set[str] = set()
+        # Users whose certificates changed in the database (issued, revoked) or expired since.
+        with self.db.transaction() as session:
+            for (dn,) in session.execute(select(Certificate.user_dn).where(or_(
+                    Certificate.issued_at >= since, Certificate.revoked_at >= since,
+                    Certificate.not_after.between(since, now)))):
+                dns.add(dn)
+        # Groups that changed: their former members show nothing on their own entries.
+        changed_groups = {dn_key(dn) for dn, _ in bulk.scan(
+            self.settings.groups_base, f"(modifyTimestamp>={_generalized(since)})", ["1.1"])}
+        affected = [name for name, p in self.profiles.items()
+                    if self.settings.nested_groups and changed_groups
+                    or changed_groups & entitled.group_keys(p, self.directory)]
+        if affected:
+            with self.db.transaction() as session:
+                for (dn,) in session.execute(select(Certificate.user_dn).distinct().where(
+                        Certificate.profile.in_(affected), Certificate.status == "valid",
+                        Certificate.not_after > now)):
+                    dns.add(dn)
+        lookups = [dn for dn in dns if dn_key(dn) not in users]
+        if len(lookups) > MAX_INCREMENTAL_LOOKUPS:
+            return None, None, None
+        for dn in lookups:
+            attrs = bulk.read(dn, self._attributes())
+            if attrs is not None:
+                users[dn_key(dn)] = self._user(dn, attrs)
+        rows = self._rows_of({*dns, *(u.dn for u in users.values())})
+        known = {r.der: dn_key(r.user_dn) for r in rows}
+        return users, rows, known
+
+    def _reconcile(self, bulk, users: dict[str, LdapUser], rows: list[CertRow], known: dict[bytes, str],
+                   entitled: Entitlement, report: ReconcileReport, now: datetime, dry_run: bool) -> None:
+        by_dn: dict[str, list[CertRow]] = {}
+        for r in rows:
+            by_dn.setdefault(dn_key(r.user_dn), []).append(r)
+        moves = self._follow_renames(bulk, users, by_dn, now, report)
+        if moves and not dry_run:
+            self._apply_moves(moves)
+        plans: dict[str, UserPlan] = {}
+        for key in users.keys() | by_dn.keys():
+            user, user_rows = users.get(key), by_dn.get(key, [])
+            if user is not None and not user_rows and not any(v in known for v in user.certificates):
+                continue  # the common case of a user we never issued anything to
+            plan = plan_user(user, user_rows, profiles=self.profiles, entitled=entitled, now=now,
+                             known_ours=known)
+            if not plan.empty:
+                plans[key] = plan
+        for key, plan in plans.items():
+            report.revoked += plan.revoke
+            if plan.publish is not None:
+                report.republished.append(users[key].dn)
+        if dry_run or not plans:
+            return
+        revoked = self._revoke([r for p in plans.values() for r in p.revoke], now)
+        for key, plan in plans.items():
+            user = users.get(key)
+            if user is None:
+                self.publisher.complete(self._revocation_rows([r.serial for r in plan.revoke], revoked),
+                                        note=USER_GONE)
+                continue
+            if plan.publish is not None:
+                add, remove = plan.publish
+                try:
+                    bulk.publish(user.dn, list(user.certificates), list(add), list(remove))
+                except UserNotFound:
+                    report.errors.append((user.dn, "the entry disappeared during the pass"))
+                    continue
+                except AutoenrollError as exc:
+                    report.errors.append((user.dn, exc.detail))
+                    if len(report.errors) >= MAX_PUBLISH_ERRORS:
+                        raise DirectoryUnavailable("reconcile stopped: the directory refuses too many changes; "
+                                                   "the outbox keeps what was revoked") from exc
+                    continue
+            self.publisher.complete(self._revocation_rows([r.serial for r in plan.revoke], revoked))
+        if revoked:
+            self.publisher.drain(limit=100000)  # the new CRL to the CA entry, and anything else due
+
+    def _revoke(self, revocations: list[Revocation], now: datetime) -> set[str]:
+        if not revocations:
+            return set()
+        details = {r.serial: {"why": r.why, "dn": r.dn, "profile": r.profile} for r in revocations}
+        changed = self.ca.revoke_many([r.serial for r in revocations], x509.ReasonFlags.affiliation_changed,
+                                      actor=self.actor, now=now, details=details)
+        for r in revocations:
+            log.info("event=reconcile.revoked serial=%s email=%r why=%r", r.serial, r.email, r.why)
+        return set(changed)
+
+    def _revocation_rows(self, serials: list[str], revoked: set[str]) -> list[int]:
+        """The outbox rows our own revocations queued (the pass published those users itself)."""
+        serials = [s for s in serials if s in revoked]
+        if not serials:
+            return []
+        with self.db.transaction() as session:
+            return list(session.execute(select(Outbox.id).where(
+                Outbox.serial.in_(serials), Outbox.reason == "revoked", Outbox.done_at.is_(None))).scalars())
+
+    def _follow_renames(self, bulk, users: dict[str, LdapUser], by_dn: dict[str, list[CertRow]],
+                        now: datetime, report: ReconcileReport) -> list[tuple[str, str, list[CertRow]]]:
+        """DNs with live certificates that LDAP no longer has, whose mail is on exactly one other entry."""
+        missing = [(key, rows) for key, rows in by_dn.items() if key not in users
+                   and any(r.status == "valid" and r.not_after > now for r in rows)]
+        if not missing:
+            return []
+        by_mail: dict[str, list[str]] = {}
+        for key, user in users.items():
+            for mail in user.mails:
+                by_mail.setdefault(mail, []).append(key)
+        moves = []
+        for key, rows in missing:
+            email = rows[0].email.lower()
+            found = by_mail.get(email)
+            if found is None and report.mode == "incremental":  # only a part of LDAP was read
+                found = []
+                flt = f"({self.settings.mail_attribute}={filter_value(email)})"
+                for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes()):
+                    users.setdefault(dn_key(dn), self._user(dn, attrs))
+                    found.append(dn_key(dn))
+            if not found:
+                continue  # truly gone: plan_user revokes
+            if len(found) > 1:  # neither revoke nor follow: an operator must resolve the duplicate
+                report.skipped.append((rows[0].user_dn, f"{email} is on {len(found)} entries: not guessing"))
+                del by_dn[key]
+                continue
+            new = users[found[0]]
+            moves.append((rows[0].user_dn, new.dn, rows))
+            report.moved.append((rows[0].user_dn, new.dn))
+            by_dn.setdefault(found[0], []).extend(replace(r, user_dn=new.dn) for r in rows)
+            del by_dn[key]
+        return moves
+
+    def _apply_moves(self, moves: list[tuple[str, str, list[CertRow]]]) -> None:
+        def work(session):
+            for old, new, rows in moves:
+                serials = [r.serial for r in rows]
+                session.execute(update(Certificate).where(Certificate.serial.in_(serials)).values(user_dn=new))
+                audit.append(session, event="directory.user_moved", outcome="done", actor=self.actor,
+                             subject=rows[0].email, detail={"from": old, "to": new, "serials": serials})
+        self.db.run(work)
+
+    # -- state --
+    def last_run(self) -> datetime | None:
+        with self.db.transaction() as session:
+            row = session.get(SyncState, LAST_RUN)
+            return datetime.fromisoformat(row.value) if row is not None else None
+
+    def _remember(self, report: ReconcileReport) -> None:
+        summary = json.dumps({"mode": report.mode, "started_at": report.started_at.isoformat(),
+                              "seconds": report.duration_seconds, "users": report.users_scanned,
+                              "revoked": len(report.revoked), "republished": len(report.republished),
+                              "moved": len(report.moved), "errors": len(report.errors)})
+
+        def work(session):
+            for name, value in ((LAST_RUN, report.started_at.isoformat()), (LAST_REPORT, summary)):
+                row = session.get(SyncState, name)
+                if row is None:
+                    session.add(SyncState(name=name, value=value))
+                else:
+                    row.value = value
+        self.db.run(work)
+
+
+def last_report(db: Database) -> dict | None:
+    """The summary of the last reconcile pass (for `sync status` and /health), or None."""
+    with db.transaction() as session:
+        row = session.get(SyncState, LAST_REPORT)
+    return json.loads(row.value) if row is not None else None
+
+
+def run_periodically(reconciler: Reconciler, every: float, *, incremental: bool, echo: Callable[[str], None],
+                     stop=None) -> None:
+    """A full pass first, then one pass every `every` seconds (incremental ones if asked), until stopped."""
+    import threading
+    stop = stop or threading.Event()
+    first = True
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            report = reconciler.run(incremental=incremental and not first)
+            echo(report.summary())
+            first = False
+        except AutoenrollError as exc:
+            echo(f"reconcile failed: {exc.detail}; trying again in {every:g} s")
+        stop.wait(max(0.0, every - (time.monotonic() - started)))
+
+
+def _generalized(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y%m%d%H%M%SZ")
+
+
+def _aware(when: datetime | None, utc) -> datetime | None:
+    return when.replace(tzinfo=utc) if when is not None and when.tzinfo is None else when
