@@ -15,9 +15,9 @@ help:
 	@echo "make stop   stop the private slapd of make run"
 
 debs:
-	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null; then \
-	  echo "installing Debian packages slapd ldap-utils openssl"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl >/dev/null; \
+	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null || [ ! -f /usr/include/ldap.h ] || [ ! -f /usr/include/sasl/sasl.h ]; then \
+	  echo "installing Debian packages slapd ldap-utils openssl libldap2-dev libsasl2-dev (python-ldap builds against them)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev >/dev/null; \
 	fi
 
 $(STAMP): setup.cfg pyproject.toml

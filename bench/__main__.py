@@ -61,8 +61,10 @@ def ratio(a, b) -> float | None:
 
 
 class Run:
-    def __init__(self, sizes: Sizes, workdir: Path, only: set[str] | None, do_profile: bool):
+    def __init__(self, sizes: Sizes, workdir: Path, only: set[str] | None, do_profile: bool,
+                 py_spy: bool = False):
         self.sizes, self.workdir, self.only, self.do_profile = sizes, workdir, only, do_profile
+        self.py_spy = py_spy
         self.results: dict = {}
         self.rows: list[tuple[str, str, str, str]] = []
 
@@ -100,7 +102,10 @@ class Run:
         load.run_load(platform, users[:warmup], payload, agents=s.agents)
         load.wait_idle(platform)
         log(f"(1) {s.enroll} enrollments, {s.agents} agents, {EC_PROFILE}, default settings")
+        spies = self._start_py_spy(platform) if self.py_spy else []
         enroll = load.run_load(platform, users[warmup:], payload, agents=s.agents, slapd_pid=slapd.pid)
+        for spy in spies:
+            spy.wait(60)
         if enroll.ok != s.enroll:
             raise RuntimeError(f"enrollments failed: {enroll.statuses}; see {platform.log}")
         self.results["enroll"] = enroll.summary()
@@ -140,6 +145,18 @@ class Run:
 
         if self.wanted("peers"):
             self._peers(enroll)
+
+    def _start_py_spy(self, platform) -> list:
+        """Sample every worker (wall clock, all threads) for the length of (1): bench/results/py-spy-*.txt,
+        folded stacks (flamegraph.pl or speedscope read them)."""
+        import shutil as _shutil
+        import subprocess
+        exe = _shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        seconds = max(2, int(self.sizes.enroll / 40) + 2)
+        return [subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw",
+                                  "--nonblocking", "-o", str(RESULTS / f"py-spy-worker{i}.txt")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for i, pid in enumerate(platform.worker_pids())]
 
     def _peers(self, enroll: load.LoadResult) -> None:
         s = self.sizes
@@ -262,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory"],
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--profile", action="store_true", help="also profile the request path (cProfile)")
+    parser.add_argument("--py-spy", action="store_true", help="sample the gunicorn workers with py-spy during (1)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     for field in Sizes.__dataclass_fields__:
@@ -274,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="autoenroll-bench-"))
-    run = Run(sizes, workdir, only, args.profile)
+    run = Run(sizes, workdir, only, args.profile, args.py_spy)
     started = time.perf_counter()
     try:
         if only is None or only & {"server", "rsa", "peers"}:

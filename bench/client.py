@@ -47,6 +47,7 @@ class AgentConnection:
             self.thumbprint = thumbprint(der)
         self.timeout = timeout
         self.conn: http.client.HTTPSConnection | None = None
+        self.resend_on_reset = True  # once, for a kept-alive connection the server closed meanwhile
 
     @classmethod
     def for_platform(cls, platform, *, cert: Path | None = None, key: Path | None = None,
@@ -77,7 +78,7 @@ class AgentConnection:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
                     http.client.CannotSendRequest, ssl.SSLEOFError):
                 self.close()
-                if attempt:
+                if attempt or not self.resend_on_reset:
                     raise
                 continue
             if response.will_close:

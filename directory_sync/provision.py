@@ -18,6 +18,8 @@ was interrupted stays in the outbox, which the server's worker (or `sync drain`)
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -25,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -36,7 +40,7 @@ from directory_sync.reconcile import Entitlement, LdapUser, dn_key
 from registration_app.authorities.ca import serial_hex
 from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
 from registration_app.authorities.key_authority import new_serial
-from registration_app.core.errors import AutoenrollError, BadRequest
+from registration_app.core.errors import AutoenrollError, BadRequest, DirectoryUnavailable
 from registration_app.core.model import Profile, Subject, Usage
 from registration_app.store.models import Certificate, Escrow
 
@@ -85,7 +89,8 @@ class _Item:
 
 
 class Provisioner:
-    def __init__(self, services, *, kra_public_key, batch_size: int = BATCH, actor: str = "provision") -> None:
+    def __init__(self, services, *, kra_public_key, batch_size: int = BATCH, actor: str = "provision",
+                 workers: int | None = None) -> None:
         self.services = services
         self.settings = services.settings
         self.ldap = services.settings.ldap
@@ -94,6 +99,8 @@ class Provisioner:
         self.kra_public_key = kra_public_key
         self.batch_size = batch_size
         self.actor = actor
+        # Processes that generate, seal and sign (forked: they inherit the CA key, never receive it).
+        self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
 
     # -- who --------------------------------------------------------------------------------------
     def members(self, bulk: BulkDirectory, group: str) -> list[_Member]:
@@ -161,12 +168,16 @@ class Provisioner:
             return report
         if progress is not None:
             progress(0, len(todo))  # (advance, total)
-        publishing = _PublishThread(self)
+        batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+        jobs = [([(m.dn, m.email, m.common_name) for m in b], profile,
+                 {m.email.lower(): latest.get(m.email.lower()) for m in b}, now) for b in batches]
+        builder = self._builder(len(batches))  # forked before any thread of ours starts
+        publishing = _PublishThread(self, processes=1 if self.workers > 0 and len(batches) > 1 else 0)
         publishing.start()
         try:
-            for start in range(0, len(todo), self.batch_size):
-                batch = todo[start:start + self.batch_size]
-                items = self._build(batch, profile, latest, now)
+            for batch, built in zip(batches, builder.imap(_build_batch, jobs)):
+                items = [_Item(member=m, serial=serial, cert=x509.load_der_x509_certificate(der), blob=blob,
+                               replaces=replaces) for m, (serial, der, blob, replaces) in zip(batch, built)]
                 items = self._commit(items, profile, group, now, report)
                 report.issued += len(items)
                 publishing.put(items)
@@ -174,6 +185,7 @@ class Provisioner:
                     progress(len(batch), len(todo))
         finally:
             publishing.finish()
+            builder.terminate()  # every result was consumed, or we are failing anyway
         report.published, report.queued = publishing.published, publishing.queued
         report.seconds = round(time.monotonic() - clock, 3)
         log.info("event=provision.done group=%r profile=%s issued=%d published=%d queued=%d failed=%d seconds=%.2f",
@@ -196,18 +208,13 @@ class Provisioner:
                     latest[email] = (issued_at, serial)
         return current, {e: s for e, (_, s) in latest.items()}
 
-    def _build(self, batch: list[_Member], profile: Profile, latest: dict[str, str], now: datetime) -> list[_Item]:
-        """Keys, escrow blobs and certificates of a batch, in memory (nothing is recorded yet)."""
-        items = []
-        for m in batch:
-            key = self.services.pool.take(profile.key_type)
-            serial = new_serial()
-            blob = seal_private_key(key, self.kra_public_key, escrow_aad(serial, m.email, profile.name))
-            cert = self.ca.build_certificate(key.public_key(), profile,
-                                             Subject(email=m.email, common_name=m.common_name or None),
-                                             serial=serial, now=now)
-            items.append(_Item(member=m, serial=serial, cert=cert, blob=blob, replaces=latest.get(m.email.lower())))
-        return items
+    def _builder(self, batches: int):
+        """imap over a fork pool when it pays (several batches, workers > 0), else in this process."""
+        global _FORKED
+        _FORKED = (self.ca, self.kra_public_key, self.services.pool)
+        if self.workers <= 0 or batches < 2:
+            return _InProcess()
+        return multiprocessing.get_context("fork").Pool(self.workers)
 
     def _commit(self, items: list[_Item], profile: Profile, group: str, now: datetime,
                 report: ProvisionReport) -> list[_Item]:
@@ -228,27 +235,28 @@ class Provisioner:
         return kept
 
     def _record(self, session, items: list[_Item], profile: Profile, group: str, now: datetime) -> None:
-        escrows = []
-        for item in items:
-            serial = serial_hex(item.serial)
-            escrows.append(Escrow(serial=serial, email=item.member.email, profile=profile.name, blob=item.blob,
-                                  created_at=now))
+        """Escrow rows, then certificate + outbox rows, then one audit row per certificate (escrow id
+        in its detail), all in the caller's transaction: committed together or not at all."""
+        escrows = [Escrow(serial=serial_hex(i.serial), email=i.member.email, profile=profile.name, blob=i.blob,
+                          created_at=now) for i in items]
         session.add_all(escrows)
-        session.flush()  # escrow ids, and escrow before certificate within the transaction
+        session.flush()  # escrow ids for the audit rows
+        events: list[dict] = []
         for item, escrow in zip(items, escrows):
             m = item.member
-            outbox = self.ca.record_issued(
+            item.outbox = self.ca.record_issued(
                 session, item.cert, profile, Subject(email=m.email, common_name=m.common_name or None),
                 user_dn=m.dn, replaces=item.replaces, key_source="server", actor=self.actor, now=now,
-                audit_detail={"escrowed": True, "escrow_id": escrow.id, "provisioned_for": group})
-            item.outbox = outbox
+                audit_detail={"escrowed": True, "escrow_id": escrow.id, "provisioned_for": group},
+                deferred_audit=events)
         session.flush()
+        self.ca.append_audit_chain(session, events, now)
         for item in items:
             item.outbox_id = item.outbox.id
 
     # -- publication (called from the publishing thread) ------------------------------------------
-    def publish(self, bulk: BulkDirectory, items: list[_Item], now: datetime) -> tuple[list[int], int]:
-        """One modify per user from what the member scan read; returns (outbox ids done, failures)."""
+    def publication_jobs(self, items: list[_Item], now: datetime) -> list[tuple[str, list, list, list, int]]:
+        """(dn, values read by the member scan, values to show, ours to remove, outbox id) per user."""
         dns = [i.member.dn for i in items]
         rows: dict[str, list[Certificate]] = {}
         with self.db.transaction() as session:
@@ -256,23 +264,74 @@ class Provisioner:
                 for cert in session.execute(select(Certificate).where(
                         Certificate.user_dn.in_(dns[start:start + 500]))).scalars():
                     rows.setdefault(cert.user_dn, []).append(cert)
-        done, failed = [], 0
+        jobs = []
         for item in items:
             add, remove = desired_values(rows.get(item.member.dn, []), self.settings.profiles, now)
-            try:
-                bulk.publish(item.member.dn, list(item.member.certificates), add, remove)
-                done.append(item.outbox_id)
-            except AutoenrollError as exc:
-                failed += 1
-                log.warning("event=provision.publish_deferred dn=%r error=%r", item.member.dn, exc.detail)
-        return done, failed
+            jobs.append((item.member.dn, list(item.member.certificates), add, remove, item.outbox_id))
+        return jobs
+
+
+# What forked builders inherit: (LocalCA, KRA public key, KeyPool). Set just before the fork.
+_FORKED: tuple | None = None
+
+
+def _build_batch(job) -> list[tuple[int, bytes, bytes, str | None]]:
+    """Keys, escrow blobs and certificates of one batch, in memory (nothing is recorded yet):
+    [(serial, certificate DER, escrow blob, serial it replaces)]. Runs in a forked worker."""
+    members, profile, latest, now = job
+    ca, kra_public_key, pool = _FORKED
+    out = []
+    for dn, email, common_name in members:
+        key = pool.take(profile.key_type)
+        serial = new_serial()
+        blob = seal_private_key(key, kra_public_key, escrow_aad(serial, email, profile.name))
+        cert = ca.build_certificate(key.public_key(), profile, Subject(email=email, common_name=common_name or None),
+                                    serial=serial, now=now)
+        out.append((serial, cert.public_bytes(Encoding.DER), blob, latest.get(email.lower())))
+    return out
+
+
+class _InProcess:
+    def imap(self, func, jobs):
+        return map(func, jobs)
+
+    def terminate(self) -> None:
+        pass
+
+
+def _publish_batch(jobs) -> tuple[list[int], int]:
+    """One modify per user (runs in the forked publishing process, on its own connections);
+    returns (outbox ids done, failures). A failure leaves the outbox row for the worker."""
+    global _BULK
+    if _BULK is None:
+        from directory_sync.ldap import LdapDirectory
+        _BULK = BulkDirectory(LdapDirectory(_FORKED_LDAP))  # never a connection of the parent's
+    done, failed = [], 0
+    for dn, current, add, remove, outbox_id in jobs:
+        try:
+            _BULK.publish(dn, current, add, remove)
+            done.append(outbox_id)
+        except AutoenrollError as exc:
+            failed += 1
+            log.warning("event=provision.publish_deferred dn=%r error=%r", dn, exc.detail)
+            if isinstance(exc, DirectoryUnavailable):
+                _BULK.close()
+    return done, failed
+
+
+_FORKED_LDAP = None
+_BULK: BulkDirectory | None = None
 
 
 class _PublishThread:
-    """Publishes committed batches while the next one is built (libldap waits outside the GIL)."""
+    """Publishes committed batches while the next one is built: this thread reads the database,
+    a forked process talks to LDAP (so neither waits for the other's share of the GIL)."""
 
-    def __init__(self, provisioner: Provisioner) -> None:
+    def __init__(self, provisioner: Provisioner, processes: int) -> None:
+        global _FORKED_LDAP
         self.p = provisioner
+        _FORKED_LDAP = provisioner.ldap
+        self.pool = multiprocessing.get_context("fork").Pool(1) if processes > 0 else None
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.published = self.queued = 0
         self.thread = threading.Thread(target=self._work, name="provision-publish", daemon=True)
@@ -286,20 +345,36 @@ class _PublishThread:
     def finish(self) -> None:
         self.queue.put(None)
         self.thread.join()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
 
     def _work(self) -> None:
-        bulk = BulkDirectory(self.p.services.directory)
+        pending = []  # (AsyncResult, number of users): at most two batches in flight
+        while (items := self.queue.get()) is not None:
+            try:
+                jobs = self.p.publication_jobs(items, datetime.now(timezone.utc))
+            except AutoenrollError:
+                self.queued += len(items)
+                continue
+            if self.pool is None:
+                self._collect(_publish_batch(jobs), len(jobs))
+                continue
+            pending.append((self.pool.apply_async(_publish_batch, (jobs,)), len(jobs)))
+            while len(pending) > 1:
+                self._wait(*pending.pop(0))
+        for result, count in pending:
+            self._wait(result, count)
+
+    def _wait(self, result, count: int) -> None:
         try:
-            while (items := self.queue.get()) is not None:
-                try:
-                    done, failed = self.p.publish(bulk, items, datetime.now(timezone.utc))
-                    self.p.services.publisher.complete(done)
-                    self.published += len(done)
-                    self.queued += failed
-                except BaseException as exc:  # LDAP down: the outbox keeps every row of this batch
-                    self.queued += len(items)
-                    log.warning("event=provision.publish_stopped error=%r", getattr(exc, "detail", exc))
-                    bulk.close()
-                    bulk = BulkDirectory(self.p.services.directory)
-        finally:
-            bulk.close()
+            self._collect(result.get(), count)
+        except Exception as exc:  # the outbox keeps every row of this batch
+            self.queued += count
+            log.warning("event=provision.publish_stopped error=%r", getattr(exc, "detail", exc))
+
+    def _collect(self, outcome: tuple[list[int], int], count: int) -> None:
+        done, failed = outcome
+        self.p.services.publisher.complete(done)
+        self.published += len(done)
+        self.queued += count - len(done)

@@ -17,7 +17,6 @@ from sqlalchemy import func, select, update
 
 from .authorities.ca import serial_hex  # noqa: F401  (re-exported for callers formatting serials)
 from .authorities.kra import LocalKRA, RecoveryGrant
-from .authorities.pkcs12 import to_pkcs12
 from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, RecoveryExpired,
                           RecoveryNotReady, SelfApproval, UnknownCertificate, UserNotFound)
 from .core.model import VerifiedRequest
@@ -109,16 +108,13 @@ class Recovery:
                 raise UnknownCertificate(f"certificate {serial} has no escrowed key")
         grant = RecoveryGrant(kind="owner", email=user.email, actor=request.agent.subject + f" for {user.email}",
                               evidence=(request.raw,))
-        keys = [self._package(own[s][0], self.kra.recover(s, grant, now=now), password, legacy, now)
-                for s in wanted]
+        keys = [self._package(own[s][0], grant, password, legacy, now) for s in wanted]
         return {"email": user.email, "keys": keys}
 
-    def _package(self, cert: Certificate, key, password: str, legacy: bool, now: datetime) -> dict:
-        from cryptography import x509
-        certificate = x509.load_der_x509_certificate(cert.der)
-        p12 = to_pkcs12(key=key, cert=certificate, chain=self.ca_chain, password=password,
-                        friendly_name=f"{cert.email} {cert.profile} {cert.serial}", legacy=legacy,
-                        iterations=self.settings.pkcs12_iterations)
+    def _package(self, cert: Certificate, grant: RecoveryGrant, password: str, legacy: bool, now: datetime) -> dict:
+        # The KRA wraps the key itself, so a KRA in another process never hands the raw key to the RA.
+        p12 = self.kra.recover_pkcs12(cert.serial, grant, password, legacy,
+                                      f"{cert.email} {cert.profile} {cert.serial}", self.ca_chain, now=now)
         return {**certificate_view(cert, now, True), "pkcs12": base64.b64encode(p12).decode()}
 
     # -- officers -------------------------------------------------------------------------------
@@ -257,8 +253,7 @@ class Recovery:
         with self.db.transaction() as session:
             certs = {c.serial: c for c in session.execute(
                 select(Certificate).where(Certificate.serial.in_(serials))).scalars()}
-        keys = [self._package(certs[s], self.kra.recover(s, grant, now=now), password, legacy, now)
-                for s in serials if s in certs]
+        keys = [self._package(certs[s], grant, password, legacy, now) for s in serials if s in certs]
         return {**self.view(request_id, now), "keys": keys}
 
     def show(self, request: VerifiedRequest, request_id: str) -> dict:

@@ -1,4 +1,14 @@
-"""Wiring: build every authority of the all-in-one "server platform" from the settings."""
+"""Wiring: build the authorities of this process from the settings, by `settings.role`.
+
+- "all": the server platform: RA, key authority, CA and KRA in one process (the default).
+- "ra": the registration authority; the CA and the KRA are services reached over mTLS (authorities/remote.py).
+  It holds neither ca.key nor kra.key, only the CA certificate and the KRA's public storage key.
+- "ca": the CA service: ca.key, the certificates, the CRL and the publisher (the CA publishes).
+- "kra": the KRA service: kra.key; it verifies the evidence of every recovery itself (kra_verify.py).
+
+A split role refuses to start when its data directory holds a private key it does not need, so that the
+documented copy ("only ca.key to the CA host, only kra.key to the KRA host") is also the enforced one.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ from datetime import timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .auth.agent import AgentPolicy
+from .auth.agent import ANY_AGENT, AgentPolicy
 from .auth.chain import UserTrust
 from .authorities.ca import LocalCA
 from .authorities.certs import CaUrls
@@ -21,72 +31,153 @@ from .service import RegistrationAuthority
 from .settings import Settings
 from .store.db import Database, migrate
 
+ROLES = ("all", "ra", "ca", "kra")
+# Private keys a role must not hold (tls-ca.key issues agent certificates: no server needs it at run time).
+FORBIDDEN_KEYS = {"ra": ("ca_key", "kra_key", "tls_ca_key"), "ca": ("kra_key", "tls_ca_key"),
+                  "kra": ("ca_key", "tls_ca_key")}
+
 
 @dataclass
 class Services:
     settings: Settings
     db: Database
     directory: object
-    ca: LocalCA
-    kra: LocalKRA
-    pool: KeyPool
-    key_authority: LocalKeyAuthority
-    publisher: object
-    ra: RegistrationAuthority
-    recovery: Recovery
+    ca: object  # LocalCA | RemoteCA | CaView (role kra: certificate and revocation status only)
+    kra: object | None  # LocalKRA | RemoteKRA
+    pool: KeyPool | None
+    key_authority: LocalKeyAuthority | None
+    publisher: object | None  # Publisher | RemotePublisher
+    ra: RegistrationAuthority | None
+    recovery: Recovery | None
     agent_policy: AgentPolicy
     user_trust: UserTrust
+    authority_policy: AgentPolicy | None = None  # roles ca, kra: which RAs may call
+    evidence: object | None = None  # role kra: EvidenceVerifier
+
+    @property
+    def role(self) -> str:
+        return self.settings.role
 
     @property
     def nonce_ttl(self) -> timedelta:
         return timedelta(seconds=self.settings.nonce_ttl_seconds)
 
     def start_background(self) -> None:
-        """Per process (after gunicorn forks): key pool filler and outbox worker threads."""
-        self.pool.start()
-        self._outbox = self.publisher.start_thread(self.settings.outbox_interval_seconds)
+        """Per process (after gunicorn forks): key pool filler (RA) and outbox worker (whoever publishes)."""
+        if self.pool is not None:
+            self.pool.start()
+        if self.role in ("all", "ca"):
+            self._outbox = self.publisher.start_thread(self.settings.outbox_interval_seconds)
 
     def close(self) -> None:
-        self.pool.stop()
+        if self.pool is not None:
+            self.pool.stop()
         outbox = getattr(self, "_outbox", None)
         if outbox is not None:
             outbox[1].set()
             outbox[0].join(timeout=5)
-        close = getattr(self.directory, "close", None)
-        if close is not None:
-            close()
+        for part in (self.directory, self.ca, self.kra):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
         self.db.dispose()
+
+
+def check_role(settings: Settings) -> None:
+    """Refuse a role that is unknown, incompletely configured, or holding a key it must not hold."""
+    paths = PkiPaths.in_dir(settings.data_dir)
+    if settings.role not in ROLES:
+        raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {settings.role!r}")
+    held = [getattr(paths, name).name for name in FORBIDDEN_KEYS.get(settings.role, ())
+            if getattr(paths, name).exists()]
+    if held:
+        raise ConfigError(f"role {settings.role!r} must not hold {', '.join(held)} in {settings.data_dir}: "
+                          "move it to the host of the authority that uses it (README, Split deployment)")
+    if settings.role == "ra" and not (settings.ca_url and settings.kra_url):
+        raise ConfigError("role 'ra' needs ca_url and kra_url (the CA and KRA services)")
+    if settings.role in ("ca", "kra"):
+        if not settings.authority_clients:
+            raise ConfigError(f"role {settings.role!r} needs authority_clients: the names of the RA client "
+                              "certificates it accepts")
+        if ANY_AGENT in settings.authority_clients:
+            raise ConfigError("authority_clients cannot be '*': name the RA certificates, or agents could call")
 
 
 def build_services(settings: Settings, *, directory=None, run_migrations: bool = True) -> Services:
     from directory_sync.ldap import LdapDirectory
-    from directory_sync.publisher import Publisher
 
     paths = PkiPaths.in_dir(settings.data_dir)
     if not paths.ca_cert.exists():
-        raise ConfigError(f"no CA in {settings.data_dir}; run `autoenroll init` first")
+        raise ConfigError(f"no CA certificate in {settings.data_dir}; run `autoenroll init` first")
+    check_role(settings)
     if run_migrations:
         migrate(settings.db_url)
     db = Database(settings.db_url)
-    passphrase = settings.passphrase()
     ca_cert = read_cert(paths.ca_cert)
-    ca = LocalCA(db, ca_cert, read_private_key(paths.ca_key, passphrase),
-                 CaUrls(crl_url=settings.crl_url, ca_issuers_url=settings.ca_issuers_url),
-                 crl_validity=timedelta(hours=settings.crl_validity_hours))
-    kra = LocalKRA(db, read_public_key(paths.kra_public_key),
-                   lambda: read_private_key(paths.kra_key, passphrase))
-    pool = KeyPool(size=settings.key_pool_size,
-                   key_types={p.key_type for p in settings.profiles.values() if p.key_type.is_rsa})
-    key_authority = LocalKeyAuthority(ca, kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
-    directory = directory if directory is not None else LdapDirectory(settings.ldap)
-    publisher = Publisher(db, directory, dict(settings.profiles), ca_cert.public_bytes(Encoding.DER))
     extra = settings.path("user-trust.pem")
     anchors = (ca_cert, *(read_certs(extra) if extra.exists() else ()))
     user_trust = UserTrust(anchors=anchors, our_issuers=(ca_cert,))
-    agent_policy = AgentPolicy(anchors=(read_cert(paths.tls_ca_cert),), allowed=settings.agents_allowed)
+    tls_anchors = (read_cert(paths.tls_ca_cert),)
+    agent_policy = AgentPolicy(anchors=tls_anchors, allowed=settings.agents_allowed)
+    directory = directory if directory is not None else LdapDirectory(settings.ldap)
+    common = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy, user_trust=user_trust)
+    if settings.role == "ca":
+        ca = _local_ca(settings, paths, db, ca_cert)
+        return Services(**common, ca=ca, kra=None, pool=None, key_authority=None,
+                        publisher=_publisher(settings, db, directory, ca), ra=None, recovery=None,
+                        authority_policy=AgentPolicy(anchors=tls_anchors, allowed=settings.authority_clients))
+    if settings.role == "kra":
+        return _kra_services(settings, paths, db, ca_cert, common, tls_anchors)
+
+    if settings.role == "ra":
+        ca, kra, publisher = _remote_authorities(settings, paths, ca_cert)
+    else:
+        ca = _local_ca(settings, paths, db, ca_cert)
+        passphrase = settings.passphrase()
+        kra = LocalKRA(db, read_public_key(paths.kra_public_key), lambda: read_private_key(paths.kra_key, passphrase),
+                       pkcs12_iterations=settings.pkcs12_iterations)
+        publisher = _publisher(settings, db, directory, ca)
+    pool = KeyPool(size=settings.key_pool_size,
+                   key_types={p.key_type for p in settings.profiles.values() if p.key_type.is_rsa})
+    key_authority = LocalKeyAuthority(ca, kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
     ra = RegistrationAuthority(settings, db, directory, key_authority, publisher)
     recovery = Recovery(settings, db, directory, kra, ca.chain)
-    return Services(settings=settings, db=db, directory=directory, ca=ca, kra=kra, pool=pool,
-                    key_authority=key_authority, publisher=publisher, ra=ra, recovery=recovery,
-                    agent_policy=agent_policy,
-                    user_trust=user_trust)
+    return Services(**common, ca=ca, kra=kra, pool=pool, key_authority=key_authority, publisher=publisher, ra=ra,
+                    recovery=recovery)
+
+
+def _local_ca(settings: Settings, paths: PkiPaths, db: Database, ca_cert) -> LocalCA:
+    return LocalCA(db, ca_cert, read_private_key(paths.ca_key, settings.passphrase()),
+                   CaUrls(crl_url=settings.crl_url, ca_issuers_url=settings.ca_issuers_url),
+                   crl_validity=timedelta(hours=settings.crl_validity_hours))
+
+
+def _publisher(settings: Settings, db: Database, directory, ca: LocalCA):
+    from directory_sync.publisher import Publisher
+    return Publisher(db, directory, dict(settings.profiles), ca.certificate.public_bytes(Encoding.DER), ca=ca)
+
+
+def _remote_authorities(settings: Settings, paths: PkiPaths, ca_cert):
+    from .authorities.remote import AuthorityClient, RemoteCA, RemoteKRA, RemotePublisher
+    cert, key = settings.path(settings.authority_client_cert), settings.path(settings.authority_client_key)
+    if not (cert.exists() and key.exists()):
+        raise ConfigError(f"role 'ra' needs its TLS client certificate {cert} and key {key} (README, Split deployment)")
+    options = dict(client_cert=(str(cert), str(key)), server_ca=str(paths.tls_ca_cert),
+                   timeout=settings.authority_timeout_seconds, pool_size=max(4, settings.threads * 2))
+    ca_client = AuthorityClient(settings.ca_url, name="CA", **options)
+    ca = RemoteCA(ca_client, ca_cert)
+    kra = RemoteKRA(AuthorityClient(settings.kra_url, name="KRA", **options), read_public_key(paths.kra_public_key))
+    return ca, kra, RemotePublisher(ca_client, timeout=settings.publish_timeout_seconds + 1.0)
+
+
+def _kra_services(settings: Settings, paths: PkiPaths, db: Database, ca_cert, common: dict, tls_anchors) -> Services:
+    from .authorities.kra_verify import CaView, EvidenceVerifier
+    storage_key = read_private_key(paths.kra_key, settings.passphrase())  # at start: a wrong passphrase fails now
+    kra = LocalKRA(db, storage_key.public_key(), lambda: storage_key, pkcs12_iterations=settings.pkcs12_iterations)
+    ca = CaView(db, ca_cert)
+    evidence = EvidenceVerifier(db=db, directory=common["directory"], trust=common["user_trust"],
+                                is_revoked=ca.is_revoked, officers_group=settings.recovery_officers_group,
+                                quorum=settings.recovery_quorum)
+    return Services(**common, ca=ca, kra=kra, pool=None, key_authority=None, publisher=None, ra=None,
+                    recovery=None, evidence=evidence,
+                    authority_policy=AgentPolicy(anchors=tls_anchors, allowed=settings.authority_clients))

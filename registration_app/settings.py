@@ -61,6 +61,14 @@ class Settings:
     recovery_officers_group: str = "cn=recovery-officers,ou=groups,dc=example,dc=org"
     recovery_quorum: int = 2
     recovery_request_ttl_hours: int = 48
+    # Split deployment (README "Split deployment"): which authorities this process is.
+    role: str = "all"  # all (the server platform) | ra | ca | kra
+    ca_url: str = ""  # role ra: the CA service, e.g. https://ca.internal:9443
+    kra_url: str = ""  # role ra: the KRA service
+    authority_clients: frozenset[str] = frozenset()  # roles ca, kra: RA client certificate names (CN/SAN/subject)
+    authority_client_cert: str = "ra-client.pem"  # role ra: its TLS client certificate (clientAuth, TLS CA)
+    authority_client_key: str = "ra-client.key"
+    authority_timeout_seconds: float = 10.0
     ldap: LdapSettings = field(default_factory=LdapSettings)
     profiles: Mapping[str, Profile] = field(default_factory=lambda: parse_profiles(DEFAULT_PROFILES))
 

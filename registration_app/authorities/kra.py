@@ -10,13 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import select
 
 from ..core.errors import EscrowFailed, Forbidden, UnknownCertificate
 from ..store import audit
 from ..store.db import Database
-from ..store.models import Escrow, RecoveryRequest
+from ..store.models import Certificate, Escrow, RecoveryRequest
 from .escrow_crypto import escrow_aad, open_private_key, seal_private_key
+from .pkcs12 import to_pkcs12
 
 
 @dataclass(frozen=True)
@@ -33,19 +36,29 @@ class RecoveryGrant:
 
 
 class LocalKRA:
-    def __init__(self, db: Database, storage_public_key, load_storage_private_key: Callable[[], object]):
+    def __init__(self, db: Database, storage_public_key, load_storage_private_key: Callable[[], object], *,
+                 pkcs12_iterations: int = 20000):
         self.db = db
         self._public = storage_public_key
         self._load_private = load_storage_private_key
         self._private = None
+        self.pkcs12_iterations = pkcs12_iterations
 
     def escrow(self, serial: str, key, *, email: str, profile: str, actor: str,
                now: datetime | None = None) -> int:
         """Seal and commit; returns the escrow id. Any failure raises EscrowFailed."""
-        now = now or datetime.now(timezone.utc)
         try:
             blob = seal_private_key(key, self._public, escrow_aad(int(serial, 16), email, profile))
+        except Exception as exc:
+            raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
+        return self.store_sealed(serial, blob, email=email, profile=profile, actor=actor, now=now)
 
+    def store_sealed(self, serial: str, blob: bytes, *, email: str, profile: str, actor: str,
+                     now: datetime | None = None) -> int:
+        """Commit a blob sealed by `escrow_crypto.seal_private_key` (by this object, or by an RA that holds
+        only the public storage key); returns the escrow id. Any failure raises EscrowFailed."""
+        now = now or datetime.now(timezone.utc)
+        try:
             def work(session):
                 row = Escrow(serial=serial, email=email, profile=profile, blob=blob, created_at=now)
                 session.add(row)
@@ -57,6 +70,16 @@ class LocalKRA:
             return self.db.run(work)
         except Exception as exc:  # the caller must not deliver anything, whatever went wrong
             raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
+
+    def check_sealed(self, serial: str, blob: bytes, *, email: str, profile: str) -> None:
+        """Raise unless `blob` opens with the storage private key for this serial, user and profile: a KRA
+        that receives sealed keys from elsewhere accepts only escrows it will be able to give back."""
+        open_private_key(blob, self._storage_private_key(), escrow_aad(int(serial, 16), email, profile))
+
+    def _storage_private_key(self):
+        if self._private is None:
+            self._private = self._load_private()
+        return self._private
 
     def has_escrow(self, serial: str) -> bool:
         with self.db.transaction() as session:
@@ -82,10 +105,26 @@ class LocalKRA:
             self._check_officer_grant(serial, grant)
         elif grant.kind != "owner":
             raise Forbidden("unknown kind of recovery grant")
-        if self._private is None:
-            self._private = self._load_private()
-        key = open_private_key(row.blob, self._private, escrow_aad(int(serial, 16), row.email, row.profile))
+        key = open_private_key(row.blob, self._storage_private_key(), escrow_aad(int(serial, 16), row.email, row.profile))
         self.db.run(lambda s: audit.append(
             s, event="key.recovered", outcome="done", actor=grant.actor, subject=row.email, now=now,
             detail={"serial": serial, "grant": grant.kind, "request_id": grant.request_id}))
         return key
+
+    def recover_pkcs12(self, serial: str, grant: RecoveryGrant, password: str, legacy: bool, friendly_name: str,
+                       chain: list[x509.Certificate], *, now: datetime | None = None) -> bytes:
+        """The escrowed key with its certificate as PKCS#12 under `password`: what a caller outside the KRA
+        gets instead of the raw key (a remote KRA takes the password from the signed evidence)."""
+        key = self.recover(serial, grant, now=now)
+        with self.db.transaction() as session:
+            row = session.get(Certificate, serial)
+            der = row.der if row is not None else None
+        if der is None:
+            raise UnknownCertificate(f"no certificate with serial {serial[:48]}")
+        cert = x509.load_der_x509_certificate(der)
+        spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+            # The database is shared with other services: never wrap a key with a certificate not its own.
+            raise Forbidden(f"the certificate {serial[:48]} does not match its escrowed key")
+        return to_pkcs12(key=key, cert=cert, chain=chain, password=password, friendly_name=friendly_name,
+                         legacy=legacy, iterations=self.pkcs12_iterations)

@@ -105,11 +105,20 @@ class _WriterQueue:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
-def _sqlite_file(engine: Engine) -> str | None:
+_writer_queues: dict[str | None, _WriterQueue] = {}
+
+
+def _writer_queue(engine: Engine) -> _WriterQueue:
+    """One queue per SQLite file per process, whichever Database object asks: a transaction opened
+    inside another one on the same file (same thread) re-enters instead of waiting for itself."""
     database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return str(Path(database).resolve()) + ".lock"
+    path = None
+    if database and database != ":memory:" and not database.startswith("file:"):
+        path = str(Path(database).resolve()) + ".lock"
+    with _WriterQueue._init_lock:
+        if path is None:
+            return _WriterQueue(None)
+        return _writer_queues.setdefault(path, _WriterQueue(path))
 
 
 class Database:
@@ -119,7 +128,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._writers = _WriterQueue(_sqlite_file(self.engine)) if self.engine.dialect.name == "sqlite" else None
+        self._writers = _writer_queue(self.engine) if self.engine.dialect.name == "sqlite" else None
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

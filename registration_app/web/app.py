@@ -9,6 +9,7 @@ from flask import Flask, g, request
 
 from ..settings import Settings
 from .api import api
+from .authority_api import ca_authority, kra_authority
 from .errors import register_error_handlers
 from .public import public
 
@@ -16,7 +17,10 @@ log = logging.getLogger("autoenroll.web")
 
 
 def create_app(settings: Settings, services=None, *, with_api: bool = True) -> Flask:
-    """`with_api=False` builds the public-only app of the plain-HTTP listener (CRL, CA, health)."""
+    """`with_api=False` builds the public-only app of the plain-HTTP listener (CRL, CA, health).
+
+    Which API is served follows `settings.role`: the agent API for "all" and "ra", the authority API of
+    the CA or the KRA for "ca" and "kra" (web/authority_api.py)."""
     if services is None:
         from ..services import build_services
         services = build_services(settings)
@@ -40,6 +44,10 @@ def create_app(settings: Settings, services=None, *, with_api: bool = True) -> F
 
     register_error_handlers(app)
     app.register_blueprint(public)
-    if with_api:
+    if with_api and settings.role in ("all", "ra"):
         app.register_blueprint(api, url_prefix="/api/v1")
+    elif with_api and settings.role == "ca":
+        app.register_blueprint(ca_authority, url_prefix="/authority/v1/ca")
+    elif with_api and settings.role == "kra":
+        app.register_blueprint(kra_authority, url_prefix="/authority/v1/kra")
     return app

@@ -24,7 +24,8 @@ def problem(status: int, code: str, title: str, detail: str, **extra):
 
 
 def _record_denial(error: AutoenrollError) -> None:
-    """Every refused API request is one audit row (who asked, what for, why refused)."""
+    """Every refused API request is one audit row (who asked, what for, why refused): refusals by
+    our own checks and by the HTTP layer (413 body too large, 404, 405) alike."""
     services = getattr(g, "services", None)
     if services is None or not request.path.startswith("/api/"):
         return
@@ -57,9 +58,13 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException):
-        code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(
-            error.code or 400, "bad_request")
-        return problem(error.code or 400, code, error.name, error.description or error.name)
+        status = error.code or 400
+        code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        if 400 <= status < 500:
+            refusal = AutoenrollError(error.description or error.name)
+            refusal.code = code
+            _record_denial(refusal)
+        return problem(status, code, error.name, error.description or error.name)
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from flask import Blueprint, Response, g, jsonify
+from cryptography import x509
+from flask import Blueprint, Response, g, jsonify, request
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..core.errors import AutoenrollError
 from ..store.repos import outbox_status
 
 public = Blueprint("public", __name__)
+
+
+@public.record_once
+def _let_the_outbox_worker_refresh_the_crl(state) -> None:
+    """The outbox worker rebuilds the CRL before nextUpdate when its publisher knows the CA.
+
+    Interim wiring until services.py passes `ca=` to Publisher (then this does nothing): every server
+    process builds its app through create_app, which registers this blueprint.
+    """
+    services = state.app.extensions.get("autoenroll")
+    publisher = getattr(services, "publisher", None)
+    if publisher is not None and getattr(publisher, "ca", "absent") is None:
+        publisher.ca = services.ca
 
 
 @public.get("/health")
@@ -39,10 +53,23 @@ def ca_certificate():
                     headers={"Cache-Control": "public, max-age=86400"})
 
 
+HTTP_DATE = "%a, %d %b %Y %H:%M:%S GMT"
+
+
 @public.get("/crl/ca.crl")
 def crl():
+    """The CRL of the certificates' distribution point: DER, cacheable until a new one may exist.
+
+    A revocation publishes a new CRL at once, so caches may keep one for at most an hour (and never
+    past nextUpdate); the ETag is the CRL number, so a conditional GET costs nothing.
+    """
     current = g.services.ca.crl()
+    number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    etag = f'"crl-{number}"'
     max_age = max(0, int((current.next_update_utc - datetime.now(timezone.utc)).total_seconds()))
-    return Response(current.public_bytes(Encoding.DER), mimetype="application/pkix-crl",
-                    headers={"Cache-Control": f"public, max-age={min(max_age, 3600)}",
-                             "Last-Modified": current.last_update_utc.strftime("%a, %d %b %Y %H:%M:%S GMT")})
+    headers = {"Cache-Control": f"public, max-age={min(max_age, 3600)}, no-transform",
+               "Last-Modified": current.last_update_utc.strftime(HTTP_DATE),
+               "Expires": current.next_update_utc.strftime(HTTP_DATE), "ETag": etag}
+    if request.headers.get("If-None-Match") == etag:
+        return Response(status=304, headers=headers)
+    return Response(current.public_bytes(Encoding.DER), mimetype="application/pkix-crl", headers=headers)

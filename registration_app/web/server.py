@@ -11,6 +11,8 @@ from ..settings import Settings
 
 
 class _Server(BaseApplication):
+    """One `autoenroll serve` for every role: what it serves follows settings.role (services.py, app.py)."""
+
     def __init__(self, settings: Settings, options: dict) -> None:
         self.settings = settings
         self.options = options
@@ -48,8 +50,11 @@ def gunicorn_options(settings: Settings) -> dict:
 
 def start_plain_http(settings: Settings):
     """The CRL distribution point and caIssuers URLs are plain HTTP (S/MIME BR): a small threaded
-    listener in the gunicorn master serves only the public routes from the same database."""
-    if not settings.http_bind:
+    listener in the gunicorn master serves only the public routes from the same database.
+
+    In a split deployment the CA's http_url is the one written into certificates, so the CA serves it (an
+    RA may serve it too, fetching the CRL from the CA); the KRA serves nothing in plain HTTP."""
+    if not settings.http_bind or settings.role == "kra":
         return None
     import threading
 
@@ -65,7 +70,13 @@ def start_plain_http(settings: Settings):
 
 
 def run(settings: Settings) -> None:
+    from ..services import check_role
     from ..store.db import migrate
+    from ..core.errors import AutoenrollError
+    try:
+        check_role(settings)  # before gunicorn forks: a misconfigured role stops here with its reason
+    except AutoenrollError as exc:
+        raise SystemExit(f"autoenroll serve: {exc.detail}") from None
     migrate(settings.db_url)
     options = gunicorn_options(settings)
     options["when_ready"] = lambda _arbiter: start_plain_http(settings)

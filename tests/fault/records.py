@@ -152,6 +152,7 @@ def enroll_all(world_, users, payload: dict, *, agents: int = 4, on_progress=Non
 
     def agent():
         conn = world_.connection()
+        conn.resend_on_reset = False  # a lost reply must show as lost, not be hidden by a resend
         try:
             while True:
                 try:

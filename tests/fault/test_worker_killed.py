@@ -45,7 +45,8 @@ def test_worker_killed_mid_request_loses_nothing_and_the_next_requests_succeed(f
     final, seen = records.enroll_all(w, w.users[:N], payload, agents=6, on_progress=on_progress)
     assert victims
     lost = [r for r in seen if not hasattr(r, "status")]
-    print(f"\nworker {victims[0]} killed: {len(lost)} request(s) lost their connection")
+    statuses = sorted(str(getattr(r, "status", type(r).__name__)) for r in final.values())
+    print(f"\nworker {victims[0]} killed: {len(lost)} request(s) lost their connection; final: {statuses}")
 
     # gunicorn replaced the worker; the next requests succeed on a fresh connection.
     new_workers = w.platform.wait_workers()

@@ -1,0 +1,94 @@
+"""Bulk pre-provisioning against a real slapd: one escrowed, published certificate per entitled member,
+idempotent, resumable, recoverable by the owner."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import func, select
+
+from directory_sync.provision import Provisioner
+from registration_app.authorities.kra import RecoveryGrant
+from registration_app.core.errors import BadRequest
+from registration_app.store import audit
+from registration_app.store.models import Certificate, Escrow
+from registration_app.store.repos import outbox_status
+from tests.directory_sync.world import add_group, kra_public_key, make_services, profiles_for, users_ldif
+
+COUNT = 240
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, slapd):
+    """COUNT users in a fresh group `bulk-*` (entitled by `ent-*`), plus one member who is not entitled."""
+    from ldap3 import Connection, Server
+    tag = uuid.uuid4().hex[:8]
+    ldif, dns = users_ldif(f"p{tag}-", COUNT + 1, (), with_member_of=False)
+    slapd.load(ldif)
+    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    bulk = add_group(conn, f"bulk-{tag}", dns)
+    entitled = add_group(conn, f"ent-{tag}", dns[:COUNT])
+    conn.unbind()
+    services = make_services(tmp_path_factory.mktemp("provision"), slapd.settings(), profiles=profiles_for(entitled))
+    yield services, bulk, dns
+    services.close()
+
+
+def provisioner(services, **kw) -> Provisioner:
+    return Provisioner(services, kra_public_key=kra_public_key(services), batch_size=64, **kw)
+
+
+def test_provision_publishes_one_each_then_issues_none(world):
+    services, group, dns = world
+    profile = services.settings.profiles["smime-encryption-ec"]
+    report = provisioner(services).run(group, profile)
+    assert (report.members, report.entitled, report.issued, report.published) == (COUNT + 1, COUNT, COUNT, COUNT)
+    assert report.queued == 0 and not report.failed
+    assert outbox_status(services.db)["depth"] == 0
+
+    with services.db.transaction() as session:
+        certs = {c.user_dn: c for c in session.execute(select(Certificate).where(
+            Certificate.profile == profile.name)).scalars()}
+        escrowed = session.execute(select(func.count()).select_from(Escrow)).scalar_one()
+        assert audit.verify(session).ok
+    assert set(certs) == set(dns[:COUNT]) and escrowed == COUNT
+    for dn in (dns[0], dns[COUNT // 2], dns[COUNT - 1]):
+        assert services.directory.find_user(certs[dn].email).certificates == (certs[dn].der,)
+    assert services.directory.find_user(f"{dns[COUNT].split(',')[0][4:]}@example.org").certificates == ()
+
+    again = provisioner(services).run(group, profile)
+    assert (again.issued, again.already, again.published) == (0, COUNT, 0)
+
+
+def test_owner_recovers_a_provisioned_key(world):
+    services, group, dns = world
+    with services.db.transaction() as session:
+        row = session.execute(select(Certificate).where(Certificate.user_dn == dns[1])).scalar_one()
+    key = services.kra.recover(row.serial, RecoveryGrant(kind="owner", email=row.email, actor="test"))
+    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == x509.load_der_x509_certificate(row.der).public_key().public_bytes(*spki)
+
+
+def test_a_revoked_member_gets_a_new_one_the_others_nothing(world):
+    """Revoked certificates do not count as current: those users get a new one, the others nothing."""
+    services, group, dns = world
+    with services.db.transaction() as session:
+        serial = session.execute(select(Certificate.serial).where(Certificate.user_dn == dns[2])).scalar_one()
+    services.ca.revoke(serial, x509.ReasonFlags.key_compromise)
+    services.publisher.drain()
+    report = provisioner(services, workers=0).run(group, services.settings.profiles["smime-encryption-ec"])
+    assert (report.issued, report.published) == (1, 1)
+    with services.db.transaction() as session:
+        new = session.execute(select(Certificate).where(Certificate.user_dn == dns[2],
+                                                        Certificate.status == "valid")).scalar_one()
+    assert new.replaces == serial
+    assert services.directory.find_user(new.email).certificates == (new.der,)
+
+
+def test_signature_profiles_are_not_provisioned(world):
+    services, group, _ = world
+    with pytest.raises(BadRequest):
+        provisioner(services).run(group, services.settings.profiles["smime-signature"])

@@ -1,0 +1,186 @@
+"""Reconcile: the pure decision per user, then whole passes against a real slapd."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE
+from sqlalchemy import select
+
+from directory_sync.ldap import CA_CERT_ATTR, CRL_ATTR
+from directory_sync.reconcile import (NOT_ENTITLED, USER_NOT_IN_LDAP, CertRow, LdapUser, Reconciler,
+                                      plan_user)
+from registration_app.core.model import Profile, Usage
+from registration_app.store.models import Certificate, Escrow
+from tests.directory_sync.certs import cert
+from tests.directory_sync.world import add_group, issue, make_services, profiles_for
+
+NOW = datetime.now(timezone.utc)
+ENC = Profile(name="enc", usage=Usage.ENCRYPTION, groups=frozenset({"cn=g,ou=groups,dc=example,dc=org"}))
+SIG = Profile(name="sig", usage=Usage.SIGNATURE, groups=frozenset({"cn=g,ou=groups,dc=example,dc=org"}))
+PROFILES = {"enc": ENC, "sig": SIG}
+
+
+def row(serial: str, *, profile: str = "enc", status: str = "valid", age: int = 1, dn: str = "uid=u,o=x") -> CertRow:
+    issued = NOW - timedelta(days=age)
+    return CertRow(serial=serial, user_dn=dn, email="u@example.org", profile=profile,
+                   usage=PROFILES[profile].usage.value, status=status, der=f"der-{serial}".encode(),
+                   not_before=issued, not_after=issued + timedelta(days=365), issued_at=issued)
+
+
+def user(*values: bytes, entitled: bool = True) -> LdapUser:
+    return LdapUser(dn="uid=u,o=x", mails=("u@example.org",), groups=frozenset({"g"} if entitled else ()),
+                    certificates=values)
+
+
+def entitled(u: LdapUser, _profile) -> bool:
+    return "g" in u.groups
+
+
+# --- the decision (pure) -------------------------------------------------------------------------------
+def test_in_line_user_needs_nothing():
+    enc, sig = row("1"), row("2", profile="sig")
+    plan = plan_user(user(b"foreign", enc.der, sig.der), [enc, sig], profiles=PROFILES, entitled=entitled, now=NOW)
+    assert plan.empty
+
+
+def test_user_who_left_the_groups_is_revoked_and_unpublished_foreign_values_kept():
+    enc = row("1")
+    plan = plan_user(user(b"foreign", enc.der, entitled=False), [enc], profiles=PROFILES, entitled=entitled, now=NOW)
+    assert [(r.serial, r.why) for r in plan.revoke] == [("1", NOT_ENTITLED)]
+    add, remove = plan.publish
+    assert add == () and remove == (enc.der,)  # b"foreign" is not ours: never in either list
+
+
+def test_user_gone_from_ldap_is_revoked():
+    plan = plan_user(None, [row("1"), row("2", status="revoked")], profiles=PROFILES, entitled=entitled, now=NOW)
+    assert [(r.serial, r.why) for r in plan.revoke] == [("1", USER_NOT_IN_LDAP)]
+
+
+def test_missing_current_value_is_republished_and_stale_ones_removed():
+    old, new, sig = row("1", status="superseded", age=30), row("2"), row("3", profile="sig")
+    expired = row("4", profile="sig", age=400)
+    plan = plan_user(user(old.der, expired.der, sig.der), [old, new, sig, expired], profiles=PROFILES,
+                     entitled=entitled, now=NOW)
+    assert not plan.revoke
+    add, remove = plan.publish
+    assert add == (new.der, sig.der)  # current encryption certificate first
+    assert set(remove) == {old.der, expired.der}
+
+
+def test_wrong_order_is_fixed_and_strays_of_other_users_removed():
+    enc, sig = row("1"), row("2", profile="sig")
+    assert plan_user(user(sig.der, enc.der), [enc, sig], profiles=PROFILES, entitled=entitled,
+                     now=NOW).publish == ((enc.der, sig.der), ())
+    plan = plan_user(user(enc.der, b"someone-elses"), [enc], profiles=PROFILES, entitled=entitled, now=NOW,
+                     known_ours={b"someone-elses": "uid=other,o=x"})
+    assert plan.publish == ((enc.der,), (b"someone-elses",))
+
+
+def test_unknown_profile_is_left_alone():
+    stray = CertRow(**{**row("1").__dict__, "profile": "retired"})
+    assert not plan_user(user(stray.der, entitled=False), [stray], profiles=PROFILES, entitled=entitled,
+                         now=NOW).revoke
+
+
+# --- whole passes against slapd ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def group(slapd):
+    from ldap3 import Connection, Server
+    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    dn = add_group(conn, "rec-" + uuid.uuid4().hex[:8], ["cn=admin,dc=example,dc=org"])
+    conn.unbind()
+    return dn
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory, slapd, group):
+    s = make_services(tmp_path_factory.mktemp("reconcile"), slapd.settings(), profiles=profiles_for(group))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def reconciler(services):
+    return Reconciler(services.db, services.directory, services.ca, services.publisher, services.settings.profiles)
+
+
+def enrolled(services, ldap_admin, new_user, group) -> tuple[str, str, object]:
+    dn, email = new_user()
+    assert ldap_admin.modify(group, {"member": [(MODIFY_ADD, [dn])]}), ldap_admin.result
+    issued = issue(services, email)
+    services.publisher.drain(user_dn=dn)
+    return dn, email, issued
+
+
+def values(ldap_admin, dn: str) -> list[bytes]:
+    ldap_admin.search(dn, "(objectClass=*)", BASE, attributes=["userCertificate;binary"])
+    return list(ldap_admin.response[0]["raw_attributes"].get("userCertificate;binary", []))
+
+
+def status(services, serial: str) -> str:
+    with services.db.transaction() as session:
+        return session.get(Certificate, serial).status
+
+
+def test_group_exit_revokes_unpublishes_keeps_foreign_and_dry_run_changes_nothing(
+        services, reconciler, ldap_admin, new_user, group):
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    stay_dn, _, stay = enrolled(services, ldap_admin, new_user, group)
+    foreign = cert("Other CA", email, encryption=True)
+    assert ldap_admin.modify(dn, {"userCertificate;binary": [(MODIFY_ADD, [foreign])]})
+    ours = issued.certificate.public_bytes(Encoding.DER)
+    assert values(ldap_admin, dn) == [ours, foreign]
+    assert ldap_admin.modify(group, {"member": [(MODIFY_DELETE, [dn])]})
+
+    dry = reconciler.run(dry_run=True)
+    assert [r.serial for r in dry.revoked] == [issued.serial] and dry.republished == [dn]
+    assert status(services, issued.serial) == "valid" and values(ldap_admin, dn) == [ours, foreign]
+    assert reconciler.last_run() is None  # a dry run leaves no trace
+
+    report = reconciler.run()
+    assert [(r.serial, r.why) for r in report.revoked] == [(issued.serial, NOT_ENTITLED)]
+    assert status(services, issued.serial) == "revoked" and status(services, stay.serial) == "valid"
+    assert values(ldap_admin, dn) == [foreign]
+    assert values(ldap_admin, stay_dn) == [stay.certificate.public_bytes(Encoding.DER)]
+    ldap_admin.search(services.settings.ldap.ca_entry_dn, "(objectClass=*)", BASE, attributes=[CRL_ATTR, CA_CERT_ATTR])
+    crl = x509.load_der_x509_crl(ldap_admin.response[0]["raw_attributes"][CRL_ATTR][0])
+    revoked = crl.get_revoked_certificate_by_serial_number(issued.certificate.serial_number)
+    assert revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason is x509.ReasonFlags.affiliation_changed
+    with services.db.transaction() as session:  # escrow retention
+        assert session.execute(select(Escrow).where(Escrow.serial == issued.serial)).scalar_one()
+    assert not reconciler.run().changed  # converged
+
+
+def test_incremental_pass_sees_group_exit_deletion_and_missing_values(
+        services, reconciler, ldap_admin, new_user, group):
+    reconciler.run()  # a baseline: later passes are incremental
+    left_dn, _, left = enrolled(services, ldap_admin, new_user, group)
+    gone_dn, _, gone = enrolled(services, ldap_admin, new_user, group)
+    wiped_dn, _, wiped = enrolled(services, ldap_admin, new_user, group)
+    assert ldap_admin.modify(group, {"member": [(MODIFY_DELETE, [left_dn])]})
+    assert ldap_admin.delete(gone_dn)
+    assert ldap_admin.modify(wiped_dn, {"userCertificate;binary": [(MODIFY_DELETE, [])]})  # someone wiped it
+
+    report = reconciler.run(incremental=True)
+    assert report.mode == "incremental"
+    assert {(r.serial, r.why) for r in report.revoked} == {(left.serial, NOT_ENTITLED), (gone.serial, USER_NOT_IN_LDAP)}
+    assert values(ldap_admin, left_dn) == []
+    assert values(ldap_admin, wiped_dn) == [wiped.certificate.public_bytes(Encoding.DER)]
+    assert status(services, wiped.serial) == "valid"
+
+
+def test_renamed_entry_is_followed_not_revoked(services, reconciler, ldap_admin, new_user, group):
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    new_rdn = "uid=" + dn.split(",", 1)[0].split("=", 1)[1] + "-moved"
+    assert ldap_admin.modify_dn(dn, new_rdn), ldap_admin.result
+    new_dn = f"{new_rdn},ou=people,dc=example,dc=org"
+    report = reconciler.run()
+    assert report.moved == [(dn, new_dn)] and not report.revoked
+    assert status(services, issued.serial) == "valid"
+    with services.db.transaction() as session:
+        assert session.get(Certificate, issued.serial).user_dn == new_dn

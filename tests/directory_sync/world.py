@@ -1,0 +1,74 @@
+"""An in-process server platform for directory_sync tests: CA, KRA and database in a temporary folder,
+wired by build_services to a real slapd (no LDAP mocks), plus bulk users loaded with slapadd."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+from pathlib import Path
+
+from registration_app.authorities.pki_files import PkiPaths, create_pki, read_public_key
+from registration_app.services import Services, build_services
+from registration_app.settings import Settings
+
+GROUPS = "ou=groups,dc=example,dc=org"
+PEOPLE = "ou=people,dc=example,dc=org"
+PASSPHRASE = b"test-passphrase-not-secret"
+
+
+def make_services(data: Path, ldap_settings, **overrides) -> Services:
+    """CA + KRA + sqlite in `data`, LDAP from `ldap_settings` (PrivateSlapd.settings())."""
+    data.mkdir(parents=True, exist_ok=True)
+    if not PkiPaths.in_dir(data).ca_cert.exists():
+        create_pki(data, passphrase=PASSPHRASE, now=datetime.now(timezone.utc))
+    settings = dataclasses.replace(Settings(), data_dir=data, ca_passphrase=PASSPHRASE.decode(),
+                                   http_url="http://127.0.0.1:9/", ldap=ldap_settings, **overrides)
+    services = build_services(settings)
+    services.publisher.ca = services.ca
+    return services
+
+
+def kra_public_key(services: Services):
+    return read_public_key(PkiPaths.in_dir(services.settings.data_dir).kra_public_key)
+
+
+def users_ldif(prefix: str, count: int, groups: tuple[str, ...] = ("smime-users",), *,
+               with_member_of: bool = True) -> tuple[str, list[str]]:
+    """LDIF of `count` users (and, with groups, the memberOf values slapadd will not make);
+    returns (ldif, dns). Load with ldapadd (slapd.load) or slapadd (slapd.bulk_load)."""
+    lines, dns = [], []
+    for i in range(count):
+        uid = f"{prefix}{i}"
+        dn = f"uid={uid},{PEOPLE}"
+        dns.append(dn)
+        member_of = "".join(f"memberOf: cn={g},{GROUPS}\n" for g in groups) if with_member_of else ""
+        lines.append(f"dn: {dn}\nobjectClass: inetOrgPerson\nobjectClass: pkiUser\nuid: {uid}\n"
+                     f"cn: User {uid}\nsn: {uid}\nmail: {uid}@example.org\n{member_of}")
+    return "\n".join(lines), dns
+
+
+def group_ldif(cn: str, members: list[str]) -> str:
+    return (f"dn: cn={cn},{GROUPS}\nobjectClass: groupOfNames\ncn: {cn}\n"
+            + "".join(f"member: {m}\n" for m in members))
+
+
+def profiles_for(group_dn: str) -> dict:
+    """The default profiles, entitled by `group_dn` only (so tests on the shared slapd do not meet)."""
+    from registration_app.core.profiles import parse_profiles
+    from registration_app.settings import DEFAULT_PROFILES
+    return parse_profiles({name: {**table, "groups": [group_dn]} for name, table in DEFAULT_PROFILES.items()})
+
+
+def add_group(ldap_admin, cn: str, members: list[str]) -> str:
+    """A groupOfNames made over LDAP (so that the memberOf overlay fills the members' memberOf)."""
+    dn = f"cn={cn},{GROUPS}"
+    assert ldap_admin.add(dn, ["groupOfNames"], {"cn": cn, "member": members}), ldap_admin.result
+    return dn
+
+
+def issue(services: Services, email: str, profile: str = "smime-encryption-ec", now=None):
+    """An encryption certificate through the in-process key authority (what the RA does after its checks)."""
+    from registration_app.authorities.key_authority import IssueRequest
+    user = services.directory.find_user(email)
+    return services.key_authority.issue(IssueRequest(
+        user=user, profile=services.settings.profiles[profile], actor="test", password="pw"), now=now)

@@ -1,0 +1,286 @@
+"""The split deployment: RA, CA and KRA as three `autoenroll serve` processes (mTLS between them), one
+database and the session's slapd. A user's whole path goes through the RA; the KRA refuses evidence the
+user did not sign for this key, and the RA runs without the CA's or the KRA's private key."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from sqlalchemy import select
+
+from directory_sync.slapd import free_port
+from registration_app.agent.jws import sign_user_request
+from registration_app.agent.store import AgentStore
+from registration_app.store import audit
+from registration_app.store.db import Database
+from registration_app.store.models import Certificate, RecoveryApproval, RecoveryRequest
+from tests.e2e.platform import Platform, cli
+from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
+
+RA_CLIENT = "ra.internal"
+# What each host receives from the `autoenroll init` directory (README, "Split deployment").
+LAYOUT = {
+    "ca": ["ca.key", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase"],
+    "kra": ["kra.key", "kra.pem", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase"],
+    "ra": ["ca.pem", "kra.pem", "tls-ca.pem", "server.pem", "server.key", "ra-client.pem", "ra-client.key",
+           "agent.pem", "agent.key"],
+}
+# The RA client certificate, issued by the TLS CA with openssl exactly as the README says.
+RA_CLIENT_EXT = f"""basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectAltName = DNS:{RA_CLIENT}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+def issue_ra_client_certificate(data: Path) -> None:
+    (data / "ra-client.ext").write_text(RA_CLIENT_EXT)
+    for command in (
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "ra-client.key", "-subj", f"/CN={RA_CLIENT}", "-out", "ra-client.csr"],
+        ["openssl", "x509", "-req", "-in", "ra-client.csr", "-CA", "tls-ca.pem", "-CAkey", "tls-ca.key",
+         "-passin", "file:passphrase", "-days", "825", "-sha256", "-extfile", "ra-client.ext",
+         "-out", "ra-client.pem"],
+    ):
+        subprocess.run(command, cwd=data, check=True, capture_output=True)
+    (data / "ra-client.key").chmod(0o600)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory, slapd):
+    root = tmp_path_factory.mktemp("split")
+    init = root / "init"
+    init.mkdir()
+    (init / "autoenroll.toml").write_text(f'data_dir = "."\n[ldap]\nurl = "{slapd.url}"\n')
+    cli("autoenroll", "--config", str(init / "autoenroll.toml"), "init")
+    issue_ra_client_certificate(init)
+    ports = {role: free_port() for role in LAYOUT}
+    ca_http = free_port()
+    urls = {role: f"https://localhost:{port}" for role, port in ports.items()}
+    role_settings = {
+        "ca": f'role = "ca"\nhttp_bind = "127.0.0.1:{ca_http}"\nauthority_clients = ["{RA_CLIENT}"]\n',
+        "kra": f'role = "kra"\nhttp_bind = ""\nauthority_clients = ["{RA_CLIENT}"]\n',
+        "ra": f'role = "ra"\nhttp_bind = ""\nca_url = "{urls["ca"]}"\nkra_url = "{urls["kra"]}"\n',
+    }
+    platforms = {}
+    for role, files in LAYOUT.items():
+        data = root / role
+        data.mkdir(mode=0o700)
+        for name in files:
+            shutil.copy2(init / name, data / name)
+        config = data / "autoenroll.toml"
+        config.write_text(f"""
+data_dir = "."
+database_url = "sqlite:///{init / 'autoenroll.db'}"
+public_url = "{urls[role]}"
+http_url = "http://127.0.0.1:{ca_http}"
+bind = "127.0.0.1:{ports[role]}"
+pkcs12_iterations = 2048
+outbox_interval_seconds = 0.5
+{role_settings[role]}
+[ldap]
+url = "{slapd.url}"
+timeout_seconds = 2.0
+""")
+        platforms[role] = Platform(data=data, config=config, url=urls[role], http_url=f"http://127.0.0.1:{ca_http}",
+                                   ldap_url=slapd.url)
+    (root / "ra" / "agent.toml").write_text(f'server = "{urls["ra"]}"\ncert = "agent.pem"\nkey = "agent.key"\n'
+                                            'server_ca = "tls-ca.pem"\nstore = "agent-store"\n')
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda p: p.start(workers=1), platforms.values()))
+        yield platforms
+    finally:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda p: p.stop(), platforms.values()))
+
+
+def db(split) -> Database:
+    return Database(f"sqlite:///{split['ra'].data.parent / 'init' / 'autoenroll.db'}")
+
+
+def audit_rows(split, event: str) -> list[audit.AuditEvent]:
+    with db(split).transaction() as session:
+        return list(session.execute(select(audit.AuditEvent).where(audit.AuditEvent.event == event)).scalars())
+
+
+def openssl_decrypts(p12: Path, password: str, message: Path, recipient: Path, tmp: Path) -> str:
+    subprocess.run(["openssl", "pkcs12", "-in", p12, "-passin", f"pass:{password}", "-nodes", "-nocerts",
+                    "-out", tmp / "key.pem"], check=True, capture_output=True)
+    subprocess.run(["openssl", "cms", "-decrypt", "-in", message, "-inkey", tmp / "key.pem", "-recip", recipient,
+                    "-out", tmp / "out.txt"], check=True)
+    return (tmp / "out.txt").read_text()
+
+
+def enroll(ra: Platform, email: str) -> tuple[str, Path]:
+    invite_and_bootstrap(ra, email)
+    out = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
+    assert "published in the directory" in out  # the RA asked the CA, which published inline
+    state = json.loads((ra.data / "agent-store" / email / "state.json").read_text())
+    serial = state["current"]["smime-encryption-ec"]
+    return serial, ra.data / "agent-store" / email / f"smime-encryption-ec-{serial}.p12"
+
+
+def test_a_user_enrolls_reads_mail_and_recovers_through_the_ra(split, new_user, tmp_path):
+    ra = split["ra"]
+    _, email = new_user(("smime-users",))
+    serial, p12 = enroll(ra, email)
+
+    # Anyone encrypts to what the directory shows; the delivered PKCS#12 decrypts it.
+    published = ldap_certificates(ra, email)
+    (tmp_path / "cert.der").write_bytes(published[0])
+    subprocess.run(["openssl", "x509", "-inform", "DER", "-in", tmp_path / "cert.der", "-out", tmp_path / "cert.pem"],
+                   check=True)
+    assert format(x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes()).serial_number, "x") == serial
+    (tmp_path / "msg.txt").write_text("split but readable\n")
+    subprocess.run(["openssl", "cms", "-encrypt", "-aes256", "-in", tmp_path / "msg.txt", "-out", tmp_path / "msg.p7m",
+                    tmp_path / "cert.pem"], check=True)
+    password = p12.with_suffix(".pass").read_text()
+    assert openssl_decrypts(p12, password, tmp_path / "msg.p7m", tmp_path / "cert.pem", tmp_path) == \
+        "split but readable\n"
+
+    # Self-service recovery: the KRA checked the user's signed request itself, then wrapped the key.
+    out = ra.agent("recover", "--email", email, "--serial", serial).stdout
+    recovered = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
+    assert openssl_decrypts(recovered, recovered.with_suffix(".pass").read_text(), tmp_path / "msg.p7m",
+                            tmp_path / "cert.pem", tmp_path) == "split but readable\n"
+    assert len([r for r in audit_rows(split, "key.recovered") if r.detail["serial"] == serial]) == 1
+    verified = [r for r in audit_rows(split, "recovery.evidence_verified") if r.detail["serial"] == serial]
+    assert len(verified) == 1 and verified[0].actor == email
+
+    # Revocation goes through the CA, which publishes: the value leaves the directory, the CRL lists it.
+    ra.agent("revoke", "--email", email, "--serial", serial, "--reason", "keyCompromise")
+    assert published[0] not in ldap_certificates(ra, email)
+    crl = x509.load_der_x509_crl(requests.get(split["ca"].http_url + "/crl/ca.crl", timeout=5).content)
+    assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+    assert "audit log intact" in ra.autoenroll("audit", "verify").stdout
+
+
+def officer(ra: Platform, who: str, *args: str, check: bool = True):
+    return ra.agent("officer", args[0], "--as", who, *args[1:], check=check)
+
+
+def test_two_officers_release_through_the_ra_and_the_kra_checks_their_signatures(split, new_user):
+    ra = split["ra"]
+    oscar, olivia, otto = "oscar@example.org", "olivia@example.org", "otto@example.org"
+    for who in (oscar, olivia, otto):
+        invite_and_bootstrap(ra, who)
+    _, email = new_user(("smime-users",))
+    serial, _ = enroll(ra, email)
+    request_id = officer(ra, oscar, "request", "--user", email, "--reason", "legal hold").stdout.split()[2].rstrip(":")
+    officer(ra, olivia, "approve", request_id)
+    officer(ra, otto, "approve", request_id)
+    released = officer(ra, oscar, "release", request_id).stdout
+    assert "released" in released and ".p12" in released
+    assert len([r for r in audit_rows(split, "key.recovered") if r.detail["serial"] == serial]) == 1
+    verified = [r for r in audit_rows(split, "recovery.evidence_verified") if r.detail["serial"] == serial]
+    assert len(verified) == 1 and verified[0].actor == ", ".join((oscar, olivia, otto))
+
+    # What the shared database holds (the opening and the approvals) is not enough for a compromised RA:
+    # the release is signed by the requester's key, and what was used is not used again.
+    with db(split).transaction() as session:
+        opening = session.get(RecoveryRequest, request_id).evidence
+        approvals = [a for (a,) in session.execute(select(RecoveryApproval.evidence).where(
+            RecoveryApproval.request_id == request_id))]
+    body = recover_body(serial, email, opening, *approvals, kind="officers", request_id=request_id)
+    refused(authority(split).post(split["kra"].url + "/authority/v1/kra/recover", json=body, timeout=10),
+            403, "evidence_refused")
+
+
+# --- a compromised RA talking to the KRA directly -----------------------------------------------
+
+
+def authority(split, client: str | None = "ra-client") -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = str(split["ra"].data / "tls-ca.pem")
+    if client is not None:
+        s.cert = tuple(str(split["ra"].data / f"{client}.{ext}") for ext in ("pem", "key"))
+    return s
+
+
+def owner_evidence(ra: Platform, email: str, payload: dict, path: str = "recover") -> bytes:
+    folder = AgentStore(ra.data / "agent-store").user(email)
+    return sign_user_request(payload, key=folder.signature_key(), chain=folder.signature_chain(), nonce="spent",
+                             url=f"{ra.url}/api/v1/{path}", agent_thumbprint="not-checkable-by-the-kra")
+
+
+def recover_body(serial: str, email: str, *evidence: bytes, kind: str = "owner", request_id: str | None = None):
+    return {"serial": serial, "friendly_name": "x",
+            "grant": {"kind": kind, "email": email, "actor": "compromised ra", "request_id": request_id,
+                      "evidence": [base64.b64encode(e).decode() for e in evidence]}}
+
+
+def refused(response: requests.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert response.json()["code"] == code, response.json()
+
+
+def test_the_kra_refuses_evidence_the_owner_did_not_sign_for_this_key(split, new_user):
+    ra, kra_url = split["ra"], split["kra"].url + "/authority/v1/kra/recover"
+    _, email = new_user(("smime-users",))
+    _, other = new_user(("smime-users",))
+    serial, _ = enroll(ra, email)
+    invite_and_bootstrap(ra, other)
+    s = authority(split)
+
+    def post(body, session=s):
+        return session.post(kra_url, json=body, timeout=10)
+
+    genuine = owner_evidence(ra, email, {"password": "pw-1", "serials": [serial]})
+    refused(post(recover_body(serial, email, genuine), authority(split, None)), 401, "no_client_certificate")
+    refused(post(recover_body(serial, email, genuine), authority(split, "agent")), 403, "agent_not_allowed")
+    refused(split["ca"].session().post(split["ca"].url + "/authority/v1/ca/revoke", json={
+        "serial": serial, "reason": "keyCompromise", "actor": "an agent"}, timeout=10), 403, "agent_not_allowed")
+
+    forged = json.loads(genuine)
+    forged["payload"] = base64.urlsafe_b64encode(json.dumps({"password": "mine", "all": True}).encode()).rstrip(
+        b"=").decode()
+    refused(post(recover_body(serial, email, json.dumps(forged).encode())), 401, "bad_signature")
+    someone_else = owner_evidence(ra, other, {"password": "pw", "serials": [serial]})
+    refused(post(recover_body(serial, email, someone_else)), 403, "evidence_refused")
+    refused(post(recover_body(serial, other, someone_else)), 403, "evidence_refused")
+    wrong_path = owner_evidence(ra, email, {"password": "pw", "serials": [serial]}, path="certificates")
+    refused(post(recover_body(serial, email, wrong_path)), 403, "evidence_refused")
+    other_serial = owner_evidence(ra, email, {"password": "pw", "serials": ["abcdef0123"]})
+    refused(post(recover_body(serial, email, other_serial)), 403, "evidence_refused")
+    refused(post(recover_body(serial, email)), 403, "evidence_refused")
+    refused(post(recover_body(serial, email, genuine, kind="officers", request_id="x")), 403, "evidence_refused")
+
+    # What the user did sign works once: the PKCS#12 opens with the password of the signed payload.
+    answer = post(recover_body(serial, email, genuine))
+    assert answer.status_code == 200, answer.text
+    key, cert, _ = pkcs12.load_key_and_certificates(base64.b64decode(answer.json()["pkcs12"]), b"pw-1")
+    assert format(cert.serial_number, "x") == serial and key is not None
+    refused(post(recover_body(serial, email, genuine)), 403, "evidence_refused")  # replayed
+
+    # Escrow accepts only a blob that opens with the KRA's key for this serial and user.
+    refused(s.post(split["kra"].url + "/authority/v1/kra/escrow", json={
+        "serial": "abcdef0123456789abcdef", "sealed": base64.b64encode(b"not sealed").decode(), "email": email,
+        "profile": "smime-encryption-ec", "actor": "compromised ra"}, timeout=10), 400, "bad_request")
+    assert [r for r in audit_rows(split, "key.recovery_refused") if r.detail["serial"] == serial]
+
+
+def test_the_ra_runs_without_authority_keys_and_refuses_to_start_with_one(split):
+    ra = split["ra"]
+    assert not any((ra.data / name).exists() for name in ("ca.key", "kra.key", "tls-ca.key"))
+    with db(split).transaction() as session:
+        assert session.execute(select(Certificate.serial).limit(1)).first() is not None  # it did issue
+    shutil.copy2(ra.data.parent / "init" / "ca.key", ra.data / "ca.key")
+    try:
+        result = ra.autoenroll("serve", check=False)
+    finally:
+        (ra.data / "ca.key").unlink()
+    assert result.returncode != 0 and "must not hold ca.key" in result.stderr
