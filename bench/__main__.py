@@ -128,11 +128,15 @@ class Run:
 
         e = self.results["enroll"]
         r = ratio(enroll.rate, bare2.rate)
-        self.results["ratios"] = {"enroll_over_bare": r}
+        # The same ratio per CPU-second (server + slapd against the bare loop's own CPU): steadier on a
+        # shared machine, where the wall-clock rates depend on what else runs.
+        ours_cpu = enroll.server_cpu + enroll.slapd_cpu
+        r_cpu = ratio(enroll.ok / ours_cpu if ours_cpu else None, bare2.count / bare2.cpu if bare2.cpu else None)
+        self.results["ratios"] = {"enroll_over_bare": r, "enroll_over_bare_per_cpu_second": r_cpu}
         self.rows += [
             ("(1) enroll EC P-256, 8 agents mTLS keep-alive" if s.agents == 8 else f"(1) enroll EC, {s.agents} agents",
              f"{fmt(enroll.rate)}/s, p50 {fmt(enroll.p50_ms)} ms, p99 {fmt(enroll.p99_ms)} ms",
-             f"enroll/bare {fmt(r, digits=2)}", ">= 0.8; p99 <= 50 ms"),
+             f"enroll/bare {fmt(r, digits=2)} (per CPU-s {fmt(r_cpu, digits=2)})", ">= 0.8; p99 <= 50 ms"),
             ("    bare pipeline 1 proc / 2 procs", f"{fmt(bare1.rate)}/s / {fmt(bare2.rate)}/s",
              f"2-proc scaling {fmt(ratio(bare2.rate, bare1.rate), digits=2)}x", "-"),
             ("    server cores used, client CPU share", f"{fmt(e['server_cores_used'], digits=2)} cores",

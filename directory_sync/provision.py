@@ -42,6 +42,7 @@ from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_
 from registration_app.authorities.key_authority import new_serial
 from registration_app.core.errors import AutoenrollError, BadRequest, DirectoryUnavailable
 from registration_app.core.model import Profile, Subject, Usage
+from registration_app.store import audit
 from registration_app.store.models import Certificate, Escrow
 
 log = logging.getLogger("autoenroll.provision")
@@ -250,7 +251,7 @@ class Provisioner:
                 audit_detail={"escrowed": True, "escrow_id": escrow.id, "provisioned_for": group},
                 deferred_audit=events)
         session.flush()
-        self.ca.append_audit_chain(session, events, now)
+        audit.append_many(session, events, now)
         for item in items:
             item.outbox_id = item.outbox.id
 

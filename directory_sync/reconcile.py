@@ -225,16 +225,24 @@ class Reconciler:
         self.profiles = dict(profiles)
         self.actor = actor
         self.settings = directory.settings
+        self._group_keys: dict[bytes, str] = {}
 
     # -- reading LDAP --
     def _attributes(self) -> list[str]:
         return [self.settings.mail_attribute, "memberOf", CERT_ATTR]
 
     def _user(self, dn: str, attrs: dict[str, list[bytes]]) -> LdapUser:
+        keys = self._group_keys  # 100,000 users share a handful of groups: normalise each once
+        groups = []
+        for value in values(attrs, "memberOf"):
+            key = keys.get(value)
+            if key is None:
+                key = keys[value] = dn_key(value.decode())
+            groups.append(key)
         return LdapUser(
             dn=dn,
             mails=tuple(v.decode().lower() for v in values(attrs, self.settings.mail_attribute)),
-            groups=frozenset(dn_key(v.decode()) for v in values(attrs, "memberOf")),
+            groups=frozenset(groups),
             certificates=tuple(values(attrs, CERT_ATTR)),
         )
 

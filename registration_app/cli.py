@@ -147,10 +147,10 @@ def sync() -> None:
 @sync.command("status")
 @click.pass_context
 def sync_status(ctx) -> None:
-    """Outbox depth and age of the oldest pending publication."""
+    """Outbox depth and oldest age, the last reconcile pass and the CRL."""
+    from .cli_directory import directory_status
     from .store.db import Database
-    from .store.repos import outbox_status
-    click.echo(json.dumps(outbox_status(Database(_settings(ctx).db_url)), indent=2))
+    click.echo(json.dumps(directory_status(Database(_settings(ctx).db_url)), indent=2, default=str))
 
 
 @sync.command("drain")

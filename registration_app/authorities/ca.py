@@ -6,7 +6,6 @@ publication durable: whatever happens to LDAP afterwards, the outbox remembers t
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
@@ -18,7 +17,7 @@ from ..core.errors import Conflict, UnknownCertificate
 from ..core.model import Profile, Subject
 from ..store import audit
 from ..store.db import Database
-from ..store.models import AuditEvent, AuditHead, Certificate, CrlState, Outbox
+from ..store.models import Certificate, CrlState, Outbox
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
 
@@ -83,36 +82,6 @@ class LocalCA:
             for event in events:
                 audit.append(session, now=now, **event)
         return outbox
-
-    @staticmethod
-    def append_audit_chain(session, events: list[dict], now: datetime) -> None:
-        """Append many audit rows to the hash chain at once: what `audit.append` does row by row (lock
-        the head, chain each row to the previous hash, move the head), with one INSERT for the batch.
-
-        A bulk run of 200 certificates pays one head lock and one statement instead of 600; the chain
-        is the same one `autoenroll audit verify` checks. Rows must get ascending ids in list order
-        (they do: one multi-row INSERT); anything else raises, and the transaction rolls back.
-        """
-        if not events:
-            return
-        head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one_or_none()
-        if head is None:
-            head = AuditHead(id=1, last_id=0, last_hash=audit.GENESIS)
-            session.add(head)
-        prev, rows = head.last_hash, []
-        for e in events:
-            detail = json.loads(json.dumps(e.get("detail") or {}, default=str))
-            actor, subject = e["actor"][:512], e["subject"][:512]
-            digest = audit._digest(prev, now, e["event"], e["outcome"], actor, subject, detail)
-            rows.append(AuditEvent(at=now, event=e["event"], outcome=e["outcome"], actor=actor, subject=subject,
-                                   detail=detail, prev_hash=prev, hash=digest))
-            prev = digest
-        session.add_all(rows)
-        session.flush()
-        ids = [r.id for r in rows]
-        if ids[0] <= (head.last_id or 0) or any(b <= a for a, b in zip(ids, ids[1:])):
-            raise RuntimeError("audit rows were not inserted in chain order")
-        head.last_id, head.last_hash = ids[-1], prev
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,

@@ -105,7 +105,8 @@ class LocalKRA:
             self._check_officer_grant(serial, grant)
         elif grant.kind != "owner":
             raise Forbidden("unknown kind of recovery grant")
-        key = open_private_key(row.blob, self._storage_private_key(), escrow_aad(int(serial, 16), row.email, row.profile))
+        key = open_private_key(row.blob, self._storage_private_key(),
+                               escrow_aad(int(serial, 16), row.email, row.profile))
         self.db.run(lambda s: audit.append(
             s, event="key.recovered", outcome="done", actor=grant.actor, subject=row.email, now=now,
             detail={"serial": serial, "grant": grant.kind, "request_id": grant.request_id}))

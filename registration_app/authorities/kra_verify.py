@@ -219,9 +219,10 @@ class EvidenceVerifier:
             approved = _serials(approval.payload)
             if who == requester or who in approvers:
                 continue  # a self-approval or a second approval by the same officer counts for nothing
-            if not isinstance(approval.payload.get("email"), str) or \
-                    approval.payload["email"].lower() != escrow_email.lower() or approved is None or \
-                    serial not in approved or (opened_serials is not None and sorted(approved) != sorted(opened_serials)):
+            named = approval.payload.get("email")
+            same_serials = approved is not None and serial in approved and \
+                (opened_serials is None or sorted(approved) == sorted(opened_serials))
+            if not isinstance(named, str) or named.lower() != escrow_email.lower() or not same_serials:
                 raise EvidenceRefused(f"the approval by {who} does not repeat the request's email and serials")
             approvers.add(who)
         if len(approvers) < self.quorum:

@@ -32,19 +32,37 @@ def _digest(prev_hash: str, at: datetime, event: str, outcome: str, actor: str, 
 
 def append(session: Session, *, event: str, outcome: str, actor: str, subject: str,
            detail: dict | None = None, now: datetime | None = None) -> AuditEvent:
-    now = now or datetime.now(timezone.utc)
-    detail = json.loads(json.dumps(detail or {}, default=str))
+    return append_many(session, [{"event": event, "outcome": outcome, "actor": actor, "subject": subject,
+                                  "detail": detail}], now or datetime.now(timezone.utc))[0]
+
+
+def append_many(session: Session, events: list[dict], now: datetime) -> list[AuditEvent]:
+    """Append rows to the chain: lock the head, chain each row to the previous hash, move the head.
+
+    A bulk run of 200 certificates pays one head lock and one INSERT instead of 200. Rows must get
+    ascending ids in list order (one multi-row INSERT does); anything else raises and rolls back.
+    """
+    if not events:
+        return []
     head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one_or_none()
     if head is None:
         head = AuditHead(id=1, last_id=0, last_hash=GENESIS)
         session.add(head)
-    digest = _digest(head.last_hash, now, event, outcome, actor, subject, detail)
-    row = AuditEvent(at=now, event=event, outcome=outcome, actor=actor[:512], subject=subject[:512],
-                     detail=detail, prev_hash=head.last_hash, hash=digest)
-    session.add(row)
+    prev, rows = head.last_hash, []
+    for e in events:
+        detail = json.loads(json.dumps(e.get("detail") or {}, default=str))
+        actor, subject = e["actor"][:512], e["subject"][:512]
+        digest = _digest(prev, now, e["event"], e["outcome"], actor, subject, detail)
+        rows.append(AuditEvent(at=now, event=e["event"], outcome=e["outcome"], actor=actor, subject=subject,
+                               detail=detail, prev_hash=prev, hash=digest))
+        prev = digest
+    session.add_all(rows)
     session.flush()
-    head.last_id, head.last_hash = row.id, digest
-    return row
+    ids = [r.id for r in rows]
+    if ids[0] <= (head.last_id or 0) or any(b <= a for a, b in zip(ids, ids[1:])):
+        raise RuntimeError("audit rows were not inserted in chain order")
+    head.last_id, head.last_hash = ids[-1], prev
+    return rows
 
 
 @dataclass(frozen=True)

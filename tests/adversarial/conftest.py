@@ -18,6 +18,7 @@ from ldap3 import MODIFY_ADD, Connection, Server
 from bench import world
 from bench.client import AgentConnection
 from bench.platform import make_platform
+from directory_sync.slapd import PrivateSlapd
 from tests import pki
 from tests.fault import records
 
@@ -87,8 +88,13 @@ def add_user(ldap_url: str, platform, uid: str, groups: tuple[str, ...]) -> None
 
 
 @pytest.fixture(scope="session")
-def adversary(tmp_path_factory, slapd):
-    platform = make_platform(tmp_path_factory.mktemp("adversarial"), slapd.url, **records.FAST)
+def adversary(tmp_path_factory):
+    """Its own slapd: the users it adds to the entitling group must not show up in other tests."""
+    folder = tmp_path_factory.mktemp("adversarial")
+    slapd = PrivateSlapd(folder / "slapd")
+    slapd.start()
+    slapd.bulk_load(world.users_ldif([], group=True))
+    platform = make_platform(folder / "server", slapd.url, **records.FAST)
     platform.admin_password = slapd.admin_password
     platform.start()
     try:
@@ -99,7 +105,10 @@ def adversary(tmp_path_factory, slapd):
         adv.unentitled = adv.user(groups=())
         yield adv
     finally:
-        platform.stop()
+        try:
+            platform.stop()
+        finally:
+            slapd.stop()
 
 
 @pytest.fixture(scope="session")

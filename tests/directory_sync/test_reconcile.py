@@ -184,3 +184,25 @@ def test_renamed_entry_is_followed_not_revoked(services, reconciler, ldap_admin,
     assert status(services, issued.serial) == "valid"
     with services.db.transaction() as session:
         assert session.get(Certificate, issued.serial).user_dn == new_dn
+
+
+def test_periodic_mode_runs_full_first_then_incremental_and_survives_ldap_errors():
+    import threading
+
+    from directory_sync.reconcile import run_periodically
+    from registration_app.core.errors import DirectoryUnavailable
+
+    stop, calls, lines = threading.Event(), [], []
+
+    class Fake:
+        def run(self, *, incremental):
+            calls.append(incremental)
+            if len(calls) == 2:
+                raise DirectoryUnavailable("down")
+            if len(calls) == 4:
+                stop.set()
+            return type("R", (), {"summary": lambda self: "ok"})()
+
+    run_periodically(Fake(), 0.01, incremental=True, echo=lines.append, stop=stop)
+    assert calls == [False, True, True, True]
+    assert lines[0] == "ok" and "down" in lines[1]

@@ -173,6 +173,13 @@ def test_group_exit_reconcile_revokes_on_both_crls_and_keeps_foreign(world, tmp_
                              "-purpose", "smimeencrypt", tmp_path / "cert.pem"], capture_output=True, text=True)
     assert verify.returncode != 0 and "certificate revoked" in verify.stdout + verify.stderr
 
+    # An operator's forced refresh: a new CRL number, in LDAP at once.
+    number = http_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert f"CRL number {number + 1}:" in platform.autoenroll("crl", "--refresh").stdout
+    ldap_crl = x509.load_der_x509_crl(
+        ldap_values(platform.ldap_url, ca_dn, "(objectClass=*)", "certificateRevocationList;binary")[ca_dn][0])
+    assert ldap_crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == number + 1
+
 
 def test_revoked_signature_certificate_is_refused_at_once(world):
     slapd, platform, services, admin, dns = world

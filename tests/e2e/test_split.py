@@ -242,7 +242,7 @@ def test_the_kra_refuses_evidence_the_owner_did_not_sign_for_this_key(split, new
     genuine = owner_evidence(ra, email, {"password": "pw-1", "serials": [serial]})
     refused(post(recover_body(serial, email, genuine), authority(split, None)), 401, "no_client_certificate")
     refused(post(recover_body(serial, email, genuine), authority(split, "agent")), 403, "agent_not_allowed")
-    refused(split["ca"].session().post(split["ca"].url + "/authority/v1/ca/revoke", json={
+    refused(authority(split, "agent").post(split["ca"].url + "/authority/v1/ca/revoke", json={
         "serial": serial, "reason": "keyCompromise", "actor": "an agent"}, timeout=10), 403, "agent_not_allowed")
 
     forged = json.loads(genuine)
