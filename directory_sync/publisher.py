@@ -136,10 +136,22 @@ class Publisher:
                 log.warning("event=publish.retry target=%r rows=%d attempts=%d error=%r",
                             target, len(ids), group[0].attempts + 1, exc.detail)
                 continue
-            self.complete(ids)
+            self._published(target, group)
             done += len(ids)
             log.info("event=publish.done target=%r rows=%d", target, len(ids))
         return done
+
+    def _published(self, target: str, rows: list[Outbox]) -> None:
+        """Mark the rows done and audit the publication, in one transaction."""
+        def work(session):
+            session.execute(update(Outbox).where(Outbox.id.in_([r.id for r in rows])).values(
+                done_at=datetime.now(timezone.utc), claimed_until=None, last_error=None))
+            audit.append(session, event="directory.published", outcome="done", actor="outbox",
+                         subject="(CA entry)" if target == "\0crl" else rows[0].email,
+                         detail={"dn": None if target == "\0crl" else target,
+                                 "reasons": sorted({r.reason for r in rows}),
+                                 "serials": [r.serial for r in rows if r.serial]})
+        self.db.run(work)
 
     def complete(self, ids: list[int], note: str | None = None) -> None:
         """Mark outbox rows done (e.g. after reconcile or provisioning published the users directly)."""

@@ -76,6 +76,11 @@ def test_encryption_certificate_end_to_end(platform, tmp_path):
     assert escrowed.public_key().public_bytes(Encoding.DER, spki) == \
         delivered.public_key().public_bytes(Encoding.DER, spki)
 
+    # Decision, escrow, issuance and publication are each one row of the verified audit chain.
+    from registration_app.store.models import AuditEvent
+    with db(platform).transaction() as session:
+        events = {e for (e,) in session.execute(select(AuditEvent.event).where(AuditEvent.subject == email))}
+    assert {"enrollment.allowed", "key.escrowed", "certificate.issued", "directory.published"} <= events
     assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
 
 
@@ -92,4 +97,9 @@ def test_user_not_entitled_gets_403_and_nothing_is_issued(platform):
         assert session.execute(select(func.count()).select_from(Escrow).where(
             Escrow.email == email)).scalar_one() == 0
     assert ldap_certificates(platform, email) == before
+    from registration_app.store.models import AuditEvent
+    with db(platform).transaction() as session:
+        denied = session.execute(select(AuditEvent.detail).where(
+            AuditEvent.subject == email, AuditEvent.event == "request.denied")).scalars().all()
+    assert any(d["code"] == "not_entitled" for d in denied)
     assert "audit log intact" in platform.autoenroll("audit", "verify").stdout

@@ -122,18 +122,24 @@ class World:
         self.slapd = PrivateSlapd(folder / "slapd")
         self.slapd.start()
         self.uids = world.new_uids(n, prefix="f" + uuid.uuid4().hex[:4])
-        self.slapd.bulk_load(world.users_ldif(self.uids))
-        self.platform = make_platform(folder / "server", self.slapd.url, **{**FAST, **settings})
-        self.platform.start()
-        self.minter = world.Minter(self.platform.data, self.platform.passphrase)
-        self.users = self.minter.users(self.uids)
+        self.platform = None
+        try:
+            self.slapd.bulk_load(world.users_ldif(self.uids))
+            self.platform = make_platform(folder / "server", self.slapd.url, **{**FAST, **settings})
+            self.platform.start()
+            self.minter = world.Minter(self.platform.data, self.platform.passphrase)
+            self.users = self.minter.users(self.uids)
+        except BaseException:
+            self.close()
+            raise
 
     def connection(self) -> AgentConnection:
         return AgentConnection.for_platform(self.platform)
 
     def close(self) -> None:
         try:
-            self.platform.stop()
+            if self.platform is not None:
+                self.platform.stop()
         finally:
             self.slapd.stop()
 
