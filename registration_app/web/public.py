@@ -14,19 +14,6 @@ from ..store.repos import outbox_status
 public = Blueprint("public", __name__)
 
 
-@public.record_once
-def _let_the_outbox_worker_refresh_the_crl(state) -> None:
-    """The outbox worker rebuilds the CRL before nextUpdate when its publisher knows the CA.
-
-    Interim wiring until services.py passes `ca=` to Publisher (then this does nothing): every server
-    process builds its app through create_app, which registers this blueprint.
-    """
-    services = state.app.extensions.get("autoenroll")
-    publisher = getattr(services, "publisher", None)
-    if publisher is not None and getattr(publisher, "ca", "absent") is None:
-        publisher.ca = services.ca
-
-
 @public.get("/health")
 def health():
     services = g.services
