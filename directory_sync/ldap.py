@@ -74,6 +74,8 @@ class LdapDirectory:
 
     def groups_of(self, user: UserEntry | str) -> frozenset[str]:
         """Normalised DNs of the groups `user` belongs to, read live (memberOf or a member= search)."""
+        if isinstance(user, UserEntry) and self.settings.use_memberof and not self.settings.nested_groups:
+            return user.member_of  # read with the entry by find_user, in the same live search
         dn = user.dn if isinstance(user, UserEntry) else user
         found: set[str] = set()
         todo = self._parents(dn)

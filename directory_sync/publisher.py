@@ -70,20 +70,20 @@ class Publisher:
     # -- one user --------------------------------------------------------------------------
     def sync_user(self, user_dn: str, now: datetime | None = None) -> None:
         now = now or datetime.now(timezone.utc)
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             certs = list(session.execute(select(Certificate).where(Certificate.user_dn == user_dn)).scalars())
         add, remove = desired_values(certs, self.profiles, now)
         self.directory.publish(user_dn, add, remove)
 
     def sync_ca(self) -> None:
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             state = session.get(CrlState, 1)
             crl = state.der if state is not None else None
         self.directory.publish_ca(self.ca_der, crl)
 
     def pending(self, user_dn: str) -> bool:
         """Whether publication rows of this user still wait (LDAP refused or was unreachable)."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             return session.execute(select(Outbox.id).where(
                 Outbox.user_dn == user_dn, Outbox.done_at.is_(None)).limit(1)).first() is not None
 
@@ -141,11 +141,33 @@ class Publisher:
             log.info("event=publish.done target=%r rows=%d", target, len(ids))
         return done
 
+    def publish_user_now(self, user_dn: str, now: datetime | None = None) -> bool:
+        """The request path's inline attempt: publish this user's pending rows without claiming them
+        (publication is idempotent, so racing the worker is harmless); True when nothing is left.
+        On failure the rows stay as they are, due now, for the worker."""
+        now = now or datetime.now(timezone.utc)
+        with self.db.read() as session:
+            rows = list(session.execute(select(Outbox).where(
+                Outbox.user_dn == user_dn, Outbox.done_at.is_(None))).scalars())
+        if not rows:
+            return True
+        try:
+            self.sync_user(user_dn, now=now)
+        except AutoenrollError as exc:
+            log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
+            return False
+        self._published(user_dn, rows)
+        return True
+
     def _published(self, target: str, rows: list[Outbox]) -> None:
-        """Mark the rows done and audit the publication, in one transaction."""
+        """Mark the rows done and audit the publication, in one transaction (once, if the worker and
+        the request path both published)."""
         def work(session):
-            session.execute(update(Outbox).where(Outbox.id.in_([r.id for r in rows])).values(
-                done_at=datetime.now(timezone.utc), claimed_until=None, last_error=None))
+            marked = session.execute(update(Outbox).where(
+                Outbox.id.in_([r.id for r in rows]), Outbox.done_at.is_(None)).values(
+                done_at=datetime.now(timezone.utc), claimed_until=None, last_error=None)).rowcount
+            if not marked:
+                return
             audit.append(session, event="directory.published", outcome="done", actor="outbox",
                          subject="(CA entry)" if target == "\0crl" else rows[0].email,
                          detail={"dn": None if target == "\0crl" else target,

@@ -130,7 +130,7 @@ def audit_verify(ctx) -> None:
     from .store import audit as audit_log
     from .store.db import Database
     db = Database(_settings(ctx).db_url)
-    with db.transaction() as session:
+    with db.read() as session:
         report = audit_log.verify(session)
     if report.ok:
         click.echo(f"audit log intact: {report.rows} rows")

@@ -21,7 +21,7 @@ def directory_status(db) -> dict:
     from .store.repos import outbox_status
     body = dict(outbox_status(db))
     body["reconcile"] = last_report(db)
-    with db.transaction() as session:
+    with db.read() as session:
         state = session.get(CrlState, 1)
         body["crl"] = None if state is None or state.der is None else {
             "number": state.number, "this_update": state.this_update.isoformat(),

@@ -65,7 +65,7 @@ class Recovery:
 
     # -- listing --------------------------------------------------------------------------------
     def _own_certificates(self, email: str, user_dn: str, usage: str | None = None) -> list[tuple]:
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             query = select(Certificate, Escrow.id).outerjoin(Escrow, Escrow.serial == Certificate.serial).where(
                 func.lower(Certificate.email) == email.lower(), Certificate.user_dn == user_dn)
             if usage:
@@ -99,7 +99,7 @@ class Recovery:
             wanted = [s for s, (_, e) in own.items() if e is not None]
         for serial in wanted:
             if serial not in own:
-                with self.db.transaction() as session:
+                with self.db.read() as session:
                     exists = session.get(Certificate, serial) is not None
                 if exists:
                     raise NotOwner(f"certificate {serial} does not belong to {user.email}")
@@ -136,7 +136,7 @@ class Recovery:
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
             raise BadRequest("field 'reason' is required (why the keys are needed)")
         wanted = _serials(payload)
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             escrowed = {s for (s,) in session.execute(select(Escrow.serial).where(
                 func.lower(Escrow.email) == target.lower()))}
         if wanted is None:

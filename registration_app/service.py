@@ -74,7 +74,7 @@ class RegistrationAuthority:
         `renews` (a serial) makes a renewal idempotent across retries and daemons: it succeeds only
         while that serial is still the current one, so the same certificate is never renewed twice.
         """
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             if issued_since(session, email, profile.name, now - timedelta(days=1)) >= profile.max_per_day:
                 raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
                                   f"{profile.name!r}; try again later", retry_after=3600)
@@ -156,7 +156,7 @@ class RegistrationAuthority:
                          subject=code.email, now=now, detail={"code_id": code_id})
 
         self.db.run(burn)
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             latest = latest_certificate(session, code.email, profile.name)
         issued = self.key_authority.issue(IssueRequest(
             user=user, profile=profile, actor=agent.subject, csr=csr,
@@ -166,7 +166,7 @@ class RegistrationAuthority:
     def _earlier_renewal(self, email: str, profile: Profile, renews: str, csr) -> dict | None:
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import PublicFormat
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             current = current_certificate(session, email, profile.name)
         if current is None or current.replaces != renews.lower():
             return None
@@ -194,7 +194,7 @@ class RegistrationAuthority:
         if user is None:
             raise UserNotFound(f"no directory entry has the email address {request.user.email!r}")
         serial = serial.lower().removeprefix("0x")
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             cert = session.get(Certificate, serial)
             if cert is None:
                 raise UnknownCertificate(f"no certificate with serial {serial}")
@@ -224,10 +224,9 @@ class RegistrationAuthority:
         return body
 
     def publish_now(self, user_dn: str) -> bool:
-        """Try the directory once, inline; on failure the outbox keeps the row for the worker."""
+        """Try the directory once, inline; on failure the outbox keeps the rows for the worker."""
         try:
-            self.publisher.drain(user_dn=user_dn)
-            return not self.publisher.pending(user_dn)
-        except AutoenrollError as exc:
+            return self.publisher.publish_user_now(user_dn)
+        except AutoenrollError as exc:  # a remote CA that cannot be reached: the worker retries
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
             return False

@@ -48,6 +48,7 @@ class RegistrationClient:
         self.session.verify = str(config.server_ca)
         der = x509.load_pem_x509_certificate(config.cert.read_bytes()).public_bytes(Encoding.DER)
         self.thumbprint = thumbprint(der)
+        self._next_nonce: str | None = None  # from the last answer's Replay-Nonce
 
     def close(self) -> None:
         self.session.close()
@@ -66,6 +67,7 @@ class RegistrationClient:
             response = self.session.request(method, self.url(path), timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
             raise AgentError(f"cannot reach {self.config.server}: {exc}") from exc
+        self._next_nonce = response.headers.get("Replay-Nonce") or None
         try:
             body = response.json()
         except ValueError:
@@ -81,13 +83,22 @@ class RegistrationClient:
         return body
 
     def nonce(self) -> str:
-        return self._call("GET", "nonce")["nonce"]
+        nonce, self._next_nonce = self._next_nonce, None
+        return nonce or self._call("GET", "nonce")["nonce"]
 
     def signed(self, path: str, payload: dict, *, key, chain: list[x509.Certificate]) -> dict:
         url = self.url(path)
-        body = sign_user_request(payload, key=key, chain=chain, nonce=self.nonce(), url=url,
-                                 agent_thumbprint=self.thumbprint)
-        return self._call("POST", path, data=body, headers={"Content-Type": "application/jose+json"})
+        for attempt in (1, 2):
+            body = sign_user_request(payload, key=key, chain=chain, nonce=self.nonce(), url=url,
+                                     agent_thumbprint=self.thumbprint)
+            try:
+                return self._call("POST", path, data=body, headers={"Content-Type": "application/jose+json"})
+            except AgentError as exc:
+                # A kept nonce may have expired or been spent by another thread: one retry, fresh.
+                if exc.code != "bad_nonce" or attempt == 2:
+                    raise
+                self._next_nonce = None
+        raise AssertionError("unreachable")
 
     def bootstrap(self, payload: dict, *, code_id: str, mac_key: bytes) -> dict:
         url = self.url("bootstrap")

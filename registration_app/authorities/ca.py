@@ -146,7 +146,7 @@ class LocalCA:
     def crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
         """The current CRL, rebuilt when it is missing or past half its validity."""
         now = now or datetime.now(timezone.utc)
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             state = session.get(CrlState, 1)
             if not self._crl_due(state, now):
                 return x509.load_der_x509_crl(state.der)
@@ -154,7 +154,7 @@ class LocalCA:
 
     def crl_now(self) -> x509.CertificateRevocationList | None:
         """The CRL last built, whatever its age (None before the first)."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             state = session.get(CrlState, 1)
             return x509.load_der_x509_crl(state.der) if state is not None and state.der else None
 
@@ -200,6 +200,6 @@ class LocalCA:
         """Read from the database on every call (no cache), so a revocation refuses the next request."""
         if cert.issuer != self.certificate.subject:
             return False
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             row = session.get(Certificate, serial_hex(cert.serial_number))
             return row is not None and row.status == "revoked"

@@ -82,12 +82,12 @@ class LocalKRA:
         return self._private
 
     def has_escrow(self, serial: str) -> bool:
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             return session.execute(select(Escrow.id).where(Escrow.serial == serial)).first() is not None
 
     def _check_officer_grant(self, serial: str, grant: RecoveryGrant) -> None:
         """The KRA trusts no caller's word: the request must be released and name this key."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             request = session.get(RecoveryRequest, grant.request_id or "")
         if request is None or request.status != "released" or serial not in request.serials \
                 or request.target_email.lower() != grant.email.lower() or request.requester != grant.actor:
@@ -95,7 +95,7 @@ class LocalKRA:
 
     def recover(self, serial: str, grant: RecoveryGrant, *, now: datetime | None = None):
         now = now or datetime.now(timezone.utc)
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one_or_none()
         if row is None:
             raise UnknownCertificate(f"no escrowed key for serial {serial[:48]}")
@@ -117,7 +117,7 @@ class LocalKRA:
         """The escrowed key with its certificate as PKCS#12 under `password`: what a caller outside the KRA
         gets instead of the raw key (a remote KRA takes the password from the signed evidence)."""
         key = self.recover(serial, grant, now=now)
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             row = session.get(Certificate, serial)
             der = row.der if row is not None else None
         if der is None:

@@ -74,13 +74,13 @@ class CaView:
     def is_revoked(self, cert: x509.Certificate) -> bool:
         if cert.issuer != self.certificate.subject:
             return False
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             row = session.get(Certificate, format(cert.serial_number, "x"))
             return row is not None and row.status == "revoked"
 
     def crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
         """The CRL the CA last built (the KRA never signs one)."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             state = session.get(CrlState, 1)
             der = state.der if state is not None else None
         if not der:
@@ -139,7 +139,7 @@ class EvidenceVerifier:
 
     def check(self, serial: str, grant: RecoveryGrant, now: datetime) -> Release:
         """Verify the evidence for this serial and spend it; raises a 4xx AutoenrollError otherwise."""
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one_or_none()
             escrow_email = row.email if row is not None else None
         if escrow_email is None:

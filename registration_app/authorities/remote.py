@@ -208,6 +208,10 @@ class RemotePublisher:
                                   timeout=self.timeout)
         return int(answer.get("done") or 0)
 
+    def publish_user_now(self, user_dn: str) -> bool:
+        answer = self.client.call("POST", "/ca/publish/user", {"user_dn": user_dn}, timeout=self.timeout)
+        return bool(answer.get("published"))
+
     def pending(self, user_dn: str) -> bool:
         return bool(self.client.call("POST", "/ca/publish/pending", {"user_dn": user_dn}).get("pending"))
 

@@ -47,8 +47,10 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):
+            # Readers use a deferred BEGIN: in WAL mode they run beside the writer and never queue.
+            read_only = conn.get_execution_options().get("autoenroll_read_only", False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
@@ -128,6 +130,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = sessionmaker(self.engine.execution_options(autoenroll_read_only=True),
+                                     expire_on_commit=False)
         self._writers = _writer_queue(self.engine) if self.engine.dialect.name == "sqlite" else None
 
     @contextmanager
@@ -138,6 +142,12 @@ class Database:
                 yield session
             return
         with self._writers.held(), self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only snapshot: no writer lock, so reads never wait for (or block) a writer."""
+        with self._readers() as session, session.begin():
             yield session
 
     def run(self, work, *, attempts: int = 5):

@@ -49,7 +49,7 @@ def enrollment_code(db: Database, code_id: str, now: datetime | None = None) -> 
     now = now or datetime.now(timezone.utc)
     if not isinstance(code_id, str) or len(code_id) > 32:
         return None
-    with db.transaction() as session:
+    with db.read() as session:
         row = session.get(EnrollmentCode, code_id)
         if row is None or row.used_at is not None or row.expires_at < now:
             return None
@@ -88,7 +88,7 @@ def issued_since(session, email: str, profile: str, since: datetime) -> int:
 
 def outbox_status(db: Database, now: datetime | None = None) -> dict:
     now = now or datetime.now(timezone.utc)
-    with db.transaction() as session:
+    with db.read() as session:
         depth, oldest = session.execute(
             select(func.count(), func.min(Outbox.created_at)).where(Outbox.done_at.is_(None))).one()
         failing = session.execute(select(func.count()).where(Outbox.done_at.is_(None),

@@ -45,6 +45,18 @@ def _authenticate_agent():
     g.agent = identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc))
 
 
+@api.after_request
+def _replay_nonce(response):
+    """Every signed request's answer carries the next nonce (as in ACME), so a keep-alive agent
+    needs no extra round trip for it."""
+    if request.method == "POST" and getattr(g, "agent", None) is not None:
+        try:
+            response.headers["Replay-Nonce"] = issue_nonce(g.services.db, g.services.nonce_ttl)
+        except Exception:  # the answer stands without it; the agent then asks /nonce
+            pass
+    return response
+
+
 def _body() -> bytes:
     mimetype = request.mimetype
     if mimetype not in JOSE_TYPES:

@@ -162,6 +162,12 @@ def publish():
     return jsonify({"done": services.publisher.drain(user_dn=user_dn, limit=limit)})
 
 
+@ca_authority.post("/publish/user")
+def publish_user():
+    """The RA's inline attempt for one user; the outbox keeps whatever could not be published."""
+    return jsonify({"published": g.services.publisher.publish_user_now(_text(_json(), "user_dn"))})
+
+
 @ca_authority.post("/publish/pending")
 def publish_pending():
     return jsonify({"pending": g.services.publisher.pending(_text(_json(), "user_dn"))})
