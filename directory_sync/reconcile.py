@@ -322,12 +322,16 @@ class Reconciler:
         affected = [name for name, p in self.profiles.items()
                     if self.settings.nested_groups and changed_groups
                     or changed_groups & entitled.group_keys(p, self.directory)]
-        if affected:
-            with self.db.transaction() as session:
+        for name in affected:
+            # Who left shows on no user entry: compare the profile's holders with the groups' current
+            # member lists (one read per group) and look up only the holders no group lists any more.
+            members = self._profile_members(bulk, self.profiles[name])
+            with self.db.read() as session:
                 for (dn,) in session.execute(select(Certificate.user_dn).distinct().where(
-                        Certificate.profile.in_(affected), Certificate.status == "valid",
+                        Certificate.profile == name, Certificate.status == "valid",
                         Certificate.not_after > now)):
-                    dns.add(dn)
+                    if members is None or dn_key(dn) not in members:
+                        dns.add(dn)
         lookups = [dn for dn in dns if dn_key(dn) not in users]
         if len(lookups) > MAX_INCREMENTAL_LOOKUPS:
             return None, None, None
@@ -338,6 +342,18 @@ class Reconciler:
         rows = self._rows_of({*dns, *(u.dn for u in users.values())})
         known = {r.der: dn_key(r.user_dn) for r in rows}
         return users, rows, known
+
+    def _profile_members(self, bulk, profile: Profile) -> set[str] | None:
+        """dn_keys of the direct members of the profile's groups; None when groups nest (then every
+        holder of the profile is looked up)."""
+        if self.settings.nested_groups:
+            return None
+        members: set[str] = set()
+        attribute = self.settings.group_member_attribute
+        for group in profile.groups:
+            attrs = bulk.read(self.directory.group_dn(group), [attribute])
+            members |= {dn_key(v.decode()) for v in values(attrs or {}, attribute)}
+        return members
 
     def _reconcile(self, bulk, users: dict[str, LdapUser], rows: list[CertRow], known: dict[bytes, str],
                    entitled: Entitlement, report: ReconcileReport, now: datetime, dry_run: bool) -> None:
