@@ -249,15 +249,19 @@ class Run:
             if full.available:
                 directory.leave_group(slapd, members[:s.changes])
                 inc = directory.reconcile(platform, incremental=True, entries=s.changes)
-                out["reconcile"] = {"full_seconds": round(full.seconds, 2),
+                out["reconcile"] = {"full_seconds": round(full.seconds, 2), **full.extra,
                                     "full_entries_per_s": round(len(uids) / full.seconds, 1),
-                                    "incremental": ({"seconds": round(inc.seconds, 2), "changes": s.changes}
+                                    "incremental": ({"seconds": round(inc.seconds, 2), "changes": s.changes,
+                                                     **inc.extra}
                                                     if inc.available else inc.output or directory.NOT_AVAILABLE)}
-                self.rows.append((f"(5) reconcile full, {len(uids):,} users",
-                                  f"{fmt(full.seconds, ' s', 2)} ({fmt(len(uids) / full.seconds, '/s', 0)} entries)",
-                                  "-", "<= 20 s"))
-                self.rows.append((f"    reconcile incremental, {s.changes} changes",
-                                  fmt(inc.seconds, " s", 2) if inc.available else directory.NOT_AVAILABLE,
+                self.rows.append((f"(5) reconcile full, {len(uids):,} users (pass; whole command)",
+                                  f"{fmt(full.seconds, ' s', 2)}; {full.extra.get('command_seconds', '-')} s "
+                                  f"({fmt(len(uids) / full.seconds, '/s', 0)} entries)",
+                                  f"incremental/full {fmt(ratio(inc.seconds, full.seconds), digits=3)}"
+                                  if inc.available else "-", "<= 20 s"))
+                self.rows.append((f"    reconcile incremental, {s.changes} changes (pass; whole command)",
+                                  f"{fmt(inc.seconds, ' s', 2)}; {inc.extra.get('command_seconds', '-')} s"
+                                  if inc.available else directory.NOT_AVAILABLE,
                                   "-", "<= 1 s"))
             else:
                 out["reconcile"] = directory.NOT_AVAILABLE
