@@ -84,6 +84,44 @@ def init(ctx, ca_key_type, ca_name, server_names, agent_names) -> None:
     click.echo(f"  agent config:   {agent_toml}")
 
 
+@main.command("client-cert")
+@click.argument("name")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for NAME.pem and NAME.key (default: the data directory).")
+@click.option("--days", type=click.IntRange(1, 825), default=825, show_default=True)
+@click.pass_context
+def client_cert(ctx, name: str, out_dir: Path | None, days: int) -> None:
+    """Issue a TLS client certificate from the TLS CA: a new user server (agent), or the RA's
+    certificate for a split deployment. NAME goes into the CN and the DNS SAN, the allow-list name."""
+    from .authorities.certs import build_tls_certificate
+    from .authorities.keys import generate_private_key
+    from .authorities.pki_files import (PkiPaths, read_cert, read_private_key, write_cert,
+                                        write_unencrypted_private_key)
+    from .core.model import KeyType
+    settings = _settings(ctx)
+    paths = PkiPaths.in_dir(settings.data_dir)
+    if not paths.tls_ca_key.exists():
+        raise click.ClickException(f"no TLS CA key in {settings.data_dir}: issue client certificates where "
+                                   "`autoenroll init` ran (tls-ca.key stays on that host)")
+    out = out_dir or settings.data_dir
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
+    try:
+        ca_key = read_private_key(paths.tls_ca_key, settings.passphrase())
+        key = generate_private_key(KeyType.EC_P256)
+        cert = build_tls_certificate(read_cert(paths.tls_ca_cert), ca_key, key.public_key(), dns_names=[name],
+                                     common_name=name, client=True, server=False,
+                                     now=datetime.now(timezone.utc), days=days)
+        write_unencrypted_private_key(key_path, key)
+        write_cert(cert_path, cert)
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
+    except ValueError as exc:
+        raise click.ClickException(f"cannot issue a certificate for {name!r}: {exc}") from exc
+    click.echo(f"{cert_path}\n{key_path} (mode 0600)")
+    click.echo(f"allow it with agents_allowed (agents) or authority_clients (the RA): {name}", err=True)
+
+
 @main.command()
 @click.pass_context
 def serve(ctx) -> None:
