@@ -57,6 +57,13 @@ def desired_values(certs: list[Certificate], profiles: dict[str, Profile], now: 
     return [c.der for c in keep], gone
 
 
+def _certificates_of(session, user_dn: str) -> list:
+    """What `desired_values` reads of a user's certificates, as plain rows (no ORM objects to build)."""
+    return list(session.execute(select(
+        Certificate.der, Certificate.status, Certificate.profile, Certificate.usage, Certificate.not_after,
+        Certificate.issued_at).where(Certificate.user_dn == user_dn)).all())
+
+
 class Publisher:
     def __init__(self, db: Database, directory, profiles: dict[str, Profile], ca_certificate_der: bytes,
                  ca=None):
@@ -68,10 +75,12 @@ class Publisher:
         self._crl_checked = float("-inf")
 
     # -- one user --------------------------------------------------------------------------
-    def sync_user(self, user_dn: str, now: datetime | None = None) -> None:
+    def sync_user(self, user_dn: str, now: datetime | None = None, *, certs: list | None = None) -> None:
+        """Bring the user's entry in line with our records (`certs`: the user's rows, if just read)."""
         now = now or datetime.now(timezone.utc)
-        with self.db.read() as session:
-            certs = list(session.execute(select(Certificate).where(Certificate.user_dn == user_dn)).scalars())
+        if certs is None:
+            with self.db.read() as session:
+                certs = _certificates_of(session, user_dn)
         add, remove = desired_values(certs, self.profiles, now)
         self.directory.publish(user_dn, add, remove)
 
@@ -146,13 +155,14 @@ class Publisher:
         (publication is idempotent, so racing the worker is harmless); True when nothing is left.
         On failure the rows stay as they are, due now, for the worker."""
         now = now or datetime.now(timezone.utc)
-        with self.db.read() as session:
-            rows = list(session.execute(select(Outbox).where(
-                Outbox.user_dn == user_dn, Outbox.done_at.is_(None))).scalars())
-        if not rows:
-            return True
+        with self.db.read() as session:  # the rows and the records they ask for, in one snapshot
+            rows = session.execute(select(Outbox.id, Outbox.email, Outbox.reason, Outbox.serial).where(
+                Outbox.user_dn == user_dn, Outbox.done_at.is_(None))).all()
+            if not rows:
+                return True
+            certs = _certificates_of(session, user_dn)
         try:
-            self.sync_user(user_dn, now=now)
+            self.sync_user(user_dn, now=now, certs=certs)
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
             return False
@@ -162,9 +172,11 @@ class Publisher:
     def _published(self, target: str, rows: list[Outbox]) -> None:
         """Mark the rows done and audit the publication, in one transaction (once, if the worker and
         the request path both published)."""
+        table = Outbox.__table__
+
         def work(session):
-            marked = session.execute(update(Outbox).where(
-                Outbox.id.in_([r.id for r in rows]), Outbox.done_at.is_(None)).values(
+            marked = session.connection().execute(update(table).where(
+                table.c.id.in_([r.id for r in rows]), table.c.done_at.is_(None)).values(
                 done_at=datetime.now(timezone.utc), claimed_until=None, last_error=None)).rowcount
             if not marked:
                 return

@@ -24,7 +24,7 @@ from .core.renewal import server_window_opens
 from .store import audit
 from .store.db import Database
 from .store.models import Certificate
-from .store.repos import (current_certificate, enrollment_code, issued_since, latest_certificate,
+from .store.repos import (certificate_history, current_certificate, enrollment_code, latest_certificate,
                           use_enrollment_code)
 
 log = logging.getLogger("autoenroll.ra")
@@ -54,7 +54,11 @@ class RegistrationAuthority:
     publisher: object
 
     # -- entitlement --------------------------------------------------------------------------
-    def entitled_user(self, email: str, profile: Profile, actor: str) -> UserEntry:
+    def entitled_user(self, email: str, profile: Profile, actor: str, *,
+                      deferred_audit: list[dict] | None = None) -> UserEntry:
+        """The user's entry, read live, if a group of theirs is entitled to `profile`. The
+        enrollment.allowed audit row is committed now, or appended to `deferred_audit` (a list) for
+        the caller to commit with the certificate."""
         user = self.directory.find_user(email)
         if user is None:
             raise UserNotFound(f"no directory entry has the email address {email!r}")
@@ -62,9 +66,18 @@ class RegistrationAuthority:
         if not is_entitled(profile, groups):
             raise NotEntitled(f"{email} is not a member of a group entitled to profile {profile.name!r}",
                               profile=profile.name)
-        self.db.run(lambda s: audit.append(s, event="enrollment.allowed", outcome="allowed", actor=actor,
-                                           subject=email, detail={"profile": profile.name, "dn": user.dn}))
+        allowed = dict(event="enrollment.allowed", outcome="allowed", actor=actor, subject=email,
+                       detail={"profile": profile.name, "dn": user.dn})
+        if deferred_audit is not None:
+            deferred_audit.append(allowed)
+        else:
+            self.db.run(lambda s: audit.append(s, **allowed))
         return user
+
+    def _audit_now(self, events: list[dict]) -> None:
+        if events:
+            self.db.run(lambda s: audit.append_many(s, events, datetime.now(timezone.utc)))
+            events.clear()
 
     # -- policy ---------------------------------------------------------------------------------
     def _replacement_of(self, email: str, profile: Profile, replace: bool, renews: str | None,
@@ -75,11 +88,13 @@ class RegistrationAuthority:
         while that serial is still the current one, so the same certificate is never renewed twice.
         """
         with self.db.read() as session:
-            if issued_since(session, email, profile.name, now - timedelta(days=1)) >= profile.max_per_day:
-                raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
-                                  f"{profile.name!r}; try again later", retry_after=3600)
-            current = current_certificate(session, email, profile.name)
-            latest = latest_certificate(session, email, profile.name)
+            history = certificate_history(session, email, profile.name)
+        since = now - timedelta(days=1)
+        if sum(1 for c in history if c.issued_at >= since) >= profile.max_per_day:
+            raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
+                              f"{profile.name!r}; try again later", retry_after=3600)
+        current = next((c for c in history if c.status == "valid"), None)
+        latest = history[0] if history else None
         if renews is not None and (current is None or current.serial != renews.lower()):
             newer = f"; the current one is {current.serial}" if current is not None else ""
             raise Conflict(f"certificate {renews} is not the current {profile.name!r} certificate of {email} "
@@ -121,15 +136,26 @@ class RegistrationAuthority:
         from .auth.csr import verify_csr  # auth is a sibling part; imported here to keep service light
         csr = verify_csr(csr_text, email=email) if csr_text is not None else None
 
-        user = self.entitled_user(email, profile, actor)
-        if renews is not None and csr is not None:
-            earlier = self._earlier_renewal(email, profile, renews, csr)
-            if earlier is not None:  # a retry after a lost answer: same key, same certificate
-                return earlier
-        replaces = self._replacement_of(email, profile, replace, renews, now)
+        # With a local CA and KRA, enrollment.allowed is committed in the issuance's first transaction
+        # (escrow, else the certificate's): one commit fewer. Any way out before that writes it alone.
+        deferred = [] if getattr(self.key_authority, "records_audit_events", False) else None
+        user = self.entitled_user(email, profile, actor, deferred_audit=deferred)
+        try:
+            if renews is not None and csr is not None:
+                earlier = self._earlier_renewal(email, profile, renews, csr)
+                if earlier is not None:  # a retry after a lost answer: same key, same certificate
+                    self._audit_now(deferred or [])
+                    return earlier
+            replaces = self._replacement_of(email, profile, replace, renews, now)
+        except BaseException:
+            try:
+                self._audit_now(deferred or [])
+            except Exception:  # the refusal stands; its own error is what the caller must see
+                log.exception("event=audit.write_failed events=enrollment.allowed")
+            raise
         issued = self.key_authority.issue(IssueRequest(
             user=user, profile=profile, actor=actor, password=password, csr=csr, replaces=replaces,
-            legacy_pkcs12=legacy), now=now)
+            legacy_pkcs12=legacy, audit_events=tuple(deferred or ())), now=now)
         return self._response(issued, profile, user)
 
     def bootstrap(self, payload: dict, code_id: str, agent: AgentIdentity,

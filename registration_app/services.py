@@ -118,7 +118,7 @@ def build_services(settings: Settings, *, directory=None, run_migrations: bool =
     anchors = (ca_cert, *(read_certs(extra) if extra.exists() else ()))
     user_trust = UserTrust(anchors=anchors, our_issuers=(ca_cert,))
     tls_anchors = (read_cert(paths.tls_ca_cert),)
-    agent_policy = AgentPolicy(anchors=tls_anchors, allowed=settings.agents_allowed)
+    agent_policy = AgentPolicy(anchors=tls_anchors, allowed=settings.agents_allowed, scopes=settings.agent_scopes)
     directory = directory if directory is not None else LdapDirectory(settings.ldap)
     common = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy, user_trust=user_trust)
     if settings.role == "ca":

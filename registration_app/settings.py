@@ -48,6 +48,7 @@ class Settings:
     threads: int = 4
     ca_passphrase: str = ""  # empty: read data_dir/passphrase
     agents_allowed: frozenset[str] = frozenset({"*"})
+    agent_scopes: frozenset[str] = frozenset()  # "agent-name=mail-domain": limit an agent to a domain
     trusted_proxies: frozenset[str] = frozenset()  # addresses allowed to forward client certs
     bootstrap_profile: str = "smime-signature"
     pkcs12_iterations: int = 20000

@@ -49,10 +49,31 @@ class AgentPolicy:
 
     anchors: tuple[x509.Certificate, ...]
     allowed: frozenset[str]
+    # "agent-name=domain" entries: that agent may act only for users of those mail domains (an agent
+    # with no entry acts for anyone its certificate and the allow-list admit).
+    scopes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.anchors:
             raise ConfigError("no agent trust anchors are configured")
+        for entry in self.scopes:
+            name, sep, domain = entry.partition("=")
+            if not sep or not name.strip() or not domain.strip():
+                raise ConfigError(f"agent scope {entry!r} must read agent-name=mail-domain")
+
+    def check_user(self, agent: AgentIdentity, email: str) -> None:
+        """Refuse a user outside the agent's mail domains (AgentNotAllowed)."""
+        domains: set[str] = set()
+        names = {n.casefold() for n in agent.names} | {agent.subject.casefold()}
+        for entry in self.scopes:
+            name, _, domain = entry.partition("=")
+            if name.strip().casefold() in names:
+                domains.add(domain.strip().casefold().lstrip("@"))
+        if not domains:
+            return
+        user_domain = email.rpartition("@")[2].casefold()
+        if user_domain not in domains:
+            raise AgentNotAllowed(f"this user server may act only for users of {', '.join(sorted(domains))}")
 
     @functools.cached_property
     def store(self) -> Store:

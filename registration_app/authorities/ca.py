@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.errors import Conflict, UnknownCertificate
@@ -53,24 +53,26 @@ class LocalCA:
         """Add the certificate row, its outbox row and its audit row to `session` (the caller commits).
 
         The predecessor (if any) becomes superseded in the same step; `renewal_key` makes a second
-        issuance after the same predecessor fail with IntegrityError at flush or commit. With
+        issuance after the same predecessor fail with IntegrityError (at the certificate's INSERT). With
         `deferred_audit` (a list), the audit events are appended to it instead, for `append_audit_chain`.
         """
         serial_text = serial_hex(cert.serial_number)
-        if replaces is not None:
-            old = session.get(Certificate, replaces)
-            if old is not None and old.status == "valid":
-                old.status, old.superseded_by = "superseded", serial_text
-        session.add(Certificate(
+        if replaces is not None:  # one UPDATE, not a read then a write
+            session.execute(update(Certificate).where(Certificate.serial == replaces, Certificate.status == "valid")
+                            .values(status="superseded", superseded_by=serial_text))
+        # Core INSERTs on the session's connection (no unit-of-work flush); a second issuance after the
+        # same predecessor raises IntegrityError right here.
+        conn = session.connection()
+        conn.execute(insert(Certificate.__table__), dict(
             serial=serial_text, email=subject.email, user_dn=user_dn, profile=profile.name,
             usage=profile.usage.value, status="valid", der=cert.public_bytes(Encoding.DER),
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
             key_source=key_source, replaces=replaces,
             renewal_key=f"{subject.email.lower()}|{profile.name}|after:{replaces or 'none'}",
         ))
-        outbox = Outbox(user_dn=user_dn, email=subject.email, serial=serial_text, reason="issued",
-                        created_at=now, next_attempt_at=now)
-        session.add(outbox)
+        row = dict(user_dn=user_dn, email=subject.email, serial=serial_text, reason="issued", created_at=now,
+                   attempts=0, next_attempt_at=now)
+        outbox = Outbox(id=conn.execute(insert(Outbox.__table__), row).inserted_primary_key[0], **row)
         events = [*(extra_audit or ()), dict(
             event="certificate.issued", outcome="done", actor=actor, subject=subject.email,
             detail={"serial": serial_text, "profile": profile.name, "replaces": replaces,
@@ -79,8 +81,7 @@ class LocalCA:
         if deferred_audit is not None:
             deferred_audit.extend(events)
         else:
-            for event in events:
-                audit.append(session, now=now, **event)
+            audit.append_many(session, events, now)
         return outbox
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
@@ -201,5 +202,6 @@ class LocalCA:
         if cert.issuer != self.certificate.subject:
             return False
         with self.db.read() as session:
-            row = session.get(Certificate, serial_hex(cert.serial_number))
-            return row is not None and row.status == "revoked"
+            status = session.connection().execute(select(Certificate.status).where(
+                Certificate.serial == serial_hex(cert.serial_number))).scalar_one_or_none()
+            return status == "revoked"

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from ..core.errors import EscrowFailed, Forbidden, UnknownCertificate
 from ..store import audit
@@ -45,27 +45,29 @@ class LocalKRA:
         self.pkcs12_iterations = pkcs12_iterations
 
     def escrow(self, serial: str, key, *, email: str, profile: str, actor: str,
-               now: datetime | None = None) -> int:
-        """Seal and commit; returns the escrow id. Any failure raises EscrowFailed."""
+               now: datetime | None = None, extra_audit: list[dict] | None = None) -> int:
+        """Seal and commit; returns the escrow id. Any failure raises EscrowFailed. `extra_audit` rows
+        (e.g. the RA's enrollment.allowed) are appended before key.escrowed, in the same transaction."""
         try:
             blob = seal_private_key(key, self._public, escrow_aad(int(serial, 16), email, profile))
         except Exception as exc:
             raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
-        return self.store_sealed(serial, blob, email=email, profile=profile, actor=actor, now=now)
+        return self.store_sealed(serial, blob, email=email, profile=profile, actor=actor, now=now,
+                                 extra_audit=extra_audit)
 
     def store_sealed(self, serial: str, blob: bytes, *, email: str, profile: str, actor: str,
-                     now: datetime | None = None) -> int:
+                     now: datetime | None = None, extra_audit: list[dict] | None = None) -> int:
         """Commit a blob sealed by `escrow_crypto.seal_private_key` (by this object, or by an RA that holds
         only the public storage key); returns the escrow id. Any failure raises EscrowFailed."""
         now = now or datetime.now(timezone.utc)
         try:
             def work(session):
-                row = Escrow(serial=serial, email=email, profile=profile, blob=blob, created_at=now)
-                session.add(row)
-                session.flush()
-                audit.append(session, event="key.escrowed", outcome="done", actor=actor, subject=email,
-                             now=now, detail={"serial": serial, "profile": profile, "escrow_id": row.id})
-                return row.id
+                escrow_id = session.execute(insert(Escrow).values(
+                    serial=serial, email=email, profile=profile, blob=blob, created_at=now)).inserted_primary_key[0]
+                audit.append_many(session, [*(extra_audit or ()), dict(
+                    event="key.escrowed", outcome="done", actor=actor, subject=email,
+                    detail={"serial": serial, "profile": profile, "escrow_id": escrow_id})], now)
+                return escrow_id
 
             return self.db.run(work)
         except Exception as exc:  # the caller must not deliver anything, whatever went wrong

@@ -107,6 +107,8 @@ class _WriterQueue:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
+
+
 _writer_queues: dict[str | None, _WriterQueue] = {}
 
 
@@ -133,6 +135,7 @@ class Database:
         self._readers = sessionmaker(self.engine.execution_options(autoenroll_read_only=True),
                                      expire_on_commit=False)
         self._writers = _writer_queue(self.engine) if self.engine.dialect.name == "sqlite" else None
+        self.cache: dict[str, object] = {}  # values stored once in the database that never change (repos)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -2,36 +2,99 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
+import struct
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from ..core.codes import derive_mac_key, new_code
 from .db import Database
-from .models import Certificate, EnrollmentCode, Nonce, Outbox
+from .models import Certificate, EnrollmentCode, Nonce, Outbox, SyncState
+
+
+# Nonces are stateless when issued and recorded when used: a nonce is (expiry, 12 random bytes, MAC),
+# so issuing one writes nothing (the GET /nonce of every enrollment and every answer's Replay-Nonce
+# used to be a write transaction with an fsync), and consuming it is ONE insert into `nonces`, whose
+# primary key lets only the first use win, in any worker. A used nonce's row lives until the nonce
+# expires (plus a margin for clocks of other hosts); after that its expiry alone refuses it.
+NONCE_KEY_NAME = "nonce-mac-key"
+_NONCE_CONTEXT = b"autoenroll nonce v1\0"
+_NONCE_RAW, _NONCE_MAC = 20, 16  # 8-byte expiry (microseconds) + 12 random bytes; truncated HMAC-SHA256
+_NONCE_LENGTH = 48  # characters of base64url, no padding
+_SWEEP_MARGIN = timedelta(minutes=10)
+
+
+def _nonce_key(db: Database) -> bytes:
+    """The MAC key every worker shares: created once in the database, then cached per Database."""
+    key = db.cache.get(NONCE_KEY_NAME)
+    if key is not None:
+        return key
+    table = SyncState.__table__
+    with db.read() as session:
+        stored = session.connection().execute(
+            select(table.c.value).where(table.c.name == NONCE_KEY_NAME)).scalar_one_or_none()
+    if stored is None:
+        try:
+            db.run(lambda session: session.connection().execute(
+                insert(table), {"name": NONCE_KEY_NAME, "value": secrets.token_hex(32)}))
+        except IntegrityError:
+            pass  # another worker created it first: use theirs
+        with db.read() as session:
+            stored = session.connection().execute(
+                select(table.c.value).where(table.c.name == NONCE_KEY_NAME)).scalar_one()
+    key = db.cache[NONCE_KEY_NAME] = bytes.fromhex(stored)
+    return key
+
+
+def _nonce_mac(key: bytes, raw: bytes) -> bytes:
+    return hmac.new(key, _NONCE_CONTEXT + raw, hashlib.sha256).digest()[:_NONCE_MAC]
+
+
+def _micros(at: datetime) -> int:
+    return int(at.timestamp() * 1_000_000)
 
 
 def issue_nonce(db: Database, ttl: timedelta, now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
-    value = secrets.token_urlsafe(24)
-
-    def work(session):
-        session.add(Nonce(value=value, expires_at=now + ttl))
-        if secrets.randbelow(64) == 0:  # sweep expired nonces now and then, off the common path
-            session.execute(delete(Nonce).where(Nonce.expires_at < now))
-
-    db.run(work)
-    return value
+    raw = struct.pack(">Q", _micros(now + ttl)) + secrets.token_bytes(_NONCE_RAW - 8)
+    return base64.urlsafe_b64encode(raw + _nonce_mac(_nonce_key(db), raw)).decode("ascii")
 
 
 def consume_nonce(db: Database, value: str, now: datetime | None = None) -> bool:
-    """Single use, shared by all workers: the DELETE that removes it is the one that wins."""
+    """Single use, shared by all workers: the INSERT that records it is the one that wins."""
     now = now or datetime.now(timezone.utc)
-    if not isinstance(value, str) or not 0 < len(value) <= 64:
+    if not isinstance(value, str) or len(value) != _NONCE_LENGTH:
         return False
-    result = db.run(lambda s: s.execute(delete(Nonce).where(Nonce.value == value, Nonce.expires_at >= now)))
-    return result.rowcount == 1
+    try:
+        token = base64.urlsafe_b64decode(value.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        return False
+    raw, mac = token[:_NONCE_RAW], token[_NONCE_RAW:]
+    if len(token) != _NONCE_RAW + _NONCE_MAC or not hmac.compare_digest(mac, _nonce_mac(_nonce_key(db), raw)):
+        return False
+    expiry_us = struct.unpack(">Q", raw[:8])[0]
+    if expiry_us < _micros(now):
+        return False
+    expires_at = datetime.fromtimestamp(expiry_us / 1_000_000, timezone.utc)
+    canonical = base64.urlsafe_b64encode(token).decode("ascii")  # one row per nonce, however it was spelled
+    table = Nonce.__table__
+
+    def work(session):
+        conn = session.connection()
+        if secrets.randbelow(64) == 0:  # sweep expired nonces now and then, off the common path
+            conn.execute(delete(table).where(table.c.expires_at < now - _SWEEP_MARGIN))
+        conn.execute(insert(table), {"value": canonical, "expires_at": expires_at})
+
+    try:
+        db.run(work)
+    except IntegrityError:
+        return False  # used already
+    return True
 
 
 def create_enrollment_code(db: Database, email: str, ttl: timedelta, created_by: str,
@@ -77,6 +140,17 @@ def latest_certificate(session, email: str, profile: str) -> Certificate | None:
         select(Certificate).where(func.lower(Certificate.email) == email.lower(),
                                   Certificate.profile == profile)
         .order_by(Certificate.issued_at.desc()).limit(1)).scalar_one_or_none()
+
+
+def certificate_history(session, email: str, profile: str) -> list:
+    """(serial, status, not_before, not_after, issued_at) of every certificate of this user and
+    profile, newest first: what `issued_since`, `current_certificate` and `latest_certificate` tell,
+    in one query of plain rows (the enrollment policy reads all three)."""
+    return list(session.connection().execute(
+        select(Certificate.serial, Certificate.status, Certificate.not_before, Certificate.not_after,
+               Certificate.issued_at)
+        .where(func.lower(Certificate.email) == email.lower(), Certificate.profile == profile)
+        .order_by(Certificate.issued_at.desc())).all())
 
 
 def issued_since(session, email: str, profile: str, since: datetime) -> int:

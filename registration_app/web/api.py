@@ -72,6 +72,7 @@ def _verified():
         consume_nonce=lambda n: consume_nonce(services.db, n), is_revoked=services.ca.is_revoked,
         now=datetime.now(timezone.utc))
     g.user_email = verified.user.email
+    services.agent_policy.check_user(g.agent, verified.user.email)
     return dataclasses.replace(verified, raw=body)
 
 
@@ -96,7 +97,11 @@ def bootstrap():
 
     def code_secret(code_id: str):
         row = enrollment_code(services.db, code_id)
-        return row.mac_key if row is not None else None
+        if row is None:
+            return None
+        g.user_email = row.email
+        services.agent_policy.check_user(g.agent, row.email)  # a scoped agent bootstraps only its domains
+        return row.mac_key
 
     payload, code_id = verify_bootstrap_request(
         _body(), url=request.url, agent=g.agent, code_secret=code_secret,

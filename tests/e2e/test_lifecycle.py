@@ -280,3 +280,17 @@ def test_an_expired_recovery_request_cannot_be_completed(life, officers, new_use
     assert "recovery_expired" in late.stderr
     release = officer(life, oscar, "release", request_id, check=False)
     assert "recovery_expired" in release.stderr
+
+
+def test_a_scoped_agent_is_refused_for_users_outside_its_domain(tmp_path_factory, slapd, new_user):
+    """agent_scopes limits a user server to mail domains: the demo agent may act for example.net only."""
+    p = make_platform(tmp_path_factory.mktemp("scoped"), slapd.url,
+                      extra='agent_scopes = ["agent.example.org=example.net"]\n')
+    try:
+        p.start()
+        _, email = new_user(("smime-users",))
+        code = p.autoenroll("invite", email).stdout.strip()
+        refused = p.agent("bootstrap", "--email", email, "--code", code, check=False)
+        assert refused.returncode == 1 and "agent_not_allowed" in refused.stderr and "example.net" in refused.stderr
+    finally:
+        p.stop()
