@@ -214,6 +214,8 @@ def test_refused_audited_and_nothing_issued(adversary, build, status, code):
     finally:
         conn.close()
     assert_refused(adversary, before, reply, status, code)
+    if code == "certificate_expired":  # the refusal says how to start again
+        assert "enrollment code" in reply.json()["detail"]
 
 
 def test_wrong_content_type_is_415(adversary):
@@ -254,6 +256,7 @@ def test_revoked_user_certificate(adversary):
     reply = conn.post("enroll", body)
     conn.close()
     assert_refused(adversary, before, reply, 401, "certificate_revoked")
+    assert "enrollment code" in reply.json()["detail"]  # says how to start again: bootstrap
 
 
 @pytest.mark.parametrize("email", ["*@example.org", "a)(mail=*@example.org", "x\\00@example.org",
