@@ -34,6 +34,7 @@ from registration_app.core.model import AgentIdentity
 
 __all__ = ["AgentPolicy", "identify_agent", "thumbprint", "ANY_AGENT"]
 
+VERIFIED_CACHE_SIZE = 1024
 ANY_AGENT = "*"  # in `allowed`: any certificate that chains to the anchors
 _TLS_EKUS = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
 
@@ -76,6 +77,11 @@ class AgentPolicy:
             raise AgentNotAllowed(f"this user server may act only for users of {', '.join(sorted(domains))}")
 
     @functools.cached_property
+    def verified(self) -> dict:
+        """Certificates whose chain verified: DER → (not_before, not_after, subject, names, thumbprint)."""
+        return {}
+
+    @functools.cached_property
     def store(self) -> Store:
         # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass
         return Store(list(self.anchors))
@@ -95,6 +101,15 @@ def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -
     if not peer_der:
         raise NoClientCertificate("this endpoint requires the user server's TLS client certificate")
     peer_der = bytes(peer_der)
+    now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+    known = policy.verified.get(peer_der)
+    if known is not None and known[0] <= now <= known[1]:
+        # A keep-alive agent presents the same certificate on every request: the chain was verified
+        # already; only the clock can have changed, and that is checked again here.
+        subject, names = known[2], known[3]
+        if not policy.permits(names, subject):
+            raise AgentNotAllowed(f"the user server {subject!r} is not on the allow list")
+        return AgentIdentity(subject=subject, names=names, certificate_der=peer_der, thumbprint=known[4])
     try:
         cert = x509.load_der_x509_certificate(peer_der)
         subject = cert.subject.rfc4514_string()
@@ -102,7 +117,6 @@ def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -
     except Exception:  # whatever a proxy header or a peer sends, a parse failure is the client's
         raise BadClientCertificate("the TLS client certificate is not a valid DER certificate") from None
 
-    now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
     verifier = (
         PolicyBuilder()
         .store(policy.store)
@@ -118,7 +132,11 @@ def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -
 
     if not policy.permits(names, subject):
         raise AgentNotAllowed(f"the user server {subject!r} is not on the allow list")
-    return AgentIdentity(subject=subject, names=names, certificate_der=peer_der, thumbprint=thumbprint(peer_der))
+    print_ = thumbprint(peer_der)
+    if len(policy.verified) >= VERIFIED_CACHE_SIZE:
+        policy.verified.clear()  # a handful of user servers is the normal case; never grow unbounded
+    policy.verified[peer_der] = (cert.not_valid_before_utc, cert.not_valid_after_utc, subject, names, print_)
+    return AgentIdentity(subject=subject, names=names, certificate_der=peer_der, thumbprint=print_)
 
 
 def _names(cert: x509.Certificate) -> frozenset[str]:
