@@ -5,8 +5,8 @@ about 12,000 entries/s here, python-ldap (libldap) about 56,000/s, and a python-
 0.04 ms of client CPU instead of 0.26 ms. So the passes over whole directories use python-ldap when
 it is installed and fall back to LdapDirectory (ldap3) otherwise: slower, same effect.
 
-Errors: `_translate` is this module's adapter from python-ldap to registration_app.core.errors, the
-twin of ldap.py's; nothing outside this module sees a python-ldap exception.
+Errors: python-ldap exceptions go through `ldap.translate_pyldap_error`, the one adapter shared with
+ldap.py; nothing outside these modules sees a python-ldap exception.
 
 Entries come back as (dn, {lower-case attribute name: [bytes, ...]}).
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from directory_sync.ldap import CERT_ATTR, LdapDirectory, plan_publication
-from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
+from directory_sync.ldap import CERT_ATTR, LdapDirectory, plan_publication, translate_pyldap_error
+from registration_app.core.errors import UserNotFound
 
 try:  # python-ldap: C bindings to libldap (Debian libldap2-dev + libsasl2-dev to build it)
     import ldap as _pyldap
@@ -66,7 +66,7 @@ class BulkDirectory:
             return
         except _pyldap.LDAPError as exc:
             self._drop()
-            raise _translate(exc) from exc
+            raise translate_pyldap_error(exc) from exc
 
     def read(self, dn: str, attributes: list[str]) -> dict[str, list[bytes]] | None:
         """One entry's attributes, or None if there is no such entry."""
@@ -89,7 +89,7 @@ class BulkDirectory:
             return None
         except _pyldap.LDAPError as exc:
             self._drop()
-            raise _translate(exc) from exc
+            raise translate_pyldap_error(exc) from exc
         return {k.lower(): v for k, v in result[0][1].items()} if result else None
 
     # --- writing ---------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class BulkDirectory:
             raise UserNotFound("The directory entry does not exist") from exc
         except _pyldap.LDAPError as exc:
             self._drop()
-            raise _translate(exc) from exc
+            raise translate_pyldap_error(exc) from exc
         return True
 
     def close(self) -> None:
@@ -141,7 +141,7 @@ class BulkDirectory:
             conn.set_option(_pyldap.OPT_NETWORK_TIMEOUT, s.timeout_seconds)
             conn.simple_bind_s(s.bind_dn, s.password)
         except _pyldap.LDAPError as exc:
-            raise _translate(exc) from exc
+            raise translate_pyldap_error(exc) from exc
         self._conn = conn
         return conn
 
@@ -152,17 +152,6 @@ class BulkDirectory:
                 conn.unbind_s()
             except Exception:  # the peer may be gone; we only want the socket closed
                 pass
-
-
-def _translate(exc) -> AutoenrollError:
-    if isinstance(exc, _pyldap.INVALID_CREDENTIALS):
-        return DirectoryUnavailable("The LDAP directory refused the service account's bind")
-    if isinstance(exc, (_pyldap.SERVER_DOWN, _pyldap.TIMEOUT, _pyldap.CONNECT_ERROR, _pyldap.BUSY,
-                        _pyldap.UNAVAILABLE, _pyldap.TIMELIMIT_EXCEEDED)):
-        return DirectoryUnavailable(ldap_error=type(exc).__name__)
-    description = exc.args[0].get("desc", type(exc).__name__) if exc.args and isinstance(exc.args[0], dict) \
-        else type(exc).__name__
-    return DirectoryUnavailable("The LDAP directory refused the operation", ldap_result=description)
 
 
 def values(attrs: dict[str, list[bytes]], name: str) -> list[bytes]:

@@ -9,7 +9,7 @@ time; one pool per client library), so gunicorn gthread workers can share one Ld
 that broke (slapd restarted) is dropped and the operation is tried once more on a fresh one; if that fails
 too the caller gets DirectoryUnavailable within `timeout_seconds`.
 
-Errors: `_run`/`_check`/`_translate` (ldap3) and `_run_fast`/`_translate_fast` (python-ldap) are the one
+Errors: `_run`/`_check`/`_translate` (ldap3) and `_run_fast`/`translate_pyldap_error` (python-ldap) are the one
 adapter to registration_app.core.errors; nothing outside this module sees an ldap3 or python-ldap exception.
 """
 
@@ -360,7 +360,7 @@ class LdapDirectory:
             conn.timeout = s.timeout_seconds  # every synchronous (_s) operation waits at most this long
             conn.simple_bind_s(s.bind_dn, s.password)
         except _pyldap.LDAPError as exc:
-            raise _translate_fast(exc) from exc
+            raise translate_pyldap_error(exc) from exc
         return conn, False
 
     def _run_fast(self, work: Callable[[object], T]) -> T:
@@ -376,7 +376,7 @@ class LdapDirectory:
                         continue  # e.g. slapd restarted since this connection was opened
                 else:
                     self._release_fast(conn)  # the server answered with an error: the connection is fine
-                raise _translate_fast(exc) from exc
+                raise translate_pyldap_error(exc) from exc
             except AutoenrollError:
                 self._release_fast(conn)
                 raise
@@ -509,7 +509,7 @@ def _fast_result_code(exc) -> int | None:
     return code if isinstance(code, int) and code >= 0 else None
 
 
-def _translate_fast(exc) -> AutoenrollError:
+def translate_pyldap_error(exc) -> AutoenrollError:
     """python-ldap's twin of `_translate` + `_check`: the same errors for the same situations."""
     info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
     description = info.get("desc", type(exc).__name__)
