@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from directory_sync.ldap import CERT_ATTR, LdapDirectory, plan_publication, translate_pyldap_error
+from directory_sync.ldap import (CERT_ATTR, LdapDirectory, bound_pyldap_connection, plan_publication,
+                                  translate_pyldap_error)
 from registration_app.core.errors import UserNotFound
 
 try:  # python-ldap: C bindings to libldap (Debian libldap2-dev + libsasl2-dev to build it)
@@ -133,13 +134,8 @@ class BulkDirectory:
     def _connection(self):
         if self._conn is not None:
             return self._conn
-        s = self.settings
         try:
-            conn = _pyldap.initialize(s.url)
-            conn.set_option(_pyldap.OPT_PROTOCOL_VERSION, 3)
-            conn.set_option(_pyldap.OPT_REFERRALS, 0)
-            conn.set_option(_pyldap.OPT_NETWORK_TIMEOUT, s.timeout_seconds)
-            conn.simple_bind_s(s.bind_dn, s.password)
+            conn = bound_pyldap_connection(self.settings)
         except _pyldap.LDAPError as exc:
             raise translate_pyldap_error(exc) from exc
         self._conn = conn

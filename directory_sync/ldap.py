@@ -351,14 +351,8 @@ class LdapDirectory:
             return self._fast_idle.get_nowait(), True
         except queue.Empty:
             pass
-        s = self.settings
         try:
-            conn = _pyldap.initialize(s.url)
-            conn.set_option(_pyldap.OPT_PROTOCOL_VERSION, 3)
-            conn.set_option(_pyldap.OPT_REFERRALS, 0)
-            conn.set_option(_pyldap.OPT_NETWORK_TIMEOUT, s.timeout_seconds)
-            conn.timeout = s.timeout_seconds  # every synchronous (_s) operation waits at most this long
-            conn.simple_bind_s(s.bind_dn, s.password)
+            conn = bound_pyldap_connection(self.settings)
         except _pyldap.LDAPError as exc:
             raise translate_pyldap_error(exc) from exc
         return conn, False
@@ -507,6 +501,17 @@ def _fast_result_code(exc) -> int | None:
     """The LDAP result code the server sent, or None for a client-side failure (no answer)."""
     code = getattr(exc, "errnum", None)
     return code if isinstance(code, int) and code >= 0 else None
+
+
+def bound_pyldap_connection(s: LdapSettings):
+    """A python-ldap connection bound as the service account; its errors are the caller's to translate."""
+    conn = _pyldap.initialize(s.url)
+    conn.set_option(_pyldap.OPT_PROTOCOL_VERSION, 3)
+    conn.set_option(_pyldap.OPT_REFERRALS, 0)
+    conn.set_option(_pyldap.OPT_NETWORK_TIMEOUT, s.timeout_seconds)
+    conn.timeout = s.timeout_seconds  # every synchronous (_s) operation waits at most this long
+    conn.simple_bind_s(s.bind_dn, s.password)
+    return conn
 
 
 def translate_pyldap_error(exc) -> AutoenrollError:
