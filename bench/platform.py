@@ -144,9 +144,11 @@ class ServerPlatform:
         return children(self.process.pid)
 
     def server_pids(self) -> list[int]:
+        """The master, its workers and their helper processes (PKCS#12 builders): all server CPU."""
         if self.process is None:
             return []
-        return [self.process.pid, *self.worker_pids()]
+        workers = self.worker_pids()
+        return [self.process.pid, *workers, *(h for w in workers for h in children(w))]
 
     def wait_workers(self, count: int | None = None, timeout: float = 30) -> list[int]:
         """The worker pids once `count` (default: the configured number) are up and answering."""
@@ -160,7 +162,7 @@ class ServerPlatform:
         raise RuntimeError(f"only {len(self.worker_pids())} of {count} workers after {timeout} s")
 
     def cpu_seconds(self) -> float:
-        """CPU (user + system) of the master and the live workers so far."""
+        """CPU (user + system) of the master, the live workers and their helpers so far."""
         return sum(process_cpu(pid) for pid in self.server_pids())
 
 
