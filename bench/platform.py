@@ -8,7 +8,6 @@ everything not named). Also: the process tree of the server (master, workers) fo
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from directory_sync.slapd import free_port
+from tests.e2e.platform import stop_process_group
 
 BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -122,13 +122,7 @@ class ServerPlatform:
         raise RuntimeError(f"server did not start:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
         self.process = None
 
     def restart(self, **env: str) -> None:

@@ -15,7 +15,6 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select, update
 
-from .authorities.ca import serial_hex  # noqa: F401  (re-exported for callers formatting serials)
 from .authorities.kra import LocalKRA, RecoveryGrant
 from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, RecoveryExpired,
                           RecoveryNotReady, SelfApproval, UnknownCertificate, UserNotFound)

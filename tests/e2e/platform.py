@@ -26,6 +26,17 @@ def cli(*args: str, env: dict | None = None, check: bool = True, timeout: float 
     return result
 
 
+def stop_process_group(process: subprocess.Popen | None) -> None:
+    """SIGTERM the server's process group (master and workers), SIGKILL it if it lingers."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @dataclass
 class Platform:
     data: Path
@@ -73,13 +84,7 @@ class Platform:
         raise AssertionError(f"server did not start:\n{self.log.read_text()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
 
 
 def make_platform(data: Path, ldap_url: str, *, extra: str = "") -> Platform:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
-import tomllib
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
