@@ -141,6 +141,11 @@ class Run:
              f"2-proc scaling {fmt(ratio(bare2.rate, bare1.rate), digits=2)}x", "-"),
             ("    server cores used, client CPU share", f"{fmt(e['server_cores_used'], digits=2)} cores",
              f"client {fmt(100 * enroll.client_cpu_share)}% of all CPU", "-"),
+            ("    CPU per certificate: server (kernel part) / bare",
+             f"{fmt(e['server_cpu_ms_per_request'], ' ms', 2)} ({fmt(1000 * enroll.server_sys_cpu / enroll.ok, ' ms', 2)})"
+             f" / {fmt(1000 * bare2.cpu / bare2.count if bare2.count else None, ' ms', 2)}",
+             f"server/bare {fmt(ratio(e['server_cpu_ms_per_request'], 1000 * bare2.cpu / bare2.count if bare2.count else None), digits=2)}x",
+             "-"),
         ]
         rss = max(enroll.worker_peak_rss_mb or [0.0])
         self.rows.append(("(6) peak RSS per gunicorn worker", ", ".join(f"{m:.0f} MB" for m in enroll.worker_peak_rss_mb),

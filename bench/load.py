@@ -31,6 +31,7 @@ class LoadResult:
     client_cpu: float = 0.0
     server_cpu: float = 0.0
     slapd_cpu: float = 0.0
+    server_sys_cpu: float = 0.0  # the part of server_cpu spent in the kernel
     worker_peak_rss_mb: list[float] = field(default_factory=list)
 
     @property
@@ -59,7 +60,9 @@ class LoadResult:
                 "wall_s": round(self.wall, 3), "rate_per_s": round(self.rate, 1),
                 "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1),
                 "client_cpu_s": round(self.client_cpu, 2), "server_cpu_s": round(self.server_cpu, 2),
-                "slapd_cpu_s": round(self.slapd_cpu, 2), "server_cores_used": round(self.server_cores, 2),
+                "slapd_cpu_s": round(self.slapd_cpu, 2), "server_sys_cpu_s": round(self.server_sys_cpu, 2),
+                "server_cpu_ms_per_request": round(1000 * self.server_cpu / self.ok, 2) if self.ok else None,
+                "server_cores_used": round(self.server_cores, 2),
                 "client_cpu_share": round(self.client_cpu_share, 3),
                 "worker_peak_rss_mb": [round(m, 1) for m in self.worker_peak_rss_mb]}
 
@@ -104,15 +107,16 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
     for t in threads:
         t.start()
     ready.wait()
-    cpu0, server0 = time.process_time(), platform.cpu_seconds()
+    cpu0, (user0, sys0) = time.process_time(), platform.cpu_split()
     slapd0 = process_cpu(slapd_pid) if slapd_pid else 0.0
     started = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    user1, sys1 = platform.cpu_split()
     result = LoadResult(requests=len(users), ok=statuses.get(201, 0), statuses=dict(statuses), wall=wall,
                         latencies=latencies, client_cpu=time.process_time() - cpu0,
-                        server_cpu=platform.cpu_seconds() - server0,
+                        server_cpu=(user1 + sys1) - (user0 + sys0), server_sys_cpu=sys1 - sys0,
                         slapd_cpu=(process_cpu(slapd_pid) - slapd0) if slapd_pid else 0.0,
                         worker_peak_rss_mb=[peak_rss_mb(pid) for pid in platform.worker_pids()])
     if errors:

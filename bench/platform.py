@@ -157,7 +157,12 @@ class ServerPlatform:
 
     def cpu_seconds(self) -> float:
         """CPU (user + system) of the master, the live workers and their helpers so far."""
-        return sum(process_cpu(pid) for pid in self.server_pids())
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the master, the live workers and their helpers so far."""
+        splits = [process_cpu_split(pid) for pid in self.server_pids()]
+        return sum(u for u, _ in splits), sum(s for _, s in splits)
 
 
 def children(pid: int) -> list[int]:
@@ -169,12 +174,17 @@ def children(pid: int) -> list[int]:
 
 
 def process_cpu(pid: int) -> float:
+    return sum(process_cpu_split(pid))
+
+
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
 
 
 def peak_rss_mb(pid: int) -> float:

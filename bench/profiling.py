@@ -43,6 +43,7 @@ def profile_enrollments(platform, users: list, payload: dict, *, top: int = 25) 
             statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
     finally:
         services.close()
+    profiler.dump_stats(str(Path(__file__).resolve().parent / "results" / "profile.pstats"))
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("tottime").print_stats(top)

@@ -19,6 +19,7 @@ CA entry like any revocation does.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -31,6 +32,7 @@ from registration_app.core.model import Profile
 from registration_app.store import audit
 from registration_app.store.db import Database
 from registration_app.store.models import Certificate, CrlState, Outbox
+from registration_app.store.repos import certificates_of
 
 log = logging.getLogger("autoenroll.publisher")
 
@@ -57,11 +59,58 @@ def desired_values(certs: list[Certificate], profiles: dict[str, Profile], now: 
     return [c.der for c in keep], gone
 
 
-def _certificates_of(session, user_dn: str) -> list:
-    """What `desired_values` reads of a user's certificates, as plain rows (no ORM objects to build)."""
-    return list(session.execute(select(
-        Certificate.der, Certificate.status, Certificate.profile, Certificate.usage, Certificate.not_after,
-        Certificate.issued_at).where(Certificate.user_dn == user_dn)).all())
+_OUTBOX = Outbox.__table__
+
+
+class Completions:
+    """Outbox rows published inline, marked done (with their directory.published audit rows) by one
+    thread per process in batched transactions: under load, one commit for every request that
+    published meanwhile instead of one each; with one request at a time, right after it.
+
+    Losing a batch (the process killed, the database unreachable) loses nothing: the rows stay
+    queued, fall due after the grace the request path gave them, and the worker publishes them again,
+    which changes nothing in the directory (publication is idempotent) and marks them then."""
+
+    def __init__(self, publisher: "Publisher") -> None:
+        self.publisher = publisher
+        self._cond = threading.Condition()
+        self._items: list[tuple[str, list]] = []
+        self._busy = False
+        self._pid: int | None = None
+
+    def submit(self, target: str, rows: list) -> None:
+        with self._cond:
+            if self._pid != os.getpid():  # first use in this process (or after a fork)
+                self._pid, self._items, self._busy = os.getpid(), [], False
+                threading.Thread(target=self._run, name="outbox-completions", daemon=True).start()
+            self._items.append((target, rows))
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted row is marked (or failed to be); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._items or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._pid != os.getpid():
+                    return not (self._items or self._busy)
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                batch, self._items, self._busy = self._items, [], True
+            try:
+                self.publisher.db.run(lambda conn: self.publisher._mark_published(conn, batch), core=True)
+            except Exception:
+                log.exception("event=publish.mark_failed rows=%d", sum(len(rows) for _t, rows in batch))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 class Publisher:
@@ -73,6 +122,7 @@ class Publisher:
         self.ca_der = ca_certificate_der
         self.ca = ca  # a LocalCA: lets the worker rebuild the CRL before nextUpdate
         self._crl_checked = float("-inf")
+        self.completions = Completions(self)
 
     # -- one user --------------------------------------------------------------------------
     def sync_user(self, user_dn: str, now: datetime | None = None, *, certs: list | None = None) -> None:
@@ -80,7 +130,7 @@ class Publisher:
         now = now or datetime.now(timezone.utc)
         if certs is None:
             with self.db.read() as session:
-                certs = _certificates_of(session, user_dn)
+                certs = certificates_of(session, user_dn)
         add, remove = desired_values(certs, self.profiles, now)
         self.directory.publish(user_dn, add, remove)
 
@@ -150,42 +200,73 @@ class Publisher:
             log.info("event=publish.done target=%r rows=%d", target, len(ids))
         return done
 
-    def publish_user_now(self, user_dn: str, now: datetime | None = None) -> bool:
+    def publish_user_now(self, user_dn: str, now: datetime | None = None, *, rows: list | None = None,
+                         certs: list | None = None) -> bool:
         """The request path's inline attempt: publish this user's pending rows without claiming them
         (publication is idempotent, so racing the worker is harmless); True when nothing is left.
-        On failure the rows stay as they are, due now, for the worker."""
+
+        `rows` and `certs` (the outbox rows just written and the user's certificate rows, read in the
+        same transaction) spare the read. On success the rows are marked done by the batching thread
+        (`Completions`), not in a transaction of their own; on failure they are made due now, for the
+        worker."""
         now = now or datetime.now(timezone.utc)
-        with self.db.read() as session:  # the rows and the records they ask for, in one snapshot
-            rows = session.execute(select(Outbox.id, Outbox.email, Outbox.reason, Outbox.serial).where(
-                Outbox.user_dn == user_dn, Outbox.done_at.is_(None))).all()
-            if not rows:
-                return True
-            certs = _certificates_of(session, user_dn)
+        if rows is None or certs is None:
+            with self.db.read() as session:  # the rows and the records they ask for, in one snapshot
+                rows = session.execute(select(Outbox.id, Outbox.email, Outbox.reason, Outbox.serial).where(
+                    Outbox.user_dn == user_dn, Outbox.done_at.is_(None))).all()
+                if not rows:
+                    return True
+                certs = certificates_of(session, user_dn)
         try:
             self.sync_user(user_dn, now=now, certs=certs)
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
+            self._due_now([r.id for r in rows], exc)
             return False
-        self._published(user_dn, rows)
+        self.completions.submit(user_dn, rows)
         return True
+
+    def _due_now(self, ids: list[int], exc: AutoenrollError) -> None:
+        """Rows the request path held back for its inline attempt, handed to the worker at once."""
+        try:
+            self.db.run(lambda conn: conn.execute(update(_OUTBOX).where(
+                _OUTBOX.c.id.in_(ids), _OUTBOX.c.done_at.is_(None)).values(
+                next_attempt_at=datetime.now(timezone.utc), last_error=str(exc.detail)[:500])), core=True)
+        except Exception:  # they fall due by themselves a few seconds later
+            log.exception("event=outbox.reschedule_failed rows=%d", len(ids))
 
     def _published(self, target: str, rows: list[Outbox]) -> None:
         """Mark the rows done and audit the publication, in one transaction (once, if the worker and
         the request path both published)."""
-        table = Outbox.__table__
+        self.db.run(lambda conn: self._mark_published(conn, [(target, rows)]), core=True)
 
-        def work(session):
-            marked = session.connection().execute(update(table).where(
-                table.c.id.in_([r.id for r in rows]), table.c.done_at.is_(None)).values(
-                done_at=datetime.now(timezone.utc), claimed_until=None, last_error=None)).rowcount
-            if not marked:
-                return
-            audit.append(session, event="directory.published", outcome="done", actor="outbox",
-                         subject="(CA entry)" if target == "\0crl" else rows[0].email,
-                         detail={"dn": None if target == "\0crl" else target,
-                                 "reasons": sorted({r.reason for r in rows}),
-                                 "serials": [r.serial for r in rows if r.serial]})
-        self.db.run(work)
+    @staticmethod
+    def _mark_published(conn, batch: list[tuple[str, list]]) -> None:
+        """In the caller's transaction: the rows of each (target, rows) not yet done become done, and
+        each target with rows marked gets one directory.published audit row."""
+        ids = [r.id for _target, rows in batch for r in rows]
+        open_ids = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            open_ids.update(conn.execute(select(_OUTBOX.c.id).where(
+                _OUTBOX.c.id.in_(chunk), _OUTBOX.c.done_at.is_(None))).scalars())
+        if not open_ids:
+            return
+        now = datetime.now(timezone.utc)
+        for start in range(0, len(ids), 500):
+            conn.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids[start:start + 500]),
+                                               _OUTBOX.c.done_at.is_(None)).values(
+                done_at=now, claimed_until=None, last_error=None))
+        events = []
+        for target, rows in batch:
+            marked = [r for r in rows if r.id in open_ids]
+            if marked:
+                events.append(dict(event="directory.published", outcome="done", actor="outbox",
+                                   subject="(CA entry)" if target == "\0crl" else marked[0].email,
+                                   detail={"dn": None if target == "\0crl" else target,
+                                           "reasons": sorted({r.reason for r in marked}),
+                                           "serials": [r.serial for r in marked if r.serial]}))
+        audit.append_many(conn, events, now)
 
     def complete(self, ids: list[int], note: str | None = None) -> None:
         """Mark outbox rows done (e.g. after reconcile or provisioning published the users directly)."""

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from .auth.csr import verify_csr
 from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
 from .core.entitlement import is_entitled
-from .core.errors import (AutoenrollError, BadEnrollmentCode, BadRequest, Conflict, NotEntitled,
+from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, NotEntitled,
                           NotOwner, RateLimited, UnknownCertificate, UserNotFound)
 from .core.model import AgentIdentity, KeySource, Profile, UserEntry, VerifiedRequest
 from .core.profiles import get_profile
@@ -25,12 +25,16 @@ from .core.renewal import server_window_opens
 from .store import audit
 from .store.db import Database
 from .store.models import Certificate
-from .store.repos import (certificate_history, current_certificate, enrollment_code, latest_certificate,
-                          use_enrollment_code)
+from .store.repos import (NonceToken, certificate_history, current_certificate, enrollment_code,
+                          latest_certificate, record_nonce, use_enrollment_code)
 
 log = logging.getLogger("autoenroll.ra")
 
 MAX_PASSWORD = 1024
+# An enrollment's outbox row is held back from the worker this long while the request publishes it
+# inline (and the batching thread marks it done): the two never publish the same row at once. If
+# the inline attempt fails the row is made due at once; if the process dies, it falls due by itself.
+INLINE_PUBLISH_GRACE = timedelta(seconds=5)
 SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged", "superseded",
                            "cessationOfOperation"}
 
@@ -75,10 +79,21 @@ class RegistrationAuthority:
             self.db.run(lambda s: audit.append(s, **allowed))
         return user
 
-    def _audit_now(self, events: list[dict]) -> None:
-        if events:
-            self.db.run(lambda s: audit.append_many(s, events, datetime.now(timezone.utc)))
-            events.clear()
+    def _audit_now(self, events: list[dict], *, nonce: NonceToken | None = None) -> None:
+        """Commit `events` (and use `nonce`) now, in one transaction."""
+        if not events and nonce is None:
+            return
+
+        def work(conn):
+            if nonce is not None and not record_nonce(conn, nonce):
+                raise BadNonce("the nonce was used by another request meanwhile; get a new one")
+            audit.append_many(conn, events, datetime.now(timezone.utc))
+
+        self.db.run(work, core=True)
+        events.clear()
+
+    def _use_nonce(self, nonce: NonceToken) -> None:
+        self._audit_now([], nonce=nonce)
 
     # -- policy ---------------------------------------------------------------------------------
     def _replacement_of(self, email: str, profile: Profile, replace: bool, renews: str | None,
@@ -136,15 +151,17 @@ class RegistrationAuthority:
             raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
         csr = verify_csr(csr_text, email=email) if csr_text is not None else None
 
-        # With a local CA and KRA, enrollment.allowed is committed in the issuance's first transaction
-        # (escrow, else the certificate's): one commit fewer. Any way out before that writes it alone.
-        deferred = [] if getattr(self.key_authority, "records_audit_events", False) else None
+        # With a local CA and KRA, enrollment.allowed and the request's nonce are committed in the
+        # issuance's one transaction. Any way out before that writes them alone (a refusal's nonce is
+        # recorded with its request.denied row, by the web layer).
+        in_one = getattr(self.key_authority, "records_audit_events", False)
+        deferred = [] if in_one else None
         user = self.entitled_user(email, profile, actor, deferred_audit=deferred)
         try:
             if renews is not None and csr is not None:
                 earlier = self._earlier_renewal(email, profile, renews, csr)
                 if earlier is not None:  # a retry after a lost answer: same key, same certificate
-                    self._audit_now(deferred or [])
+                    self._audit_now(deferred or [], nonce=request.nonce)
                     return earlier
             replaces = self._replacement_of(email, profile, replace, renews, now)
         except BaseException:
@@ -153,9 +170,14 @@ class RegistrationAuthority:
             except Exception:  # the refusal stands; its own error is what the caller must see
                 log.exception("event=audit.write_failed events=enrollment.allowed")
             raise
+        nonce = request.nonce
+        if nonce is not None and not in_one:  # a remote CA or KRA: used now, before anything is issued
+            self._use_nonce(nonce)
+            nonce = None
         issued = self.key_authority.issue(IssueRequest(
             user=user, profile=profile, actor=actor, password=password, csr=csr, replaces=replaces,
-            legacy_pkcs12=legacy, audit_events=tuple(deferred or ())), now=now)
+            legacy_pkcs12=legacy, audit_events=tuple(deferred or ()), nonce=nonce,
+            publish_after=INLINE_PUBLISH_GRACE if in_one else timedelta(0)), now=now)
         return self._response(issued, profile, user)
 
     def bootstrap(self, payload: dict, code_id: str, agent: AgentIdentity,
@@ -231,7 +253,7 @@ class RegistrationAuthority:
                 "published": self.publish_now(user.dn)}
 
     def _response(self, issued: Issued, profile: Profile, user: UserEntry) -> dict:
-        published = self.publish_now(user.dn)
+        published = self.publish_now(user.dn, issued)
         body = {
             "serial": issued.serial,
             "profile": profile.name,
@@ -248,9 +270,13 @@ class RegistrationAuthority:
             body["pkcs12"] = base64.b64encode(issued.pkcs12).decode()
         return body
 
-    def publish_now(self, user_dn: str) -> bool:
-        """Try the directory once, inline; on failure the outbox keeps the rows for the worker."""
+    def publish_now(self, user_dn: str, issued: Issued | None = None) -> bool:
+        """Try the directory once, inline; on failure the outbox keeps the rows for the worker. After
+        a local issuance, its outbox row and the user's certificates read with it are all it needs."""
         try:
+            if issued is not None and issued.outbox is not None and issued.user_certificates is not None:
+                return self.publisher.publish_user_now(user_dn, rows=[issued.outbox],
+                                                       certs=issued.user_certificates)
             return self.publisher.publish_user_now(user_dn)
         except AutoenrollError as exc:  # a remote CA that cannot be reached: the worker retries
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)

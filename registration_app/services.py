@@ -70,6 +70,9 @@ class Services:
             self._outbox = self.publisher.start_thread(self.settings.outbox_interval_seconds)
 
     def close(self) -> None:
+        completions = getattr(self.publisher, "completions", None)
+        if completions is not None:  # rows published inline but not marked yet: mark them now
+            completions.flush(timeout=5)
         if self.pool is not None:
             self.pool.stop()
         outbox = getattr(self, "_outbox", None)

@@ -10,16 +10,25 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.errors import Conflict, UnknownCertificate
 from ..core.model import Profile, Subject
 from ..store import audit
-from ..store.db import Database
+from ..store.db import Database, connection_of
 from ..store.models import Certificate, CrlState, Outbox
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
+
+
+_CERTIFICATES = Certificate.__table__
+_SUPERSEDE = update(_CERTIFICATES).where(
+    _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
+    status="superseded", superseded_by=bindparam("new"))
+_INSERT_CERTIFICATE = insert(_CERTIFICATES)
+_INSERT_OUTBOX = insert(Outbox.__table__)
+_STATUS_OF = select(_CERTIFICATES.c.status).where(_CERTIFICATES.c.serial == bindparam("serial"))
 
 
 def serial_hex(serial: int) -> str:
@@ -49,21 +58,23 @@ class LocalCA:
     def record_issued(self, session, cert: x509.Certificate, profile: Profile, subject: Subject, *,
                       user_dn: str, replaces: str | None, key_source: str, actor: str, now: datetime,
                       extra_audit: list[dict] | None = None, audit_detail: dict | None = None,
-                      deferred_audit: list[dict] | None = None) -> Outbox:
-        """Add the certificate row, its outbox row and its audit row to `session` (the caller commits).
+                      deferred_audit: list[dict] | None = None, publish_after: timedelta = timedelta(0)
+                      ) -> Outbox:
+        """Add the certificate row, its outbox row and its audit row to `session` (a Session or a Core
+        Connection; the caller commits).
 
         The predecessor (if any) becomes superseded in the same step; `renewal_key` makes a second
         issuance after the same predecessor fail with IntegrityError (at the certificate's INSERT). With
         `deferred_audit` (a list), the audit events are appended to it instead, for `append_audit_chain`.
+        `publish_after` holds the outbox row back from the worker while the caller publishes inline.
         """
         serial_text = serial_hex(cert.serial_number)
+        # Core statements on the transaction's connection (no unit-of-work flush); a second issuance
+        # after the same predecessor raises IntegrityError at the certificate's INSERT.
+        conn = connection_of(session)
         if replaces is not None:  # one UPDATE, not a read then a write
-            session.execute(update(Certificate).where(Certificate.serial == replaces, Certificate.status == "valid")
-                            .values(status="superseded", superseded_by=serial_text))
-        # Core INSERTs on the session's connection (no unit-of-work flush); a second issuance after the
-        # same predecessor raises IntegrityError right here.
-        conn = session.connection()
-        conn.execute(insert(Certificate.__table__), dict(
+            conn.execute(_SUPERSEDE, {"old": replaces, "new": serial_text})
+        conn.execute(_INSERT_CERTIFICATE, dict(
             serial=serial_text, email=subject.email, user_dn=user_dn, profile=profile.name,
             usage=profile.usage.value, status="valid", der=cert.public_bytes(Encoding.DER),
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
@@ -71,8 +82,8 @@ class LocalCA:
             renewal_key=f"{subject.email.lower()}|{profile.name}|after:{replaces or 'none'}",
         ))
         row = dict(user_dn=user_dn, email=subject.email, serial=serial_text, reason="issued", created_at=now,
-                   attempts=0, next_attempt_at=now)
-        outbox = Outbox(id=conn.execute(insert(Outbox.__table__), row).inserted_primary_key[0], **row)
+                   attempts=0, next_attempt_at=now + publish_after)
+        outbox = Outbox(id=conn.execute(_INSERT_OUTBOX, row).inserted_primary_key[0], **row)
         events = [*(extra_audit or ()), dict(
             event="certificate.issued", outcome="done", actor=actor, subject=subject.email,
             detail={"serial": serial_text, "profile": profile.name, "replaces": replaces,
@@ -81,7 +92,7 @@ class LocalCA:
         if deferred_audit is not None:
             deferred_audit.extend(events)
         else:
-            audit.append_many(session, events, now)
+            audit.append_many(conn, events, now)
         return outbox
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
@@ -201,7 +212,6 @@ class LocalCA:
         """Read from the database on every call (no cache), so a revocation refuses the next request."""
         if cert.issuer != self.certificate.subject:
             return False
-        with self.db.read() as session:
-            status = session.connection().execute(select(Certificate.status).where(
-                Certificate.serial == serial_hex(cert.serial_number))).scalar_one_or_none()
-            return status == "revoked"
+        with self.db.read_connection() as conn:
+            status = conn.execute(_STATUS_OF, {"serial": serial_hex(cert.serial_number)}).scalar_one_or_none()
+        return status == "revoked"

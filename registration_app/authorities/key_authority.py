@@ -1,23 +1,29 @@
 """The key authority: key pair (or CSR) → escrow → signature → PKCS#12.
 
-Escrow comes first and is committed before the CA signs: a failure at any later step leaves an
-escrowed key for a certificate that never existed (harmless, audited) rather than a certificate
-whose key cannot be recovered. Nothing is returned to the caller before both are durable.
+With a local CA and KRA (the server platform), the sealed key, the certificate, its outbox row, the
+audit rows and the request's nonce are committed in ONE transaction, after the key is sealed and the
+certificate signed in memory: either all of it is durable or none, so no certificate can exist
+without its escrowed key, and an enrollment costs one commit (one fsync, one turn of the SQLite
+writer lock). With a remote KRA or CA (split deployment) escrow comes first and is committed before
+the CA signs: a failure at any later step leaves an escrowed key for a certificate that never existed
+(harmless, audited) rather than a certificate whose key cannot be recovered. Either way nothing is
+returned to the caller before both are durable.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+import logging
+from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
+from sqlalchemy.exc import IntegrityError
 
-import logging
-
-from ..core.errors import BadRequest, ConfigError
+from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Conflict, EscrowFailed
 from ..core.model import Profile, Subject, UserEntry
 from ..store import audit
+from ..store.repos import NonceToken, certificates_of, record_nonce
 from .ca import LocalCA, serial_hex
 from .keys import KeyPool
 from .kra import LocalKRA
@@ -38,6 +44,11 @@ class IssueRequest:
     # Audit rows of the caller's decision (the RA's enrollment.allowed), committed in the first
     # transaction of the issuance instead of one of their own; only when `records_audit_events`.
     audit_events: tuple[dict, ...] = ()
+    # The request's nonce, checked but not yet used: recorded in the issuance's transaction (so a
+    # replay racing the original issues nothing); only when `records_audit_events`.
+    nonce: NonceToken | None = None
+    # Hold the outbox row back from the worker this long: the caller publishes inline right after.
+    publish_after: timedelta = timedelta(0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class Issued:
     serial: str
     pkcs12: bytes | None
     escrowed: bool
+    outbox: object | None = None  # the certificate's outbox row (local CA)
+    user_certificates: list | None = None  # the user's certificate rows, read in the issuing transaction
 
 
 def new_serial() -> int:
@@ -72,9 +85,13 @@ class LocalKeyAuthority:
         now = now or datetime.now(timezone.utc)
         if req.audit_events and not self.records_audit_events:
             raise ConfigError("audit events cannot be recorded with a remote CA or KRA")
+        if req.nonce is not None and not self.records_audit_events:
+            raise ConfigError("a nonce cannot be recorded with a remote CA or KRA")
         if req.csr is None and not req.password:
             self._audit_alone(req.audit_events, now)
             raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
+        if self.records_audit_events:
+            return self._issue_in_one_transaction(req, now)
         events = list(req.audit_events)
         try:
             if req.csr is not None:
@@ -104,6 +121,57 @@ class LocalKeyAuthority:
                             legacy=req.legacy_pkcs12, iterations=self.pkcs12_iterations)
         return Issued(certificate=cert, chain=self.ca.chain, serial=serial_hex(serial), pkcs12=p12,
                       escrowed=req.profile.escrowed)
+
+    def _issue_in_one_transaction(self, req: IssueRequest, now: datetime) -> Issued:
+        if req.csr is not None:
+            key, public_key, source = None, req.csr.public_key(), "client"
+        else:
+            key = self.pool.take(req.profile.key_type)
+            public_key, source = key.public_key(), "server"
+        serial = new_serial()
+        serial_text = serial_hex(serial)
+        subject = Subject(email=req.user.email, common_name=req.user.common_name)
+        try:
+            blob = self.kra.seal(serial_text, key, email=req.user.email, profile=req.profile.name) \
+                if req.profile.escrowed else None
+            cert = self.ca.build_certificate(public_key, req.profile, subject, serial=serial, now=now)
+        except BaseException:
+            self._audit_alone(req.audit_events, now)
+            raise
+
+        def work(conn):
+            if req.nonce is not None and not record_nonce(conn, req.nonce, now):
+                raise BadNonce("the nonce was used by another request meanwhile; get a new one")
+            events = list(req.audit_events)
+            if blob is not None:
+                events.append(self.kra.insert_sealed(conn, serial_text, blob, email=req.user.email,
+                                                     profile=req.profile.name, actor=req.actor, now=now))
+            outbox = self.ca.record_issued(conn, cert, req.profile, subject, user_dn=req.user.dn,
+                                           replaces=req.replaces, key_source=source, actor=req.actor, now=now,
+                                           deferred_audit=events, publish_after=req.publish_after)
+            audit.append_many(conn, events, now)
+            return outbox, certificates_of(conn, req.user.dn)
+
+        try:
+            outbox, user_certificates = self.ca.db.run(work, core=True)
+        except IntegrityError as exc:
+            self._audit_alone(req.audit_events, now)
+            raise Conflict("another request already replaced this certificate; "
+                           "list your certificates and try again") from exc
+        except BadNonce:
+            raise
+        except BaseException as exc:
+            self._audit_alone(req.audit_events, now)
+            if blob is not None and not isinstance(exc, AutoenrollError):
+                raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
+            raise
+        p12 = None
+        if key is not None:
+            p12 = to_pkcs12(key=key, cert=cert, chain=self.ca.chain, password=req.password,
+                            friendly_name=f"{req.user.email} {req.profile.name}",
+                            legacy=req.legacy_pkcs12, iterations=self.pkcs12_iterations)
+        return Issued(certificate=cert, chain=self.ca.chain, serial=serial_text, pkcs12=p12,
+                      escrowed=req.profile.escrowed, outbox=outbox, user_certificates=user_certificates)
 
     def _audit_alone(self, events, now: datetime) -> None:
         """The caller's rows in a transaction of their own, when the issuance failed before committing

@@ -35,6 +35,9 @@ class RecoveryGrant:
     evidence: tuple[bytes, ...] = ()
 
 
+_INSERT_ESCROW = insert(Escrow.__table__)
+
+
 class LocalKRA:
     def __init__(self, db: Database, storage_public_key, load_storage_private_key: Callable[[], object], *,
                  pkcs12_iterations: int = 20000):
@@ -48,12 +51,24 @@ class LocalKRA:
                now: datetime | None = None, extra_audit: list[dict] | None = None) -> int:
         """Seal and commit; returns the escrow id. Any failure raises EscrowFailed. `extra_audit` rows
         (e.g. the RA's enrollment.allowed) are appended before key.escrowed, in the same transaction."""
+        return self.store_sealed(serial, self.seal(serial, key, email=email, profile=profile), email=email,
+                                 profile=profile, actor=actor, now=now, extra_audit=extra_audit)
+
+    def seal(self, serial: str, key, *, email: str, profile: str) -> bytes:
+        """The key sealed to the storage key (nothing stored yet); any failure raises EscrowFailed."""
         try:
-            blob = seal_private_key(key, self._public, escrow_aad(int(serial, 16), email, profile))
+            return seal_private_key(key, self._public, escrow_aad(int(serial, 16), email, profile))
         except Exception as exc:
             raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
-        return self.store_sealed(serial, blob, email=email, profile=profile, actor=actor, now=now,
-                                 extra_audit=extra_audit)
+
+    @staticmethod
+    def insert_sealed(conn, serial: str, blob: bytes, *, email: str, profile: str, actor: str,
+                      now: datetime) -> dict:
+        """INSERT the escrow row in the caller's transaction; returns its key.escrowed audit event."""
+        escrow_id = conn.execute(_INSERT_ESCROW, dict(
+            serial=serial, email=email, profile=profile, blob=blob, created_at=now)).inserted_primary_key[0]
+        return dict(event="key.escrowed", outcome="done", actor=actor, subject=email,
+                    detail={"serial": serial, "profile": profile, "escrow_id": escrow_id})
 
     def store_sealed(self, serial: str, blob: bytes, *, email: str, profile: str, actor: str,
                      now: datetime | None = None, extra_audit: list[dict] | None = None) -> int:
@@ -61,15 +76,13 @@ class LocalKRA:
         only the public storage key); returns the escrow id. Any failure raises EscrowFailed."""
         now = now or datetime.now(timezone.utc)
         try:
-            def work(session):
-                escrow_id = session.execute(insert(Escrow).values(
-                    serial=serial, email=email, profile=profile, blob=blob, created_at=now)).inserted_primary_key[0]
-                audit.append_many(session, [*(extra_audit or ()), dict(
-                    event="key.escrowed", outcome="done", actor=actor, subject=email,
-                    detail={"serial": serial, "profile": profile, "escrow_id": escrow_id})], now)
-                return escrow_id
+            def work(conn):
+                escrowed = self.insert_sealed(conn, serial, blob, email=email, profile=profile, actor=actor,
+                                              now=now)
+                audit.append_many(conn, [*(extra_audit or ()), escrowed], now)
+                return escrowed["detail"]["escrow_id"]
 
-            return self.db.run(work)
+            return self.db.run(work, core=True)
         except Exception as exc:  # the caller must not deliver anything, whatever went wrong
             raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
 

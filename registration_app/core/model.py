@@ -102,3 +102,6 @@ class VerifiedRequest:
     agent: AgentIdentity
     protected: dict = field(default_factory=dict)
     raw: bytes = b""  # the JWS as received: evidence a split-mode KRA verifies on its own
+    # The nonce when it was checked but not yet marked used (store.repos.NonceToken): the service
+    # records it in the transaction that acts on the request. None once it is used.
+    nonce: object | None = None

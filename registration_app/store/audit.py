@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from .db import connection_of
 from .models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
@@ -43,7 +45,7 @@ def append(session: Session, *, event: str, outcome: str, actor: str, subject: s
                                   "detail": detail}], now or datetime.now(timezone.utc))[0]
 
 
-def append_many(session: Session, events: list[dict], now: datetime) -> list[AuditEvent]:
+def append_many(session: Session | Connection, events: list[dict], now: datetime) -> list[AuditEvent]:
     """Append rows to the chain: lock the head, chain each row to the previous hash, move the head.
 
     A bulk run of 200 certificates pays one head lock and one INSERT instead of 200. Rows must get
@@ -53,7 +55,7 @@ def append_many(session: Session, events: list[dict], now: datetime) -> list[Aud
         return []
     # Core statements on the session's connection, not the ORM's unit of work: this runs in nearly
     # every write transaction, and a flush cost more CPU than the SQL it sends.
-    conn = session.connection()
+    conn = connection_of(session)
     head = conn.execute(_SELECT_HEAD).first()
     if head is None:
         conn.execute(insert(_HEADS), {"id": 1, "last_id": 0, "last_hash": GENESIS})

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -125,6 +125,13 @@ def _writer_queue(engine: Engine) -> _WriterQueue:
         return _writer_queues.setdefault(path, _WriterQueue(path))
 
 
+def connection_of(session_or_connection) -> Connection:
+    """The Core connection under a Session (its transaction's), or the Connection itself."""
+    if isinstance(session_or_connection, Session):
+        return session_or_connection.connection()
+    return session_or_connection
+
+
 class Database:
     """Owns the engine; `transaction()` is the only way code writes."""
 
@@ -132,8 +139,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._readers = sessionmaker(self.engine.execution_options(autoenroll_read_only=True),
-                                     expire_on_commit=False)
+        self._read_engine = self.engine.execution_options(autoenroll_read_only=True)
+        self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
         self._writers = _writer_queue(self.engine) if self.engine.dialect.name == "sqlite" else None
         self.cache: dict[str, object] = {}  # values stored once in the database that never change (repos)
 
@@ -153,11 +160,30 @@ class Database:
         with self._readers() as session, session.begin():
             yield session
 
-    def run(self, work, *, attempts: int = 5):
-        """Run `work(session)` in a transaction, retrying when SQLite reports the database busy."""
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction on a bare Core connection: no ORM session to build and flush, for the
+        hot paths (an enrollment's one transaction) whose statements are all Core."""
+        if self._writers is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._writers.held(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """`read()` on a bare Core connection."""
+        with self._read_engine.begin() as conn:
+            yield conn
+
+    def run(self, work, *, attempts: int = 5, core: bool = False):
+        """Run `work(session)` in a transaction, retrying when SQLite reports the database busy;
+        `core=True` passes a Core Connection (see `write`) instead of a Session."""
+        opener = self.write if core else self.transaction
         for attempt in range(attempts):
             try:
-                with self.transaction() as session:
+                with opener() as session:
                     return work(session)
             except OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):

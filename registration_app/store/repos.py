@@ -9,11 +9,13 @@ import secrets
 import struct
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, func, insert, select, update
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.codes import derive_mac_key, new_code
-from .db import Database
+from .db import Database, connection_of
 from .models import Certificate, EnrollmentCode, Nonce, Outbox, SyncState
 
 
@@ -65,36 +67,71 @@ def issue_nonce(db: Database, ttl: timedelta, now: datetime | None = None) -> st
     return base64.urlsafe_b64encode(raw + _nonce_mac(_nonce_key(db), raw)).decode("ascii")
 
 
-def consume_nonce(db: Database, value: str, now: datetime | None = None) -> bool:
-    """Single use, shared by all workers: the INSERT that records it is the one that wins."""
+@dataclass(frozen=True)
+class NonceToken:
+    """A nonce whose MAC and expiry checked out: its canonical spelling and when it expires."""
+
+    value: str
+    expires_at: datetime
+
+
+_NONCES = Nonce.__table__
+_NONCE_USED = select(_NONCES.c.value).where(_NONCES.c.value == bindparam("value"))
+_INSERT_NONCE = insert(_NONCES)
+
+
+def parse_nonce(db: Database, value: str, now: datetime | None = None) -> NonceToken | None:
+    """The token if `value` is a nonce we issued that has not expired (used or not: see `record_nonce`)."""
     now = now or datetime.now(timezone.utc)
     if not isinstance(value, str) or len(value) != _NONCE_LENGTH:
-        return False
+        return None
     try:
         token = base64.urlsafe_b64decode(value.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
-        return False
+        return None
     raw, mac = token[:_NONCE_RAW], token[_NONCE_RAW:]
     if len(token) != _NONCE_RAW + _NONCE_MAC or not hmac.compare_digest(mac, _nonce_mac(_nonce_key(db), raw)):
-        return False
+        return None
     expiry_us = struct.unpack(">Q", raw[:8])[0]
     if expiry_us < _micros(now):
-        return False
-    expires_at = datetime.fromtimestamp(expiry_us / 1_000_000, timezone.utc)
-    canonical = base64.urlsafe_b64encode(token).decode("ascii")  # one row per nonce, however it was spelled
-    table = Nonce.__table__
+        return None
+    # one row per nonce, however it was spelled
+    return NonceToken(base64.urlsafe_b64encode(token).decode("ascii"),
+                      datetime.fromtimestamp(expiry_us / 1_000_000, timezone.utc))
 
-    def work(session):
-        conn = session.connection()
-        if secrets.randbelow(64) == 0:  # sweep expired nonces now and then, off the common path
-            conn.execute(delete(table).where(table.c.expires_at < now - _SWEEP_MARGIN))
-        conn.execute(insert(table), {"value": canonical, "expires_at": expires_at})
 
+def nonce_unused(db: Database, value: str, now: datetime | None = None) -> NonceToken | None:
+    """The token if the nonce is ours, unexpired and not used yet; nothing is written. The request
+    that acts on it records it in its own transaction (`record_nonce`), whose INSERT decides a race."""
+    token = parse_nonce(db, value, now)
+    if token is None:
+        return None
+    with db.read_connection() as conn:
+        if conn.execute(_NONCE_USED, {"value": token.value}).first() is not None:
+            return None
+    return token
+
+
+def record_nonce(conn, token: NonceToken, now: datetime | None = None) -> bool:
+    """Mark the nonce used in the caller's transaction; False (and nothing changed) if it was already.
+    A savepoint keeps the caller's transaction usable after the refused INSERT (PostgreSQL)."""
+    now = now or datetime.now(timezone.utc)
+    if secrets.randbelow(64) == 0:  # sweep expired nonces now and then, off the common path
+        conn.execute(delete(_NONCES).where(_NONCES.c.expires_at < now - _SWEEP_MARGIN))
     try:
-        db.run(work)
+        with conn.begin_nested():
+            conn.execute(_INSERT_NONCE, {"value": token.value, "expires_at": token.expires_at})
     except IntegrityError:
-        return False  # used already
+        return False
     return True
+
+
+def consume_nonce(db: Database, value: str, now: datetime | None = None) -> bool:
+    """Single use, shared by all workers: the INSERT that records it is the one that wins."""
+    token = parse_nonce(db, value, now)
+    if token is None:
+        return False
+    return db.run(lambda conn: record_nonce(conn, token, now), core=True)
 
 
 def create_enrollment_code(db: Database, email: str, ttl: timedelta, created_by: str,
@@ -151,6 +188,18 @@ def certificate_history(session, email: str, profile: str) -> list:
                Certificate.issued_at)
         .where(func.lower(Certificate.email) == email.lower(), Certificate.profile == profile)
         .order_by(Certificate.issued_at.desc())).all())
+
+
+_CERTIFICATES = Certificate.__table__
+_CERTIFICATES_OF = select(
+    _CERTIFICATES.c.der, _CERTIFICATES.c.status, _CERTIFICATES.c.profile, _CERTIFICATES.c.usage,
+    _CERTIFICATES.c.not_after, _CERTIFICATES.c.issued_at).where(_CERTIFICATES.c.user_dn == bindparam("dn"))
+
+
+def certificates_of(session_or_connection, user_dn: str) -> list:
+    """What publication reads of a user's certificates (der, status, profile, usage, not_after,
+    issued_at), as plain rows."""
+    return list(connection_of(session_or_connection).execute(_CERTIFICATES_OF, {"dn": user_dn}).all())
 
 
 def issued_since(session, email: str, profile: str, since: datetime) -> int:

@@ -14,7 +14,7 @@ from flask import Blueprint, g, jsonify, request
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
 from ..core.errors import BadClientCertificate, WrongContentType
-from ..store.repos import consume_nonce, enrollment_code, issue_nonce
+from ..store.repos import consume_nonce, enrollment_code, issue_nonce, nonce_unused
 
 api = Blueprint("api", __name__)
 
@@ -64,16 +64,25 @@ def _body() -> bytes:
     return request.get_data(cache=False)
 
 
-def _verified():
+def _verified(*, defer_nonce: bool = False):
+    """The authenticated request. With `defer_nonce` the nonce is only checked (ours, unexpired,
+    unused) and handed on in `VerifiedRequest.nonce`: the service records it in the transaction that
+    acts on the request, and a refusal records it with its request.denied row (errors.py)."""
     services = g.services
     body = _body()
+
+    def check_nonce(value: str) -> bool:
+        if not defer_nonce:
+            return consume_nonce(services.db, value)
+        g.pending_nonce = nonce_unused(services.db, value)
+        return g.pending_nonce is not None
+
     verified = verify_user_request(
-        body, url=request.url, agent=g.agent, trust=services.user_trust,
-        consume_nonce=lambda n: consume_nonce(services.db, n), is_revoked=services.ca.is_revoked,
-        now=datetime.now(timezone.utc))
+        body, url=request.url, agent=g.agent, trust=services.user_trust, consume_nonce=check_nonce,
+        is_revoked=services.ca.is_revoked, now=datetime.now(timezone.utc))
     g.user_email = verified.user.email
     services.agent_policy.check_user(g.agent, verified.user.email)
-    return dataclasses.replace(verified, raw=body)
+    return dataclasses.replace(verified, raw=body, nonce=getattr(g, "pending_nonce", None))
 
 
 @api.get("/nonce")
@@ -88,7 +97,7 @@ def nonce():
 @api.post("/enroll")
 def enroll():
     services = g.services
-    return jsonify(services.ra.enroll(_verified())), 201
+    return jsonify(services.ra.enroll(_verified(defer_nonce=True))), 201
 
 
 @api.post("/bootstrap")

@@ -9,6 +9,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..core.errors import AutoenrollError
 from ..store import audit
+from ..store.repos import record_nonce
 
 log = logging.getLogger("autoenroll.web")
 
@@ -31,12 +32,18 @@ def _record_denial(error: AutoenrollError) -> None:
         return
     agent = getattr(g, "agent", None)
     user = getattr(g, "user_email", None)
+    nonce = getattr(g, "pending_nonce", None)  # checked, not yet used: a refused request uses it too
+
+    def work(conn):
+        if nonce is not None:
+            record_nonce(conn, nonce)  # False if the request it came with used it: nothing to do
+        audit.append(conn, event="request.denied", outcome="denied",
+                     actor=agent.subject if agent else f"peer:{request.remote_addr}",
+                     subject=user or "", detail={"path": request.path, "code": error.code,
+                                                 "reason": error.detail[:300], "request_id": g.request_id})
+
     try:
-        services.db.run(lambda s: audit.append(
-            s, event="request.denied", outcome="denied",
-            actor=agent.subject if agent else f"peer:{request.remote_addr}",
-            subject=user or "", detail={"path": request.path, "code": error.code,
-                                        "reason": error.detail[:300], "request_id": g.request_id}))
+        services.db.run(work, core=True)
     except Exception:  # the refusal stands even when the audit store is down; say so in the log
         log.exception("event=audit.write_failed request_id=%s", getattr(g, "request_id", None))
 

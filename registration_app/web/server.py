@@ -27,6 +27,7 @@ class _Server(BaseApplication):
         from .app import create_app
         services = build_services(self.settings, run_migrations=False)  # done once in run()
         services.start_background()
+        self.services = services  # this worker's, for worker_exit
         return create_app(self.settings, services)
 
 
@@ -80,4 +81,13 @@ def run(settings: Settings) -> None:
     migrate(settings.db_url)
     options = gunicorn_options(settings)
     options["when_ready"] = lambda _arbiter: start_plain_http(settings)
-    _Server(settings, options).run()
+    server = _Server(settings, options)
+    server.cfg.set("worker_exit", lambda _arbiter, _worker: _close_services(server))
+    server.run()
+
+
+def _close_services(server: _Server) -> None:
+    """A worker stopping (graceful shutdown, max requests): mark what it published, close its pools."""
+    services = getattr(server, "services", None)
+    if services is not None:
+        services.close()
