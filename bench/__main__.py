@@ -212,11 +212,18 @@ class Run:
                           "-"))
 
     def _profile(self, platform, uids) -> None:
-        from .profiling import profile_enrollments
-        log(f"profile: {len(uids)} enrollments in-process under cProfile")
+        from .profiling import cpu_by_phase, profile_enrollments
         users = world.Minter(platform.data, platform.passphrase).users(uids)
-        result = profile_enrollments(platform, users, {"profile": EC_PROFILE, "password": "bench-password-0123"})
-        self.results["profile"] = {k: v for k, v in result.items() if k != "by_cumulative"}
+        payload = {"profile": EC_PROFILE, "password": "bench-password-0123"}
+        half = len(users) // 2
+        log(f"profile: {half} enrollments in-process, thread CPU by phase")
+        phases = cpu_by_phase(platform, users[:half], payload)
+        log(f"profile: {len(users) - half} enrollments in-process under cProfile")
+        result = profile_enrollments(platform, users[half:], payload)
+        self.results["profile"] = {"cpu_by_phase": phases, **{k: v for k, v in result.items() if k != "by_cumulative"}}
+        print("thread CPU per enrollment by phase (in-process, no TLS):", file=sys.stderr)
+        for name, ms in phases["ms_per_enrollment"].items():
+            print(f"  {name:<36} {ms:8.3f} ms", file=sys.stderr)
         (RESULTS / "profile.txt").write_text(result["by_tottime"] + "\n" + result["by_cumulative"])
 
     # --- (4) (5): a big directory ------------------------------------------------------------------

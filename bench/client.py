@@ -48,6 +48,7 @@ class AgentConnection:
         self.timeout = timeout
         self.conn: http.client.HTTPSConnection | None = None
         self.resend_on_reset = True  # once, for a kept-alive connection the server closed meanwhile
+        self.next_nonce: str | None = None  # the last answer's Replay-Nonce, as the real agent uses it
 
     @classmethod
     def for_platform(cls, platform, *, cert: Path | None = None, key: Path | None = None,
@@ -83,6 +84,7 @@ class AgentConnection:
                 continue
             if response.will_close:
                 self.close()
+            self.next_nonce = response.getheader("Replay-Nonce") or None
             return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data,
                          time.perf_counter() - started)
         raise AssertionError("unreachable")
@@ -103,8 +105,12 @@ class AgentConnection:
         return self.request("POST", f"/api/v1/{path}", body, headers or JOSE)
 
     def enroll(self, user, payload: dict) -> Reply:
-        """nonce + signed POST: what one enrollment costs an agent (the reply's seconds cover both)."""
+        """A signed POST, with the nonce of the previous answer's Replay-Nonce as the real agent does
+        (GET /nonce first when there is none); the reply's seconds cover both."""
         started = time.perf_counter()
-        reply = self.post("enroll", self.sign(payload, user))
+        nonce, self.next_nonce = self.next_nonce, None
+        reply = self.post("enroll", self.sign(payload, user, nonce=nonce))
+        if reply.status == 400 and b"bad_nonce" in reply.body:  # expired meanwhile: once more, fresh
+            reply = self.post("enroll", self.sign(payload, user))
         reply.seconds = time.perf_counter() - started
         return reply

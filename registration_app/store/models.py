@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
-    JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint,
+    JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -59,6 +59,8 @@ class Certificate(Base):
     __table_args__ = (
         UniqueConstraint("renewal_key", name="uq_certificates_renewal_key"),
         Index("ix_certificates_user_profile_status", "email", "profile", "status"),
+        # the enrollment policy matches email case-insensitively (store/repos.py)
+        Index("ix_certificates_lower_email_profile", func.lower(email), profile),
     )
 
 

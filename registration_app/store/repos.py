@@ -179,15 +179,16 @@ def latest_certificate(session, email: str, profile: str) -> Certificate | None:
         .order_by(Certificate.issued_at.desc()).limit(1)).scalar_one_or_none()
 
 
+_C = Certificate.__table__.c
+_HISTORY = select(_C.serial, _C.status, _C.not_before, _C.not_after, _C.issued_at).where(
+    func.lower(_C.email) == bindparam("email"), _C.profile == bindparam("profile")).order_by(_C.issued_at.desc())
+
+
 def certificate_history(session, email: str, profile: str) -> list:
     """(serial, status, not_before, not_after, issued_at) of every certificate of this user and
     profile, newest first: what `issued_since`, `current_certificate` and `latest_certificate` tell,
     in one query of plain rows (the enrollment policy reads all three)."""
-    return list(session.connection().execute(
-        select(Certificate.serial, Certificate.status, Certificate.not_before, Certificate.not_after,
-               Certificate.issued_at)
-        .where(func.lower(Certificate.email) == email.lower(), Certificate.profile == profile)
-        .order_by(Certificate.issued_at.desc())).all())
+    return list(connection_of(session).execute(_HISTORY, {"email": email.lower(), "profile": profile}).all())
 
 
 _CERTIFICATES = Certificate.__table__
