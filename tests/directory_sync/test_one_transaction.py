@@ -1,0 +1,135 @@
+"""An enrollment's one transaction and its inline publication, against a real slapd and SQLite:
+all or nothing (nonce, escrow, certificate, outbox, audit), a nonce used once even by racing requests,
+and the outbox row marked done by the batching thread or handed to the worker when LDAP fails."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import func, select
+
+from directory_sync.ldap import LdapDirectory
+from directory_sync.publisher import Publisher
+from directory_sync.slapd import free_port
+from registration_app.authorities.key_authority import IssueRequest
+from registration_app.core.errors import BadNonce, EscrowFailed
+from registration_app.store.models import AuditEvent, Certificate, Escrow, Nonce, Outbox
+from registration_app.store.repos import issue_nonce, nonce_unused
+from tests.directory_sync.world import add_group, make_services, profiles_for
+
+PROFILE = "smime-encryption-ec"
+
+
+@pytest.fixture(scope="module")
+def group(slapd):
+    from ldap3 import Connection, Server
+    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    dn = add_group(conn, "one-" + uuid.uuid4().hex[:8], ["cn=admin,dc=example,dc=org"])
+    conn.unbind()
+    return dn
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory, slapd, group):
+    s = make_services(tmp_path_factory.mktemp("one-transaction"), slapd.settings(), profiles=profiles_for(group))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def user(services, ldap_admin, new_user, group):
+    dn, email = new_user()
+    assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [dn])]}), ldap_admin.result
+    return services.directory.find_user(email)
+
+
+def request(services, user, **extra) -> IssueRequest:
+    allowed = dict(event="enrollment.allowed", outcome="allowed", actor="test", subject=user.email,
+                   detail={"profile": PROFILE})
+    return IssueRequest(user=user, profile=services.settings.profiles[PROFILE], actor="test", password="pw",
+                        audit_events=(allowed,), **extra)
+
+
+def counts(services, email: str) -> dict:
+    with services.db.read() as session:
+        def count(model, *where):
+            return session.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+        return {"certificates": count(Certificate, Certificate.email == email),
+                "escrows": count(Escrow, Escrow.email == email),
+                "outbox": count(Outbox, Outbox.email == email),
+                "allowed": count(AuditEvent, AuditEvent.subject == email, AuditEvent.event == "enrollment.allowed"),
+                "issued": count(AuditEvent, AuditEvent.subject == email, AuditEvent.event == "certificate.issued")}
+
+
+def a_nonce(services):
+    token = nonce_unused(services.db, issue_nonce(services.db, timedelta(minutes=5)))
+    assert token is not None
+    return token
+
+
+def test_a_failure_after_the_escrow_insert_leaves_nothing_but_the_decision(services, user, monkeypatch):
+    token = a_nonce(services)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full while recording the certificate")
+
+    monkeypatch.setattr(services.ca, "record_issued", broken)
+    with pytest.raises(EscrowFailed):
+        services.key_authority.issue(request(services, user, nonce=token))
+    # the escrow row, the nonce and the certificate rolled back together; the decision is kept alone
+    assert counts(services, user.email) == {"certificates": 0, "escrows": 0, "outbox": 0, "allowed": 1, "issued": 0}
+    with services.db.read() as session:
+        assert session.get(Nonce, token.value) is None  # the nonce can still be used: nothing happened
+    monkeypatch.undo()
+    issued = services.key_authority.issue(request(services, user, nonce=token))
+    assert counts(services, user.email) == {"certificates": 1, "escrows": 1, "outbox": 1, "allowed": 2, "issued": 1}
+    assert [c.der for c in issued.user_certificates] == [issued.certificate.public_bytes(Encoding.DER)]
+
+
+def test_a_nonce_carries_one_issuance_even_when_both_passed_the_check(services, user):
+    token = a_nonce(services)
+    second_look = nonce_unused(services.db, token.value)  # a replay checked before the first committed
+    assert second_look is not None
+    services.key_authority.issue(request(services, user, nonce=token))
+    with pytest.raises(BadNonce):
+        services.key_authority.issue(request(services, user, nonce=second_look))
+    assert counts(services, user.email)["certificates"] == 1
+    assert counts(services, user.email)["escrows"] == 1
+    assert nonce_unused(services.db, token.value) is None
+
+
+def test_inline_publication_holds_the_row_back_then_marks_it_done_in_a_batch(services, user, ldap_admin):
+    now = datetime.now(timezone.utc)
+    issued = services.key_authority.issue(request(services, user, publish_after=timedelta(seconds=5)), now=now)
+    with services.db.read() as session:
+        row = session.get(Outbox, issued.outbox.id)
+    assert row.done_at is None and row.next_attempt_at >= now + timedelta(seconds=4)  # the worker leaves it
+    assert services.publisher.drain(user_dn=user.dn, now=now) == 0
+
+    assert services.ra.publish_now(user.dn, issued) is True
+    assert services.publisher.completions.flush(timeout=10)
+    with services.db.read() as session:
+        row = session.get(Outbox, issued.outbox.id)
+        published = session.execute(select(AuditEvent).where(
+            AuditEvent.event == "directory.published", AuditEvent.subject == user.email)).scalars().all()
+    assert row.done_at is not None
+    assert len(published) == 1 and published[0].detail["serials"] == [issued.serial]
+    ldap_admin.search(user.dn, "(objectClass=*)", search_scope="BASE", attributes=["userCertificate;binary"])
+    values = ldap_admin.entries[0].entry_attributes_as_dict.get("userCertificate;binary", [])
+    assert issued.certificate.public_bytes(Encoding.DER) in values
+
+
+def test_an_inline_failure_hands_the_row_to_the_worker_at_once(services, user):
+    down = LdapDirectory(services.settings.ldap.__class__(url=f"ldap://127.0.0.1:{free_port()}", timeout_seconds=0.5))
+    publisher = Publisher(services.db, down, services.settings.profiles, b"")
+    now = datetime.now(timezone.utc)
+    issued = services.key_authority.issue(request(services, user, publish_after=timedelta(seconds=5)), now=now)
+    assert publisher.publish_user_now(user.dn, rows=[issued.outbox], certs=issued.user_certificates) is False
+    with services.db.read() as session:
+        row = session.get(Outbox, issued.outbox.id)
+    assert row.done_at is None and row.next_attempt_at <= datetime.now(timezone.utc)
+    assert row.last_error and "unavailable" in row.last_error.lower()
+    assert services.publisher.drain(user_dn=user.dn) == 1  # the real directory's worker publishes it now
