@@ -270,10 +270,16 @@ class Publisher:
 
     def complete(self, ids: list[int], note: str | None = None) -> None:
         """Mark outbox rows done (e.g. after reconcile or provisioning published the users directly)."""
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            self.db.run(lambda s, c=chunk: s.execute(update(Outbox).where(Outbox.id.in_(c)).values(
-                done_at=datetime.now(timezone.utc), claimed_until=None, last_error=note)))
+        if not ids:
+            return
+
+        def work(conn):
+            now = datetime.now(timezone.utc)
+            for start in range(0, len(ids), 500):
+                conn.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids[start:start + 500])).values(
+                    done_at=now, claimed_until=None, last_error=note))
+
+        self.db.run(work, core=True)  # one transaction, 500 ids per statement
 
     def refresh_crl_if_due(self, *, force_check: bool = False) -> bool:
         """Rebuild the CRL when it is past half its validity (checked at most once a minute)."""

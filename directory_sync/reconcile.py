@@ -379,11 +379,14 @@ class Reconciler:
         if dry_run or not plans:
             return
         revoked = self._revoke([r for p in plans.values() for r in p.revoke], now)
+        rows = self._revocation_rows(revoked)
+        done: list[int] = []  # the outbox rows of our revocations, published by this pass itself
+        gone: list[int] = []
         for key, plan in plans.items():
             user = users.get(key)
+            mine = [i for r in plan.revoke for i in rows.get(r.serial, ())]
             if user is None:
-                self.publisher.complete(self._revocation_rows([r.serial for r in plan.revoke], revoked),
-                                        note=USER_GONE)
+                gone += mine
                 continue
             if plan.publish is not None:
                 add, remove = plan.publish
@@ -395,10 +398,14 @@ class Reconciler:
                 except AutoenrollError as exc:
                     report.errors.append((user.dn, exc.detail))
                     if len(report.errors) >= MAX_PUBLISH_ERRORS:
+                        self.publisher.complete(done)
+                        self.publisher.complete(gone, note=USER_GONE)
                         raise DirectoryUnavailable("reconcile stopped: the directory refuses too many changes; "
                                                    "the outbox keeps what was revoked") from exc
                     continue
-            self.publisher.complete(self._revocation_rows([r.serial for r in plan.revoke], revoked))
+            done += mine
+        self.publisher.complete(done)  # one transaction per 500 rows, not two per user
+        self.publisher.complete(gone, note=USER_GONE)
         if revoked:
             self.publisher.drain(limit=100000)  # the new CRL to the CA entry, and anything else due
 
@@ -412,14 +419,17 @@ class Reconciler:
             log.info("event=reconcile.revoked serial=%s email=%r why=%r", r.serial, r.email, r.why)
         return set(changed)
 
-    def _revocation_rows(self, serials: list[str], revoked: set[str]) -> list[int]:
-        """The outbox rows our own revocations queued (the pass published those users itself)."""
-        serials = [s for s in serials if s in revoked]
-        if not serials:
-            return []
-        with self.db.transaction() as session:
-            return list(session.execute(select(Outbox.id).where(
-                Outbox.serial.in_(serials), Outbox.reason == "revoked", Outbox.done_at.is_(None))).scalars())
+    def _revocation_rows(self, revoked: set[str]) -> dict[str, list[int]]:
+        """serial → the open outbox rows our own revocations queued (the pass publishes those users itself)."""
+        out: dict[str, list[int]] = {}
+        serials = sorted(revoked)
+        with self.db.read() as session:
+            for start in range(0, len(serials), 500):
+                for row_id, serial in session.execute(select(Outbox.id, Outbox.serial).where(
+                        Outbox.serial.in_(serials[start:start + 500]), Outbox.reason == "revoked",
+                        Outbox.done_at.is_(None))):
+                    out.setdefault(serial, []).append(row_id)
+        return out
 
     def _follow_renames(self, bulk, users: dict[str, LdapUser], by_dn: dict[str, list[CertRow]],
                         now: datetime, report: ReconcileReport) -> list[tuple[str, str, list[CertRow]]]:

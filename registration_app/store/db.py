@@ -56,8 +56,27 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
+# The newest revision in migrations/versions (a test holds the two together). Every command migrates
+# before it works; when the database is already there, one SELECT answers without importing Alembic
+# (about 0.35 s of a short command such as an incremental reconcile).
+SCHEMA_HEAD = "0003"
+
+
+def schema_is_current(url: str) -> bool:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == SCHEMA_HEAD
+    except Exception:  # no database yet, no version table, another error: let Alembic decide
+        return False
+    finally:
+        engine.dispose()
+
+
 def migrate(url: str) -> None:
     """Bring the schema to the newest Alembic revision."""
+    if schema_is_current(url):
+        return
     import logging
 
     from alembic import command

@@ -60,3 +60,21 @@ def test_audit_chain_detects_changes_and_deletions(db):
     with db.transaction() as s:
         report = audit.verify(s)
     assert not report.ok and "deleted" in report.problem
+
+
+def test_schema_head_constant_is_alembics_head_and_a_current_database_skips_alembic(db, tmp_path):
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from registration_app.store.db import MIGRATIONS, SCHEMA_HEAD, schema_is_current
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_HEAD
+    assert schema_is_current(db.url)
+    assert not schema_is_current(f"sqlite:///{tmp_path / 'empty.db'}")
+    with db.engine.begin() as conn:  # an older database is migrated, not skipped
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0002'")
+        conn.exec_driver_sql("DROP INDEX ix_certificates_lower_email_profile")
+    assert not schema_is_current(db.url)
+    migrate(db.url)
+    assert schema_is_current(db.url)
