@@ -140,7 +140,7 @@ class LocalKeyAuthority:
             raise
 
         def work(conn):
-            if req.nonce is not None and not record_nonce(conn, req.nonce, now):
+            if req.nonce is not None and not record_nonce(conn, req.nonce, now, savepoint=False):
                 raise BadNonce("the nonce was used by another request meanwhile; get a new one")
             events = list(req.audit_events)
             if blob is not None:

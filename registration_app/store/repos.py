@@ -112,15 +112,20 @@ def nonce_unused(db: Database, value: str, now: datetime | None = None) -> Nonce
     return token
 
 
-def record_nonce(conn, token: NonceToken, now: datetime | None = None) -> bool:
+def record_nonce(conn, token: NonceToken, now: datetime | None = None, *, savepoint: bool = True) -> bool:
     """Mark the nonce used in the caller's transaction; False (and nothing changed) if it was already.
-    A savepoint keeps the caller's transaction usable after the refused INSERT (PostgreSQL)."""
+    A savepoint keeps the caller's transaction usable after the refused INSERT (PostgreSQL); a caller
+    that rolls back when it gets False needs none."""
     now = now or datetime.now(timezone.utc)
     if secrets.randbelow(64) == 0:  # sweep expired nonces now and then, off the common path
         conn.execute(delete(_NONCES).where(_NONCES.c.expires_at < now - _SWEEP_MARGIN))
+    row = {"value": token.value, "expires_at": token.expires_at}
     try:
-        with conn.begin_nested():
-            conn.execute(_INSERT_NONCE, {"value": token.value, "expires_at": token.expires_at})
+        if savepoint:
+            with conn.begin_nested():
+                conn.execute(_INSERT_NONCE, row)
+        else:
+            conn.execute(_INSERT_NONCE, row)
     except IntegrityError:
         return False
     return True
