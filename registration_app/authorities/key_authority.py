@@ -94,11 +94,7 @@ class LocalKeyAuthority:
             return self._issue_in_one_transaction(req, now)
         events = list(req.audit_events)
         try:
-            if req.csr is not None:
-                key, public_key, source = None, req.csr.public_key(), "client"
-            else:
-                key = self.pool.take(req.profile.key_type)
-                public_key, source = key.public_key(), "server"
+            key, public_key, source = self._key_for(req)
             serial = new_serial()
             subject = Subject(email=req.user.email, common_name=req.user.common_name)
             # The caller's rows ride in the first transaction: the escrow's (which commits before the
@@ -114,20 +110,26 @@ class LocalKeyAuthority:
         except BaseException:
             self._audit_alone(events, now)  # the transaction that would have carried them did not commit
             raise
-        p12 = None
-        if key is not None:
-            p12 = to_pkcs12(key=key, cert=cert, chain=self.ca.chain, password=req.password,
-                            friendly_name=f"{req.user.email} {req.profile.name}",
-                            legacy=req.legacy_pkcs12, iterations=self.pkcs12_iterations)
+        p12 = self._pkcs12(req, key, cert)
         return Issued(certificate=cert, chain=self.ca.chain, serial=serial_hex(serial), pkcs12=p12,
                       escrowed=req.profile.escrowed)
 
-    def _issue_in_one_transaction(self, req: IssueRequest, now: datetime) -> Issued:
+    def _key_for(self, req: IssueRequest):
+        """(private key or None, public key, key source): the CSR's key, or one from the pool."""
         if req.csr is not None:
-            key, public_key, source = None, req.csr.public_key(), "client"
-        else:
-            key = self.pool.take(req.profile.key_type)
-            public_key, source = key.public_key(), "server"
+            return None, req.csr.public_key(), "client"
+        key = self.pool.take(req.profile.key_type)
+        return key, key.public_key(), "server"
+
+    def _pkcs12(self, req: IssueRequest, key, cert: x509.Certificate) -> bytes | None:
+        if key is None:
+            return None
+        return to_pkcs12(key=key, cert=cert, chain=self.ca.chain, password=req.password,
+                         friendly_name=f"{req.user.email} {req.profile.name}", legacy=req.legacy_pkcs12,
+                         iterations=self.pkcs12_iterations)
+
+    def _issue_in_one_transaction(self, req: IssueRequest, now: datetime) -> Issued:
+        key, public_key, source = self._key_for(req)
         serial = new_serial()
         serial_text = serial_hex(serial)
         subject = Subject(email=req.user.email, common_name=req.user.common_name)
@@ -165,11 +167,7 @@ class LocalKeyAuthority:
             if blob is not None and not isinstance(exc, AutoenrollError):
                 raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
             raise
-        p12 = None
-        if key is not None:
-            p12 = to_pkcs12(key=key, cert=cert, chain=self.ca.chain, password=req.password,
-                            friendly_name=f"{req.user.email} {req.profile.name}",
-                            legacy=req.legacy_pkcs12, iterations=self.pkcs12_iterations)
+        p12 = self._pkcs12(req, key, cert)
         return Issued(certificate=cert, chain=self.ca.chain, serial=serial_text, pkcs12=p12,
                       escrowed=req.profile.escrowed, outbox=outbox, user_certificates=user_certificates)
 
