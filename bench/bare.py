@@ -91,17 +91,20 @@ class BareResult:
     count: int
     rate: float  # certificates per second, all processes together
     cpu: float
+    slapd_cpu: float = 0.0  # slapd's CPU for the modifies, counted as ours is in the per-CPU ratio
 
     def summary(self) -> dict:
         return {"processes": self.processes, "certificates": self.count, "rate_per_s": round(self.rate, 1),
-                "cpu_s": round(self.cpu, 2),
+                "cpu_s": round(self.cpu, 2), "slapd_cpu_s": round(self.slapd_cpu, 2),
                 "per_core_rate": round(self.count / self.cpu, 1) if self.cpu else 0.0}
 
 
-def run_bare(job: BareJob, processes: int = 1) -> BareResult:
+def run_bare(job: BareJob, processes: int = 1, *, slapd_pid: int | None = None) -> BareResult:
+    from .platform import process_cpu
+    slapd0 = process_cpu(slapd_pid) if slapd_pid else 0.0
     if processes == 1:
         count, wall, cpu = _loop(job)
-        return BareResult(1, count, count / wall, cpu)
+        return BareResult(1, count, count / wall, cpu, (process_cpu(slapd_pid) - slapd0) if slapd_pid else 0.0)
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or connections
     out = ctx.Queue()
     start_at = time.time() + 2.0  # spawn + imports + key loading happen before the common start
@@ -115,4 +118,5 @@ def run_bare(job: BareJob, processes: int = 1) -> BareResult:
     for child in children:
         child.join()
     count = sum(r[0] for r in results)
-    return BareResult(processes, count, sum(r[0] / r[1] for r in results), sum(r[2] for r in results))
+    return BareResult(processes, count, sum(r[0] / r[1] for r in results), sum(r[2] for r in results),
+                      (process_cpu(slapd_pid) - slapd0) if slapd_pid else 0.0)
