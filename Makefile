@@ -15,9 +15,9 @@ help:
 	@echo "make stop   stop the private slapd of make run"
 
 debs:
-	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null || [ ! -f /usr/include/ldap.h ] || [ ! -f /usr/include/sasl/sasl.h ]; then \
-	  echo "installing Debian packages slapd ldap-utils openssl libldap2-dev libsasl2-dev (python-ldap builds against them)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev >/dev/null; \
+	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null || [ ! -f /usr/include/ldap.h ] || [ ! -f /usr/include/sasl/sasl.h ] || ! command -v cfssl >/dev/null; then \
+	  echo "installing Debian packages slapd ldap-utils openssl libldap2-dev libsasl2-dev (python-ldap builds against them) golang-cfssl (a peer in the benchmarks)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev golang-cfssl >/dev/null; \
 	fi
 
 $(STAMP): setup.cfg pyproject.toml
