@@ -6,6 +6,7 @@ publication durable: whatever happens to LDAP afterwards, the outbox remembers t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
@@ -27,7 +28,21 @@ _SUPERSEDE = update(_CERTIFICATES).where(
     _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
     status="superseded", superseded_by=bindparam("new"))
 _INSERT_CERTIFICATE = insert(_CERTIFICATES)
-_INSERT_OUTBOX = insert(Outbox.__table__)
+# Multi-row INSERT ... RETURNING, ids in parameter order (as the audit log does).
+_INSERT_OUTBOX_RETURNING = insert(Outbox.__table__).returning(Outbox.__table__.c.id, sort_by_parameter_order=True)
+
+
+@dataclass(frozen=True)
+class ToRecord:
+    """One signed certificate for `LocalCA.record_issued_many`."""
+
+    cert: x509.Certificate
+    profile: Profile
+    subject: Subject
+    user_dn: str
+    replaces: str | None
+    key_source: str
+    audit_detail: dict | None = None
 _STATUS_OF = select(_CERTIFICATES.c.status).where(_CERTIFICATES.c.serial == bindparam("serial"))
 
 
@@ -68,32 +83,43 @@ class LocalCA:
         `deferred_audit` (a list), the audit events are appended to it instead, for `append_audit_chain`.
         `publish_after` holds the outbox row back from the worker while the caller publishes inline.
         """
-        serial_text = serial_hex(cert.serial_number)
-        # Core statements on the transaction's connection (no unit-of-work flush); a second issuance
-        # after the same predecessor raises IntegrityError at the certificate's INSERT.
-        conn = connection_of(session)
-        if replaces is not None:  # one UPDATE, not a read then a write
-            conn.execute(_SUPERSEDE, {"old": replaces, "new": serial_text})
-        conn.execute(_INSERT_CERTIFICATE, dict(
-            serial=serial_text, email=subject.email, user_dn=user_dn, profile=profile.name,
-            usage=profile.usage.value, status="valid", der=cert.public_bytes(Encoding.DER),
-            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
-            key_source=key_source, replaces=replaces,
-            renewal_key=f"{subject.email.lower()}|{profile.name}|after:{replaces or 'none'}",
-        ))
-        row = dict(user_dn=user_dn, email=subject.email, serial=serial_text, reason="issued", created_at=now,
-                   attempts=0, next_attempt_at=now + publish_after)
-        outbox = Outbox(id=conn.execute(_INSERT_OUTBOX, row).inserted_primary_key[0], **row)
-        events = [*(extra_audit or ()), dict(
-            event="certificate.issued", outcome="done", actor=actor, subject=subject.email,
-            detail={"serial": serial_text, "profile": profile.name, "replaces": replaces,
-                    "not_after": cert.not_valid_after_utc.isoformat(), "key_source": key_source,
-                    **(audit_detail or {})})]
+        record = ToRecord(cert, profile, subject, user_dn, replaces, key_source, audit_detail)
+        outboxes, events = self.record_issued_many(session, [record], actor=actor, now=now,
+                                                   publish_after=publish_after)
+        events = [*(extra_audit or ()), *events]
         if deferred_audit is not None:
             deferred_audit.extend(events)
         else:
-            audit.append_many(conn, events, now)
-        return outbox
+            audit.append_many(connection_of(session), events, now)
+        return outboxes[0]
+
+    def record_issued_many(self, session, records: list["ToRecord"], *, actor: str, now: datetime,
+                           publish_after: timedelta = timedelta(0)) -> tuple[list[Outbox], list[dict]]:
+        """`record_issued` for many certificates in a few statements (a provisioning batch): returns their
+        outbox rows and their certificate.issued audit events, for the caller to append."""
+        conn = connection_of(session)
+        # Core statements on the transaction's connection (no unit-of-work flush); a second issuance
+        # after the same predecessor raises IntegrityError at the certificates' INSERT.
+        supersede = [{"old": r.replaces, "new": serial_hex(r.cert.serial_number)} for r in records if r.replaces]
+        if supersede:  # one UPDATE each, not a read then a write
+            conn.execute(_SUPERSEDE, supersede)
+        conn.execute(_INSERT_CERTIFICATE, [dict(
+            serial=serial_hex(r.cert.serial_number), email=r.subject.email, user_dn=r.user_dn,
+            profile=r.profile.name, usage=r.profile.usage.value, status="valid",
+            der=r.cert.public_bytes(Encoding.DER), not_before=r.cert.not_valid_before_utc,
+            not_after=r.cert.not_valid_after_utc, issued_at=now, key_source=r.key_source, replaces=r.replaces,
+            renewal_key=f"{r.subject.email.lower()}|{r.profile.name}|after:{r.replaces or 'none'}",
+        ) for r in records])
+        rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
+                     reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)
+                for r in records]
+        ids = list(conn.execute(_INSERT_OUTBOX_RETURNING, rows).scalars())
+        events = [dict(event="certificate.issued", outcome="done", actor=actor, subject=r.subject.email,
+                       detail={"serial": serial_hex(r.cert.serial_number), "profile": r.profile.name,
+                               "replaces": r.replaces, "not_after": r.cert.not_valid_after_utc.isoformat(),
+                               "key_source": r.key_source, **(r.audit_detail or {})})
+                  for r in records]
+        return [Outbox(id=i, **row) for i, row in zip(ids, rows)], events
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,
