@@ -67,13 +67,21 @@ class Completions:
     thread per process in batched transactions: under load, one commit for every request that
     published meanwhile instead of one each; with one request at a time, right after it.
 
+    After the first row of a batch arrives the thread lingers `LINGER` seconds for more: the rows are
+    held back from the outbox worker for seconds anyway, and under load a batch then carries every
+    request of that span (measured: at 8 agents, batches of one or two rows without the linger, a
+    write transaction and an fsync per enrollment).
+
     Losing a batch (the process killed, the database unreachable) loses nothing: the rows stay
     queued, fall due after the grace the request path gave them, and the worker publishes them again,
     which changes nothing in the directory (publication is idempotent) and marks them then."""
 
+    LINGER = 0.1
+
     def __init__(self, publisher: "Publisher") -> None:
         self.publisher = publisher
         self._cond = threading.Condition()
+        self._flushing = 0
         self._items: list[tuple[str, list]] = []
         self._busy = False
         self._pid: int | None = None
@@ -90,11 +98,16 @@ class Completions:
         """Wait until every submitted row is marked (or failed to be); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._items or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._pid != os.getpid():
-                    return not (self._items or self._busy)
-                self._cond.wait(left)
+            self._flushing += 1  # no lingering while someone waits
+            self._cond.notify_all()
+            try:
+                while self._items or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._pid != os.getpid():
+                        return not (self._items or self._busy)
+                    self._cond.wait(left)
+            finally:
+                self._flushing -= 1
         return True
 
     def _run(self) -> None:
@@ -102,6 +115,9 @@ class Completions:
             with self._cond:
                 while not self._items:
                     self._cond.wait()
+                linger_until = time.monotonic() + self.LINGER
+                while not self._flushing and (left := linger_until - time.monotonic()) > 0:
+                    self._cond.wait(left)
                 batch, self._items, self._busy = self._items, [], True
             try:
                 self.publisher.db.run(lambda conn: self.publisher._mark_published(conn, batch), core=True)

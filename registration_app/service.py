@@ -103,8 +103,7 @@ class RegistrationAuthority:
         `renews` (a serial) makes a renewal idempotent across retries and daemons: it succeeds only
         while that serial is still the current one, so the same certificate is never renewed twice.
         """
-        with self.db.read_connection() as conn:
-            history = certificate_history(conn, email, profile.name)
+        history = certificate_history(self.db, email, profile.name)
         since = now - timedelta(days=1)
         if sum(1 for c in history if c.issued_at >= since) >= profile.max_per_day:
             raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "

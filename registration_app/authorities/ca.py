@@ -238,6 +238,5 @@ class LocalCA:
         """Read from the database on every call (no cache), so a revocation refuses the next request."""
         if cert.issuer != self.certificate.subject:
             return False
-        with self.db.read_connection() as conn:
-            status = conn.execute(_STATUS_OF, {"serial": serial_hex(cert.serial_number)}).scalar_one_or_none()
-        return status == "revoked"
+        rows = self.db.query(_STATUS_OF, {"serial": serial_hex(cert.serial_number)})
+        return bool(rows) and rows[0].status == "revoked"

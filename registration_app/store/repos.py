@@ -106,9 +106,8 @@ def nonce_unused(db: Database, value: str, now: datetime | None = None) -> Nonce
     token = parse_nonce(db, value, now)
     if token is None:
         return None
-    with db.read_connection() as conn:
-        if conn.execute(_NONCE_USED, {"value": token.value}).first() is not None:
-            return None
+    if db.query(_NONCE_USED, {"value": token.value}):
+        return None
     return token
 
 
@@ -189,11 +188,11 @@ _HISTORY = select(_C.serial, _C.status, _C.not_before, _C.not_after, _C.issued_a
     func.lower(_C.email) == bindparam("email"), _C.profile == bindparam("profile")).order_by(_C.issued_at.desc())
 
 
-def certificate_history(session, email: str, profile: str) -> list:
+def certificate_history(db: Database, email: str, profile: str) -> list:
     """(serial, status, not_before, not_after, issued_at) of every certificate of this user and
     profile, newest first: what `issued_since`, `current_certificate` and `latest_certificate` tell,
     in one query of plain rows (the enrollment policy reads all three)."""
-    return list(connection_of(session).execute(_HISTORY, {"email": email.lower(), "profile": profile}).all())
+    return db.query(_HISTORY, {"email": email.lower(), "profile": profile})
 
 
 _CERTIFICATES = Certificate.__table__

@@ -78,3 +78,38 @@ def test_schema_head_constant_is_alembics_head_and_a_current_database_skips_alem
     assert not schema_is_current(db.url)
     migrate(db.url)
     assert schema_is_current(db.url)
+
+
+def test_query_sees_every_commit_made_after_its_first_use(db):
+    """`Database.query` keeps one autocommit connection per thread: it must never pin an old snapshot."""
+    from sqlalchemy import insert, select
+
+    from registration_app.store.models import SyncState
+    table = SyncState.__table__
+    stmt = select(table.c.value).where(table.c.name == "k")
+    assert db.query(stmt) == []
+    other = Database(db.url)  # another process's connection, in effect
+    try:
+        other.run(lambda conn: conn.execute(insert(table), {"name": "k", "value": "1"}), core=True)
+        assert [r.value for r in db.query(stmt)] == ["1"]
+        other.run(lambda conn: conn.execute(update(table).values(value="2")), core=True)
+        assert [r.value for r in db.query(stmt)] == ["2"]
+    finally:
+        other.dispose()
+
+
+def test_thread_writer_survives_a_failed_transaction(db):
+    """The thread's own write connection rolls back a failed unit of work and stays usable."""
+    from sqlalchemy import insert, select
+
+    from registration_app.store.models import SyncState
+    table = SyncState.__table__
+    db.run(lambda conn: conn.execute(insert(table), {"name": "a", "value": "1"}), core=True)
+    with pytest.raises(Exception):
+        db.run(lambda conn: conn.execute(insert(table), {"name": "a", "value": "dup"}), core=True)
+    with pytest.raises(RuntimeError):
+        with db.write() as conn:
+            conn.execute(insert(table), {"name": "b", "value": "1"})
+            raise RuntimeError("the unit of work fails")
+    db.run(lambda conn: conn.execute(insert(table), {"name": "c", "value": "1"}), core=True)
+    assert {r.name: r.value for r in db.query(select(table.c.name, table.c.value))} == {"a": "1", "c": "1"}
