@@ -63,35 +63,52 @@ _OUTBOX = Outbox.__table__
 
 
 class Completions:
-    """Outbox rows published inline, marked done (with their directory.published audit rows) by one
-    thread per process in batched transactions: under load, one commit for every request that
-    published meanwhile instead of one each; with one request at a time, right after it.
-
-    After the first row of a batch arrives the thread lingers `LINGER` seconds for more: the rows are
-    held back from the outbox worker for seconds anyway, and under load a batch then carries every
-    request of that span (measured: at 8 agents, batches of one or two rows without the linger, a
-    write transaction and an fsync per enrollment).
+    """Outbox rows published inline, marked done (with their directory.published audit rows) in
+    transactions that commit anyway: the next enrollment's issuance transaction in this process takes
+    the rows queued so far (`take`, then `settle`), so under load marking costs an UPDATE and an audit
+    row in a commit already paid for, not a transaction and an fsync of its own. When no enrollment
+    comes along within `LINGER` seconds, one thread per process marks them in a transaction of its own.
 
     Losing a batch (the process killed, the database unreachable) loses nothing: the rows stay
     queued, fall due after the grace the request path gave them, and the worker publishes them again,
     which changes nothing in the directory (publication is idempotent) and marks them then."""
 
-    LINGER = 0.1
+    LINGER = 0.5
 
     def __init__(self, publisher: "Publisher") -> None:
         self.publisher = publisher
         self._cond = threading.Condition()
-        self._flushing = 0
         self._items: list[tuple[str, list]] = []
-        self._busy = False
+        self._in_flight = 0  # batches taken by a transaction (or the thread) that has not ended yet
+        self._flushing = 0
         self._pid: int | None = None
 
     def submit(self, target: str, rows: list) -> None:
         with self._cond:
             if self._pid != os.getpid():  # first use in this process (or after a fork)
-                self._pid, self._items, self._busy = os.getpid(), [], False
+                self._pid, self._items, self._in_flight = os.getpid(), [], 0
                 threading.Thread(target=self._run, name="outbox-completions", daemon=True).start()
             self._items.append((target, rows))
+            self._cond.notify_all()
+
+    def take(self) -> list[tuple[str, list]]:
+        """The queued rows, for a transaction about to commit: it marks them with `mark_published`
+        and then calls `settle(batch, requeue=...)`."""
+        with self._cond:
+            if self._pid != os.getpid() or not self._items:
+                return []
+            batch, self._items = self._items, []
+            self._in_flight += 1
+            return batch
+
+    def settle(self, batch: list[tuple[str, list]], *, requeue: bool) -> None:
+        """The transaction that took `batch` ended; `requeue` when it rolled back (another will mark them)."""
+        if not batch:
+            return
+        with self._cond:
+            self._in_flight -= 1
+            if requeue:
+                self._items[:0] = batch
             self._cond.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -101,10 +118,10 @@ class Completions:
             self._flushing += 1  # no lingering while someone waits
             self._cond.notify_all()
             try:
-                while self._items or self._busy:
+                while self._items or self._in_flight:
                     left = deadline - time.monotonic()
                     if left <= 0 or self._pid != os.getpid():
-                        return not (self._items or self._busy)
+                        return not (self._items or self._in_flight)
                     self._cond.wait(left)
             finally:
                 self._flushing -= 1
@@ -116,17 +133,18 @@ class Completions:
                 while not self._items:
                     self._cond.wait()
                 linger_until = time.monotonic() + self.LINGER
-                while not self._flushing and (left := linger_until - time.monotonic()) > 0:
+                while self._items and not self._flushing and (left := linger_until - time.monotonic()) > 0:
                     self._cond.wait(left)
-                batch, self._items, self._busy = self._items, [], True
+            batch = self.take()  # whatever no enrollment has taken meanwhile
+            if not batch:
+                continue
             try:
-                self.publisher.db.run(lambda conn: self.publisher._mark_published(conn, batch), core=True)
-            except Exception:
+                self.publisher.db.run(lambda conn: audit.append_many(
+                    conn, self.publisher.mark_published(conn, batch), datetime.now(timezone.utc)), core=True)
+            except Exception:  # not queued again: the rows fall due for the worker by themselves
                 log.exception("event=publish.mark_failed rows=%d", sum(len(rows) for _t, rows in batch))
             finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                self.settle(batch, requeue=False)
 
 
 class Publisher:
@@ -254,12 +272,14 @@ class Publisher:
     def _published(self, target: str, rows: list[Outbox]) -> None:
         """Mark the rows done and audit the publication, in one transaction (once, if the worker and
         the request path both published)."""
-        self.db.run(lambda conn: self._mark_published(conn, [(target, rows)]), core=True)
+        self.db.run(lambda conn: audit.append_many(
+            conn, self.mark_published(conn, [(target, rows)]), datetime.now(timezone.utc)), core=True)
 
     @staticmethod
-    def _mark_published(conn, batch: list[tuple[str, list]]) -> None:
-        """In the caller's transaction: the rows of each (target, rows) not yet done become done, and
-        each target with rows marked gets one directory.published audit row."""
+    def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
+        """In the caller's transaction: the rows of each (target, rows) not yet done become done.
+        Returns one directory.published audit event per target with rows marked, for the caller to
+        append (with its own events, in one chain step)."""
         ids = [r.id for _target, rows in batch for r in rows]
         open_ids = set()
         for start in range(0, len(ids), 500):
@@ -267,7 +287,7 @@ class Publisher:
             open_ids.update(conn.execute(select(_OUTBOX.c.id).where(
                 _OUTBOX.c.id.in_(chunk), _OUTBOX.c.done_at.is_(None))).scalars())
         if not open_ids:
-            return
+            return []
         now = datetime.now(timezone.utc)
         for start in range(0, len(ids), 500):
             conn.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids[start:start + 500]),
@@ -282,7 +302,7 @@ class Publisher:
                                    detail={"dn": None if target == "\0crl" else target,
                                            "reasons": sorted({r.reason for r in marked}),
                                            "serials": [r.serial for r in marked if r.serial]}))
-        audit.append_many(conn, events, now)
+        return events
 
     def complete(self, ids: list[int], note: str | None = None) -> None:
         """Mark outbox rows done (e.g. after reconcile or provisioning published the users directly)."""

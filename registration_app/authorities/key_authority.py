@@ -12,12 +12,14 @@ returned to the caller before both are durable.
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
 import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Conflict, EscrowFailed
@@ -49,6 +51,9 @@ class IssueRequest:
     nonce: NonceToken | None = None
     # Hold the outbox row back from the worker this long: the caller publishes inline right after.
     publish_after: timedelta = timedelta(0)
+    # More of the caller's statements for the issuance's one transaction (marking outbox rows that
+    # earlier requests published); returns audit events to append with the issuance's. Local only.
+    more_work: Callable[[Connection], list[dict]] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,8 @@ class LocalKeyAuthority:
             outbox = self.ca.record_issued(conn, cert, req.profile, subject, user_dn=req.user.dn,
                                            replaces=req.replaces, key_source=source, actor=req.actor, now=now,
                                            deferred_audit=events, publish_after=req.publish_after)
+            if req.more_work is not None:
+                events.extend(req.more_work(conn))
             audit.append_many(conn, events, now)
             return outbox, certificates_of(conn, req.user.dn)
 

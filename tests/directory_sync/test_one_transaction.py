@@ -133,3 +133,41 @@ def test_an_inline_failure_hands_the_row_to_the_worker_at_once(services, user):
     assert row.done_at is None and row.next_attempt_at <= datetime.now(timezone.utc)
     assert row.last_error and "unavailable" in row.last_error.lower()
     assert services.publisher.drain(user_dn=user.dn) == 1  # the real directory's worker publishes it now
+
+
+def test_the_next_issuance_marks_what_the_previous_one_published(services, user, new_user, ldap_admin, group):
+    """Marking rides in the next enrollment's transaction (no commit of its own); if that transaction
+    rolls back, the rows are queued again and still marked once."""
+    completions = services.publisher.completions
+    first = services.key_authority.issue(request(services, user, publish_after=timedelta(seconds=5)))
+    completions.LINGER = 30.0  # the thread must not mark them itself while this test looks
+    try:
+        assert services.ra.publish_now(user.dn, first) is True
+        dn, email = new_user()
+        assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [dn])]}), ldap_admin.result
+        other = services.directory.find_user(email)
+
+        carried = completions.take()
+        assert [rows[0].id for _target, rows in carried] == [first.outbox.id]
+        used = a_nonce(services)
+        second = services.key_authority.issue(request(services, other, nonce=used))  # the nonce is spent now
+        with pytest.raises(BadNonce):  # a transaction that rolls back: the marks go with it
+            services.key_authority.issue(request(
+                services, other, nonce=used, more_work=lambda conn: services.publisher.mark_published(conn, carried)))
+        completions.settle(carried, requeue=True)
+        with services.db.read() as session:
+            assert session.get(Outbox, first.outbox.id).done_at is None
+
+        carried = completions.take()
+        services.key_authority.issue(request(
+            services, other, replaces=second.serial,
+            more_work=lambda conn: services.publisher.mark_published(conn, carried)))
+        completions.settle(carried, requeue=False)
+        assert completions.take() == []
+    finally:
+        completions.LINGER = type(completions).LINGER
+    with services.db.read() as session:
+        assert session.get(Outbox, first.outbox.id).done_at is not None
+        published = session.execute(select(AuditEvent).where(
+            AuditEvent.event == "directory.published", AuditEvent.subject == user.email)).scalars().all()
+    assert len(published) == 1 and published[0].detail["serials"] == [first.serial]
