@@ -148,6 +148,13 @@ class Run:
              f"server/bare {fmt(ratio(e['server_cpu_ms_per_request'], 1000 * bare2.cpu / bare2.count if bare2.count else None), digits=2)}x",
              "-"),
         ]
+        # Little's law: with `agents` closed-loop agents the mean latency is agents / throughput, so
+        # even a server that cost nothing beyond the bare pipeline could not wait less on average.
+        floor_ms = 1000 * s.agents / bare2.rate if bare2.rate else None
+        self.results["latency_floor_ms"] = floor_ms
+        self.rows.append((f"    latency floor: {s.agents} agents / bare 2-proc rate (Little's law)",
+                          f"mean >= {fmt(floor_ms)} ms for any server at bare speed",
+                          f"our p50/floor {fmt(ratio(enroll.p50_ms, floor_ms), digits=2)}", "-"))
         rss = max(enroll.worker_peak_rss_mb or [0.0])
         self.rows.append(("(6) peak RSS per gunicorn worker", ", ".join(f"{m:.0f} MB" for m in enroll.worker_peak_rss_mb),
                           f"max {rss:.0f} MB", "<= 150 MB"))

@@ -21,7 +21,7 @@ def test_smoke_benchmarks_produce_figures_and_json(tmp_path):
     assert r["enroll"]["ok"] == document["sizes"]["enroll"] > 0
     assert r["enroll"]["rate_per_s"] > 0 and r["enroll"]["p99_ms"] > 0 and r["enroll"]["server_cpu_s"] > 0
     assert r["bare"]["1_process"]["rate_per_s"] > 0 and r["bare"]["2_processes"]["rate_per_s"] > 0
-    assert r["ratios"]["enroll_over_bare"] > 0
+    assert r["ratios"]["enroll_over_bare"] > 0 and r["latency_floor_ms"] > 0
     assert r["rsa"]["warm"]["p99_ms"] > 0 and r["rsa"]["empty"]["p99_ms"] > 0
     assert r["peers"]["cfssl"]["per_core_rate"] > 0 and r["peers"]["openssl"]["per_core_rate"] > 0
     assert r["peers"]["ours_over_cfssl"] > 0 and r["peers"]["ours_over_openssl"] > 0
