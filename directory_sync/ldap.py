@@ -35,12 +35,14 @@ from registration_app.core.model import UserEntry
 
 try:  # python-ldap: C bindings to libldap (Debian libldap2-dev + libsasl2-dev to build it)
     import ldap as _pyldap
+    from ldap.controls.libldap import AssertionControl as _AssertionControl
 except ImportError:  # pragma: no cover - exercised only where python-ldap cannot be built
     _pyldap = None
 
 T = TypeVar("T")
 
 CERT_ATTR = "userCertificate;binary"
+VERSION_ATTR = "entryCSN"  # OpenLDAP's change stamp of an entry (see UserEntry.version)
 CA_CERT_ATTR = "cACertificate;binary"
 CRL_ATTR = "certificateRevocationList;binary"
 PAGE_SIZE = 500
@@ -155,7 +157,8 @@ class LdapDirectory:
         """
         dn = user.dn if isinstance(user, UserEntry) else user
         if _pyldap is not None:
-            self._run_fast(lambda conn: _fast_publish(conn, dn, add, remove, self.settings))
+            seen = user if isinstance(user, UserEntry) and user.version else None
+            self._run_fast(lambda conn: _fast_publish(conn, dn, add, remove, self.settings, seen=seen))
             return
 
         def work(conn: Connection) -> None:
@@ -211,7 +214,7 @@ class LdapDirectory:
 
     # --- helpers -------------------------------------------------------------------------------
     def _user_attributes(self) -> list[str]:
-        attrs = [self.settings.mail_attribute, "cn", CERT_ATTR]
+        attrs = [self.settings.mail_attribute, "cn", CERT_ATTR, VERSION_ATTR]
         return attrs + (["memberOf"] if self.settings.use_memberof else [])
 
     def _user_entry(self, entry: dict, email: str | None = None) -> UserEntry:
@@ -224,6 +227,7 @@ class LdapDirectory:
             common_name=names[0] if names else "",
             member_of=frozenset(normalise_dn(v.decode()) for v in _values(entry, "memberOf")),
             certificates=tuple(_values(entry, CERT_ATTR)),
+            version=b"".join(_values(entry, VERSION_ATTR)[:1]).decode("ascii", "replace"),
         )
 
     def _group_dn(self, group: str) -> str:
@@ -478,8 +482,23 @@ def _fast_search(conn, base: str, flt: str, attributes: list[str], settings: Lda
     return [{"dn": dn, "raw_attributes": attrs} for dn, attrs in found if dn is not None]
 
 
-def _fast_publish(conn, dn: str, add: list[bytes], remove: list[bytes], settings: LdapSettings) -> None:
-    """LdapDirectory.publish's read + one modify on a python-ldap connection (same plan, same retries)."""
+def _fast_publish(conn, dn: str, add: list[bytes], remove: list[bytes], settings: LdapSettings, *,
+                  seen: UserEntry | None = None) -> None:
+    """LdapDirectory.publish's read + one modify on a python-ldap connection (same plan, same retries).
+
+    `seen` (the entry as this request read it, with its entryCSN) spares the read: the modify is planned
+    against its values and carries an assertion (RFC 4528) that the entry has not changed since. If it
+    has (or the server does not take the control), the entry is read and the modify planned again."""
+    if seen is not None:
+        deletes, adds = plan_publication(list(seen.certificates), add, remove)
+        if deletes or adds:
+            assertion = _AssertionControl(True, f"({VERSION_ATTR}={filter_value(seen.version)})")
+            try:
+                conn.modify_ext_s(dn, _modify_ops(deletes, adds), serverctrls=[assertion])
+                return
+            except (_pyldap.ASSERTION_FAILED, _pyldap.UNAVAILABLE_CRITICAL_EXTENSION,
+                    _pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
+                pass  # changed since it was read (or no assertions here): read it now
     for _ in range(3):
         found = conn.search_ext_s(dn, _pyldap.SCOPE_BASE, "(objectClass=*)", [CERT_ATTR],
                                   timeout=settings.timeout_seconds)
@@ -487,14 +506,17 @@ def _fast_publish(conn, dn: str, add: list[bytes], remove: list[bytes], settings
         deletes, adds = plan_publication(current, add, remove)
         if not deletes and not adds:
             return
-        ops = [(_pyldap.MOD_DELETE, CERT_ATTR, deletes)] if deletes else []
-        ops += [(_pyldap.MOD_ADD, CERT_ATTR, adds)] if adds else []
         try:
-            conn.modify_ext_s(dn, ops)
+            conn.modify_ext_s(dn, _modify_ops(deletes, adds))
             return
         except (_pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
             continue  # another writer changed the attribute since our read: read again
     raise DirectoryUnavailable("The directory entry keeps changing; try again later")
+
+
+def _modify_ops(deletes: list[bytes], adds: list[bytes]) -> list[tuple]:
+    ops = [(_pyldap.MOD_DELETE, CERT_ATTR, deletes)] if deletes else []
+    return ops + ([(_pyldap.MOD_ADD, CERT_ATTR, adds)] if adds else [])
 
 
 def _fast_result_code(exc) -> int | None:

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import or_, select, update
 
 from registration_app.core.errors import AutoenrollError, UserNotFound
-from registration_app.core.model import Profile
+from registration_app.core.model import Profile, UserEntry
 from registration_app.store import audit
 from registration_app.store.db import Database
 from registration_app.store.models import Certificate, CrlState, Outbox
@@ -159,14 +159,16 @@ class Publisher:
         self.completions = Completions(self)
 
     # -- one user --------------------------------------------------------------------------
-    def sync_user(self, user_dn: str, now: datetime | None = None, *, certs: list | None = None) -> None:
-        """Bring the user's entry in line with our records (`certs`: the user's rows, if just read)."""
+    def sync_user(self, user_dn: str, now: datetime | None = None, *, certs: list | None = None,
+                  entry: UserEntry | None = None) -> None:
+        """Bring the user's entry in line with our records (`certs`: the user's rows, if just read;
+        `entry`: the directory entry, if just read, which spares the directory a read)."""
         now = now or datetime.now(timezone.utc)
         if certs is None:
             with self.db.read() as session:
                 certs = certificates_of(session, user_dn)
         add, remove = desired_values(certs, self.profiles, now)
-        self.directory.publish(user_dn, add, remove)
+        self.directory.publish(entry if entry is not None and entry.dn == user_dn else user_dn, add, remove)
 
     def sync_ca(self) -> None:
         with self.db.read() as session:
@@ -235,7 +237,7 @@ class Publisher:
         return done
 
     def publish_user_now(self, user_dn: str, now: datetime | None = None, *, rows: list | None = None,
-                         certs: list | None = None) -> bool:
+                         certs: list | None = None, entry: UserEntry | None = None) -> bool:
         """The request path's inline attempt: publish this user's pending rows without claiming them
         (publication is idempotent, so racing the worker is harmless); True when nothing is left.
 
@@ -252,7 +254,7 @@ class Publisher:
                     return True
                 certs = certificates_of(session, user_dn)
         try:
-            self.sync_user(user_dn, now=now, certs=certs)
+            self.sync_user(user_dn, now=now, certs=certs, entry=entry)
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
             self._due_now([r.id for r in rows], exc)

@@ -264,7 +264,7 @@ class RegistrationAuthority:
                 "published": self.publish_now(user.dn)}
 
     def _response(self, issued: Issued, profile: Profile, user: UserEntry) -> dict:
-        published = self.publish_now(user.dn, issued)
+        published = self.publish_now(user.dn, issued, entry=user)
         body = {
             "serial": issued.serial,
             "profile": profile.name,
@@ -281,13 +281,14 @@ class RegistrationAuthority:
             body["pkcs12"] = base64.b64encode(issued.pkcs12).decode()
         return body
 
-    def publish_now(self, user_dn: str, issued: Issued | None = None) -> bool:
+    def publish_now(self, user_dn: str, issued: Issued | None = None, *, entry: UserEntry | None = None) -> bool:
         """Try the directory once, inline; on failure the outbox keeps the rows for the worker. After
-        a local issuance, its outbox row and the user's certificates read with it are all it needs."""
+        a local issuance, its outbox row, the user's certificates read with it and the user's entry
+        as this request read it are all it needs."""
         try:
             if issued is not None and issued.outbox is not None and issued.user_certificates is not None:
                 return self.publisher.publish_user_now(user_dn, rows=[issued.outbox],
-                                                       certs=issued.user_certificates)
+                                                       certs=issued.user_certificates, entry=entry)
             return self.publisher.publish_user_now(user_dn)
         except AutoenrollError as exc:  # a remote CA that cannot be reached: the worker retries
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)

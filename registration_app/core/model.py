@@ -70,6 +70,9 @@ class UserEntry:
     common_name: str
     member_of: frozenset[str] = frozenset()  # group DNs when the directory returned them inline
     certificates: tuple[bytes, ...] = ()  # current userCertificate;binary values, DER
+    # The entry's change stamp when it was read (OpenLDAP's entryCSN; empty if the directory has none):
+    # publication may plan against `certificates` and assert the entry is unchanged instead of reading it.
+    version: str = ""
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,26 @@ def test_new_encryption_certificate_comes_first_among_ours(directory, new_user):
     assert certificates(directory, email) == [new_enc, old_enc, new_signing]
 
 
+def test_publish_planned_on_a_stale_entry_reads_again(directory, new_user):
+    """An entry read earlier in the request spares publication a read only while it is unchanged
+    (entryCSN asserted with the modify); if another writer changed it meanwhile, the result is what a
+    fresh read would have given: the newest encryption certificate first, nothing lost."""
+    dn, email = new_user()
+    stale = directory.find_user(email)
+    assert stale.version  # OpenLDAP's entryCSN, read with the entry
+    signing = cert("Autoenroll CA", email, encryption=False, age_days=10)
+    directory.publish(dn, add=[signing], remove=[])  # another writer, after our read
+    enc = cert("Autoenroll CA", email, encryption=True)
+    directory.publish(stale, add=[enc, signing], remove=[])
+    assert certificates(directory, email) == [enc, signing]
+
+    fresh = directory.find_user(email)
+    newer = cert("Autoenroll CA", email, encryption=True)
+    directory.publish(fresh, add=[newer, signing], remove=[enc])  # unchanged since read: no read needed
+    assert certificates(directory, email) == [newer, signing]
+    assert directory.find_user(email).version != fresh.version
+
+
 def test_plan_publication_moves_only_what_it_must():
     enc, sig = cert("A", "x@y", encryption=True, age_days=5), cert("A", "x@y", encryption=False, age_days=5)
     foreign, new = cert("B", "x@y", encryption=True), cert("A", "x@y", encryption=True)
