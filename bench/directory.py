@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from ldap3 import MODIFY_DELETE, Connection, Server
 
+from directory_sync.ldap import CERT_ATTR
+
 from .world import GROUP_DN, user_dn
 
 NOT_AVAILABLE = "not available yet"
@@ -105,5 +107,17 @@ def leave_group(slapd, uids: list[str]) -> None:
         for uid in uids:
             if not conn.modify(GROUP_DN, {"member": [(MODIFY_DELETE, [user_dn(uid)])]}):
                 raise RuntimeError(f"cannot remove {uid} from the group: {conn.result}")
+    finally:
+        conn.unbind()
+
+
+def clear_certificates(slapd, dns: tuple[str, ...]) -> None:
+    """Remove every userCertificate;binary value of these entries (what the bare pipeline wrote)."""
+    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    try:
+        for dn in dns:
+            if not conn.modify(dn, {CERT_ATTR: [(MODIFY_DELETE, [])]}) and \
+                    conn.result["description"] != "noSuchAttribute":
+                raise RuntimeError(f"cannot clear the certificates of {dn}: {conn.result}")
     finally:
         conn.unbind()
