@@ -1,0 +1,56 @@
+"""BulkDirectory against a real slapd: pipelined publication, one outcome per entry."""
+
+from __future__ import annotations
+
+from directory_sync.bulk import BulkDirectory
+from registration_app.core.errors import DirectoryUnavailable, UserNotFound
+from tests.directory_sync.certs import cert
+
+ISSUER = "Bulk Test CA"
+
+
+def certificates(directory, email: str) -> list[bytes]:
+    return list(directory.find_user(email).certificates)
+
+
+def test_many_entries_are_published_with_one_outcome_each(directory, new_user):
+    users = [new_user() for _ in range(7)]
+    values = [cert(ISSUER, email, encryption=True) for _, email in users]
+    with BulkDirectory(directory) as bulk:
+        outcomes = bulk.publish_many([(dn, [], [value], []) for (dn, _), value in zip(users, values)], window=3)
+    assert outcomes == [None] * len(users)
+    for (_, email), value in zip(users, values):
+        assert certificates(directory, email) == [value]
+
+
+def test_a_refused_modify_costs_only_its_entry(directory, new_user):
+    (dn1, email1), (dn2, email2) = new_user(), new_user()
+    already = cert(ISSUER, email2, encryption=True, age_days=3)
+    with BulkDirectory(directory) as bulk:
+        bulk.publish(dn2, [], [already], [])
+        new1, new2 = cert(ISSUER, email1, encryption=True), cert(ISSUER, email2, encryption=True)
+        gone = "uid=nobody-here,ou=people,dc=example,dc=org"
+        # dn2 as if read before `already` was written: the modify fails, the entry is read again.
+        outcomes = bulk.publish_many([(dn1, [], [new1], []), (gone, [], [new1], []), (dn2, [], [new2, already], [])])
+    assert outcomes[0] is None and isinstance(outcomes[1], UserNotFound) and outcomes[2] is None
+    assert certificates(directory, email1) == [new1]
+    assert certificates(directory, email2) == [new2, already]
+
+
+def test_nothing_to_do_sends_nothing(directory, new_user):
+    dn, email = new_user()
+    value = cert(ISSUER, email, encryption=True)
+    with BulkDirectory(directory) as bulk:
+        assert bulk.publish_many([(dn, [value], [value], [])]) == [None]
+    assert certificates(directory, email) == []  # `current` said it was there: no modify was sent
+
+
+def test_no_directory_fails_every_entry(slapd, directory, new_user):
+    dn, email = new_user()
+    slapd.kill()
+    try:
+        with BulkDirectory(directory) as bulk:
+            outcomes = bulk.publish_many([(dn, [], [cert(ISSUER, email, encryption=True)], [])] * 3)
+    finally:
+        slapd.start()
+    assert all(isinstance(o, DirectoryUnavailable) for o in outcomes)
