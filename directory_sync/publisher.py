@@ -60,6 +60,7 @@ def desired_values(certs: list[Certificate], profiles: dict[str, Profile], now: 
 
 
 _OUTBOX = Outbox.__table__
+_MARK_DONE = update(_OUTBOX).where(_OUTBOX.c.done_at.is_(None)).returning(_OUTBOX.c.id)
 
 
 class Completions:
@@ -283,18 +284,13 @@ class Publisher:
         Returns one directory.published audit event per target with rows marked, for the caller to
         append (with its own events, in one chain step)."""
         ids = [r.id for _target, rows in batch for r in rows]
-        open_ids = set()
+        now = datetime.now(timezone.utc)
+        open_ids = set()  # the rows this transaction marked (UPDATE ... RETURNING: one statement)
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            open_ids.update(conn.execute(select(_OUTBOX.c.id).where(
-                _OUTBOX.c.id.in_(chunk), _OUTBOX.c.done_at.is_(None))).scalars())
+            open_ids.update(conn.execute(_MARK_DONE.where(_OUTBOX.c.id.in_(ids[start:start + 500])), {
+                "done_at": now, "claimed_until": None, "last_error": None}).scalars())
         if not open_ids:
             return []
-        now = datetime.now(timezone.utc)
-        for start in range(0, len(ids), 500):
-            conn.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids[start:start + 500]),
-                                               _OUTBOX.c.done_at.is_(None)).values(
-                done_at=now, claimed_until=None, last_error=None))
         events = []
         for target, rows in batch:
             marked = [r for r in rows if r.id in open_ids]
