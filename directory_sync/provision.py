@@ -23,13 +23,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from directory_sync.bulk import BulkDirectory, values
@@ -40,7 +41,7 @@ from directory_sync.reconcile import Entitlement, LdapUser, dn_key
 from registration_app.authorities.ca import ToRecord, serial_hex
 from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
 from registration_app.authorities.key_authority import new_serial
-from registration_app.core.errors import AutoenrollError, BadRequest, DirectoryUnavailable
+from registration_app.core.errors import AutoenrollError, BadRequest
 from registration_app.core.model import Profile, Subject, Usage
 from registration_app.store import audit
 from registration_app.store.models import Certificate, Escrow
@@ -48,7 +49,10 @@ from registration_app.store.models import Certificate, Escrow
 log = logging.getLogger("autoenroll.provision")
 
 BATCH = 200
-_INSERT_ESCROWS = insert(Escrow.__table__).returning(Escrow.__table__.c.id, sort_by_parameter_order=True)
+BUILT_AHEAD = 4  # batches built and not yet recorded: enough to keep the builders busy
+_ESCROW = Escrow.__table__
+_INSERT_ESCROWS = insert(_ESCROW)  # executemany; the ids are read back by (unique) serial
+_ESCROW_IDS = select(_ESCROW.c.serial, _ESCROW.c.id).where(_ESCROW.c.serial.in_(bindparam("serials", expanding=True)))
 
 
 @dataclass
@@ -177,7 +181,7 @@ class Provisioner:
         publishing = _PublishThread(self, processes=1 if self.workers > 0 and len(batches) > 1 else 0)
         publishing.start()
         try:
-            for batch, built in zip(batches, builder.imap(_build_batch, jobs)):
+            for batch, built in zip(batches, _in_order(builder, jobs)):
                 items = [_Item(member=m, serial=serial, cert=x509.load_der_x509_certificate(der), blob=blob,
                                replaces=replaces) for m, (serial, der, blob, replaces) in zip(batch, built)]
                 items = self._commit(items, profile, group, now, report)
@@ -211,7 +215,7 @@ class Provisioner:
         return current, {e: s for e, (_, s) in latest.items()}
 
     def _builder(self, batches: int):
-        """imap over a fork pool when it pays (several batches, workers > 0), else in this process."""
+        """A fork pool when it pays (several batches, workers > 0), else this process."""
         global _FORKED
         _FORKED = (self.ca, self.kra_public_key, self.services.pool)
         if self.workers <= 0 or batches < 2:
@@ -223,27 +227,28 @@ class Provisioner:
         """Record a batch in one transaction; if a concurrent enrollment collides (renewal_key), record
         the users one by one and skip those who got a certificate meanwhile."""
         try:
-            self.db.run(lambda session: self._record(session, items, profile, group, now))
+            self.db.run(lambda conn: self._record(conn, items, profile, group, now), core=True)
             return items
         except IntegrityError:
             pass
         kept = []
         for item in items:
             try:
-                self.db.run(lambda session, i=item: self._record(session, [i], profile, group, now))
+                self.db.run(lambda conn, i=item: self._record(conn, [i], profile, group, now), core=True)
                 kept.append(item)
             except IntegrityError:
                 report.failed.append((item.member.email, "a certificate was issued meanwhile"))
         return kept
 
-    def _record(self, session, items: list[_Item], profile: Profile, group: str, now: datetime) -> None:
+    def _record(self, conn, items: list[_Item], profile: Profile, group: str, now: datetime) -> None:
         """Escrow rows, then certificate + outbox rows, then one audit row per certificate (escrow id
         in its detail), all in the caller's transaction: committed together or not at all. A few
-        multi-row statements per batch, not two per user."""
-        conn = session.connection()
-        escrow_ids = list(conn.execute(_INSERT_ESCROWS, [dict(
-            serial=serial_hex(i.serial), email=i.member.email, profile=profile.name, blob=i.blob, created_at=now)
-            for i in items]).scalars())
+        executemany statements per batch, not one per row."""
+        serials = [serial_hex(i.serial) for i in items]
+        conn.execute(_INSERT_ESCROWS, [dict(serial=serial, email=i.member.email, profile=profile.name, blob=i.blob,
+                                            created_at=now) for serial, i in zip(serials, items)])
+        by_serial = dict(conn.execute(_ESCROW_IDS, {"serials": serials}).all())
+        escrow_ids = [by_serial[serial] for serial in serials]
         outboxes, events = self.ca.record_issued_many(conn, [ToRecord(
             i.cert, profile, Subject(email=i.member.email, common_name=i.member.common_name or None),
             i.member.dn, i.replaces, "server",
@@ -292,32 +297,50 @@ def _build_batch(job) -> list[tuple[int, bytes, bytes, str | None]]:
     return out
 
 
+def _in_order(builder, jobs: list) -> Iterator[list]:
+    """The built batches in order, with at most BUILT_AHEAD waiting to be recorded (a pool's imap
+    would build them all at once, holding every key of a large group in memory)."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(builder.apply_async(_build_batch, (job,)))
+        if len(pending) > BUILT_AHEAD:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 class _InProcess:
-    def imap(self, func, jobs):
-        return map(func, jobs)
+    """The builder's surface, in this process."""
+
+    def apply_async(self, func, args) -> _Built:
+        return _Built(func(*args))
 
     def terminate(self) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class _Built:
+    result: list
+
+    def get(self) -> list:
+        return self.result
+
+
 def _publish_batch(jobs) -> tuple[list[int], int]:
-    """One modify per user (runs in the forked publishing process, on its own connections);
-    returns (outbox ids done, failures). A failure leaves the outbox row for the worker."""
+    """The batch's modifies, pipelined on one connection (runs in the forked publishing process, on
+    its own connections); returns (outbox ids done, failures). A failure leaves the outbox row for
+    the worker."""
     global _BULK
     if _BULK is None:
         from directory_sync.ldap import LdapDirectory
         _BULK = BulkDirectory(LdapDirectory(_FORKED_LDAP))  # never a connection of the parent's
-    done, failed = [], 0
-    for dn, current, add, remove, outbox_id in jobs:
-        try:
-            _BULK.publish(dn, current, add, remove)
-            done.append(outbox_id)
-        except AutoenrollError as exc:
-            failed += 1
-            log.warning("event=provision.publish_deferred dn=%r error=%r", dn, exc.detail)
-            if isinstance(exc, DirectoryUnavailable):
-                _BULK.close()
-    return done, failed
+    outcomes = _BULK.publish_many([(dn, current, add, remove) for dn, current, add, remove, _ in jobs])
+    done = [job[-1] for job, error in zip(jobs, outcomes) if error is None]
+    for (dn, *_), error in zip(jobs, outcomes):
+        if error is not None:
+            log.warning("event=provision.publish_deferred dn=%r error=%r", dn, error.detail)
+    return done, len(jobs) - len(done)
 
 
 _FORKED_LDAP = None

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.errors import Conflict, UnknownCertificate
@@ -28,8 +28,14 @@ _SUPERSEDE = update(_CERTIFICATES).where(
     _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
     status="superseded", superseded_by=bindparam("new"))
 _INSERT_CERTIFICATE = insert(_CERTIFICATES)
-# Multi-row INSERT ... RETURNING, ids in parameter order (as the audit log does).
-_INSERT_OUTBOX_RETURNING = insert(Outbox.__table__).returning(Outbox.__table__.c.id, sort_by_parameter_order=True)
+_OUTBOX = Outbox.__table__
+_INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
+# Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
+# sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order).
+_INSERT_OUTBOX = insert(_OUTBOX)
+_LAST_OUTBOX_ID = select(func.max(_OUTBOX.c.id))
+_OUTBOX_IDS = select(_OUTBOX.c.serial, _OUTBOX.c.id).where(
+    _OUTBOX.c.id > bindparam("after"), _OUTBOX.c.serial.in_(bindparam("serials", expanding=True)))
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,13 @@ class LocalCA:
         rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
                      reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)
                 for r in records]
-        ids = list(conn.execute(_INSERT_OUTBOX_RETURNING, rows).scalars())
+        if len(rows) == 1:
+            ids = list(conn.execute(_INSERT_OUTBOX_RETURNING, rows[0]).scalars())
+        else:  # the serials are new: the rows after the last id with these serials are these rows
+            after = conn.execute(_LAST_OUTBOX_ID).scalar() or 0
+            conn.execute(_INSERT_OUTBOX, rows)
+            by_serial = dict(conn.execute(_OUTBOX_IDS, {"after": after, "serials": [r["serial"] for r in rows]}).all())
+            ids = [by_serial[r["serial"]] for r in rows]
         events = [dict(event="certificate.issued", outcome="done", actor=actor, subject=r.subject.email,
                        detail={"serial": serial_hex(r.cert.serial_number), "profile": r.profile.name,
                                "replaces": r.replaces, "not_after": r.cert.not_valid_after_utc.isoformat(),

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -25,8 +25,9 @@ _HEADS, _EVENTS = AuditHead.__table__, AuditEvent.__table__
 _SELECT_HEAD = select(_HEADS.c.last_id, _HEADS.c.last_hash).where(_HEADS.c.id == 1).with_for_update()
 _UPDATE_HEAD = update(_HEADS).where(_HEADS.c.id == 1)
 _INSERT_EVENT = insert(_EVENTS)
-# One multi-row INSERT ... RETURNING, ids in parameter order.
-_INSERT_EVENTS = insert(_EVENTS).returning(_EVENTS.c.id, sort_by_parameter_order=True)
+# Several rows: one executemany, then their ids read back. (INSERT ... RETURNING with
+# sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order.)
+_APPENDED = select(_EVENTS.c.id, _EVENTS.c.hash).where(_EVENTS.c.id > bindparam("last_id")).order_by(_EVENTS.c.id)
 
 
 def _digest(prev_hash: str, at: datetime, event: str, outcome: str, actor: str, subject: str,
@@ -41,21 +42,29 @@ def _digest(prev_hash: str, at: datetime, event: str, outcome: str, actor: str, 
 
 def append(session: Session, *, event: str, outcome: str, actor: str, subject: str,
            detail: dict | None = None, now: datetime | None = None) -> AuditEvent:
-    return append_many(session, [{"event": event, "outcome": outcome, "actor": actor, "subject": subject,
-                                  "detail": detail}], now or datetime.now(timezone.utc))[0]
+    ids, rows = _append(connection_of(session), [{"event": event, "outcome": outcome, "actor": actor,
+                                                  "subject": subject, "detail": detail}],
+                        now or datetime.now(timezone.utc))
+    return AuditEvent(id=ids[0], **rows[0])
 
 
-def append_many(session: Session | Connection, events: list[dict], now: datetime) -> list[AuditEvent]:
-    """Append rows to the chain: lock the head, chain each row to the previous hash, move the head.
+def append_many(session: Session | Connection, events: list[dict], now: datetime) -> list[int]:
+    """Append rows to the chain: lock the head, chain each row to the previous hash, move the head;
+    returns the new rows' ids.
 
-    A bulk run of 200 certificates pays one head lock and one INSERT instead of 200. Rows must get
-    ascending ids in list order (one multi-row INSERT does); anything else raises and rolls back.
+    A bulk run of 200 certificates pays one head lock and one executemany instead of 200 INSERTs.
+    Rows must get ascending ids in list order (the head lock keeps other writers out, and the hashes
+    read back prove the order); anything else raises and rolls back.
     """
     if not events:
         return []
     # Core statements on the session's connection, not the ORM's unit of work: this runs in nearly
     # every write transaction, and a flush cost more CPU than the SQL it sends.
-    conn = connection_of(session)
+    return _append(connection_of(session), events, now)[0]
+
+
+def _append(conn: Connection, events: list[dict], now: datetime) -> tuple[list[int], list[dict]]:
+    """(ids, rows as inserted) of `append_many`."""
     head = conn.execute(_SELECT_HEAD).first()
     if head is None:
         conn.execute(insert(_HEADS), {"id": 1, "last_id": 0, "last_hash": GENESIS})
@@ -72,12 +81,16 @@ def append_many(session: Session | Connection, events: list[dict], now: datetime
         prev = digest
     if len(rows) == 1:
         ids = [conn.execute(_INSERT_EVENT, rows[0]).inserted_primary_key[0]]
+        in_order = ids[0] > last_id
     else:
-        ids = list(conn.execute(_INSERT_EVENTS, rows).scalars())
-    if len(ids) != len(rows) or ids[0] <= last_id or any(b <= a for a, b in zip(ids, ids[1:])):
+        conn.execute(_INSERT_EVENT, rows)
+        appended = conn.execute(_APPENDED, {"last_id": last_id}).all()
+        ids = [i for i, _ in appended]
+        in_order = [h for _, h in appended] == [r["hash"] for r in rows]
+    if not in_order:
         raise RuntimeError("audit rows were not inserted in chain order")
     conn.execute(_UPDATE_HEAD, {"last_id": ids[-1], "last_hash": prev})
-    return [AuditEvent(id=i, **r) for i, r in zip(ids, rows)]
+    return ids, rows
 
 
 @dataclass(frozen=True)
