@@ -170,12 +170,14 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        # The hot paths (an enrollment's reads and its one transaction) keep a connection per thread
-        # instead of checking one out of the pool per statement group: the check-out, return, reset
-        # and BEGIN/COMMIT statements cost several times the SQL they wrap (measured: 200 us against
-        # 33 us for a one-row SELECT). NullPool: these connections are never returned, so they must
-        # not take the pool's slots.
-        self._thread_engine = make_engine(url, poolclass=NullPool)
+        # On SQLite the hot paths (an enrollment's reads and its one transaction) keep a connection
+        # per thread instead of checking one out of the pool per statement group: the check-out,
+        # return, reset and BEGIN/COMMIT statements cost several times the SQL they wrap (measured:
+        # 200 us against 33 us for a one-row SELECT). NullPool: these connections are never returned,
+        # so they must not take the pool's slots. A server database keeps its pooled, pre-pinged
+        # connections: a long-lived one could have been dropped by the server in between.
+        is_sqlite = self.engine.dialect.name == "sqlite"
+        self._thread_engine = make_engine(url, poolclass=NullPool) if is_sqlite else None
         self._threads = _ThreadConnections()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(autoenroll_read_only=True)
@@ -214,7 +216,7 @@ class Database:
     @contextmanager
     def _write_transaction(self) -> Iterator[Connection]:
         conn = self._thread_connection("writer")
-        if conn.in_transaction():
+        if conn is None or conn.in_transaction():
             with self.engine.begin() as pooled:
                 yield pooled
             return
@@ -237,13 +239,18 @@ class Database:
         thread's connection, with no BEGIN, COMMIT or pool check-out around it. For several
         statements that must agree with each other, use `read_connection()`."""
         conn = self._thread_connection("reader")
+        if conn is None:
+            with self._read_engine.begin() as pooled:
+                return list(pooled.execute(statement, parameters or {}).all())
         try:
             return list(conn.execute(statement, parameters or {}).all())
         except DBAPIError:
             self._drop_thread_connection("reader")  # cheap to re-open; a broken one must not stay
             raise
 
-    def _thread_connection(self, kind: str) -> Connection:
+    def _thread_connection(self, kind: str) -> Connection | None:
+        if self._thread_engine is None:
+            return None
         threads = self._threads
         if threads.pid != os.getpid():  # a fork (gunicorn worker) inherits no connection
             threads.pid, threads.reader, threads.writer = os.getpid(), None, None
