@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from directory_sync.bulk import BulkDirectory
 from registration_app.core.errors import DirectoryUnavailable, UserNotFound
 from tests.directory_sync.certs import cert
@@ -13,20 +15,23 @@ def certificates(directory, email: str) -> list[bytes]:
     return list(directory.find_user(email).certificates)
 
 
-def test_many_entries_are_published_with_one_outcome_each(directory, new_user):
+@pytest.mark.parametrize("transactions", [True, False], ids=["in transactions", "pipelined"])
+def test_many_entries_are_published_with_one_outcome_each(directory, new_user, transactions):
     users = [new_user() for _ in range(7)]
     values = [cert(ISSUER, email, encryption=True) for _, email in users]
-    with BulkDirectory(directory) as bulk:
+    with BulkDirectory(directory, transactions=transactions) as bulk:
         outcomes = bulk.publish_many([(dn, [], [value], []) for (dn, _), value in zip(users, values)], window=3)
     assert outcomes == [None] * len(users)
     for (_, email), value in zip(users, values):
         assert certificates(directory, email) == [value]
 
 
-def test_a_refused_modify_costs_only_its_entry(directory, new_user):
+@pytest.mark.parametrize("transactions", [True, False], ids=["in a transaction", "pipelined"])
+def test_a_refused_modify_costs_only_its_entry(directory, new_user, transactions):
+    """In a transaction, one refusal undoes them all: the entries are then published one by one."""
     (dn1, email1), (dn2, email2) = new_user(), new_user()
     already = cert(ISSUER, email2, encryption=True, age_days=3)
-    with BulkDirectory(directory) as bulk:
+    with BulkDirectory(directory, transactions=transactions) as bulk:
         bulk.publish(dn2, [], [already], [])
         new1, new2 = cert(ISSUER, email1, encryption=True), cert(ISSUER, email2, encryption=True)
         gone = "uid=nobody-here,ou=people,dc=example,dc=org"

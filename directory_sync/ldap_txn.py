@@ -1,0 +1,67 @@
+"""LDAP transactions (RFC 5805) over python-ldap: many modifies applied by the server as one.
+
+OpenLDAP's back-mdb applies a transaction's updates in one LMDB write transaction: one commit and one
+fsync for all of them instead of one each. Measured on this 2-core machine (100,000 entries, modifies
+of userCertificate;binary): slapd spent 0.3-0.5 ms of CPU per modify sent alone, 0.06 ms per modify
+in transactions of 100, and applied 1,300-2,300 modifies/s alone against 13,000-15,000/s.
+
+A transaction is all or nothing: if one update fails (an entry changed or went away meanwhile), the
+server applies none of them, and the caller publishes those entries one by one instead.
+
+Only bulk.py uses this; python-ldap exceptions pass through to it (it translates them).
+"""
+
+from __future__ import annotations
+
+from ldap.controls import LDAPControl
+from ldap.extop import ExtendedRequest
+from pyasn1.codec.der import encoder
+from pyasn1.type import namedtype, univ
+
+START = "1.3.6.1.1.21.1"
+SPECIFICATION = "1.3.6.1.1.21.2"  # the control that puts an update into a transaction
+END = "1.3.6.1.1.21.3"
+
+
+def supported(conn) -> bool:
+    """True if the server announces both transaction extended operations in its root DSE."""
+    found = conn.search_ext_s("", 0, "(objectClass=*)", ["supportedExtension"])  # 0: SCOPE_BASE
+    announced = {v.decode() for v in (found[0][1].get("supportedExtension", []) if found else [])}
+    return {START, END} <= announced
+
+
+def start(conn) -> bytes:
+    """A new transaction's identifier (OpenLDAP's is empty: one transaction per connection at a time)."""
+    _, identifier = conn.extop_s(ExtendedRequest(START, None))
+    return identifier or b""
+
+
+def control(identifier: bytes) -> LDAPControl:
+    """The (critical) control for every update of the transaction."""
+    return LDAPControl(SPECIFICATION, True, encodedControlValue=identifier)
+
+
+def end(conn, identifier: bytes, *, commit: bool) -> None:
+    """Commit (or abort) the transaction; raises the server's refusal (nothing applied) as python-ldap does."""
+    conn.extop_s(_EndRequest(identifier, commit))
+
+
+class _TxnEndReq(univ.Sequence):
+    componentType = namedtype.NamedTypes(
+        namedtype.DefaultedNamedType("commit", univ.Boolean(True)),
+        namedtype.NamedType("identifier", univ.OctetString()),
+    )
+
+
+class _EndRequest(ExtendedRequest):
+    requestName = END
+
+    def __init__(self, identifier: bytes, commit: bool) -> None:
+        super().__init__(END, None)
+        self.identifier, self.commit = identifier, commit
+
+    def encodedRequestValue(self) -> bytes:
+        value = _TxnEndReq()
+        value["commit"] = self.commit
+        value["identifier"] = self.identifier
+        return encoder.encode(value)
