@@ -3,9 +3,10 @@ with no HTTP, no JWS, no database, no entitlement lookup.
 
 Per certificate: EC P-256 key (or RSA from nothing: not used here), sign with the platform's CA key
 (the same certificate builder as the server), seal for escrow (AES-256-GCM + RSA-OAEP wrap with the KRA
-key), PKCS#12 at the server's iteration count (optional), one ldap3 modify (replace
-userCertificate;binary) on a user's entry. `processes=2` runs two such loops at once, in separate
-processes, to give the rate of the cores the server has.
+key), PKCS#12 at the server's iteration count (optional), one python-ldap modify (replace
+userCertificate;binary) on a user's entry, with the client library the server publishes with.
+`processes=2` runs two such loops at once, in separate processes, to give the rate of the cores the
+server has.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class BareJob:
 
 def _loop(job: BareJob, start_at: float | None = None) -> tuple[int, float, float]:
     """(certificates, wall seconds, CPU seconds of this process)."""
+    import ldap
     from cryptography.hazmat.primitives.serialization import Encoding
-    from ldap3 import MODIFY_REPLACE, Connection, Server
 
     from registration_app.authorities.certs import CaUrls, build_smime_certificate
     from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
@@ -52,7 +53,8 @@ def _loop(job: BareJob, start_at: float | None = None) -> tuple[int, float, floa
     kra = read_public_key(job.data_dir / "kra.pem")
     profile = parse_profiles(DEFAULT_PROFILES)["smime-encryption-ec"]
     urls = CaUrls(crl_url="http://127.0.0.1/crl/ca.crl", ca_issuers_url="http://127.0.0.1/ca.crt")
-    conn = Connection(Server(job.ldap_url), job.bind_dn, job.password, auto_bind=True)
+    conn = ldap.initialize(job.ldap_url)  # python-ldap, the client the server publishes with
+    conn.simple_bind_s(job.bind_dn, job.password)
     if start_at is not None:
         while time.time() < start_at:
             time.sleep(0.001)
@@ -71,13 +73,12 @@ def _loop(job: BareJob, start_at: float | None = None) -> tuple[int, float, floa
         if job.pkcs12:
             to_pkcs12(key=key, cert=cert, chain=[ca_cert], password="bench-password",
                       friendly_name=f"{email} {profile.name}", iterations=job.iterations)
-        if not conn.modify(dn, {"userCertificate;binary": [(MODIFY_REPLACE, [cert.public_bytes(Encoding.DER)])]}):
-            raise RuntimeError(f"LDAP modify failed: {conn.result}")
+        conn.modify_ext_s(dn, [(ldap.MOD_REPLACE, "userCertificate;binary", [cert.public_bytes(Encoding.DER)])])
         del blob
         count += 1
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu0
-    conn.unbind()
+    conn.unbind_s()
     return count, wall, cpu
 
 
