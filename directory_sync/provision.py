@@ -42,7 +42,7 @@ from directory_sync.reconcile import Entitlement, LdapUser, dn_key
 from registration_app.authorities.ca import ToRecord, serial_hex
 from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
 from registration_app.authorities.key_authority import new_serial
-from registration_app.core.errors import AutoenrollError, BadRequest
+from registration_app.core.errors import BadRequest
 from registration_app.core.model import Profile, Subject, Usage
 from registration_app.store import audit
 from registration_app.store.models import Certificate, Escrow
@@ -379,15 +379,19 @@ class _PublishThread:
     def _work(self) -> None:
         pending = []  # (AsyncResult, number of users): at most two batches in flight
         while (items := self.queue.get()) is not None:
+            # Whatever goes wrong with one batch, this thread keeps taking batches: the main loop
+            # blocks on the queue otherwise. The batch's rows stay in the outbox for the worker.
             try:
                 jobs = self.p.publication_jobs(items, datetime.now(timezone.utc))
-            except AutoenrollError:
+                if self.pool is None:
+                    self._collect(_publish_batch(jobs), len(jobs))
+                    continue
+                pending.append((self.pool.apply_async(_publish_batch, (jobs,)), len(jobs)))
+            except Exception as exc:
                 self.queued += len(items)
+                log.warning("event=provision.publish_skipped users=%d error=%r", len(items),
+                            getattr(exc, "detail", exc))
                 continue
-            if self.pool is None:
-                self._collect(_publish_batch(jobs), len(jobs))
-                continue
-            pending.append((self.pool.apply_async(_publish_batch, (jobs,)), len(jobs)))
             while len(pending) > 1:
                 self._wait(*pending.pop(0))
         for result, count in pending:

@@ -4,6 +4,7 @@ idempotent, resumable, recoverable by the owner."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
@@ -92,3 +93,45 @@ def test_signature_profiles_are_not_provisioned(world):
     services, group, _ = world
     with pytest.raises(BadRequest):
         provisioner(services).run(group, services.settings.profiles["smime-signature"])
+
+
+def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(world, slapd, monkeypatch):
+    """An unexpected error while preparing one batch's publication must not stop the publishing
+    thread (the run would wait on its queue for ever): that batch stays in the outbox, the rest is
+    published, and the worker publishes the rest later."""
+    import threading
+
+    from ldap3 import Connection, Server
+    services, _, _ = world
+    (entitled,) = services.settings.profiles["smime-encryption-ec"].groups
+    tag = uuid.uuid4().hex[:8]
+    ldif, dns = users_ldif(f"q{tag}-", 24, (), with_member_of=False)
+    slapd.load(ldif)
+    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    group = add_group(conn, f"broken-{tag}", dns)
+    for dn in dns:
+        assert conn.modify(entitled, {"member": [("MODIFY_ADD", [dn])]}), conn.result
+    conn.unbind()
+
+    original, calls = Provisioner.publication_jobs, []
+
+    def breaks_once(self, items, now):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise RuntimeError("database gone for a moment")
+        return original(self, items, now)
+
+    monkeypatch.setattr(Provisioner, "publication_jobs", breaks_once)
+    reports = []
+    run = threading.Thread(target=lambda: reports.append(
+        Provisioner(services, kra_public_key=kra_public_key(services), batch_size=2, workers=0).run(
+            group, services.settings.profiles["smime-encryption-ec"])), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    assert not run.is_alive(), "provisioning hung after a publication error"
+    report = reports[0]
+    assert report.issued == 24 and report.queued == calls[0] and report.published == 24 - calls[0]
+    monkeypatch.undo()
+    assert services.publisher.drain(now=datetime.now(timezone.utc) + timedelta(minutes=10)) >= calls[0]
+    for dn in dns:
+        assert len(services.directory.find_user(f"{dn.split(',')[0][4:]}@example.org").certificates) == 1
