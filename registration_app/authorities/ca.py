@@ -28,6 +28,7 @@ _SUPERSEDE = update(_CERTIFICATES).where(
     _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
     status="superseded", superseded_by=bindparam("new"))
 _INSERT_CERTIFICATE = insert(_CERTIFICATES)
+_STATUS_OF = select(_CERTIFICATES.c.status).where(_CERTIFICATES.c.serial == bindparam("serial"))
 _OUTBOX = Outbox.__table__
 _INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
 # Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
@@ -49,7 +50,6 @@ class ToRecord:
     replaces: str | None
     key_source: str
     audit_detail: dict | None = None
-_STATUS_OF = select(_CERTIFICATES.c.status).where(_CERTIFICATES.c.serial == bindparam("serial"))
 
 
 def serial_hex(serial: int) -> str:
