@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from directory_sync.ldap import (CERT_ATTR, LdapDirectory, _fast_result_code, bound_pyldap_connection,
-                                  plan_publication, translate_pyldap_error)
+                                  modify_operations, plan_publication, translate_pyldap_error)
 from registration_app.core.errors import AutoenrollError, UserNotFound
 
 try:  # python-ldap: C bindings to libldap (Debian libldap2-dev + libsasl2-dev to build it)
@@ -124,7 +124,7 @@ class BulkDirectory:
             return True
         conn = self._connection()
         try:
-            conn.modify_ext_s(dn, _operations(deletes, adds))
+            conn.modify_ext_s(dn, modify_operations(deletes, adds))
         except (_pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
             self.directory.publish(dn, add, remove)  # someone else wrote meanwhile: read again
         except _pyldap.NO_SUCH_OBJECT as exc:
@@ -149,7 +149,7 @@ class BulkDirectory:
         for index, (dn, current, add, remove) in enumerate(changes):
             deletes, adds = plan_publication(current, add, remove)
             if deletes or adds:
-                planned.append((index, _operations(deletes, adds)))
+                planned.append((index, modify_operations(deletes, adds)))
             else:
                 outcomes[index] = None
         try:
@@ -250,11 +250,6 @@ def values(attrs: dict[str, list[bytes]], name: str) -> list[bytes]:
     """The values of `name` (any case; `userCertificate;binary` also matches as returned)."""
     return attrs.get(name.lower(), [])
 
-
-def _operations(deletes: list[bytes], adds: list[bytes]) -> list[tuple]:
-    """python-ldap's modlist for one publication: the deletes, then the adds, in one modify."""
-    return ([(_pyldap.MOD_DELETE, CERT_ATTR, deletes)] if deletes else []) + \
-           ([(_pyldap.MOD_ADD, CERT_ATTR, adds)] if adds else [])
 
 
 def _outcome(publish, *change) -> AutoenrollError | None:

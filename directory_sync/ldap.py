@@ -494,7 +494,7 @@ def _fast_publish(conn, dn: str, add: list[bytes], remove: list[bytes], settings
         if deletes or adds:
             assertion = _AssertionControl(True, f"({VERSION_ATTR}={filter_value(seen.version)})")
             try:
-                conn.modify_ext_s(dn, _modify_ops(deletes, adds), serverctrls=[assertion])
+                conn.modify_ext_s(dn, modify_operations(deletes, adds), serverctrls=[assertion])
                 return
             except (_pyldap.ASSERTION_FAILED, _pyldap.UNAVAILABLE_CRITICAL_EXTENSION,
                     _pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
@@ -507,16 +507,17 @@ def _fast_publish(conn, dn: str, add: list[bytes], remove: list[bytes], settings
         if not deletes and not adds:
             return
         try:
-            conn.modify_ext_s(dn, _modify_ops(deletes, adds))
+            conn.modify_ext_s(dn, modify_operations(deletes, adds))
             return
         except (_pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
             continue  # another writer changed the attribute since our read: read again
     raise DirectoryUnavailable("The directory entry keeps changing; try again later")
 
 
-def _modify_ops(deletes: list[bytes], adds: list[bytes]) -> list[tuple]:
-    ops = [(_pyldap.MOD_DELETE, CERT_ATTR, deletes)] if deletes else []
-    return ops + ([(_pyldap.MOD_ADD, CERT_ATTR, adds)] if adds else [])
+def modify_operations(deletes: list[bytes], adds: list[bytes]) -> list[tuple]:
+    """python-ldap's modlist for one publication: the deletes, then the adds, in one modify."""
+    return ([(_pyldap.MOD_DELETE, CERT_ATTR, deletes)] if deletes else []) + \
+           ([(_pyldap.MOD_ADD, CERT_ATTR, adds)] if adds else [])
 
 
 def _fast_result_code(exc) -> int | None:

@@ -23,6 +23,8 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import or_, select, update
@@ -101,6 +103,18 @@ class Completions:
             batch, self._items = self._items, []
             self._in_flight += 1
             return batch
+
+    @contextmanager
+    def carried(self) -> Iterator[list[tuple[str, list]]]:
+        """`take`, then `settle`: the batch for a transaction run inside the block, queued again if
+        the block raises (the transaction rolled back, or never ran)."""
+        batch = self.take()
+        try:
+            yield batch
+        except BaseException:
+            self.settle(batch, requeue=True)
+            raise
+        self.settle(batch, requeue=False)
 
     def settle(self, batch: list[tuple[str, list]], *, requeue: bool) -> None:
         """The transaction that took `batch` ended; `requeue` when it rolled back (another will mark them)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -175,20 +176,13 @@ class RegistrationAuthority:
             nonce = None
         # The issuance's transaction also marks what earlier requests of this process published.
         completions = getattr(self.publisher, "completions", None) if in_one else None
-        carried = completions.take() if completions is not None else []
-        try:
+        with completions.carried() if completions is not None else nullcontext([]) as carried:
             issued = self.key_authority.issue(IssueRequest(
                 user=user, profile=profile, actor=actor, password=password, csr=csr, replaces=replaces,
                 legacy_pkcs12=legacy, audit_events=tuple(deferred or ()), nonce=nonce,
                 publish_after=INLINE_PUBLISH_GRACE if in_one else timedelta(0),
                 more_work=(lambda conn: self.publisher.mark_published(conn, carried)) if carried else None),
                 now=now)
-        except BaseException:
-            if completions is not None:
-                completions.settle(carried, requeue=True)
-            raise
-        if completions is not None:
-            completions.settle(carried, requeue=False)
         return self._response(issued, profile, user)
 
     def bootstrap(self, payload: dict, code_id: str, agent: AgentIdentity,

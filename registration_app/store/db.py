@@ -56,8 +56,6 @@ def make_engine(url: str, **options) -> Engine:
             conn.exec_driver_sql("BEGIN" if options.get("autoenroll_read_only", False) else "BEGIN IMMEDIATE")
 
         return engine
-    if "poolclass" in options:
-        return create_engine(url, **options)
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, **options)
 
 
