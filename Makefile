@@ -10,14 +10,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:/usr/sbin:/sbin:$(PATH)
 
 help:
 	@echo "make run    start a private slapd and the registration server (TLS on https://localhost:8443)"
-	@echo "make test   the whole suite, against real slapd, gunicorn and openssl"
+	@echo "make test   the whole suite, against real slapd, gunicorn and openssl; then again on PostgreSQL"
 	@echo "make bench  benchmarks (ratios measured in one run)"
 	@echo "make stop   stop the private slapd of make run"
 
 debs:
-	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null || [ ! -f /usr/include/ldap.h ] || [ ! -f /usr/include/sasl/sasl.h ] || ! command -v cfssl >/dev/null; then \
-	  echo "installing Debian packages slapd ldap-utils openssl libldap2-dev libsasl2-dev (python-ldap builds against them) golang-cfssl (a peer in the benchmarks)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev golang-cfssl >/dev/null; \
+	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null || [ ! -f /usr/include/ldap.h ] || [ ! -f /usr/include/sasl/sasl.h ] || ! command -v cfssl >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing Debian packages slapd ldap-utils openssl libldap2-dev libsasl2-dev (python-ldap builds against them) golang-cfssl (a peer in the benchmarks) postgresql (the suites' second database)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev golang-cfssl postgresql >/dev/null; \
 	fi
 
 $(STAMP): setup.cfg pyproject.toml
@@ -48,8 +48,13 @@ run: install
 stop: $(STAMP)
 	$(PY) -m directory_sync.slapd stop --dir var/slapd
 
+# The whole suite on SQLite (the default), then everything that writes through the server's database
+# again on a private PostgreSQL server (`--database=postgresql`, bench/postgres.py).
+POSTGRES_SUITES := tests/store tests/e2e tests/fault tests/directory_sync tests/adversarial/test_refusals.py
+
 test: install
 	$(PY) -m pytest tests
+	$(PY) -m pytest --database=postgresql $(POSTGRES_SUITES)
 
 bench: install
 	$(PY) -m bench

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from directory_sync.slapd import free_port
+
+from .postgres import database_url_for
 from tests.e2e.platform import stop_process_group
 
 BIN = Path(sys.executable).parent
@@ -64,7 +66,8 @@ class ServerPlatform:
 
     @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+        """The platform's database: its SQLite file, or the PostgreSQL database its TOML names."""
+        return self.settings().db_url
 
     @property
     def passphrase(self) -> bytes:
@@ -203,8 +206,10 @@ def make_platform(data: Path, ldap_url: str, *, env: dict | None = None, **setti
     """Write the TOML (production defaults unless named in `settings`), run `autoenroll init`."""
     data.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
+    database_url = settings.pop("database_url", None) or database_url_for()
     values = {
         "data_dir": ".",
+        **({"database_url": database_url} if database_url else {}),
         "public_url": f"https://localhost:{port}",
         "http_url": f"http://127.0.0.1:{http_port}",
         "bind": f"127.0.0.1:{port}",

@@ -1,11 +1,49 @@
-"""Shared fixtures: a real private slapd (tests/conftest_slapd.py) and a running server platform."""
+"""Shared fixtures: a real private slapd (tests/conftest_slapd.py) and a running server platform.
+
+`pytest --database=postgresql` runs the same tests with every platform on a database of its own on a
+private PostgreSQL server (bench/postgres.py) instead of its SQLite file; tests of SQLite's own
+behaviour are marked `sqlite_only` and skipped then.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from bench import postgres
 from tests.conftest_slapd import *  # noqa: F401,F403
 from tests.e2e.platform import make_platform
+
+
+def pytest_addoption(parser):
+    parser.addoption("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                     help="the database of the platforms under test (default: their SQLite files)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only: a test of SQLite's own behaviour (locks, pragmas, files)")
+    if config.getoption("--database") == "postgresql":
+        server = postgres.PrivatePostgres()
+        server.start()
+        config._autoenroll_postgres = server
+        os.environ[postgres.ENV] = server.url
+
+
+def pytest_unconfigure(config):
+    server = getattr(config, "_autoenroll_postgres", None)
+    if server is not None:
+        os.environ.pop(postgres.ENV, None)
+        server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--database") != "postgresql":
+        return
+    skip = pytest.mark.skip(reason="SQLite's own behaviour; this run is on PostgreSQL")
+    for item in items:
+        if "sqlite_only" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

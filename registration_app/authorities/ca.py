@@ -56,6 +56,15 @@ def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
 
+def lost_renewal_race(exc: IntegrityError) -> bool:
+    """Whether `exc` is a second issuance after the same predecessor (the certificates' unique renewal
+    key): a race the caller lost, a 409. Any other integrity error is a fault, not the client's."""
+    diag = getattr(exc.orig, "diag", None)  # psycopg names the violated constraint
+    if diag is not None and diag.constraint_name:
+        return diag.constraint_name == "uq_certificates_renewal_key"
+    return "certificates.renewal_key" in str(exc.orig)  # SQLite: "UNIQUE constraint failed: certificates.renewal_key"
+
+
 class LocalCA:
     def __init__(self, db: Database, ca_cert: x509.Certificate, ca_key, urls: CaUrls,
                  crl_validity: timedelta = timedelta(hours=24)) -> None:
@@ -147,6 +156,8 @@ class LocalCA:
         try:
             self.db.run(record)
         except IntegrityError as exc:
+            if not lost_renewal_race(exc):
+                raise
             raise Conflict("another request already replaced this certificate; "
                            "list your certificates and try again") from exc
         return cert

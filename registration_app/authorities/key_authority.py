@@ -26,7 +26,7 @@ from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Co
 from ..core.model import Profile, Subject, UserEntry
 from ..store import audit
 from ..store.repos import NonceToken, certificates_of, record_nonce
-from .ca import LocalCA, serial_hex
+from .ca import LocalCA, lost_renewal_race, serial_hex
 from .keys import KeyPool
 from .kra import LocalKRA
 from .pkcs12 import to_pkcs12
@@ -165,8 +165,12 @@ class LocalKeyAuthority:
             outbox, user_certificates = self.ca.db.run(work, core=True)
         except IntegrityError as exc:
             self._audit_alone(req.audit_events, now)
-            raise Conflict("another request already replaced this certificate; "
-                           "list your certificates and try again") from exc
+            if lost_renewal_race(exc):
+                raise Conflict("another request already replaced this certificate; "
+                               "list your certificates and try again") from exc
+            if blob is not None:
+                raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
+            raise
         except BadNonce:
             raise
         except BaseException as exc:

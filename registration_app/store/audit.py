@@ -63,18 +63,38 @@ def append_many(session: Session | Connection, events: list[dict], now: datetime
     return _append(connection_of(session), events, now)[0]
 
 
+def _text(value: str) -> str:
+    """A text column's value: at most 512 characters, NUL shown as U+FFFD. PostgreSQL refuses NUL in
+    text, and a denial must be recorded whatever the client sent (an email with \\0 in it, say)."""
+    return value[:512].replace("\0", "\ufffd")
+
+
+def _insert_genesis_head(conn: Connection) -> None:
+    """The head row, unless a concurrent first append made it: ON CONFLICT DO NOTHING. (A SELECT ... FOR
+    UPDATE of a row that does not exist locks nothing, so on PostgreSQL two first appends would both
+    insert it, and the loser's unique violation would fail its whole transaction.)"""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        conn.execute(insert(_HEADS), {"id": 1, "last_id": 0, "last_hash": GENESIS})
+        return
+    conn.execute(dialect_insert(_HEADS).on_conflict_do_nothing(index_elements=["id"]),
+                 {"id": 1, "last_id": 0, "last_hash": GENESIS})
+
+
 def _append(conn: Connection, events: list[dict], now: datetime) -> tuple[list[int], list[dict]]:
     """(ids, rows as inserted) of `append_many`."""
     head = conn.execute(_SELECT_HEAD).first()
     if head is None:
-        conn.execute(insert(_HEADS), {"id": 1, "last_id": 0, "last_hash": GENESIS})
-        last_id, prev = 0, GENESIS
-    else:
-        last_id, prev = head.last_id or 0, head.last_hash
+        _insert_genesis_head(conn)  # waits for a concurrent first append, if any, to commit
+        head = conn.execute(_SELECT_HEAD).first()  # ours, or the winner's row (with its rows): now locked
+    last_id, prev = head.last_id or 0, head.last_hash
     rows = []
     for e in events:
         detail = json.loads(json.dumps(e.get("detail") or {}, default=str))
-        actor, subject = e["actor"][:512], e["subject"][:512]
+        actor, subject = _text(e["actor"]), _text(e["subject"])
         digest = _digest(prev, now, e["event"], e["outcome"], actor, subject, detail)
         rows.append(dict(at=now, event=e["event"], outcome=e["outcome"], actor=actor, subject=subject,
                          detail=detail, prev_hash=prev, hash=digest))

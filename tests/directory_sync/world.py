@@ -7,6 +7,7 @@ import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.postgres import database_url_for
 from registration_app.authorities.pki_files import PkiPaths, create_pki, read_public_key
 from registration_app.services import Services, build_services
 from registration_app.settings import Settings
@@ -21,6 +22,8 @@ def make_services(data: Path, ldap_settings, **overrides) -> Services:
     data.mkdir(parents=True, exist_ok=True)
     if not PkiPaths.in_dir(data).ca_cert.exists():
         create_pki(data, passphrase=PASSPHRASE, now=datetime.now(timezone.utc))
+    if "database_url" not in overrides:
+        overrides["database_url"] = database_url_for() or ""
     settings = dataclasses.replace(Settings(), data_dir=data, ca_passphrase=PASSPHRASE.decode(),
                                    http_url="http://127.0.0.1:9/", ldap=ldap_settings, **overrides)
     services = build_services(settings)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,23 @@ class Platform:
     def agent_config(self) -> Path:
         return self.data / "agent.toml"
 
+    @property
+    def db_url(self) -> str:
+        """Its SQLite file, or the PostgreSQL database of `--database=postgresql`."""
+        from registration_app.settings import load_settings
+        return load_settings(self.config).db_url
+
+    @contextmanager
+    def transaction(self):
+        """A session on the platform's database, read the way an auditor would; closed after."""
+        from registration_app.store.db import Database
+        database = Database(self.db_url)
+        try:
+            with database.transaction() as session:
+                yield session
+        finally:
+            database.dispose()
+
     def autoenroll(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return cli("autoenroll", "--config", str(self.config), *args, check=check)
 
@@ -88,10 +106,13 @@ class Platform:
 
 
 def make_platform(data: Path, ldap_url: str, *, extra: str = "") -> Platform:
+    from bench.postgres import database_url_for
     port, http_port = free_port(), free_port()
+    database_url = database_url_for()
     config = data / "autoenroll.toml"
     config.write_text(f"""
 data_dir = "."
+{f'database_url = "{database_url}"' if database_url else ""}
 public_url = "https://localhost:{port}"
 http_url = "http://127.0.0.1:{http_port}"
 bind = "127.0.0.1:{port}"

@@ -10,7 +10,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from registration_app.authorities.escrow_crypto import escrow_aad, open_private_key
 from registration_app.authorities.pki_files import read_private_key
-from registration_app.store.db import Database
 from registration_app.store.models import Certificate, Escrow
 from sqlalchemy import func, select
 
@@ -23,9 +22,6 @@ def ldap_certificates(platform, email: str) -> list[bytes]:
     return [base64.b64decode(line.split(":: ", 1)[1]) for line in out.splitlines()
             if line.lower().startswith("usercertificate;binary::")]
 
-
-def db(platform) -> Database:
-    return Database(f"sqlite:///{platform.data / 'autoenroll.db'}")
 
 
 def invite_and_bootstrap(platform, email: str) -> None:
@@ -65,7 +61,7 @@ def test_encryption_certificate_end_to_end(platform, tmp_path):
 
     # The escrowed key opens with the KRA key and matches the certificate.
     serial = format(delivered.serial_number, "x")
-    with db(platform).transaction() as session:
+    with platform.transaction() as session:
         row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one()
     passphrase = (platform.data / "passphrase").read_bytes().strip()
     kra_key = read_private_key(platform.data / "kra.key", passphrase)
@@ -76,7 +72,7 @@ def test_encryption_certificate_end_to_end(platform, tmp_path):
 
     # Decision, escrow, issuance and publication are each one row of the verified audit chain.
     from registration_app.store.models import AuditEvent
-    with db(platform).transaction() as session:
+    with platform.transaction() as session:
         events = {e for (e,) in session.execute(select(AuditEvent.event).where(AuditEvent.subject == email))}
     assert {"enrollment.allowed", "key.escrowed", "certificate.issued", "directory.published"} <= events
     assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
@@ -89,14 +85,14 @@ def test_user_not_entitled_gets_403_and_nothing_is_issued(platform):
     result = platform.agent("enroll", "--email", email, "--profile", "smime-encryption", check=False)
     assert result.returncode == 1
     assert "not_entitled" in result.stderr and "smime-encryption" in result.stderr
-    with db(platform).transaction() as session:
+    with platform.transaction() as session:
         assert session.execute(select(func.count()).select_from(Certificate).where(
             Certificate.email == email, Certificate.profile == "smime-encryption")).scalar_one() == 0
         assert session.execute(select(func.count()).select_from(Escrow).where(
             Escrow.email == email)).scalar_one() == 0
     assert ldap_certificates(platform, email) == before
     from registration_app.store.models import AuditEvent
-    with db(platform).transaction() as session:
+    with platform.transaction() as session:
         denied = session.execute(select(AuditEvent.detail).where(
             AuditEvent.subject == email, AuditEvent.event == "request.denied")).scalars().all()
     assert any(d["code"] == "not_entitled" for d in denied)

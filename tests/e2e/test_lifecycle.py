@@ -21,7 +21,6 @@ from registration_app.core.profiles import get_profile
 from registration_app.services import build_services
 from registration_app.settings import load_settings
 from registration_app.store import audit
-from registration_app.store.db import Database
 from registration_app.store.models import Certificate, RecoveryRequest
 from tests.e2e.platform import make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
@@ -80,9 +79,6 @@ def officers(life):
     return "oscar@example.org", "olivia@example.org", "otto@example.org"
 
 
-def db(platform) -> Database:
-    return Database(f"sqlite:///{platform.data / 'autoenroll.db'}")
-
 
 def client(platform) -> tuple[RegistrationClient, AgentStore]:
     config = AgentConfig.load(platform.agent_config)
@@ -120,7 +116,7 @@ def test_daemon_renews_a_signature_certificate_near_expiry(life, new_user):
     assert new != old
     published = serials_of(life, email)
     assert new in published and old not in published  # swapped in one modify: added, then old removed
-    with db(life).transaction() as session:
+    with life.transaction() as session:
         assert session.get(Certificate, old).status == "superseded"  # superseded, not revoked
     # The renewed key signs: the next request authenticates with it.
     assert "renewed=0" in life.agent("daemon", "--once").stdout
@@ -204,7 +200,7 @@ def test_two_concurrent_renewals_produce_one_certificate(life, new_user):
     _, email = new_user(("smime-users",))
     invite_and_bootstrap(life, email)
     life.agent("enroll", "--email", email, "--profile", "smime-encryption-ec")
-    with db(life).transaction() as session:
+    with life.transaction() as session:
         before = session.execute(select(func.count()).select_from(Certificate).where(
             Certificate.email == email)).scalar_one()
 
@@ -219,7 +215,7 @@ def test_two_concurrent_renewals_produce_one_certificate(life, new_user):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(attempt, range(2)))
     assert sorted(o == "conflict" for o in outcomes) == [False, True], outcomes
-    with db(life).transaction() as session:
+    with life.transaction() as session:
         after = session.execute(select(func.count()).select_from(Certificate).where(
             Certificate.email == email)).scalar_one()
         current = session.execute(select(func.count()).select_from(Certificate).where(
@@ -257,7 +253,7 @@ def test_two_of_three_officers_release_once(life, officers, new_user, ldap_admin
     twice = officer(life, oscar, "release", request_id, check=False)
     assert twice.returncode == 1 and "recovery_not_ready" in twice.stderr
 
-    with db(life).transaction() as session:
+    with life.transaction() as session:
         events = [e for (e,) in session.execute(select(audit.AuditEvent.event).where(
             audit.AuditEvent.detail.is_not(None)))]
     for event in ("recovery.requested", "recovery.approved", "recovery.released", "key.recovered", "request.denied"):
@@ -272,7 +268,7 @@ def test_an_expired_recovery_request_cannot_be_completed(life, officers, new_use
     life.agent("enroll", "--email", email, "--profile", "smime-encryption-ec")
     request_id = officer(life, oscar, "request", "--user", email, "--reason", "left").stdout.split()[2].rstrip(":")
     officer(life, olivia, "approve", request_id)
-    with db(life).transaction() as session:  # the clock moves past the deadline
+    with life.transaction() as session:  # the clock moves past the deadline
         session.execute(update(RecoveryRequest).where(RecoveryRequest.id == request_id).values(
             expires_at=datetime.now(timezone.utc) - timedelta(minutes=1)))
     late = officer(life, otto, "approve", request_id, check=False)

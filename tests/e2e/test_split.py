@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlalchemy import select
 
+from bench.postgres import database_url_for
 from directory_sync.slapd import free_port
 from registration_app.agent.jws import sign_user_request
 from registration_app.agent.store import AgentStore
 from registration_app.store import audit
-from registration_app.store.db import Database
 from registration_app.store.models import Certificate, RecoveryApproval, RecoveryRequest
 from tests.e2e.platform import Platform, cli
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
@@ -62,7 +62,9 @@ def split(tmp_path_factory, slapd):
     root = tmp_path_factory.mktemp("split")
     init = root / "init"
     init.mkdir()
-    (init / "autoenroll.toml").write_text(f'data_dir = "."\n[ldap]\nurl = "{slapd.url}"\n')
+    database_url = database_url_for() or f"sqlite:///{init / 'autoenroll.db'}"  # one database for all three
+    (init / "autoenroll.toml").write_text(f'data_dir = "."\ndatabase_url = "{database_url}"\n'
+                                          f'[ldap]\nurl = "{slapd.url}"\n')
     cli("autoenroll", "--config", str(init / "autoenroll.toml"), "init")
     issue_ra_client_certificate(init)
     ports = {role: free_port() for role in LAYOUT}
@@ -82,7 +84,7 @@ def split(tmp_path_factory, slapd):
         config = data / "autoenroll.toml"
         config.write_text(f"""
 data_dir = "."
-database_url = "sqlite:///{init / 'autoenroll.db'}"
+database_url = "{database_url}"
 public_url = "{urls[role]}"
 http_url = "http://127.0.0.1:{ca_http}"
 bind = "127.0.0.1:{ports[role]}"
@@ -106,12 +108,9 @@ timeout_seconds = 2.0
             list(pool.map(lambda p: p.stop(), platforms.values()))
 
 
-def db(split) -> Database:
-    return Database(f"sqlite:///{split['ra'].data.parent / 'init' / 'autoenroll.db'}")
-
 
 def audit_rows(split, event: str) -> list[audit.AuditEvent]:
-    with db(split).transaction() as session:
+    with split["ra"].transaction() as session:
         return list(session.execute(select(audit.AuditEvent).where(audit.AuditEvent.event == event)).scalars())
 
 
@@ -189,7 +188,7 @@ def test_two_officers_release_through_the_ra_and_the_kra_checks_their_signatures
 
     # What the shared database holds (the opening and the approvals) is not enough for a compromised RA:
     # the release is signed by the requester's key, and what was used is not used again.
-    with db(split).transaction() as session:
+    with split["ra"].transaction() as session:
         opening = session.get(RecoveryRequest, request_id).evidence
         approvals = [a for (a,) in session.execute(select(RecoveryApproval.evidence).where(
             RecoveryApproval.request_id == request_id))]
@@ -276,7 +275,7 @@ def test_the_kra_refuses_evidence_the_owner_did_not_sign_for_this_key(split, new
 def test_the_ra_runs_without_authority_keys_and_refuses_to_start_with_one(split):
     ra = split["ra"]
     assert not any((ra.data / name).exists() for name in ("ca.key", "kra.key", "tls-ca.key"))
-    with db(split).transaction() as session:
+    with split["ra"].transaction() as session:
         assert session.execute(select(Certificate.serial).limit(1)).first() is not None  # it did issue
     shutil.copy2(ra.data.parent / "init" / "ca.key", ra.data / "ca.key")
     try:

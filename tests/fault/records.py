@@ -144,9 +144,11 @@ class World:
             self.slapd.stop()
 
 
-def enroll_all(world_, users, payload: dict, *, agents: int = 4, on_progress=None, retry_until: float = 0.0):
+def enroll_all(world_, users, payload: dict, *, agents: int = 4, on_progress=None, retry_until: float = 0.0,
+               history: dict | None = None):
     """Each user enrolls once (retrying refusals with 5xx/connection errors while time.monotonic() <
-    retry_until). Returns {email: final Reply or the exception}, and every reply seen in order."""
+    retry_until). Returns {email: final Reply or the exception}, and every reply seen in order.
+    `history`, if given, gets every attempt's outcome per email (status and body, or the exception)."""
     import queue
     import time
     work: queue.SimpleQueue = queue.SimpleQueue()
@@ -174,6 +176,9 @@ def enroll_all(world_, users, payload: dict, *, agents: int = 4, on_progress=Non
                     with lock:
                         seen.append(reply)
                         done = len(seen)
+                        if history is not None:
+                            history.setdefault(user.email, []).append(
+                                f"{reply.status} {reply.body[:300]!r}" if hasattr(reply, "status") else repr(reply))
                     if on_progress:
                         on_progress(done)
                     retry = not hasattr(reply, "status") or reply.status >= 500

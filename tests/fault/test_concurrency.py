@@ -26,6 +26,7 @@ def fault_world(tmp_path_factory):
     w.close()
 
 
+@pytest.mark.sqlite_only
 def test_busy_sqlite_never_surfaces_as_500(fault_world):
     """Two workers x four threads and the outbox worker write while another program (the sqlite3
     library, which knows nothing of the server's lock file) takes the write lock for 150 ms at a time:

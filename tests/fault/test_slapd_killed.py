@@ -49,14 +49,16 @@ def test_every_certificate_is_published_once_and_escrowed_after_slapd_is_killed(
             threading.Timer(1.0, lambda: (w.slapd.start(), restarted.set())).start()
 
     payload = {"profile": PROFILE, "password": "fault-password-1"}
+    history: dict = {}
     final, seen = records.enroll_all(w, w.users, payload, agents=4, on_progress=on_progress,
-                                     retry_until=time.monotonic() + 90)
+                                     retry_until=time.monotonic() + 90, history=history)
     assert killed.is_set()
     wait_for(restarted.is_set, 30, "slapd to restart")
 
     refused_while_down = [r for r in seen if not hasattr(r, "status") or r.status >= 500]
     statuses = {email: getattr(reply, "status", repr(reply)) for email, reply in final.items()}
-    assert set(statuses.values()) == {201}, statuses
+    assert set(statuses.values()) == {201}, {email: history[email] for email, status in statuses.items()
+                                             if status != 201}
     assert all(r.status == 503 for r in refused_while_down if hasattr(r, "status")), \
         [r.body[:200] for r in refused_while_down if hasattr(r, "status")]
 

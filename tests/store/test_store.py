@@ -3,6 +3,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import update
 
+from bench.postgres import database_url_for
 from registration_app.core.codes import parse_code
 from registration_app.core.errors import BadEnrollmentCode
 from registration_app.store import audit
@@ -14,7 +15,7 @@ from registration_app.store.repos import (consume_nonce, create_enrollment_code,
 
 @pytest.fixture
 def db(tmp_path):
-    url = f"sqlite:///{tmp_path / 't.db'}"
+    url = database_url_for() or f"sqlite:///{tmp_path / 't.db'}"
     migrate(url)
     database = Database(url)
     yield database
@@ -113,3 +114,30 @@ def test_thread_writer_survives_a_failed_transaction(db):
             raise RuntimeError("the unit of work fails")
     db.run(lambda conn: conn.execute(insert(table), {"name": "c", "value": "1"}), core=True)
     assert {r.name: r.value for r in db.query(select(table.c.name, table.c.value))} == {"a": "1", "c": "1"}
+
+
+def test_first_appends_racing_on_a_fresh_database_all_commit_in_one_chain(db):
+    """No head row yet: concurrent first appends must not collide on creating it (on PostgreSQL a
+    SELECT ... FOR UPDATE of a missing row locks nothing)."""
+    import threading
+
+    racers = 8
+    barrier = threading.Barrier(racers)
+    errors: list[BaseException] = []
+
+    def first_append(i: int) -> None:
+        barrier.wait()
+        try:
+            db.run(lambda s: audit.append(s, event="test.race", outcome="done", actor="t", subject=str(i)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_append, args=(i,)) for i in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with db.transaction() as session:
+        report = audit.verify(session)
+    assert report.ok and report.rows == racers, report
