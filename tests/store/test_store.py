@@ -141,3 +141,31 @@ def test_first_appends_racing_on_a_fresh_database_all_commit_in_one_chain(db):
     with db.transaction() as session:
         report = audit.verify(session)
     assert report.ok and report.rows == racers, report
+
+
+def test_only_the_renewal_key_is_a_lost_race(db):
+    """A second issuance after the same predecessor is a 409 for the loser; any other integrity error
+    (here a serial used twice) is a fault, not a race the client lost."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    from registration_app.authorities.ca import lost_renewal_race
+    from registration_app.store.models import Certificate
+
+    now = datetime.now(timezone.utc)
+
+    def row(serial: str, renewal_key: str) -> dict:
+        return dict(serial=serial, email="r@example.org", user_dn="uid=r", profile="p", usage="encryption",
+                    status="valid", der=b"0", not_before=now, not_after=now, issued_at=now, key_source="server",
+                    replaces=None, renewal_key=renewal_key)
+
+    def add(values: dict) -> None:
+        db.run(lambda conn: conn.execute(insert(Certificate.__table__), values), core=True)
+
+    add(row("a1", "r@example.org|p|after:none"))
+    with pytest.raises(IntegrityError) as renewal:
+        add(row("a2", "r@example.org|p|after:none"))
+    with pytest.raises(IntegrityError) as serial:
+        add(row("a1", "r@example.org|p|after:a1"))
+    assert lost_renewal_race(renewal.value)
+    assert not lost_renewal_race(serial.value)
