@@ -22,6 +22,7 @@ from directory_sync.slapd import PrivateSlapd
 
 from . import bare, directory, load, peers, world
 from .platform import make_platform
+from .postgres import PrivatePostgres, new_database
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EC_PROFILE, RSA_PROFILE = "smime-encryption-ec", "smime-encryption"
@@ -39,10 +40,11 @@ class Sizes:
     reconcile: int = 100_000  # users in the directory (5)
     changes: int = 100  # group exits before the incremental reconcile
     profile: int = 150  # enrollments under cProfile
+    postgres: int = 300  # enrollments in (7), on PostgreSQL
 
 
 SMOKE = Sizes(enroll=16, agents=4, rsa=4, bare_seconds=0.5, cfssl=40, openssl=2, provision=20, reconcile=200,
-              changes=5, profile=4)
+              changes=5, profile=4, postgres=8)
 
 
 def log(message: str) -> None:
@@ -315,6 +317,47 @@ class Run:
         return result.summary()["rate_per_s"]
 
     # --- output ------------------------------------------------------------------------------------
+    # --- (7): the same enrollments with the database on PostgreSQL ---------------------------------
+    def postgres_benchmark(self) -> None:
+        """(1) again, shorter, with `database_url` on a private PostgreSQL server on the same cores;
+        against (1) of this run when it ran. The server's CPU per certificate counts PostgreSQL's."""
+        s = self.sizes
+        server = PrivatePostgres()
+        slapd = PrivateSlapd(self.workdir / "slapd-pg")
+        server.start()
+        slapd.start()
+        try:
+            warmup = s.agents * 2
+            uids = world.new_uids(warmup + s.postgres, prefix="pg")
+            slapd.bulk_load(world.users_ldif(uids))
+            platform = make_platform(self.workdir / "server-pg", slapd.url, database_url=new_database(server.url))
+            platform.start()
+            try:
+                users = world.Minter(platform.data, platform.passphrase).users(uids)
+                payload = {"profile": EC_PROFILE, "password": "bench-password-0123"}
+                load.run_load(platform, users[:warmup], payload, agents=s.agents)
+                load.wait_idle(platform)
+                log(f"(7) {s.postgres} enrollments, {s.agents} agents, {EC_PROFILE}, database on PostgreSQL")
+                pg0 = server.cpu_seconds()
+                result = load.run_load(platform, users[warmup:], payload, agents=s.agents, slapd_pid=slapd.pid)
+                pg_cpu = server.cpu_seconds() - pg0
+            finally:
+                platform.stop()
+        finally:
+            slapd.stop()
+            server.stop()
+        if result.ok != s.postgres:
+            raise RuntimeError(f"enrollments on PostgreSQL failed: {result.statuses}; see {platform.log}")
+        sqlite = self.results.get("enroll")
+        per_cert = 1000 * (result.server_cpu + pg_cpu) / result.ok
+        self.results["postgres"] = {**result.summary(), "postgres_cpu_s": round(pg_cpu, 2),
+                                    "server_and_postgres_cpu_ms_per_request": round(per_cert, 2),
+                                    "over_sqlite": ratio(result.rate, sqlite["rate_per_s"]) if sqlite else None}
+        self.rows.append((f"(7) enroll EC, {s.agents} agents, database on PostgreSQL",
+                          f"{fmt(result.rate)}/s, p50 {fmt(result.p50_ms)} ms, p99 {fmt(result.p99_ms)} ms; "
+                          f"server+PostgreSQL {fmt(per_cert, ' ms', 2)} CPU per certificate",
+                          f"PostgreSQL/SQLite {fmt(self.results['postgres']['over_sqlite'], digits=2)}", "-"))
+
     def table(self) -> str:
         header = ("benchmark", "figure", "ratio (same run)", "goal")
         rows = [header, *self.rows]
@@ -328,7 +371,7 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: every benchmark runs, in < 60 s")
-    parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory"],
+    parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory", "postgres"],
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--profile", action="store_true", help="also profile the request path (cProfile)")
     parser.add_argument("--py-spy", action="store_true", help="sample the gunicorn workers with py-spy during (1)")
@@ -349,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if only is None or only & {"server", "rsa", "peers"}:
             run.server_benchmarks()
+        if only is None or "postgres" in only:
+            run.postgres_benchmark()
         if only is None or "directory" in only:
             run.directory_benchmarks()
     finally:

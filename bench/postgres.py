@@ -63,6 +63,20 @@ class PrivatePostgres:
                   "-t", "60", "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                   "-c max_connections=300 -c fsync=on", "start")
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid (the first line of postmaster.pid), while it runs."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cpu_seconds(self) -> float:
+        """CPU of the postmaster and every backend and helper process it forked."""
+        from .platform import children, process_cpu
+        pid = self.pid
+        return sum(process_cpu(p) for p in [pid, *children(pid)]) if pid else 0.0
+
     def stop(self) -> None:
         if self.data.exists():
             subprocess.run([*self._as, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],

@@ -26,6 +26,8 @@ def test_smoke_benchmarks_produce_figures_and_json(tmp_path):
     assert r["peers"]["cfssl"]["per_core_rate"] > 0 and r["peers"]["openssl"]["per_core_rate"] > 0
     assert r["peers"]["ours_over_cfssl"] > 0 and r["peers"]["ours_over_openssl"] > 0
     assert all(m > 0 for m in r["memory"]["worker_peak_rss_mb"]) and len(r["memory"]["worker_peak_rss_mb"]) == 2
+    assert r["postgres"]["ok"] == document["sizes"]["postgres"] and r["postgres"]["postgres_cpu_s"] >= 0
+    assert r["postgres"]["over_sqlite"] > 0
     directory = r["directory"]
     assert directory["provision"] == "not available yet" or directory["provision"]["users_per_s"] > 0
     assert directory["reconcile"] == "not available yet" or directory["reconcile"]["full_seconds"] > 0
