@@ -59,9 +59,19 @@ class PrivatePostgres:
     def start(self) -> None:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
+        self._start()
+
+    def _start(self) -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w",
                   "-t", "60", "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                   "-c max_connections=300 -c fsync=on", "start")
+
+    def restart(self, down_seconds: float = 1.0) -> None:
+        """Stop the server (fast: every connection is cut), wait, start it again on the same port."""
+        import time
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        time.sleep(down_seconds)
+        self._start()
 
     @property
     def pid(self) -> int | None:

@@ -23,6 +23,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "sqlite_only: a test of SQLite's own behaviour (locks, pragmas, files)")
+    config.addinivalue_line("markers", "postgresql_only: a test of the PostgreSQL server (run with --database=postgresql)")
     if config.getoption("--database") == "postgresql":
         server = postgres.PrivatePostgres()
         server.start()
@@ -38,12 +39,18 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--database") != "postgresql":
-        return
-    skip = pytest.mark.skip(reason="SQLite's own behaviour; this run is on PostgreSQL")
+    on_postgres = config.getoption("--database") == "postgresql"
+    skip = pytest.mark.skip(reason="SQLite's own behaviour; this run is on PostgreSQL" if on_postgres
+                            else "needs the PostgreSQL run (make test runs it: --database=postgresql)")
     for item in items:
-        if "sqlite_only" in item.keywords:
+        if ("sqlite_only" if on_postgres else "postgresql_only") in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(pytestconfig):
+    """The private PostgreSQL server of `--database=postgresql` (bench/postgres.py)."""
+    return pytestconfig._autoenroll_postgres
 
 
 @pytest.fixture(scope="session")

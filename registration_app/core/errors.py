@@ -164,6 +164,10 @@ class DirectoryUnavailable(Unavailable):
     code, title = "directory_unavailable", "The LDAP directory is unavailable"
 
 
+class DatabaseUnavailable(Unavailable):
+    code, title = "database_unavailable", "The database is unavailable"
+
+
 class EscrowFailed(Unavailable):
     code, title = "escrow_failed", "The key could not be escrowed; nothing was issued"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, g, jsonify, request
+from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from ..core.errors import AutoenrollError
+from ..core.errors import AutoenrollError, DatabaseUnavailable
 from ..store import audit
 from ..store.repos import record_nonce
 
@@ -72,6 +73,17 @@ def register_error_handlers(app: Flask) -> None:
             refusal.code = code
             _record_denial(refusal)
         return problem(status, code, error.name, error.description or error.name)
+
+    @app.errorhandler(DBAPIError)
+    def _database(error: DBAPIError):
+        """The database server cannot be reached, or cut the connection (restarted, failed over): a
+        503 the agent retries, not a bug. The pool replaces the dead connections."""
+        if not (isinstance(error, OperationalError) or error.connection_invalidated):
+            return _unexpected(error)
+        log.error("event=database.unavailable request_id=%s error=%r", g.get("request_id"),
+                  str(error.orig).splitlines()[0] if error.orig else type(error).__name__)
+        return _autoenroll(DatabaseUnavailable("the database cannot be reached; try again shortly",
+                                               retry_after=5))
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

@@ -4,8 +4,10 @@ directory through an anonymous ldapsearch (not our code), escrowed keys opened w
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -113,6 +115,38 @@ def recovered_key_matches(platform, row: Escrow, cert: x509.Certificate) -> bool
     key = open_private_key(row.blob, kra_key, escrow_aad(cert.serial_number, row.email, row.profile))
     spki = PublicFormat.SubjectPublicKeyInfo
     return key.public_key().public_bytes(Encoding.DER, spki) == cert.public_key().public_bytes(Encoding.DER, spki)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def assert_each_issued_published_once_and_escrowed(w, final: dict, profile: str, n: int) -> None:
+    """After a fault: once the outbox has drained by itself (`autoenroll sync status`), every user has
+    exactly one certificate, the one delivered to them, published exactly once, with its key in escrow."""
+    def drained():
+        status = json.loads(w.platform.autoenroll("sync", "status").stdout)
+        return status if status["depth"] == 0 else None
+
+    wait_for(drained, 120, "the outbox to drain")
+    issued = certificates(w.platform, profile)
+    assert len(issued) == n
+    escrow = escrow_rows(w.platform)
+    published = all_ldap_values(w.slapd.url)
+    delivered = {email: x509.load_pem_x509_certificate(reply.json()["certificate"].encode())
+                 for email, reply in final.items()}
+    for row in issued:
+        cert = x509.load_der_x509_certificate(row.der)
+        # exactly once in the directory, and nothing else of ours next to it
+        assert published[row.email] == [row.der], (row.email, len(published[row.email]))
+        assert delivered[row.email].serial_number == cert.serial_number
+        assert recovered_key_matches(w.platform, escrow[row.serial], cert)
 
 
 class World:

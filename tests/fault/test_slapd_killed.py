@@ -5,7 +5,6 @@ Default 20 enrollments; AUTOENROLL_FAULT_N=200 for the full-size run of issue 6.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -26,16 +25,6 @@ def fault_world(tmp_path_factory):
     w.close()
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_every_certificate_is_published_once_and_escrowed_after_slapd_is_killed(fault_world):
     w = fault_world
     killed = threading.Event()
@@ -53,7 +42,7 @@ def test_every_certificate_is_published_once_and_escrowed_after_slapd_is_killed(
     final, seen = records.enroll_all(w, w.users, payload, agents=4, on_progress=on_progress,
                                      retry_until=time.monotonic() + 90, history=history)
     assert killed.is_set()
-    wait_for(restarted.is_set, 30, "slapd to restart")
+    records.wait_for(restarted.is_set, 30, "slapd to restart")
 
     refused_while_down = [r for r in seen if not hasattr(r, "status") or r.status >= 500]
     statuses = {email: getattr(reply, "status", repr(reply)) for email, reply in final.items()}
@@ -62,24 +51,7 @@ def test_every_certificate_is_published_once_and_escrowed_after_slapd_is_killed(
     assert all(r.status == 503 for r in refused_while_down if hasattr(r, "status")), \
         [r.body[:200] for r in refused_while_down if hasattr(r, "status")]
 
-    # The outbox drains by itself once slapd is back (`autoenroll sync status`, polled with a deadline).
-    def drained():
-        status = json.loads(w.platform.autoenroll("sync", "status").stdout)
-        return status if status["depth"] == 0 else None
-
-    wait_for(drained, 120, "the outbox to drain")
-
-    issued = records.certificates(w.platform, PROFILE)
-    assert len(issued) == N
-    escrow = records.escrow_rows(w.platform)
-    published = records.all_ldap_values(w.slapd.url)
-    delivered = {email: x509.load_pem_x509_certificate(reply.json()["certificate"].encode())
-                 for email, reply in final.items()}
-    for row in issued:
-        cert = x509.load_der_x509_certificate(row.der)
-        # exactly once in the directory, and nothing else of ours next to it
-        assert published[row.email] == [row.der], (row.email, len(published[row.email]))
-        assert delivered[row.email].serial_number == cert.serial_number
-        assert records.recovered_key_matches(w.platform, escrow[row.serial], cert)
+    # The outbox drains by itself once slapd is back.
+    records.assert_each_issued_published_once_and_escrowed(w, final, PROFILE, N)
     print(f"\nslapd killed after {N // 4} of {N}: {len(refused_while_down)} requests refused while it was down, "
           f"{sum(1 for r in final.values() if not r.json()['published'])} published later by the outbox")

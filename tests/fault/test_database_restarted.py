@@ -1,0 +1,60 @@
+"""The PostgreSQL server is restarted in the middle of a batch of enrollments: while it is down the
+server answers 503 (a dependency is unavailable, try again), never 500; afterwards its pooled
+connections are replaced and every user ends with exactly one certificate, delivered, published once,
+with its key in escrow. Runs in the PostgreSQL pass of make test (`--database=postgresql`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from tests.fault import records
+
+N = int(os.environ.get("AUTOENROLL_FAULT_N", "20"))
+PROFILE = "smime-encryption-ec"
+
+pytestmark = pytest.mark.postgresql_only
+
+
+@pytest.fixture(scope="module")
+def fault_world(tmp_path_factory):
+    w = records.World(tmp_path_factory.mktemp("pg-restart"), N)
+    yield w
+    w.close()
+
+
+def test_database_restart_mid_batch_is_a_503_and_loses_nothing(fault_world, postgres_server):
+    w = fault_world
+    restarted = threading.Event()
+    started = threading.Event()
+
+    def restart() -> None:
+        try:
+            postgres_server.restart(down_seconds=1.0)
+        finally:
+            restarted.set()
+
+    def on_progress(done: int) -> None:
+        if done >= max(2, N // 4) and not started.is_set():
+            started.set()
+            threading.Thread(target=restart).start()
+
+    payload = {"profile": PROFILE, "password": "fault-password-1"}
+    history: dict = {}
+    final, seen = records.enroll_all(w, w.users, payload, agents=4, on_progress=on_progress,
+                                     retry_until=time.monotonic() + 90, history=history)
+    records.wait_for(restarted.is_set, 60, "PostgreSQL to restart")
+
+    statuses = {email: getattr(reply, "status", repr(reply)) for email, reply in final.items()}
+    assert set(statuses.values()) == {201}, {e: history[e] for e, status in statuses.items() if status != 201}
+    refused = [r for r in seen if not hasattr(r, "status") or r.status >= 500]
+    assert all(hasattr(r, "status") and r.status == 503 for r in refused), \
+        [getattr(r, "body", repr(r))[:200] for r in refused]
+    for reply in refused:
+        assert reply.json()["code"] in {"database_unavailable", "escrow_failed", "unavailable"}, reply.body[:200]
+    records.assert_each_issued_published_once_and_escrowed(w, final, PROFILE, N)
+    print(f"\nPostgreSQL restarted after {N // 4} of {N}: {len(refused)} requests refused while it was down")
