@@ -151,6 +151,11 @@ class Run:
              f"server/bare {fmt(ratio(e['server_cpu_ms_per_request'], 1000 * bare2.cpu / bare2.count if bare2.count else None), digits=2)}x",
              "-"),
         ]
+        if enroll.agent_means:
+            self.rows.append(("    mean latency per agent, lowest / highest",
+                              f"{fmt(1000 * min(enroll.agent_means))} ms / {fmt(1000 * max(enroll.agent_means))} ms",
+                              f"highest/lowest {fmt(ratio(max(enroll.agent_means), min(enroll.agent_means)), digits=2)}x",
+                              "-"))
         # Little's law: with `agents` closed-loop agents the mean latency is agents / throughput, so
         # even a server that cost nothing beyond the bare pipeline could not wait less on average.
         floor_ms = 1000 * s.agents / bare2.rate if bare2.rate else None

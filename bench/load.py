@@ -33,6 +33,9 @@ class LoadResult:
     slapd_cpu: float = 0.0
     server_sys_cpu: float = 0.0  # the part of server_cpu spent in the kernel
     worker_peak_rss_mb: list[float] = field(default_factory=list)
+    # Each agent's mean latency (s): their spread shows how unevenly the keep-alive connections fell on
+    # the workers (each accepts the connections it wins, and keeps them).
+    agent_means: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -64,6 +67,7 @@ class LoadResult:
                 "server_cpu_ms_per_request": round(1000 * self.server_cpu / self.ok, 2) if self.ok else None,
                 "server_cores_used": round(self.server_cores, 2),
                 "client_cpu_share": round(self.client_cpu_share, 3),
+                "agent_mean_ms": sorted(round(1000 * m, 1) for m in self.agent_means),
                 "worker_peak_rss_mb": [round(m, 1) for m in self.worker_peak_rss_mb]}
 
 
@@ -78,9 +82,11 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
     lock = threading.Lock()
     ready = threading.Barrier(agents + 1)
     errors: list[BaseException] = []
+    agent_means: list[float] = []
 
     def agent() -> None:
         conn = AgentConnection.for_platform(platform)
+        mine: list[float] = []
         try:
             conn.nonce()  # handshake + first request outside the measured window
             ready.wait()
@@ -94,6 +100,7 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
                     statuses[reply.status] += 1
                     if reply.status == 201:
                         latencies.append(reply.seconds)
+                        mine.append(reply.seconds)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
             try:
@@ -102,6 +109,9 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
                 pass
         finally:
             conn.close()
+            if mine:
+                with lock:
+                    agent_means.append(sum(mine) / len(mine))
 
     threads = [threading.Thread(target=agent, daemon=True) for _ in range(agents)]
     for t in threads:
@@ -118,7 +128,8 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
                         latencies=latencies, client_cpu=time.process_time() - cpu0,
                         server_cpu=(user1 + sys1) - (user0 + sys0), server_sys_cpu=sys1 - sys0,
                         slapd_cpu=(process_cpu(slapd_pid) - slapd0) if slapd_pid else 0.0,
-                        worker_peak_rss_mb=[peak_rss_mb(pid) for pid in platform.worker_pids()])
+                        worker_peak_rss_mb=[peak_rss_mb(pid) for pid in platform.worker_pids()],
+                        agent_means=agent_means)
     if errors:
         raise RuntimeError(f"{len(errors)} agent thread(s) failed: {errors[0]!r}") from errors[0]
     return result
