@@ -50,7 +50,7 @@ stop: $(STAMP)
 
 # The whole suite on SQLite (the default), then everything that writes through the server's database
 # again on a private PostgreSQL server (`--database=postgresql`, bench/postgres.py).
-POSTGRES_SUITES := tests/store tests/e2e tests/fault tests/directory_sync tests/adversarial/test_refusals.py
+POSTGRES_SUITES := tests/store tests/e2e tests/fault tests/directory_sync tests/cli tests/adversarial/test_refusals.py
 
 test: install
 	$(PY) -m pytest tests
