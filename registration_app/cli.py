@@ -122,6 +122,35 @@ def client_cert(ctx, name: str, out_dir: Path | None, days: int) -> None:
     click.echo(f"allow it with agents_allowed (agents) or authority_clients (the RA): {name}", err=True)
 
 
+@main.command("revoke-agent")
+@click.argument("cert_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reason", default="keyCompromise", show_default=True, help="Recorded with the revocation.")
+@click.pass_context
+def revoke_agent(ctx, cert_file: Path, reason: str) -> None:
+    """Refuse a user server's (or the RA's) TLS client certificate from now on: in every worker, on its
+    next request, on a kept-alive connection too. Other certificates for the same name keep working."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from .auth.agent import thumbprint
+    from .store.db import Database, migrate
+    from .store.repos import revoke_agent as record
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except ValueError as exc:
+        raise click.ClickException(f"{cert_file} is not a PEM certificate") from exc
+    settings = _settings(ctx)
+    migrate(settings.db_url)
+    db = Database(settings.db_url)
+    subject, serial = cert.subject.rfc4514_string(), format(cert.serial_number, "x")
+    try:
+        added = record(db, thumbprint=thumbprint(cert.public_bytes(Encoding.DER)), subject=subject,
+                       serial=serial, reason=reason, actor=_operator())
+    finally:
+        db.dispose()
+    click.echo(f"{'revoked' if added else 'already revoked'}: {subject} (serial {serial})")
+
+
 @main.command()
 @click.pass_context
 def serve(ctx) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -26,6 +27,7 @@ from cryptography.x509.verification import (
 
 from registration_app.core.errors import (
     AgentNotAllowed,
+    AgentRevoked,
     BadClientCertificate,
     ConfigError,
     NoClientCertificate,
@@ -96,8 +98,19 @@ def thumbprint(cert_der: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(cert_der).digest()).rstrip(b"=").decode("ascii")
 
 
-def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -> AgentIdentity:
-    """Raises NoClientCertificate, BadClientCertificate (not parseable or not trusted), AgentNotAllowed."""
+def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime,
+                   is_revoked: Callable[[str], bool] | None = None) -> AgentIdentity:
+    """Raises NoClientCertificate, BadClientCertificate (not parseable or not trusted), AgentRevoked
+    (`is_revoked(thumbprint)`, asked on every request: a revocation cuts kept-alive connections too),
+    AgentNotAllowed."""
+    identity = _identify(peer_der, policy, now)
+    if is_revoked is not None and is_revoked(identity.thumbprint):
+        raise AgentRevoked(f"the TLS client certificate of the user server {identity.subject!r} has been "
+                           "revoked; issue it a new one (autoenroll client-cert)")
+    return identity
+
+
+def _identify(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -> AgentIdentity:
     if not peer_der:
         raise NoClientCertificate("this endpoint requires the user server's TLS client certificate")
     peer_der = bytes(peer_der)

@@ -102,6 +102,10 @@ class AgentNotAllowed(Forbidden):
     code, title = "agent_not_allowed", "This user server is not allowed to act for users"
 
 
+class AgentRevoked(AgentNotAllowed):
+    code, title = "agent_revoked", "This user server's certificate has been revoked"
+
+
 class NotEntitled(Forbidden):
     code, title = "not_entitled", "The user is not entitled to this profile"
 

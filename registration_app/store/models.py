@@ -176,3 +176,17 @@ class SyncState(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class RevokedAgent(Base):
+    """A user server's TLS client certificate that may no longer connect (`autoenroll revoke-agent`):
+    refused by every worker on its next request, on a kept-alive connection too. The TLS CA has no CRL;
+    this table is its revocation list."""
+
+    __tablename__ = "revoked_agents"
+
+    thumbprint: Mapped[str] = mapped_column(String(64), primary_key=True)  # x5t#S256 of the DER
+    subject: Mapped[str] = mapped_column(String(1024))
+    serial: Mapped[str] = mapped_column(String(48))
+    revoked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(String(256))

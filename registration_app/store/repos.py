@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..core.codes import derive_mac_key, new_code
 from .db import Database, connection_of
-from .models import Certificate, EnrollmentCode, Nonce, Outbox, SyncState
+from .models import Certificate, EnrollmentCode, Nonce, Outbox, RevokedAgent, SyncState
 
 
 # Nonces are stateless when issued and recorded when used: a nonce is (expiry, 12 random bytes, MAC),
@@ -225,3 +225,30 @@ def outbox_status(db: Database, now: datetime | None = None) -> dict:
         oldest = oldest.replace(tzinfo=timezone.utc)
     return {"depth": depth, "failing": failing,
             "oldest_age_seconds": round((now - oldest).total_seconds(), 1) if oldest else 0.0}
+
+
+_REVOKED_AGENTS = RevokedAgent.__table__
+_AGENT_REVOKED = select(_REVOKED_AGENTS.c.thumbprint).where(_REVOKED_AGENTS.c.thumbprint == bindparam("thumbprint"))
+
+
+def agent_revoked(db: Database, thumbprint: str) -> bool:
+    """Read on every request (no cache): a revocation takes effect in every worker at once."""
+    return bool(db.query(_AGENT_REVOKED, {"thumbprint": thumbprint}))
+
+
+def revoke_agent(db: Database, *, thumbprint: str, subject: str, serial: str, reason: str, actor: str,
+                 now: datetime | None = None) -> bool:
+    """Put a user server's certificate on the revocation list, audited; False if it was already there."""
+    from . import audit
+    now = now or datetime.now(timezone.utc)
+
+    def work(conn):
+        if conn.execute(_AGENT_REVOKED, {"thumbprint": thumbprint}).first() is not None:
+            return False
+        conn.execute(insert(_REVOKED_AGENTS), {"thumbprint": thumbprint, "subject": subject[:1024],
+                                               "serial": serial, "revoked_at": now, "reason": reason[:256]})
+        audit.append_many(conn, [dict(event="agent.revoked", outcome="done", actor=actor, subject=subject,
+                                      detail={"serial": serial, "thumbprint": thumbprint, "reason": reason})], now)
+        return True
+
+    return db.run(work, core=True)

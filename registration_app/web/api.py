@@ -14,7 +14,7 @@ from flask import Blueprint, g, jsonify, request
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
 from ..core.errors import BadClientCertificate, WrongContentType
-from ..store.repos import consume_nonce, enrollment_code, issue_nonce, nonce_unused
+from ..store.repos import agent_revoked, consume_nonce, enrollment_code, issue_nonce, nonce_unused
 
 api = Blueprint("api", __name__)
 
@@ -42,7 +42,8 @@ def peer_certificate_der() -> bytes | None:
 @api.before_request
 def _authenticate_agent():
     services = g.services
-    g.agent = identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc))
+    g.agent = identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc),
+                             is_revoked=lambda thumbprint: agent_revoked(services.db, thumbprint))
 
 
 @api.after_request

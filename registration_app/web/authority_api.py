@@ -23,6 +23,7 @@ from ..core.model import Subject
 from ..core.profiles import get_profile
 from ..store import audit
 from ..store.models import Certificate
+from ..store.repos import agent_revoked
 from .api import peer_certificate_der
 
 log = logging.getLogger("autoenroll.authority")
@@ -35,7 +36,9 @@ REASONS = {r.value: r for r in x509.ReasonFlags}
 
 
 def _authenticate_ra() -> None:
-    g.agent = identify_agent(peer_certificate_der(), g.services.authority_policy, datetime.now(timezone.utc))
+    services = g.services
+    g.agent = identify_agent(peer_certificate_der(), services.authority_policy, datetime.now(timezone.utc),
+                             is_revoked=lambda thumbprint: agent_revoked(services.db, thumbprint))
 
 
 ca_authority.before_request(_authenticate_ra)

@@ -37,3 +37,32 @@ def test_client_cert_issues_an_agent_certificate_that_openssl_accepts(tmp_path):
     again = cli("autoenroll", "--config", str(config), "client-cert", "mail01.example.org",
                 "--out", str(tmp_path / "agents"), check=False)
     assert again.returncode != 0  # never overwrites a key
+
+
+def test_a_revoked_agent_certificate_is_refused_at_once_even_on_its_open_connection(platform, tmp_path):
+    """`autoenroll revoke-agent` on a running server: the revoked user server's next request, on the
+    connection it kept alive, is a 403 agent_revoked problem (audited); the other agents work on."""
+    from bench.client import AgentConnection
+    from tests.fault import records
+
+    platform.autoenroll("client-cert", "rogue.example.org", "--out", str(tmp_path))
+    cert, key = tmp_path / "rogue.example.org.pem", tmp_path / "rogue.example.org.key"
+    rogue = AgentConnection(platform.url, ca=platform.data / "tls-ca.pem", cert=cert, key=key)
+    honest = AgentConnection(platform.url, ca=platform.data / "tls-ca.pem", cert=platform.data / "agent.pem",
+                             key=platform.data / "agent.key")
+    try:
+        assert rogue.request("GET", "/api/v1/nonce").status == 200
+        audit_before = records.counts(platform)["audit"]
+        out = platform.autoenroll("revoke-agent", str(cert), "--reason", "keyCompromise").stdout
+        assert out.startswith("revoked: CN=rogue.example.org")
+        rogue.resend_on_reset = False
+        refused = rogue.request("GET", "/api/v1/nonce")
+        assert refused.status == 403 and refused.content_type.startswith("application/problem+json")
+        assert refused.json()["code"] == "agent_revoked"
+        assert honest.request("GET", "/api/v1/nonce").status == 200
+        events = [(e.event, e.subject) for e in records.audit_since(platform, audit_before)]
+        assert ("agent.revoked", "CN=rogue.example.org") in events
+        assert platform.autoenroll("revoke-agent", str(cert)).stdout.startswith("already revoked")
+    finally:
+        rogue.close()
+        honest.close()
