@@ -52,9 +52,12 @@ def test_database_restart_mid_batch_is_a_503_and_loses_nothing(fault_world, post
     statuses = {email: getattr(reply, "status", repr(reply)) for email, reply in final.items()}
     assert set(statuses.values()) == {201}, {e: history[e] for e, status in statuses.items() if status != 201}
     refused = [r for r in seen if not hasattr(r, "status") or r.status >= 500]
-    assert all(hasattr(r, "status") and r.status == 503 for r in refused), \
-        [getattr(r, "body", repr(r))[:200] for r in refused]
-    for reply in refused:
-        assert reply.json()["code"] in {"database_unavailable", "escrow_failed", "unavailable"}, reply.body[:200]
+    # A GET /nonce refused meanwhile reaches the test as the client's RuntimeError quoting the answer.
+    answers = [r.body if hasattr(r, "status") else str(r).encode() for r in refused]
+    not_503 = [a[:300] for r, a in zip(refused, answers)
+               if not (getattr(r, "status", None) == 503 or (not hasattr(r, "status") and b"HTTP 503" in a))]
+    assert not_503 == []
+    codes = {'"code":"database_unavailable"', '"code":"escrow_failed"', '"code":"unavailable"'}
+    assert all(any(code.encode() in a for code in codes) for a in answers), answers[:3]
     records.assert_each_issued_published_once_and_escrowed(w, final, PROFILE, N)
     print(f"\nPostgreSQL restarted after {N // 4} of {N}: {len(refused)} requests refused while it was down")
