@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from directory_sync.slapd import free_port
+from tests.e2e.platform import stop_process_group
 
 from .postgres import database_url_for
-from tests.e2e.platform import stop_process_group
 
 BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")

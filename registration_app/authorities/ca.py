@@ -18,7 +18,7 @@ from ..core.errors import Conflict, UnknownCertificate
 from ..core.model import Profile, Subject
 from ..store import audit
 from ..store.db import Database, connection_of
-from ..store.models import Certificate, CrlState, Outbox
+from ..store.models import RENEWAL_KEY_CONSTRAINT, Certificate, CrlState, Outbox
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
 
@@ -61,7 +61,7 @@ def lost_renewal_race(exc: IntegrityError) -> bool:
     key): a race the caller lost, a 409. Any other integrity error is a fault, not the client's."""
     diag = getattr(exc.orig, "diag", None)  # psycopg names the violated constraint
     if diag is not None and diag.constraint_name:
-        return diag.constraint_name == "uq_certificates_renewal_key"
+        return diag.constraint_name == RENEWAL_KEY_CONSTRAINT
     return "certificates.renewal_key" in str(exc.orig)  # SQLite: "UNIQUE constraint failed: certificates.renewal_key"
 
 

@@ -32,6 +32,10 @@ class Base(DeclarativeBase):
     pass
 
 
+# A second issuance after the same predecessor violates this (authorities/ca.py `lost_renewal_race`).
+RENEWAL_KEY_CONSTRAINT = "uq_certificates_renewal_key"
+
+
 class Certificate(Base):
     __tablename__ = "certificates"
 
@@ -55,7 +59,7 @@ class Certificate(Base):
     renewal_key: Mapped[str] = mapped_column(String(400))
 
     __table_args__ = (
-        UniqueConstraint("renewal_key", name="uq_certificates_renewal_key"),
+        UniqueConstraint("renewal_key", name=RENEWAL_KEY_CONSTRAINT),
         Index("ix_certificates_user_profile_status", "email", "profile", "status"),
         # the enrollment policy matches email case-insensitively (store/repos.py)
         Index("ix_certificates_lower_email_profile", func.lower(email), profile),

@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.codes import derive_mac_key, new_code
+from . import audit
 from .db import Database, connection_of
 from .models import Certificate, EnrollmentCode, Nonce, Outbox, RevokedAgent, SyncState
 
@@ -239,7 +240,6 @@ def agent_revoked(db: Database, thumbprint: str) -> bool:
 def revoke_agent(db: Database, *, thumbprint: str, subject: str, serial: str, reason: str, actor: str,
                  now: datetime | None = None) -> bool:
     """Put a user server's certificate on the revocation list, audited; False if it was already there."""
-    from . import audit
     now = now or datetime.now(timezone.utc)
 
     def work(conn):

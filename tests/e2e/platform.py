@@ -27,6 +27,18 @@ def cli(*args: str, env: dict | None = None, check: bool = True, timeout: float 
     return result
 
 
+@contextmanager
+def transaction(db_url: str):
+    """A session on a platform's database, read the way an auditor would; closed after."""
+    from registration_app.store.db import Database
+    database = Database(db_url)
+    try:
+        with database.transaction() as session:
+            yield session
+    finally:
+        database.dispose()
+
+
 def stop_process_group(process: subprocess.Popen | None) -> None:
     """SIGTERM the server's process group (master and workers), SIGKILL it if it lingers."""
     if process is not None and process.poll() is None:
@@ -58,16 +70,8 @@ class Platform:
         from registration_app.settings import load_settings
         return load_settings(self.config).db_url
 
-    @contextmanager
     def transaction(self):
-        """A session on the platform's database, read the way an auditor would; closed after."""
-        from registration_app.store.db import Database
-        database = Database(self.db_url)
-        try:
-            with database.transaction() as session:
-                yield session
-        finally:
-            database.dispose()
+        return transaction(self.db_url)
 
     def autoenroll(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return cli("autoenroll", "--config", str(self.config), *args, check=check)

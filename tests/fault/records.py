@@ -23,6 +23,7 @@ from registration_app.authorities.escrow_crypto import escrow_aad, open_private_
 from registration_app.authorities.pki_files import read_private_key
 from registration_app.store.db import Database
 from registration_app.store.models import AuditEvent, Certificate, Escrow, Outbox
+from tests.e2e.platform import transaction
 
 FAST = {"pkcs12_iterations": 2048, "outbox_interval_seconds": 0.3}
 
@@ -32,55 +33,35 @@ def database(platform) -> Database:
 
 
 def counts(platform) -> dict:
-    db = database(platform)
-    try:
-        with db.transaction() as s:
-            return {"certificates": s.execute(select(func.count()).select_from(Certificate)).scalar_one(),
-                    "escrow": s.execute(select(func.count()).select_from(Escrow)).scalar_one(),
-                    "outbox": s.execute(select(func.count()).select_from(Outbox)).scalar_one(),
-                    "audit": s.execute(select(func.max(AuditEvent.id))).scalar_one() or 0}
-    finally:
-        db.dispose()
+    with transaction(platform.db_url) as s:
+        return {"certificates": s.execute(select(func.count()).select_from(Certificate)).scalar_one(),
+                "escrow": s.execute(select(func.count()).select_from(Escrow)).scalar_one(),
+                "outbox": s.execute(select(func.count()).select_from(Outbox)).scalar_one(),
+                "audit": s.execute(select(func.max(AuditEvent.id))).scalar_one() or 0}
 
 
 def audit_since(platform, after_id: int) -> list[AuditEvent]:
-    db = database(platform)
-    try:
-        with db.transaction() as s:
-            return list(s.execute(select(AuditEvent).where(AuditEvent.id > after_id)
-                                  .order_by(AuditEvent.id)).scalars())
-    finally:
-        db.dispose()
+    with transaction(platform.db_url) as s:
+        return list(s.execute(select(AuditEvent).where(AuditEvent.id > after_id)
+                              .order_by(AuditEvent.id)).scalars())
 
 
 def certificates(platform, profile: str | None = None) -> list[Certificate]:
-    db = database(platform)
-    try:
-        with db.transaction() as s:
-            query = select(Certificate)
-            if profile:
-                query = query.where(Certificate.profile == profile)
-            return list(s.execute(query).scalars())
-    finally:
-        db.dispose()
+    with transaction(platform.db_url) as s:
+        query = select(Certificate)
+        if profile:
+            query = query.where(Certificate.profile == profile)
+        return list(s.execute(query).scalars())
 
 
 def escrow_rows(platform) -> dict[str, Escrow]:
-    db = database(platform)
-    try:
-        with db.transaction() as s:
-            return {row.serial: row for row in s.execute(select(Escrow)).scalars()}
-    finally:
-        db.dispose()
+    with transaction(platform.db_url) as s:
+        return {row.serial: row for row in s.execute(select(Escrow)).scalars()}
 
 
 def outbox_serials(platform) -> set[str]:
-    db = database(platform)
-    try:
-        with db.transaction() as s:
-            return {serial for (serial,) in s.execute(select(Outbox.serial).where(Outbox.serial.is_not(None)))}
-    finally:
-        db.dispose()
+    with transaction(platform.db_url) as s:
+        return {serial for (serial,) in s.execute(select(Outbox.serial).where(Outbox.serial.is_not(None)))}
 
 
 def ldap_values(ldap_url: str, email: str) -> list[bytes]:
