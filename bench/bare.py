@@ -29,7 +29,7 @@ class BareJob:
     bind_dn: str
     password: str
     dns: tuple[str, ...]
-    iterations: int = 20000
+    iterations: int = 2048
     pkcs12: bool = True
     seconds: float = 3.0
     max_count: int = 1_000_000

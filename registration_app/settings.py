@@ -51,7 +51,7 @@ class Settings:
     agent_scopes: frozenset[str] = frozenset()  # "agent-name=mail-domain": limit an agent to a domain
     trusted_proxies: frozenset[str] = frozenset()  # addresses allowed to forward client certs
     bootstrap_profile: str = "smime-signature"
-    pkcs12_iterations: int = 20000
+    pkcs12_iterations: int = 2048  # authorities/pkcs12.DEFAULT_ITERATIONS: the MAC's count; more buys nothing
     key_pool_size: int = 4
     nonce_ttl_seconds: int = 300
     enrollment_code_ttl_hours: int = 72

@@ -29,7 +29,7 @@ from ..store.repos import NonceToken, certificates_of, record_nonce
 from .ca import LocalCA, lost_renewal_race, serial_hex
 from .keys import KeyPool
 from .kra import LocalKRA
-from .pkcs12 import to_pkcs12
+from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
 log = logging.getLogger("autoenroll.key_authority")
 
@@ -73,7 +73,7 @@ def new_serial() -> int:
 
 
 class LocalKeyAuthority:
-    def __init__(self, ca: LocalCA, kra: LocalKRA, pool: KeyPool, *, pkcs12_iterations: int = 20000):
+    def __init__(self, ca: LocalCA, kra: LocalKRA, pool: KeyPool, *, pkcs12_iterations: int = DEFAULT_ITERATIONS):
         self.ca = ca
         self.kra = kra
         self.pool = pool

@@ -19,7 +19,7 @@ from ..store import audit
 from ..store.db import Database
 from ..store.models import Certificate, Escrow, RecoveryRequest
 from .escrow_crypto import escrow_aad, open_private_key, seal_private_key
-from .pkcs12 import to_pkcs12
+from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ _INSERT_ESCROW = insert(Escrow.__table__)
 
 class LocalKRA:
     def __init__(self, db: Database, storage_public_key, load_storage_private_key: Callable[[], object], *,
-                 pkcs12_iterations: int = 20000):
+                 pkcs12_iterations: int = DEFAULT_ITERATIONS):
         self.db = db
         self._public = storage_public_key
         self._load_private = load_storage_private_key

@@ -8,6 +8,10 @@ from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
 
 from ..core.errors import BadRequest
 
+# OpenSSL 3's default, and the count cryptography writes the MAC with whatever the bags' count: an offline
+# guesser tests passwords against the MAC, so a higher count on the bags costs time and buys nothing.
+DEFAULT_ITERATIONS = 2048
+
 
 def to_pkcs12(
     *,
@@ -17,18 +21,18 @@ def to_pkcs12(
     password: str,
     friendly_name: str,
     legacy: bool = False,
-    iterations: int = 20000,
+    iterations: int = DEFAULT_ITERATIONS,
 ) -> bytes:
     """Serialise key, certificate and chain, protected by `password`.
 
     Default: PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC) for the key and certificate bags, HMAC-SHA256 MAC.
     `legacy=True`: PBES1 pbeWithSHAAnd3-KeyTripleDES-CBC with a SHA-1 MAC, for clients such as gpgsm 2.2
     (Debian 12) that cannot read PBES2. Use it only for such clients: 3DES and SHA-1 are weak.
-    The iteration count dominates the cost of an enrollment (≈ 5 ms at 20,000): it is spent twice, on
-    the key bag and on the (public) certificate bag. The MAC, which an offline guesser can test
-    passwords against too, is written by cryptography with 2048 iterations whatever `iterations` says
-    (`openssl pkcs12 -info` shows both), so counts above 2048 add cost more than they add resistance
-    to guessing; the agent's passwords are 144 random bits.
+    The iteration count is spent twice, on the key bag and on the (public) certificate bag. The MAC,
+    which an offline guesser can test passwords against too, is written by cryptography with 2048
+    iterations whatever `iterations` says (`openssl pkcs12 -info` shows both), so counts above the
+    default add cost without adding resistance to guessing; the agent's passwords are 144 random bits,
+    and a user-chosen one (`--password-file`) should be long.
     """
     if not isinstance(password, str) or not password:
         raise BadRequest("a non-empty PKCS#12 password is required")

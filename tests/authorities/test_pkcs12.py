@@ -63,14 +63,24 @@ def test_pkcs12_opens_in_cryptography_and_openssl(tmp_path, issued, legacy):
     assert wrong.returncode != 0
 
 
-def test_default_iterations_are_20000(tmp_path, issued):
+def test_default_iterations_are_the_macs_2048(tmp_path, issued):
     key, cert, ca_cert = issued
     path = tmp_path / "default.p12"
     path.write_bytes(to_pkcs12(key=key, cert=cert, chain=[], password="pw", friendly_name="x"))
     info = openssl("pkcs12", "-info", "-noout", "-in", str(path), "-passin", "pass:pw")
     text = (info.stdout + info.stderr).decode()
+    assert "PBES2, PBKDF2, AES-256-CBC, Iteration 2048, PRF hmacWithSHA256" in text
+    # What the default relies on: the MAC keeps cryptography's fixed count, the bags' count matches it.
+    assert "MAC: sha256, Iteration 2048" in text
+
+
+def test_a_higher_count_reaches_the_bags_but_not_the_mac(tmp_path, issued):
+    key, cert, ca_cert = issued
+    path = tmp_path / "stronger.p12"
+    path.write_bytes(to_pkcs12(key=key, cert=cert, chain=[], password="pw", friendly_name="x", iterations=20000))
+    info = openssl("pkcs12", "-info", "-noout", "-in", str(path), "-passin", "pass:pw")
+    text = (info.stdout + info.stderr).decode()
     assert "Iteration 20000" in text
-    # What the docstring of to_pkcs12 relies on: the MAC keeps cryptography's fixed count.
     assert "MAC: sha256, Iteration 2048" in text
 
 
