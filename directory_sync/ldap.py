@@ -90,6 +90,16 @@ class LdapDirectory:
             raise AmbiguousUser()
         return self._user_entry(entries[0], email) if entries else None
 
+    def attribute_values(self, dn: str, attribute: str) -> list[bytes]:
+        """The raw values of one attribute of the entry `dn` (a certificate mapping attribute such as
+        altSecurityIdentities, read live); empty if the entry or the attribute is not there."""
+        def work(conn: Connection) -> list[dict]:
+            conn.search(dn, "(objectClass=*)", BASE, attributes=[attribute])
+            _check(conn, NO_SUCH_OBJECT)
+            return _entries(conn)
+
+        return [v for entry in self._run(work) for v in _values(entry, attribute)]
+
     def groups_of(self, user: UserEntry | str) -> frozenset[str]:
         """Normalised DNs of the groups `user` belongs to, read live (memberOf or a member= search)."""
         if isinstance(user, UserEntry) and self.settings.use_memberof and not self.settings.nested_groups:

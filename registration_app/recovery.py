@@ -15,9 +15,10 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select, update
 
+from .auth.anchors import require_own_ca, user_entry
 from .authorities.kra import LocalKRA, RecoveryGrant
 from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, RecoveryExpired,
-                          RecoveryNotReady, SelfApproval, UnknownCertificate, UserNotFound)
+                          RecoveryNotReady, SelfApproval, UnknownCertificate)
 from .core.model import VerifiedRequest
 from .store import audit
 from .store.db import Database
@@ -71,15 +72,15 @@ class Recovery:
                 query = query.where(Certificate.usage == usage)
             return list(session.execute(query.order_by(Certificate.issued_at)).all())
 
-    def _entry(self, email: str):
-        user = self.directory.find_user(email)
-        if user is None:
-            raise UserNotFound(f"no directory entry has the email address {email!r}")
-        return user
+    def _entry(self, request: VerifiedRequest, what: str):
+        # Escrowed keys (and the listing of them) need our CA's certificate: another anchor that can
+        # issue a certificate for an address must not obtain that address's private keys.
+        require_own_ca(request.user, what)
+        return user_entry(self.directory, request.user)
 
     def list_own(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
         now = now or datetime.now(timezone.utc)
-        user = self._entry(request.user.email)
+        user = self._entry(request, "listing the certificates and escrowed keys")
         usage = request.payload.get("usage")
         if usage is not None and usage not in ("signature", "encryption"):
             raise BadRequest("usage must be 'signature' or 'encryption'")
@@ -92,7 +93,7 @@ class Recovery:
         payload = request.payload
         password, wanted = _password(payload), _serials(payload)
         legacy = payload.get("pkcs12_legacy", False) is True
-        user = self._entry(request.user.email)
+        user = self._entry(request, "recovering escrowed keys")
         own = {c.serial: (c, e) for c, e in self._own_certificates(user.email, user.dn, "encryption")}
         if wanted is None:
             wanted = [s for s, (_, e) in own.items() if e is not None]
@@ -118,6 +119,7 @@ class Recovery:
 
     # -- officers -------------------------------------------------------------------------------
     def _officer(self, request: VerifiedRequest) -> str:
+        require_own_ca(request.user, "acting as a recovery officer")
         user = self.directory.find_user(request.user.email)
         group = self.settings.recovery_officers_group.replace(" ", "").lower()
         if user is None or group not in {g.replace(" ", "").lower() for g in self.directory.groups_of(user)}:

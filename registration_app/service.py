@@ -15,12 +15,13 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from .auth.anchors import user_entry
 from .auth.csr import verify_csr
 from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
 from .core.entitlement import is_entitled
 from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, NotEntitled,
                           NotOwner, RateLimited, UnknownCertificate, UserNotFound)
-from .core.model import AgentIdentity, KeySource, Profile, UserEntry, VerifiedRequest
+from .core.model import AgentIdentity, KeySource, Profile, UserEntry, UserIdentity, VerifiedRequest
 from .core.profiles import get_profile
 from .core.renewal import server_window_opens
 from .store import audit
@@ -61,11 +62,12 @@ class RegistrationAuthority:
 
     # -- entitlement --------------------------------------------------------------------------
     def entitled_user(self, email: str, profile: Profile, actor: str, *,
-                      deferred_audit: list[dict] | None = None) -> UserEntry:
+                      deferred_audit: list[dict] | None = None, identity: UserIdentity | None = None) -> UserEntry:
         """The user's entry, read live, if a group of theirs is entitled to `profile`. The
         enrollment.allowed audit row is committed now, or appended to `deferred_audit` (a list) for
-        the caller to commit with the certificate."""
-        user = self.directory.find_user(email)
+        the caller to commit with the certificate. With `identity` (who signed the request), a
+        certificate of another trust anchor must be listed by that entry (auth/anchors.py)."""
+        user = user_entry(self.directory, identity) if identity is not None else self.directory.find_user(email)
         if user is None:
             raise UserNotFound(f"no directory entry has the email address {email!r}")
         groups = self.directory.groups_of(user)
@@ -156,7 +158,7 @@ class RegistrationAuthority:
         # recorded with its request.denied row, by the web layer).
         in_one = getattr(self.key_authority, "records_audit_events", False)
         deferred = [] if in_one else None
-        user = self.entitled_user(email, profile, actor, deferred_audit=deferred)
+        user = self.entitled_user(email, profile, actor, deferred_audit=deferred, identity=request.user)
         try:
             if renews is not None and csr is not None:
                 earlier = self._earlier_renewal(email, profile, renews, csr)
@@ -242,9 +244,7 @@ class RegistrationAuthority:
             raise BadRequest("field 'serial' (hex) is required")
         if reason not in SELF_REVOCATION_REASONS:
             raise BadRequest(f"reason must be one of {', '.join(sorted(SELF_REVOCATION_REASONS))}")
-        user = self.directory.find_user(request.user.email)
-        if user is None:
-            raise UserNotFound(f"no directory entry has the email address {request.user.email!r}")
+        user = user_entry(self.directory, request.user)
         serial = serial.lower().removeprefix("0x")
         with self.db.read() as session:
             cert = session.get(Certificate, serial)

@@ -15,10 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .auth.agent import ANY_AGENT, AgentPolicy
+from .auth.anchors import AnchorPolicy
 from .auth.chain import UserTrust
+from .auth.revocation import CrlChecker
 from .authorities.ca import LocalCA
 from .authorities.certs import CaUrls
 from .authorities.key_authority import LocalKeyAuthority
@@ -117,9 +121,7 @@ def build_services(settings: Settings, *, directory=None, run_migrations: bool =
         migrate(settings.db_url)
     db = Database(settings.db_url)
     ca_cert = read_cert(paths.ca_cert)
-    extra = settings.path("user-trust.pem")
-    anchors = (ca_cert, *(read_certs(extra) if extra.exists() else ()))
-    user_trust = UserTrust(anchors=anchors, our_issuers=(ca_cert,))
+    user_trust = build_user_trust(settings, ca_cert)
     tls_anchors = (read_cert(paths.tls_ca_cert),)
     agent_policy = AgentPolicy(anchors=tls_anchors, allowed=settings.agents_allowed, scopes=settings.agent_scopes)
     directory = directory if directory is not None else LdapDirectory(settings.ldap)
@@ -147,6 +149,43 @@ def build_services(settings: Settings, *, directory=None, run_migrations: bool =
     recovery = Recovery(settings, db, directory, kra, ca.chain)
     return Services(**common, ca=ca, kra=kra, pool=pool, key_authority=key_authority, publisher=publisher, ra=ra,
                     recovery=recovery)
+
+
+def build_user_trust(settings: Settings, ca_cert) -> UserTrust:
+    """Our CA, the certificates of data_dir/user-trust.pem and of each `[trust.anchors.<name>]` file,
+    with the policies of those tables (README "Other trust anchors")."""
+    extra = settings.path("user-trust.pem")
+    bundle = read_certs(extra) if extra.exists() else []
+    policies, claimed = [], set()
+    for anchor in settings.trust.anchors:
+        if anchor.file:
+            certificates = read_certs(settings.path(anchor.file))
+        else:
+            wanted = _subject_of(anchor).rfc4514_string().lower()
+            certificates = [c for c in bundle if c.subject.rfc4514_string().lower() == wanted]
+            if not certificates:
+                raise ConfigError(f"trust anchor {anchor.name!r}: no certificate in {extra.name} has the subject "
+                                  f"{anchor.subject!r}")
+        if ca_cert in certificates:
+            raise ConfigError(f"trust anchor {anchor.name!r} names this server's own CA certificate")
+        claimed.update(c.fingerprint(hashes.SHA256()) for c in certificates)
+        policies.append(AnchorPolicy(
+            name=anchor.name, certificates=tuple(certificates), domains=anchor.domains,
+            revocation=anchor.revocation, max_crl_age=timedelta(seconds=anchor.max_crl_age_seconds),
+            match_attribute=anchor.match_attribute))
+    for cert in bundle:  # the rest of user-trust.pem: the safe defaults (any domain, CRL checked)
+        if cert != ca_cert and cert.fingerprint(hashes.SHA256()) not in claimed:
+            policies.append(AnchorPolicy(name=f"user-trust.pem: {cert.subject.rfc4514_string()}", certificates=(cert,)))
+    anchors = (ca_cert, *(c for p in policies for c in p.certificates))
+    return UserTrust(anchors=anchors, our_issuers=(ca_cert,), external=tuple(policies),
+                     revocation=CrlChecker(timeout=settings.trust.crl_timeout_seconds))
+
+
+def _subject_of(anchor) -> x509.Name:
+    try:
+        return x509.Name.from_rfc4514_string(anchor.subject)
+    except ValueError:
+        raise ConfigError(f"trust anchor {anchor.name!r}: subject {anchor.subject!r} is not an RFC 4514 name") from None
 
 
 def _local_ca(settings: Settings, paths: PkiPaths, db: Database, ca_cert) -> LocalCA:

@@ -37,6 +37,27 @@ DEFAULT_PROFILES = {
 
 
 @dataclass(frozen=True)
+class AnchorSettings:
+    """One `[trust.anchors.<name>]` table: a trust anchor other than our CA (README "Other trust anchors")."""
+
+    name: str
+    file: str = ""  # a PEM file (in data_dir unless absolute) with the anchor's CA certificate(s)
+    subject: str = ""  # or: the subject (RFC 4514) of a certificate in user-trust.pem
+    domains: frozenset[str] = frozenset()  # mail domains it may vouch for; empty: any
+    revocation: str = "crl"  # "crl" (fail closed) | "none" (insecure: never checked)
+    max_crl_age_seconds: int = 3600  # a cached CRL is fetched again after this, or at its nextUpdate
+    match_attribute: str = "userCertificate"  # the entry attribute that must list the certificate
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    """`[trust]`: certificates of user-trust.pem that no anchor table names get `AnchorSettings` defaults."""
+
+    anchors: tuple[AnchorSettings, ...] = ()
+    crl_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("var")
     database_url: str = ""  # empty: sqlite file in data_dir
@@ -71,6 +92,7 @@ class Settings:
     authority_client_key: str = "ra-client.key"
     authority_timeout_seconds: float = 10.0
     ldap: LdapSettings = field(default_factory=LdapSettings)
+    trust: TrustSettings = field(default_factory=TrustSettings)
     profiles: Mapping[str, Profile] = field(default_factory=lambda: parse_profiles(DEFAULT_PROFILES))
 
     @property
@@ -161,11 +183,55 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config}: {exc}") from exc
         profiles = data.pop("profiles", None)
+        trust = data.pop("trust", None)
         settings = _apply(settings, data, "")
+        if trust is not None:
+            settings = dataclasses.replace(settings, trust=parse_trust(trust))
         if profiles is not None:
             settings = dataclasses.replace(settings, profiles=parse_profiles(profiles))
         if "data_dir" in data and not Path(data["data_dir"]).is_absolute():
             settings = dataclasses.replace(settings, data_dir=(config.parent / data["data_dir"]).resolve())
     env = _env_tree(environ)
     env.pop("profiles", None)
+    trust_env = env.pop("trust", None)
+    if trust_env is not None:  # AUTOENROLL_TRUST__ANCHORS__<NAME>__<KEY>: merged over the TOML tables
+        settings = dataclasses.replace(settings, trust=parse_trust(_merge(_trust_table(settings.trust), trust_env)))
     return _apply(settings, env, "AUTOENROLL_", env=True)
+
+
+def parse_trust(table: Mapping) -> TrustSettings:
+    """The `[trust]` table: `crl_timeout_seconds`, and one `[trust.anchors.<name>]` table per anchor."""
+    if not isinstance(table, Mapping):
+        raise ConfigError("setting trust must be a table")
+    table = dict(table)
+    anchors = table.pop("anchors", {}) or {}
+    if not isinstance(anchors, Mapping):
+        raise ConfigError("setting trust.anchors must be a table of tables ([trust.anchors.<name>])")
+    trust = _apply(TrustSettings(), table, "trust.")
+    parsed = []
+    for name, values in anchors.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"setting trust.anchors.{name} must be a table")
+        anchor = _apply(AnchorSettings(name=name), values, f"trust.anchors.{name}.")
+        if bool(anchor.file) == bool(anchor.subject):
+            raise ConfigError(f"trust anchor {name!r}: give either file or subject (a certificate of user-trust.pem)")
+        if anchor.revocation not in ("crl", "none"):
+            raise ConfigError(f"trust anchor {name!r}: revocation must be \"crl\" or \"none\", not {anchor.revocation!r}")
+        if anchor.max_crl_age_seconds <= 0:
+            raise ConfigError(f"trust anchor {name!r}: max_crl_age_seconds must be positive")
+        parsed.append(anchor)
+    return dataclasses.replace(trust, anchors=tuple(parsed))
+
+
+def _trust_table(trust: TrustSettings) -> dict:
+    table = {f.name: getattr(trust, f.name) for f in dataclasses.fields(trust) if f.name != "anchors"}
+    table["anchors"] = {a.name: {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name != "name"}
+                        for a in trust.anchors}
+    return table
+
+
+def _merge(base: Mapping, over: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, Mapping) else value
+    return merged

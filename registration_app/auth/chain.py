@@ -7,13 +7,18 @@ EKU must allow emailProtection (or anyExtendedKeyUsage).
 
 Checks that the verifier would also make (validity, EKU, key usage, an email SAN) are made first, by
 hand, so that the caller gets a message that says what to do instead of a generic "chain failed".
+
+Revocation: a certificate of our CA is looked up by the caller's `is_revoked` (our database); one of
+another trust anchor is checked by CRL (revocation.py), fail closed, unless that anchor is configured
+with the insecure `revocation = "none"`. Its anchor's mail domains are enforced here; which entry it
+may authenticate is decided by anchors.py `user_entry`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from cryptography import x509
@@ -37,6 +42,9 @@ from registration_app.core.errors import (
 )
 from registration_app.core.model import UserIdentity
 
+from .anchors import AnchorPolicy
+from .revocation import CrlChecker
+
 __all__ = ["UserTrust", "verify_user_chain", "MAX_CHAIN_LENGTH"]
 
 MAX_CHAIN_LENGTH = 5  # certificates in x5c, leaf included
@@ -48,14 +56,26 @@ _BOOTSTRAP_HINT = "ask an administrator for an enrollment code and bootstrap a n
 
 @dataclass(frozen=True)
 class UserTrust:
-    """Trust anchors for user certificates, and the CAs of this server (a subset, or their issuers)."""
+    """Trust anchors for user certificates, and the CAs of this server (a subset, or their issuers).
+
+    `external` describes the anchors other than ours (anchors.py); an anchor it does not describe gets
+    the default policy: any mail domain, CRL checked, the entry must list the certificate."""
 
     anchors: tuple[x509.Certificate, ...]
     our_issuers: tuple[x509.Certificate, ...] = ()
+    external: tuple[AnchorPolicy, ...] = ()
+    revocation: CrlChecker = field(default_factory=CrlChecker, compare=False)
 
     def __post_init__(self) -> None:
         if not self.anchors:
             raise ConfigError("no user trust anchors are configured")
+
+    def policy_for(self, anchor: x509.Certificate) -> AnchorPolicy:
+        """The policy of the anchor a chain ended at (not one of ours)."""
+        for policy in self.external:
+            if policy.holds(anchor):
+                return policy
+        return AnchorPolicy(name=anchor.subject.rfc4514_string(), certificates=(anchor,))
 
     @functools.cached_property
     def store(self) -> Store:
@@ -71,8 +91,9 @@ def verify_user_chain(
 ) -> UserIdentity:
     """Verify the DER chain (leaf first) and return who the user is.
 
-    Raises MalformedJWS (not DER), CertificateExpired, UntrustedChain, CertificateRevoked.
-    `is_revoked` is asked only about a leaf whose chain verified.
+    Raises MalformedJWS (not DER), CertificateExpired, UntrustedChain, CertificateRevoked; for another
+    anchor's certificate also AnchorNotAllowed (outside its domains) and RevocationUnavailable (no CRL
+    answered: fail closed). `is_revoked` is asked only about a leaf of our CA whose chain verified.
     """
     if not x5c:
         raise MalformedJWS("x5c must contain at least the user's certificate")
@@ -101,7 +122,12 @@ def verify_user_chain(
             f"the user certificate does not chain to a trusted CA: {_short(error)}"
         ) from None
 
-    if is_revoked(leaf):
+    ours = _issued_by_one_of(leaf, verified.chain[1:2], trust.our_issuers)
+    policy = None if ours else trust.policy_for(verified.chain[-1])
+    if policy is not None:
+        policy.check_email(email)
+        _check_external_revocation(verified.chain, policy, trust.revocation, now)
+    elif is_revoked(leaf):
         raise CertificateRevoked(
             f"the user certificate (serial {leaf.serial_number:x}) has been revoked and can no longer "
             f"authenticate; {_BOOTSTRAP_HINT}"
@@ -112,8 +138,24 @@ def verify_user_chain(
         certificate_der=bytes(x5c[0]),
         serial=leaf.serial_number,
         not_after=leaf.not_valid_after_utc,
-        issuer_is_ours=_issued_by_one_of(leaf, verified.chain[1:2], trust.our_issuers),
+        issuer_is_ours=ours,
+        anchor=policy.name if policy is not None else "",
+        match_attribute=policy.match_attribute if policy is not None else "",
     )
+
+
+def _check_external_revocation(chain: list[x509.Certificate], policy: AnchorPolicy, checker: CrlChecker,
+                               now: datetime) -> None:
+    """Every certificate of the verified chain below the anchor, on its issuer's CRL (fail closed)."""
+    if policy.revocation == "none":  # explicitly configured as insecure
+        return
+    for index, cert in enumerate(chain[:-1]):
+        if checker.is_revoked(cert, chain[index + 1], policy.max_crl_age, now):
+            whose = "user certificate" if index == 0 else f"CA certificate {cert.subject.rfc4514_string()!r}"
+            raise CertificateRevoked(
+                f"the {whose} (serial {cert.serial_number:x}) is revoked by its issuer's CRL (trust anchor "
+                f"{policy.name!r}) and can no longer authenticate"
+            )
 
 
 # --- extension policies -------------------------------------------------------------------

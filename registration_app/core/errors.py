@@ -122,6 +122,18 @@ class NotOfficer(Forbidden):
     code, title = "not_officer", "Only recovery officers may do this"
 
 
+class AnchorNotAllowed(Forbidden):
+    code, title = "anchor_not_allowed", "The certificate's CA may not vouch for this mail address"
+
+
+class CertificateNotListed(Forbidden):
+    code, title = "certificate_not_listed", "The directory entry does not list this certificate"
+
+
+class OwnCaRequired(Forbidden):
+    code, title = "own_ca_required", "This needs a signature certificate from this server's CA"
+
+
 # --- lookups (404, 409) ------------------------------------------------------------------
 class NotFound(AutoenrollError):
     code, status, title = "not_found", 404, "Not found"
@@ -170,6 +182,14 @@ class DirectoryUnavailable(Unavailable):
 
 class DatabaseUnavailable(Unavailable):
     code, title = "database_unavailable", "The database is unavailable"
+
+
+class RevocationUnavailable(Unavailable):
+    code, title = "revocation_unavailable", "The revocation status of the certificate cannot be checked now"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 30, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
 
 
 class EscrowFailed(Unavailable):

@@ -94,6 +94,10 @@ class UserIdentity:
     serial: int
     not_after: datetime
     issuer_is_ours: bool
+    # A certificate of another trust anchor (not ours) authenticates only the entry whose
+    # `match_attribute` lists it (auth/anchors.py); `anchor` names that anchor's configuration.
+    anchor: str = ""
+    match_attribute: str = ""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
 from registration_app.agent.jws import mac_bootstrap_request, sign_user_request
 from registration_app.auth.agent import AgentPolicy, identify_agent
+from registration_app.auth.anchors import AnchorPolicy
 from registration_app.auth.chain import UserTrust
 from registration_app.core.model import AgentIdentity
 from tests import pki
@@ -84,7 +85,9 @@ def world() -> World:
         agent_ca=agent_ca,
         agent_cert=agent_cert,
         agent=agent,
-        trust=UserTrust(anchors=(root.cert,), our_issuers=(intermediate.cert,)),
+        # The root's own users (rsa_user) are another anchor's; their revocation is not what these tests show.
+        trust=UserTrust(anchors=(root.cert,), our_issuers=(intermediate.cert,),
+                        external=(AnchorPolicy(name="test root", certificates=(root.cert,), revocation="none"),)),
     )
 
 

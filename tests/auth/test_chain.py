@@ -2,6 +2,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from registration_app.auth.anchors import AnchorPolicy
 from registration_app.auth.chain import UserTrust, verify_user_chain
 from registration_app.core.errors import (
     CertificateExpired,
@@ -46,8 +47,11 @@ def test_user_through_our_intermediate(root, issuing, trust):
 def test_user_of_an_external_ca_is_not_ours(root, trust):
     external_root = pki.make_ca("National eID", key_type="rsa")
     user = pki.make_user_cert(external_root, "carol@example.org", key_type="rsa")
-    both = UserTrust(anchors=(root.cert, external_root.cert), our_issuers=trust.our_issuers)
-    assert verify([user], both).issuer_is_ours is False
+    unchecked = AnchorPolicy(name="eid", certificates=(external_root.cert,), revocation="none")
+    both = UserTrust(anchors=(root.cert, external_root.cert), our_issuers=trust.our_issuers, external=(unchecked,))
+    identity = verify([user], both)
+    assert identity.issuer_is_ours is False
+    assert identity.anchor == "eid"
 
 
 def test_issuer_is_ours_recognises_a_reissued_ca_certificate(root, issuing):
@@ -61,7 +65,8 @@ def test_issuer_is_ours_recognises_a_reissued_ca_certificate(root, issuing):
 def test_not_ours_when_only_the_name_matches(root, issuing):
     impostor = pki.make_intermediate(pki.make_ca("Other Root"), "User Issuing CA")  # same subject, other key
     user = pki.make_user_cert(issuing, "alice@example.org")
-    trust = UserTrust(anchors=(root.cert,), our_issuers=(impostor.cert,))
+    unchecked = AnchorPolicy(name="root", certificates=(root.cert,), revocation="none")
+    trust = UserTrust(anchors=(root.cert,), our_issuers=(impostor.cert,), external=(unchecked,))
     assert verify([user, issuing], trust).issuer_is_ours is False
 
 
@@ -73,7 +78,7 @@ def test_chain_may_include_the_root(root, issuing, trust):
 def test_rsa_chain(root):
     rsa_root = pki.make_ca("RSA Root", key_type="rsa")
     user = pki.make_user_cert(rsa_root, "dave@example.org", key_type="rsa")
-    verify([user], UserTrust(anchors=(rsa_root.cert,)))
+    verify([user], UserTrust(anchors=(rsa_root.cert,), our_issuers=(rsa_root.cert,)))
 
 
 def test_naive_now_is_taken_as_utc(issuing, trust):
@@ -254,7 +259,7 @@ def test_time_is_a_parameter():
                            not_after=datetime(2029, 1, 1, tzinfo=timezone.utc))
     user = pki.make_user_cert(old_root, "alice@example.org", not_before=datetime(2020, 1, 1, tzinfo=timezone.utc),
                               not_after=datetime(2020, 6, 1, tzinfo=timezone.utc))
-    trust = UserTrust(anchors=(old_root.cert,))
+    trust = UserTrust(anchors=(old_root.cert,), our_issuers=(old_root.cert,))
     assert verify([user], trust, now=then).email == "alice@example.org"
     with pytest.raises(CertificateExpired):
         verify([user], trust)  # pki.NOW is after June 2020
