@@ -255,11 +255,12 @@ def make_agent_cert(
     *,
     eku: tuple[x509.ObjectIdentifier, ...] | None = (SERVER_AUTH, CLIENT_AUTH),
     key_type: str = "ec",
+    key: PrivateKey | None = None,
     not_before: datetime | None = None,
     not_after: datetime | None = None,
 ) -> Issued:
     """A user server's TLS certificate (it presents its server certificate as TLS client certificate)."""
-    key = new_key(key_type)
+    key = key or new_key(key_type)
     builder = (
         _builder(
             _name(dns_name, org="Autoenroll Agents"),

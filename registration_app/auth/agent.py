@@ -34,6 +34,8 @@ from registration_app.core.errors import (
 )
 from registration_app.core.model import AgentIdentity
 
+from .keypolicy import check_certificate_key
+
 __all__ = ["AgentPolicy", "identify_agent", "thumbprint", "ANY_AGENT"]
 
 VERIFIED_CACHE_SIZE = 1024
@@ -100,7 +102,7 @@ def thumbprint(cert_der: bytes) -> str:
 
 def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime,
                    is_revoked: Callable[[str], bool] | None = None) -> AgentIdentity:
-    """Raises NoClientCertificate, BadClientCertificate (not parseable or not trusted), AgentRevoked
+    """Raises NoClientCertificate, BadClientCertificate (not parseable or not trusted), WeakKey, AgentRevoked
     (`is_revoked(thumbprint)`, asked on every request: a revocation cuts kept-alive connections too),
     AgentNotAllowed."""
     identity = _identify(peer_der, policy, now)
@@ -129,6 +131,8 @@ def _identify(peer_der: bytes | None, policy: AgentPolicy, now: datetime) -> Age
         names = _names(cert)
     except Exception:  # whatever a proxy header or a peer sends, a parse failure is the client's
         raise BadClientCertificate("the TLS client certificate is not a valid DER certificate") from None
+    # The TLS layer may be configured to accept weaker keys (and a proxy forwards whatever it got).
+    check_certificate_key(cert, f"the key of the TLS client certificate {subject!r}")
 
     verifier = (
         PolicyBuilder()

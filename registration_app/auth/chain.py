@@ -43,6 +43,7 @@ from registration_app.core.errors import (
 from registration_app.core.model import UserIdentity
 
 from .anchors import AnchorPolicy
+from .keypolicy import check_certificate_key
 from .revocation import CrlChecker
 
 __all__ = ["UserTrust", "verify_user_chain", "MAX_CHAIN_LENGTH"]
@@ -100,6 +101,8 @@ def verify_user_chain(
     if len(x5c) > MAX_CHAIN_LENGTH:
         raise MalformedJWS(f"x5c has {len(x5c)} certificates; at most {MAX_CHAIN_LENGTH} are accepted")
     certs = [_load_certificate(der, index) for index, der in enumerate(x5c)]
+    for index, cert in enumerate(certs):  # WeakKey before the verifier builds anything
+        check_certificate_key(cert, f"the key of x5c[{index}]" if index else "the user certificate's key")
     leaf, intermediates = certs[0], certs[1:]
     now = _as_utc(now)
 

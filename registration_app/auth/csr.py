@@ -19,12 +19,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from registration_app.core.errors import CsrMismatch, MalformedCSR
 from registration_app.core.model import KeyType
 
+from .keypolicy import MAX_RSA_BITS, check_public_key
+
 __all__ = ["verify_csr", "ALLOWED_CSR_EXTENSIONS", "MAX_RSA_BITS"]
 
 ALLOWED_CSR_EXTENSIONS = frozenset(
     {ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE}
 )
-MAX_RSA_BITS = 8192  # larger keys only cost verification time
 MAX_CSR_CHARS = 64 * 1024
 _MIN_RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072}
 _BASE64 = re.compile(r"[A-Za-z0-9+/=_\-\s]*")
@@ -38,12 +39,14 @@ def verify_csr(
 ) -> x509.CertificateSigningRequest:
     """Parse and check a CSR for the authenticated `email`.
 
-    Accepts PEM, DER, or base64/base64url of DER (text). Key types: EC_P256 allows EC P-256;
-    RSA_2048 allows RSA of at least 2048 bits, RSA_3072 at least 3072 (up to MAX_RSA_BITS).
-    Raises MalformedCSR (unparseable, bad signature, forbidden extension or key) or CsrMismatch
-    (another email address).
+    Accepts PEM, DER, or base64/base64url of DER (text). The key must meet the key policy
+    (keypolicy.py: WeakKey) and then the profile's key types: EC_P256 allows EC P-256; RSA_2048
+    allows RSA of at least 2048 bits, RSA_3072 at least 3072 (up to MAX_RSA_BITS).
+    Raises MalformedCSR (unparseable, bad signature, forbidden extension or key type), WeakKey or
+    CsrMismatch (another email address).
     """
     csr = _parse(pem_or_der)
+    check_public_key(csr.public_key(), "the CSR key")  # before the signature check costs anything
     try:
         signature_ok = csr.is_signature_valid
     except Exception:  # e.g. a signature algorithm cryptography does not know
@@ -104,11 +107,8 @@ def _check_key(csr: x509.CertificateSigningRequest, allowed: Collection[KeyType]
         raise MalformedCSR(f"the CSR key is EC {key.curve.name}; allowed key types: {names}")
     if isinstance(key, rsa.RSAPublicKey):
         minimum = min((bits for kt, bits in _MIN_RSA_BITS.items() if kt in allowed), default=None)
-        if minimum is None or key.key_size < minimum or key.key_size > MAX_RSA_BITS:
+        if minimum is None or key.key_size < minimum:
             raise MalformedCSR(f"the CSR key is RSA-{key.key_size}; allowed key types: {names}")
-        exponent = key.public_numbers().e
-        if exponent < 3 or exponent % 2 == 0:
-            raise MalformedCSR("the CSR's RSA public exponent is not valid")
         return
     raise MalformedCSR(f"the CSR key type is not supported; allowed key types: {names}")
 

@@ -2,15 +2,19 @@
 
     {"protected": b64url(header JSON), "payload": b64url(payload JSON), "signature": b64url(sig)}
 
-The checks run in an order chosen for security and for clear errors:
+The checks run in an order chosen for security and for clear errors, cheapest and least trusting first:
 
 1. the body is JSON (MalformedJSON), of the flattened shape with strict base64url (MalformedJWS);
-2. `alg` is allowed here (UnsupportedAlgorithm) and the required header fields are there (MalformedJWS);
-3. the user's chain (`x5c`) verifies and is not revoked (chain.py): now we know the key;
-4. the signature verifies with that key, via joserfc with an explicit one-algorithm allow-list (BadSignature);
-5. the payload is a JSON object (MalformedJSON);
-6. the signed `url` is this request's URL (UrlMismatch), `x5t#S256` is this TLS peer (BindingMismatch);
-7. last, the nonce is consumed (BadNonce): a forged or misdirected request cannot burn nonces.
+2. `alg` is allowed here (UnsupportedAlgorithm), the required header fields are there and no member
+   names or points to a key other than `x5c` (`jwk`, `jku`, `x5u`, `x5t`, `kid`: MalformedJWS);
+3. the x5c leaf's key meets the key policy (WeakKey) and fits `alg` (UnsupportedAlgorithm);
+4. the signature verifies with that key, via joserfc with an explicit one-algorithm allow-list
+   (BadSignature): a forged request stops here, before any chain building, database or HTTP work;
+5. the user's chain (`x5c`) verifies and is not revoked (chain.py), and the certificate has not been
+   superseded by a renewal (CertificateSuperseded, after the caller's grace period);
+6. the payload is a JSON object (MalformedJSON);
+7. the signed `url` is this request's URL (UrlMismatch), `x5t#S256` is this TLS peer (BindingMismatch);
+8. last, the nonce is consumed (BadNonce): a forged or misdirected request cannot burn nonces.
 
 Every input, however malformed, ends in an AutoenrollError with a 4xx status: nothing here may 500.
 """
@@ -40,6 +44,7 @@ from registration_app.core.errors import (
     BadNonce,
     BadSignature,
     BindingMismatch,
+    CertificateSuperseded,
     ConfigError,
     MalformedJSON,
     MalformedJWS,
@@ -49,6 +54,7 @@ from registration_app.core.errors import (
 from registration_app.core.model import AgentIdentity, VerifiedRequest
 
 from .chain import MAX_CHAIN_LENGTH, UserTrust, verify_user_chain
+from .keypolicy import check_public_key
 
 __all__ = [
     "USER_ALGORITHMS",
@@ -74,6 +80,11 @@ _REFUSED_HEADER = {
     "crit": "no critical header extensions are supported",
     "b64": "unencoded payloads (RFC 7797) are not accepted",
 }
+# Members that name or point to a signing key. A request's key is named by exactly one member (`x5c`
+# for a user, `kid` for a bootstrap's enrollment code); any other would be a second, unverified claim
+# about the key, which a careless reader might act on. `x5t#S256` is not among them: it is the
+# thumbprint of the agent's TLS certificate (the channel binding), not of a signing key.
+_KEY_MEMBERS = ("jwk", "jku", "x5u", "x5c", "x5t", "kid")
 _EXTRA_HEADERS = {
     "nonce": HeaderParameter("Anti-replay nonce", "str"),
     "url": HeaderParameter("Request URL", "str"),
@@ -89,19 +100,22 @@ def verify_user_request(
     consume_nonce: Callable[[str], bool],
     is_revoked: Callable[[x509.Certificate], bool],
     now: datetime,
+    successor_of: Callable[[int], str | None] | None = None,
 ) -> VerifiedRequest:
-    """Authenticate a user's request relayed by `agent`; see the module docstring for the order of checks."""
+    """Authenticate a user's request relayed by `agent`; see the module docstring for the order of checks.
+
+    `successor_of(serial)`, asked about a leaf issued by one of our CAs, names the serial (hex) of the
+    certificate that superseded it once the caller's grace period is over, or None while it may still
+    authenticate.
+    """
     request = _parse_flattened(body)
     alg = _require_alg(request.header, USER_ALGORITHMS)
-    _check_header_parameters(request.header)
+    _check_header_parameters(request.header, key_member="x5c")
     x5c = _require_x5c(request.header)
     binding = _require_binding(request.header)
 
-    user = verify_user_chain(x5c, trust, now, is_revoked)
-    try:
-        public_key = x509.load_der_x509_certificate(x5c[0]).public_key()
-    except Exception:  # an unknown key algorithm in a certificate that chained: still the client's problem
-        raise UnsupportedAlgorithm("the user certificate's key type is not supported") from None
+    public_key = _leaf_public_key(x5c[0])
+    check_public_key(public_key, "the user certificate's key")
     if not _key_fits(alg, public_key):
         raise UnsupportedAlgorithm(
             f"alg {alg} cannot be used with the certificate's {_describe(public_key)} key; "
@@ -110,6 +124,13 @@ def verify_user_request(
     jwk = ECKey.import_key(public_key) if alg == "ES256" else RSAKey.import_key(public_key)
     if not _signature_verifies(request, jwk, alg):
         raise BadSignature("the JWS signature does not verify with the key of the certificate in x5c")
+
+    user = verify_user_chain(x5c, trust, now, is_revoked)
+    successor = successor_of(user.serial) if successor_of is not None and user.issuer_is_ours else None
+    if successor is not None:
+        raise CertificateSuperseded(
+            f"the user certificate (serial {user.serial:x}) has been superseded by serial {successor} "
+            f"and no longer authenticates; sign with the key of certificate {successor}", successor=successor)
 
     payload = _payload_object(request)
     _check_binding(binding, url=url, agent=agent, consume_nonce=consume_nonce)
@@ -130,7 +151,7 @@ def verify_bootstrap_request(
     """
     request = _parse_flattened(body)
     _require_alg(request.header, (BOOTSTRAP_ALGORITHM,))
-    _check_header_parameters(request.header)
+    _check_header_parameters(request.header, key_member="kid")
     code_id = _require_str(request.header, "kid")
     binding = _require_binding(request.header)
 
@@ -226,10 +247,14 @@ def _require_alg(header: dict[str, Any], allowed: tuple[str, ...]) -> str:
     return alg
 
 
-def _check_header_parameters(header: dict[str, Any]) -> None:
+def _check_header_parameters(header: dict[str, Any], *, key_member: str) -> None:
     for name, reason in _REFUSED_HEADER.items():
         if name in header:
             raise MalformedJWS(f"the header parameter {name!r} is refused: {reason}")
+    for name in _KEY_MEMBERS:
+        if name != key_member and name in header:
+            raise MalformedJWS(f"the header parameter {name!r} is refused: the signing key is named by "
+                               f"{key_member!r} only, and no other member may name or point to a key")
     # The registered parameters (jku, jwk, x5u, x5t, typ, ...) must at least have the registered types,
     # or joserfc would refuse the JWS later with a misleading "bad signature".
     try:
@@ -284,7 +309,19 @@ def _require_binding(header: dict[str, Any]) -> _Binding:
     )
 
 
-# --- 4. signature -------------------------------------------------------------------------
+# --- 3-4. key and signature ---------------------------------------------------------------
+
+
+def _leaf_public_key(der: bytes) -> object:
+    """The x5c leaf's public key, read before anything trusts the certificate (chain.py verifies it)."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except Exception:  # any parse failure of attacker-supplied DER is a client error
+        raise MalformedJWS("x5c[0] is not a valid DER certificate") from None
+    try:
+        return cert.public_key()
+    except Exception:  # an unknown key algorithm: still the client's problem
+        raise UnsupportedAlgorithm("the user certificate's key type is not supported") from None
 
 
 def _key_fits(alg: str, public_key: object) -> bool:
@@ -324,7 +361,7 @@ def _signature_verifies(request: _Flattened, key: Any, alg: str) -> bool:
     return True
 
 
-# --- 5-7. payload, binding, nonce ---------------------------------------------------------
+# --- 6-8. payload, binding, nonce ---------------------------------------------------------
 
 
 def _payload_object(request: _Flattened) -> dict[str, Any]:

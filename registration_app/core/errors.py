@@ -40,6 +40,13 @@ class MalformedCSR(BadRequest):
     code, title = "malformed_csr", "The certificate signing request is not valid"
 
 
+class WeakKey(BadRequest):
+    """A public key outside the one key policy (auth/keypolicy.py): RSA of at least 2048 bits, EC on
+    P-256, P-384 or P-521; for every key the server accepts (x5c chain, CSR, agent TLS certificate)."""
+
+    code, title = "weak_key", "The key does not meet the key policy"
+
+
 class BodyTooLarge(AutoenrollError):
     code, status, title = "body_too_large", 413, "The request body is too large"
 
@@ -75,6 +82,10 @@ class CertificateExpired(Unauthenticated):
 
 class CertificateRevoked(Unauthenticated):
     code, title = "certificate_revoked", "The user certificate has been revoked"
+
+
+class CertificateSuperseded(Unauthenticated):
+    code, title = "certificate_superseded", "The user certificate has been replaced by a newer one"
 
 
 class BadNonce(Unauthenticated):

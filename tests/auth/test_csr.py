@@ -3,10 +3,11 @@ import base64
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from registration_app.auth.csr import verify_csr
-from registration_app.core.errors import CsrMismatch, MalformedCSR
+from registration_app.core.errors import CsrMismatch, MalformedCSR, WeakKey
 from registration_app.core.model import KeyType
 from tests import pki
 
@@ -71,10 +72,16 @@ def test_rsa_keys():
         verify_csr(pem(make_csr(key_type="rsa")), email=EMAIL, allowed_key_types={KeyType.RSA_3072})
 
 
-@pytest.mark.parametrize("key_type", ["rsa1024", "ec384"])
-def test_weak_or_other_keys(key_type):
-    with pytest.raises(MalformedCSR, match="key"):
-        verify_csr(pem(make_csr(key_type=key_type)), email=EMAIL)
+@pytest.mark.parametrize("key", [pki.new_key("rsa1024"), ec.generate_private_key(ec.SECP192R1()),
+                                 ec.generate_private_key(ec.SECP256K1())], ids=["rsa1024", "p192", "secp256k1"])
+def test_weak_keys_are_refused_by_the_key_policy(key):
+    with pytest.raises(WeakKey, match="RSA-1024|secp192r1|secp256k1"):
+        verify_csr(pem(make_csr(key=key)), email=EMAIL)
+
+
+def test_a_key_the_policy_accepts_but_the_profile_does_not():
+    with pytest.raises(MalformedCSR, match="secp384r1"):
+        verify_csr(pem(make_csr(key_type="ec384")), email=EMAIL)
 
 
 def test_ec_key_when_only_rsa_is_allowed():
@@ -87,7 +94,7 @@ def test_ed25519_key():
 
     key = ed25519.Ed25519PrivateKey.generate()
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, None)
-    with pytest.raises(MalformedCSR, match="key type"):
+    with pytest.raises(WeakKey, match="key type"):
         verify_csr(pem(csr), email=EMAIL)
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from registration_app.auth.chain import UserTrust
 from registration_app.auth.jws import verify_bootstrap_request, verify_user_request
@@ -14,12 +14,14 @@ from registration_app.core.errors import (
     BindingMismatch,
     CertificateExpired,
     CertificateRevoked,
+    CertificateSuperseded,
     ConfigError,
     MalformedJSON,
     MalformedJWS,
     UnsupportedAlgorithm,
     UntrustedChain,
     UrlMismatch,
+    WeakKey,
 )
 from tests import pki
 from tests.auth.helpers import (
@@ -557,3 +559,147 @@ def test_short_code_secret_is_a_server_bug(w, nonces):
                     "x5t#S256": w.agent.thumbprint}, "{}", hs256_signer(b"short"))
     with pytest.raises(ConfigError):
         verify_bootstrap(w, nonces, body, secrets=lambda code_id: b"short")
+
+
+# --- only x5c names the key (issue 11, item 3) -----------------------------------------------
+
+
+def _another_jwk() -> dict:
+    from joserfc.jwk import ECKey
+    return ECKey.import_key(pki.new_key("ec").public_key()).as_dict()
+
+
+@pytest.mark.parametrize("name,value", [
+    ("jwk", None),  # a genuine JWK of another key, filled in below
+    ("jku", "https://keys.evil.example/jwks.json"),
+    ("x5u", "https://keys.evil.example/alice.pem"),
+    ("x5t", "q3SOtFP4lKWyxvs-sJ9l-Wqw1Yc"),
+    ("kid", "alice-other-key"),
+])
+def test_header_members_naming_another_key_are_refused(w, nonces, name, value):
+    header = user_header(w, nonces.new(), **{name: value if value is not None else _another_jwk()})
+    with pytest.raises(MalformedJWS, match=f"'{name}' is refused: the signing key is named by 'x5c' only"):
+        verify(w, nonces, raw_jws(header, "{}", es256_signer(w.user.key)))
+    assert nonces.consumed == []
+
+
+def test_the_channel_binding_thumbprint_is_not_a_key_member(w, nonces):
+    """x5t#S256 names the agent's TLS certificate, not a signing key: it stays required and allowed."""
+    result = verify(w, nonces, signed_request(w, nonces.new()))
+    assert result.protected["x5t#S256"] == w.agent.thumbprint
+
+
+@pytest.mark.parametrize("name", ["x5c", "jwk", "x5t"])
+def test_a_bootstrap_names_its_key_by_kid_only(w, nonces, name):
+    value = {"x5c": [b64std(w.user.der)], "jwk": _another_jwk(), "x5t": "q3SOtFP4lKWyxvs-sJ9l-Wqw1Yc"}[name]
+    header = {"alg": "HS256", "kid": CODE_ID, "nonce": nonces.new(), "url": BOOTSTRAP_URL,
+              "x5t#S256": w.agent.thumbprint, name: value}
+    with pytest.raises(MalformedJWS, match=f"'{name}' is refused: the signing key is named by 'kid' only"):
+        verify_bootstrap(w, nonces, raw_jws(header, "{}", hs256_signer(CODE_SECRET)))
+    assert nonces.consumed == []
+
+
+# --- the key policy (issue 11, item 2) ---------------------------------------------------------
+
+
+def ps256_signer(key):
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=hashes.SHA256.digest_size)
+    return lambda data: key.sign(data, pss, hashes.SHA256())
+
+
+class Counting:
+    """A revocation (or successor) lookup that records what it was asked: how the tests see that no
+    lookup happened. The answer is fixed; the lookup itself is a parameter of verify_user_request."""
+
+    def __init__(self, answer=False) -> None:
+        self.answer, self.asked = answer, []
+
+    def __call__(self, item):
+        self.asked.append(item)
+        return self.answer
+
+
+@pytest.mark.parametrize("alg,signer", [("RS256", rs256_signer), ("PS256", ps256_signer)])
+def test_an_rsa_1024_user_certificate_is_refused(w, nonces, alg, signer):
+    weak = pki.make_user_cert(w.root, "bob@example.org", key_type="rsa1024")
+    revoked = Counting()
+    header = user_header(w, nonces.new(), alg=alg, x5c=[b64std(weak.der)])
+    with pytest.raises(WeakKey, match="RSA-1024"):
+        verify(w, nonces, raw_jws(header, "{}", signer(weak.key)), is_revoked=revoked)
+    assert revoked.asked == [] and nonces.consumed == []
+
+
+@pytest.mark.parametrize("curve", [ec.SECP192R1(), ec.SECP256K1()], ids=["p192", "secp256k1"])
+def test_a_user_certificate_on_a_weak_or_unknown_curve_is_refused(w, nonces, curve):
+    weak = pki.make_user_cert(w.root, "bob@example.org", key=ec.generate_private_key(curve))
+    header = user_header(w, nonces.new(), x5c=[b64std(weak.der)])
+    with pytest.raises(WeakKey, match=curve.name):
+        verify(w, nonces, raw_jws(header, "{}", lambda data: b"\x00" * 64))
+    assert nonces.consumed == []
+
+
+def test_a_weak_intermediate_in_x5c_is_refused(w, nonces):
+    weak_ca = pki.make_intermediate(w.root, "Weak Issuing CA", key_type="rsa1024")
+    user = pki.make_user_cert(weak_ca, "alice@example.org")
+    body = signed_request(w, nonces.new(), key=user.key, chain=[user.cert, weak_ca.cert])
+    with pytest.raises(WeakKey, match=r"x5c\[1\] is RSA-1024"):
+        verify(w, nonces, body)
+    assert nonces.consumed == []
+
+
+# --- the signature first (issue 11, item 7) ----------------------------------------------------
+
+
+def test_a_forged_signature_costs_no_revocation_lookup(w, nonces):
+    """Anyone holding a user's public certificate (it is in LDAP) can send it: the signature is
+    checked with its key before the chain is built or revocation is looked up (a database query, or
+    an HTTP call to the CA in a split deployment)."""
+    revoked, successor = Counting(), Counting(None)
+    body = raw_jws(user_header(w, nonces.new()), '{"profile":"encryption"}', es256_signer(pki.new_key("ec")))
+    with pytest.raises(BadSignature):
+        verify_user_request(body, url=URL, agent=w.agent, trust=w.trust, consume_nonce=nonces.consume,
+                            is_revoked=revoked, now=pki.NOW, successor_of=successor)
+    assert revoked.asked == [] and successor.asked == [] and nonces.consumed == []
+
+
+def test_a_forged_signature_over_an_untrusted_chain_is_a_bad_signature(w, nonces):
+    mallory = pki.make_self_signed_user("alice@example.org")
+    header = user_header(w, nonces.new(), x5c=[b64std(mallory.der)])
+    with pytest.raises(BadSignature):
+        verify(w, nonces, raw_jws(header, "{}", es256_signer(pki.new_key("ec"))))
+
+
+def test_revocation_is_asked_once_about_the_leaf_after_the_signature(w, nonces):
+    revoked = Counting()
+    verify(w, nonces, signed_request(w, nonces.new()), is_revoked=revoked)
+    assert [cert.serial_number for cert in revoked.asked] == [w.user.cert.serial_number]
+
+
+# --- a superseded certificate stops authenticating (issue 11, item 12) -------------------------
+
+
+def test_a_superseded_certificate_no_longer_authenticates(w, nonces):
+    successor = Counting("5eed")
+    body = signed_request(w, nonces.new())
+    with pytest.raises(CertificateSuperseded, match="superseded by serial 5eed") as refused:
+        verify_user_request(body, url=URL, agent=w.agent, trust=w.trust, consume_nonce=nonces.consume,
+                            is_revoked=never_revoked, now=pki.NOW, successor_of=successor)
+    assert refused.value.status == 401 and refused.value.extra == {"successor": "5eed"}
+    assert successor.asked == [w.user.cert.serial_number]
+    assert nonces.consumed == []  # refused before the nonce: the agent retries with the new key
+
+
+def test_a_certificate_not_yet_superseded_authenticates(w, nonces):
+    """`successor_of` answers None while the certificate is current or inside the grace period."""
+    result = verify_user_request(signed_request(w, nonces.new()), url=URL, agent=w.agent, trust=w.trust,
+                                 consume_nonce=nonces.consume, is_revoked=never_revoked, now=pki.NOW,
+                                 successor_of=Counting(None))
+    assert result.user.email == "Alice@Example.org"
+
+
+def test_successors_are_looked_up_only_for_our_own_certificates(w, nonces):
+    successor = Counting("5eed")
+    body = signed_request(w, nonces.new(), key=w.rsa_user.key, chain=[w.rsa_user.cert])  # an external issuer
+    verify_user_request(body, url=URL, agent=w.agent, trust=w.trust, consume_nonce=nonces.consume,
+                        is_revoked=never_revoked, now=pki.NOW, successor_of=successor)
+    assert successor.asked == []
