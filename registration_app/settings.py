@@ -75,6 +75,9 @@ class Settings:
     pkcs12_iterations: int = 2048  # authorities/pkcs12.DEFAULT_ITERATIONS: the MAC's count; more buys nothing
     key_pool_size: int = 4
     nonce_ttl_seconds: int = 300
+    # A renewed (superseded) signature certificate still authenticates this long after its successor was
+    # issued: the agent's retry after a lost answer (the daemon's next pass) gets the certificate issued.
+    superseded_grace_seconds: int = 600
     enrollment_code_ttl_hours: int = 72
     max_body_bytes: int = 64 * 1024
     publish_timeout_seconds: float = 2.0

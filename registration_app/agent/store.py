@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,20 +15,15 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ..core.files import write_file
+
 _SAFE = re.compile(r"^[A-Za-z0-9._%+@-]{1,254}$")
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 (never readable by others, even for a moment)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """Replace `path` atomically with `data`, mode 0600, through the one safe writer (core/files.py):
+    a fresh O_EXCL | O_NOFOLLOW temporary file, never a fixed name someone could plant a symlink at."""
+    write_file(path, data, mode=0o600, replace=True)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Key and certificate files in the data directory, and the initial PKI that `autoenroll init` creates.
 
-Every file is written to a temporary name and then hard-linked to its final name: the link fails if the
-name exists (never overwrite) and the final name only ever holds complete content. Private keys and
+Every file is written by core/files.py to a temporary name and then hard-linked to its final name: the
+link fails if the name exists (never overwrite) and the final name only ever holds complete content. Private keys and
 secrets are created with mode 0600, certificates and public keys 0644.
 
 `create_pki` makes two separate roots:
@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from ..core.errors import AlreadyExists, ConfigError
+from ..core.files import write_file
 from ..core.model import KeyType
 from .certs import build_ca_certificate, build_tls_certificate
 from .keys import generate_private_key
@@ -123,32 +124,7 @@ def write_secret(path: Path, data: bytes) -> None:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits; a key file must be exactly 0600
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise AlreadyExists(f"refusing to overwrite {path.name}", path=str(path)) from None
-    finally:
-        os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file(path, data, mode=mode)  # core/files.py: the one safe writer, never overwriting here
 
 
 # --- the initial PKI ------------------------------------------------------------------------------

@@ -215,6 +215,22 @@ def issued_since(session, email: str, profile: str, since: datetime) -> int:
                Certificate.issued_at >= since)).scalar_one()
 
 
+_SUCCESSOR = Certificate.__table__.alias("successor")
+_SUPERSEDED_BY = (
+    select(_SUCCESSOR.c.serial, _SUCCESSOR.c.issued_at)
+    .select_from(_CERTIFICATES.join(_SUCCESSOR, _SUCCESSOR.c.serial == _CERTIFICATES.c.superseded_by))
+    .where(_CERTIFICATES.c.serial == bindparam("serial"), _CERTIFICATES.c.status == "superseded"))
+
+
+def superseding_serial(db: Database, serial: str, *, now: datetime, grace: timedelta) -> str | None:
+    """The serial of the certificate that superseded `serial` (hex) more than `grace` before `now`, or
+    None (not superseded, or still inside the grace period). Read on every request, like revocation."""
+    rows = db.query(_SUPERSEDED_BY, {"serial": serial})
+    if rows and rows[0].issued_at <= now - grace:
+        return rows[0].serial
+    return None
+
+
 def outbox_status(db: Database, now: datetime | None = None) -> dict:
     now = now or datetime.now(timezone.utc)
     with db.read() as session:

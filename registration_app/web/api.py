@@ -4,7 +4,8 @@ user is authenticated by the JWS of the body, bound to that certificate."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
+import logging
+from datetime import datetime, timedelta, timezone
 from urllib.parse import unquote
 
 from cryptography import x509
@@ -13,25 +14,31 @@ from flask import Blueprint, g, jsonify, request
 
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
-from ..core.errors import BadClientCertificate, WrongContentType
-from ..store.repos import agent_revoked, consume_nonce, enrollment_code, issue_nonce, nonce_unused
+from ..core.errors import BadClientCertificate, BodyTooLarge, WrongContentType
+from ..store.repos import (agent_revoked, consume_nonce, enrollment_code, issue_nonce, nonce_unused,
+                           superseding_serial)
 
 api = Blueprint("api", __name__)
+log = logging.getLogger("autoenroll.web")
 
 JOSE_TYPES = {"application/jose+json", "application/json"}
 
 
 def peer_certificate_der() -> bytes | None:
     """The client certificate of this connection: from gunicorn's TLS socket, or forwarded by a
-    configured TLS-terminating proxy (off by default)."""
+    configured TLS-terminating proxy (off by default).
+
+    A request from a trusted proxy carries the client's certificate in `X-Client-Cert` or has none:
+    the proxy's own TLS certificate (the socket's peer) never stands in for the client's."""
     services = g.services
     if request.remote_addr in services.settings.trusted_proxies:
         forwarded = request.headers.get("X-Client-Cert")
-        if forwarded:
-            try:
-                return x509.load_pem_x509_certificate(unquote(forwarded).encode()).public_bytes(Encoding.DER)
-            except ValueError as exc:
-                raise BadClientCertificate("the forwarded client certificate cannot be parsed") from exc
+        if not forwarded:
+            return None
+        try:
+            return x509.load_pem_x509_certificate(unquote(forwarded).encode()).public_bytes(Encoding.DER)
+        except ValueError as exc:
+            raise BadClientCertificate("the forwarded client certificate cannot be parsed") from exc
     sock = request.environ.get("gunicorn.socket")
     getpeercert = getattr(sock, "getpeercert", None)
     if getpeercert is not None:
@@ -53,16 +60,47 @@ def _replay_nonce(response):
     if request.method == "POST" and getattr(g, "agent", None) is not None:
         try:
             response.headers["Replay-Nonce"] = issue_nonce(g.services.db, g.services.nonce_ttl)
-        except Exception:  # the answer stands without it; the agent then asks /nonce
-            pass
+        except Exception as exc:  # the answer stands without it; the agent then asks /nonce
+            log.warning("event=replay_nonce.failed request_id=%s status=%d error=%r", g.get("request_id"),
+                        response.status_code, f"{type(exc).__name__}: {exc}"[:300])
     return response
 
 
+def signed_url() -> str:
+    """The URL a request must have been signed for: the configured public URL and this path, never a
+    URL built from the client's Host header (or a proxy's X-Forwarded-Host)."""
+    query = request.query_string.decode("latin-1")
+    return g.services.settings.public_url.rstrip("/") + request.path + (f"?{query}" if query else "")
+
+
 def _body() -> bytes:
+    """The whole body, or 413 when it is longer than max_body_bytes, whatever its framing.
+
+    With a Content-Length, werkzeug refuses a longer one (413) and reads exactly that many bytes. A
+    chunked body has no length: werkzeug would read it up to the limit and stop there, silently, and a
+    signed request padded past the limit would be acted on truncated. So it is read here from the
+    server's own stream (gunicorn ends it where the body ends), one byte past the limit."""
     mimetype = request.mimetype
     if mimetype not in JOSE_TYPES:
         raise WrongContentType(f"send the flattened JWS as application/jose+json, not {mimetype or 'nothing'!r}")
-    return request.get_data(cache=False)
+    if request.content_length is not None:
+        return request.get_data(cache=False)
+    limit = g.services.settings.max_body_bytes
+    stream, parts, size = request.environ["wsgi.input"], [], 0
+    while size <= limit:
+        part = stream.read(limit + 1 - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    if size > limit:
+        raise BodyTooLarge(f"the request body is longer than {limit} bytes")
+    return b"".join(parts)
+
+
+def _successor_of(services, now: datetime):
+    grace = timedelta(seconds=services.settings.superseded_grace_seconds)
+    return lambda serial: superseding_serial(services.db, format(serial, "x"), now=now, grace=grace)
 
 
 def _verified(*, defer_nonce: bool = False):
@@ -78,9 +116,10 @@ def _verified(*, defer_nonce: bool = False):
         g.pending_nonce = nonce_unused(services.db, value)
         return g.pending_nonce is not None
 
+    now = datetime.now(timezone.utc)
     verified = verify_user_request(
-        body, url=request.url, agent=g.agent, trust=services.user_trust, consume_nonce=check_nonce,
-        is_revoked=services.ca.is_revoked, now=datetime.now(timezone.utc))
+        body, url=signed_url(), agent=g.agent, trust=services.user_trust, consume_nonce=check_nonce,
+        is_revoked=services.ca.is_revoked, now=now, successor_of=_successor_of(services, now))
     g.user_email = verified.user.email
     services.agent_policy.check_user(g.agent, verified.user.email)
     return dataclasses.replace(verified, raw=body, nonce=getattr(g, "pending_nonce", None))
@@ -114,7 +153,7 @@ def bootstrap():
         return row.mac_key
 
     payload, code_id = verify_bootstrap_request(
-        _body(), url=request.url, agent=g.agent, code_secret=code_secret,
+        _body(), url=signed_url(), agent=g.agent, code_secret=code_secret,
         consume_nonce=lambda n: consume_nonce(services.db, n))
     return jsonify(services.ra.bootstrap(payload, code_id, g.agent)), 201
 

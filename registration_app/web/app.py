@@ -11,7 +11,7 @@ from ..settings import Settings
 from .api import api
 from .authority_api import ca_authority, kra_authority
 from .errors import register_error_handlers
-from .public import public
+from .public import HealthCache, public
 
 log = logging.getLogger("autoenroll.web")
 
@@ -27,6 +27,7 @@ def create_app(settings: Settings, services=None, *, with_api: bool = True) -> F
     app = Flask("autoenroll")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["autoenroll"] = services
+    app.extensions["autoenroll.health"] = HealthCache()
 
     @app.before_request
     def _context():

@@ -2,35 +2,85 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from cryptography import x509
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..auth.agent import identify_agent
 from ..core.errors import AutoenrollError
-from ..store.repos import outbox_status
+from ..store.repos import agent_revoked, outbox_status
 
 public = Blueprint("public", __name__)
+log = logging.getLogger("autoenroll.web")
+
+HEALTH_CACHE_SECONDS = 5.0
 
 
-@public.get("/health")
-def health():
-    services = g.services
+class HealthCache:
+    """This process's last health checks, kept `ttl` seconds: /health is public, and an anonymous
+    caller must not make the server search LDAP and query the database at will. One thread runs the
+    checks while the others wait for its answer (they are bounded by the LDAP and database timeouts)."""
+
+    def __init__(self, ttl: float = HEALTH_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl, self.clock = ttl, clock
+        self._lock = threading.Lock()
+        self._checks: dict | None = None
+        self._taken_at = 0.0
+
+    def checks(self, services) -> dict:
+        with self._lock:
+            if self._checks is None or self.clock() - self._taken_at >= self.ttl:
+                self._checks = _run_checks(services)
+                self._taken_at = self.clock()
+            return self._checks
+
+
+def _run_checks(services) -> dict:
     checks = {}
     try:
         checks["database"] = "ok"
         checks["outbox"] = outbox_status(services.db)
     except Exception as exc:  # health must answer even when the database does not
         checks["database"] = f"error: {type(exc).__name__}"
+        log.warning("event=health.database_failed error=%r", type(exc).__name__)
     try:
         services.directory.find_user("health-check@invalid")  # a real search through the pool
         checks["directory"] = "ok"
     except AutoenrollError as exc:
         checks["directory"] = f"error: {exc.detail}"
+        log.warning("event=health.directory_failed code=%s detail=%r", exc.code, exc.detail)
+    return checks
+
+
+def _caller_is_an_agent(services) -> bool:
+    """A verified, allowed, unrevoked agent certificate on this connection: it may see the details."""
+    from .api import peer_certificate_der
+    try:
+        identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc),
+                       is_revoked=lambda thumbprint: agent_revoked(services.db, thumbprint))
+    except AutoenrollError:
+        return False
+    return True
+
+
+@public.get("/health")
+def health():
+    """Anyone gets up (200) or down (503: the database does not answer). A user server with its TLS
+    client certificate also gets the checks: database, outbox depth and the directory's error detail."""
+    services = g.services
+    checks = current_app.extensions["autoenroll.health"].checks(services)
     healthy = checks["database"] == "ok"
+    status = 200 if healthy else 503
+    if not _caller_is_an_agent(services):
+        return jsonify({"status": "up" if healthy else "down"}), status
     body = {"status": "ok" if healthy and checks["directory"] == "ok" else "degraded", "checks": checks}
-    return jsonify(body), 200 if healthy else 503
+    return jsonify(body), status
 
 
 @public.get("/ca.crt")
