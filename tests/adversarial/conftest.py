@@ -88,27 +88,54 @@ def add_user(ldap_url: str, platform, uid: str, groups: tuple[str, ...]) -> None
 
 
 @pytest.fixture(scope="session")
-def adversary(tmp_path_factory):
-    """Its own slapd: the users it adds to the entitling group must not show up in other tests."""
-    folder = tmp_path_factory.mktemp("adversarial")
-    slapd = PrivateSlapd(folder / "slapd")
+def adversarial_slapd(tmp_path_factory):
+    """Its own slapd: the users the adversarial platforms add to the entitling group must not show up
+    in other tests."""
+    slapd = PrivateSlapd(tmp_path_factory.mktemp("adversarial-slapd"))
     slapd.start()
-    slapd.bulk_load(world.users_ldif([], group=True))
-    platform = make_platform(folder / "server", slapd.url, **records.FAST)
+    try:
+        slapd.bulk_load(world.users_ldif([], group=True))
+        yield slapd
+    finally:
+        slapd.stop()
+
+
+def _platform(folder, slapd, **settings):
+    platform = make_platform(folder, slapd.url, **records.FAST, **settings)
     platform.admin_password = slapd.admin_password
     platform.start()
+    return platform
+
+
+@pytest.fixture(scope="session")
+def adversary(tmp_path_factory, adversarial_slapd):
+    # A renewed signature certificate stops authenticating at once here (production waits
+    # superseded_grace_seconds), so that the refusal can be shown without waiting.
+    platform = _platform(tmp_path_factory.mktemp("adversarial") / "server", adversarial_slapd,
+                         superseded_grace_seconds=0)
     try:
         minter = world.Minter(platform.data, platform.passphrase)
         ca = pki.Issued(minter.ca_cert, minter.ca_key)
-        adv = Adversary(platform, slapd.url, ca, minter, None, None)  # type: ignore[arg-type]
+        adv = Adversary(platform, adversarial_slapd.url, ca, minter, None, None)  # type: ignore[arg-type]
         adv.entitled = adv.user()
         adv.unentitled = adv.user(groups=())
         yield adv
     finally:
-        try:
-            platform.stop()
-        finally:
-            slapd.stop()
+        platform.stop()
+
+
+@pytest.fixture(scope="session")
+def behind_proxy(tmp_path_factory, adversarial_slapd):
+    """A platform that trusts a TLS-terminating proxy on 127.0.0.1 (where the tests connect from): every
+    connection of the tests is "the proxy", which forwards the client's certificate in X-Client-Cert."""
+    platform = _platform(tmp_path_factory.mktemp("behind-proxy") / "server", adversarial_slapd,
+                         trusted_proxies=["127.0.0.1"])
+    try:
+        minter = world.Minter(platform.data, platform.passphrase)
+        yield Adversary(platform, adversarial_slapd.url, pki.Issued(minter.ca_cert, minter.ca_key), minter,
+                        None, None)  # type: ignore[arg-type]
+    finally:
+        platform.stop()
 
 
 @pytest.fixture(scope="session")

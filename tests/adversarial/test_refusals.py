@@ -16,7 +16,7 @@ from datetime import timedelta
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
@@ -177,6 +177,90 @@ def protected_truncated_base64url(adv, conn):
     return json.dumps(document).encode()
 
 
+def rs256(key):
+    return lambda data: key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def ps256(key):
+    return lambda data: key.sign(data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+                                 hashes.SHA256())
+
+
+# --- issue 11: weak keys (item 2), a header naming another key (item 3), the signature first (item 7)
+
+
+def rsa_1024_user_certificate_rs256(adv, conn):
+    weak = pki.make_user_cert(adv.ca, adv.entitled.email, key_type="rsa1024")
+    return signed(adv, conn, chain=[weak.cert, adv.ca.cert], alg="RS256", sign=rs256(weak.key))
+
+
+def rsa_1024_user_certificate_ps256(adv, conn):
+    weak = pki.make_user_cert(adv.ca, adv.entitled.email, key_type="rsa1024")
+    return signed(adv, conn, chain=[weak.cert, adv.ca.cert], alg="PS256", sign=ps256(weak.key))
+
+
+def p192_user_certificate(adv, conn):
+    weak = pki.make_user_cert(adv.ca, adv.entitled.email, key=ec.generate_private_key(ec.SECP192R1()))
+    return signed(adv, conn, chain=[weak.cert, adv.ca.cert], sign=es256(weak.key))
+
+
+def secp256k1_user_certificate(adv, conn):
+    odd = pki.make_user_cert(adv.ca, adv.entitled.email, key=ec.generate_private_key(ec.SECP256K1()))
+    return signed(adv, conn, chain=[odd.cert, adv.ca.cert], sign=es256(odd.key))
+
+
+def rsa_1024_intermediate(adv, conn):
+    weak_ca = pki.make_intermediate(adv.ca, "Weak Issuing CA", key_type="rsa1024")
+    user = pki.make_user_cert(weak_ca, adv.entitled.email)
+    return signed(adv, conn, chain=[user.cert, weak_ca.cert, adv.ca.cert], sign=es256(user.key))
+
+
+def csr_with_an_rsa_1024_key(adv, conn):
+    csr = csr_for(adv.entitled.email, key=pki.new_key("rsa1024"))
+    return signed(adv, conn, payload={"profile": "smime-signature", "csr": pem(csr)})
+
+
+def csr_on_secp256k1(adv, conn):
+    csr = csr_for(adv.entitled.email, key=ec.generate_private_key(ec.SECP256K1()))
+    return signed(adv, conn, payload={"profile": "smime-signature", "csr": pem(csr)})
+
+
+def jwk_of_another_key(adv, conn):
+    from joserfc.jwk import ECKey
+    other = ec.generate_private_key(ec.SECP256R1())
+    return signed(adv, conn, jwk=ECKey.import_key(other.public_key()).as_dict())
+
+
+def jku_pointing_elsewhere(adv, conn):
+    return signed(adv, conn, jku="https://keys.evil.example/jwks.json")
+
+
+def x5u_pointing_elsewhere(adv, conn):
+    return signed(adv, conn, x5u="https://keys.evil.example/alice.pem")
+
+
+def x5t_of_another_certificate(adv, conn):
+    other = pki.make_user_cert(adv.ca, adv.entitled.email)
+    return signed(adv, conn, x5t=b64url(hashlib.sha1(other.der).digest()))  # noqa: S324 (the header's hash)
+
+
+def kid_naming_another_key(adv, conn):
+    return signed(adv, conn, kid="alice-2019")
+
+
+def forged_signature_over_an_untrusted_chain(adv, conn):
+    """Checked with the leaf's key before the chain: bad_signature, not untrusted_chain."""
+    evil = pki.make_ca("Autoenroll CA")
+    user = pki.make_user_cert(evil, adv.entitled.email)
+    return signed(adv, conn, chain=[user.cert, evil.cert], sign=es256(ec.generate_private_key(ec.SECP256R1())))
+
+
+def forged_signature_over_an_expired_certificate(adv, conn):
+    user = pki.make_user_cert(adv.ca, adv.entitled.email, not_before=pki.NOW - 400 * pki.DAY,
+                              not_after=pki.NOW - pki.DAY)
+    return signed(adv, conn, chain=[user.cert, adv.ca.cert], sign=es256(adv.entitled.key))
+
+
 CASES = [
     (forged_signature, 401, "bad_signature"),
     (alg_none, 400, "bad_algorithm"),
@@ -201,6 +285,20 @@ CASES = [
     (x5c_truncated_der, 400, "malformed_jws"),
     (x5c_truncated_base64, 400, "malformed_jws"),
     (protected_truncated_base64url, 400, "malformed_jws"),
+    (rsa_1024_user_certificate_rs256, 400, "weak_key"),
+    (rsa_1024_user_certificate_ps256, 400, "weak_key"),
+    (p192_user_certificate, 400, "weak_key"),
+    (secp256k1_user_certificate, 400, "weak_key"),
+    (rsa_1024_intermediate, 400, "weak_key"),
+    (csr_with_an_rsa_1024_key, 400, "weak_key"),
+    (csr_on_secp256k1, 400, "weak_key"),
+    (jwk_of_another_key, 400, "malformed_jws"),
+    (jku_pointing_elsewhere, 400, "malformed_jws"),
+    (x5u_pointing_elsewhere, 400, "malformed_jws"),
+    (x5t_of_another_certificate, 400, "malformed_jws"),
+    (kid_naming_another_key, 400, "malformed_jws"),
+    (forged_signature_over_an_untrusted_chain, 401, "bad_signature"),
+    (forged_signature_over_an_expired_certificate, 401, "bad_signature"),
 ]
 
 
@@ -357,3 +455,290 @@ def test_control_a_genuine_request_is_issued(adversary):
     conn.close()
     assert reply.status == 201, reply.body[:300]
     assert base64.b64decode(reply.json()["pkcs12"])
+
+
+# --- issue 11, item 1: a body over the limit is 413 whatever its framing ---------------------------
+
+LIMIT = 64 * 1024  # max_body_bytes, the default
+
+
+def post_chunked(conn, path: str, body: bytes, chunk: int = 4096):
+    """http.client sends an iterable body with Transfer-Encoding: chunked and no Content-Length."""
+    chunks = (body[i:i + chunk] for i in range(0, len(body), chunk))
+    return conn.request("POST", f"/api/v1/{path}", chunks, {"Content-Type": "application/jose+json"})
+
+
+def test_a_chunked_body_over_the_limit_is_413_and_never_acted_on(adversary):
+    """The attack of the issue: a genuine signed enrollment padded past the limit with whitespace (so
+    that its first 64 KiB are still a valid JWS) and sent chunked was cut at the limit and issued."""
+    user = adversary.user()
+    conn = adversary.connection()
+    try:
+        genuine = signed(adversary, conn, user=user)
+        padded = genuine + b" " * (LIMIT + 1 - len(genuine))
+        assert len(padded) == LIMIT + 1 and json.loads(padded[:LIMIT])  # what a truncating reader would act on
+        ldap_before = records.ldap_values(adversary.ldap_url, user.email)
+        before = records.counts(adversary.platform)
+        reply = post_chunked(conn, "enroll", padded)
+        assert_refused(adversary, before, reply, 413, "body_too_large")
+        assert records.ldap_values(adversary.ldap_url, user.email) == ldap_before
+        # The same connection goes on (gunicorn read past the refused body), and a chunked body of
+        # exactly the limit is read whole and acted on: the limit is the only difference.
+        exact = signed(adversary, conn, user=user)
+        reply = post_chunked(conn, "enroll", exact + b" " * (LIMIT - len(exact)))
+    finally:
+        conn.close()
+    assert reply.status == 201, reply.body[:300]
+    assert records.ldap_values(adversary.ldap_url, user.email) != ldap_before
+
+
+def test_a_chunked_body_far_over_the_limit_is_413(adversary):
+    conn = adversary.connection()
+    try:
+        before = records.counts(adversary.platform)
+        reply = post_chunked(conn, "enroll", signed(adversary, conn) + b" " * (4 * LIMIT), chunk=60000)
+    finally:
+        conn.close()
+    assert_refused(adversary, before, reply, 413, "body_too_large")
+
+
+# --- issue 11, item 2: the key policy for agents' TLS certificates and officers -------------------
+
+
+def tls_ca(platform) -> pki.Issued:
+    from registration_app.authorities.pki_files import read_cert, read_private_key
+    return pki.Issued(read_cert(platform.data / "tls-ca.pem"),
+                      read_private_key(platform.data / "tls-ca.key", platform.passphrase))
+
+
+@pytest.mark.parametrize("key", [pki.new_key("rsa1024"), ec.generate_private_key(ec.SECP192R1())],
+                         ids=["rsa1024", "p192"])
+def test_an_agent_certificate_with_a_weak_key_is_refused_by_the_app(adversary, in_process, key):
+    """From the platform's own TLS CA, so that only its key is wrong. (A TLS stack at OpenSSL's default
+    security level may refuse it in the handshake already; the application does not rely on that, and a
+    proxy forwards whatever it received.)"""
+    weak = pki.make_agent_cert(tls_ca(adversary.platform), "agent.example.org", key=key)
+    before = records.counts(adversary.platform)
+    reply = _Reply(_in_process_enroll(adversary, in_process, weak.der))
+    assert_refused(adversary, before, reply, 400, "weak_key")
+
+
+def test_an_officer_request_signed_with_a_weak_key_is_refused(adversary):
+    weak = pki.make_user_cert(adversary.ca, adversary.entitled.email, key_type="rsa1024")
+    conn = adversary.connection()
+    try:
+        body = signed(adversary, conn, chain=[weak.cert, adversary.ca.cert], alg="RS256", sign=rs256(weak.key),
+                      path="recovery-requests", payload={"email": adversary.unentitled.email, "all": True,
+                                                         "reason": "weak key test"})
+        before = records.counts(adversary.platform)
+        reply = conn.post("recovery-requests", body)
+    finally:
+        conn.close()
+    assert_refused(adversary, before, reply, 400, "weak_key")
+
+
+# --- issue 11, item 8: the signed url is the configured public URL, not the Host header ---------
+
+
+def test_a_request_signed_for_the_host_header_it_sends_is_refused(adversary):
+    """Before, the signed url was compared with request.url, built from the client's Host header: a
+    request signed for another server's URL passed when it also sent that server's Host."""
+    conn = adversary.connection()
+    try:
+        body = signed(adversary, conn, url="https://ra.evil.example/api/v1/enroll")
+        before = records.counts(adversary.platform)
+        reply = conn.request("POST", "/api/v1/enroll", body,
+                             {"Content-Type": "application/jose+json", "Host": "ra.evil.example"})
+    finally:
+        conn.close()
+    assert_refused(adversary, before, reply, 401, "url_mismatch")
+    assert adversary.platform.url in reply.json()["detail"]  # says which URL it expected
+
+
+def test_the_host_header_does_not_matter_for_a_request_signed_for_the_public_url(adversary):
+    user = adversary.user()
+    conn = adversary.connection()
+    try:
+        reply = conn.request("POST", "/api/v1/enroll", signed(adversary, conn, user=user),
+                             {"Content-Type": "application/jose+json", "Host": "127.0.0.1"})
+    finally:
+        conn.close()
+    assert reply.status == 201, reply.body[:300]
+
+
+# --- issue 11, item 8: behind a trusted TLS-terminating proxy --------------------------------------
+
+
+def forwarded(cert_pem: bytes) -> dict:
+    from urllib.parse import quote
+    return {"X-Client-Cert": quote(cert_pem.decode())}
+
+
+def proxied_enroll(conn, user, headers: dict, *, thumbprint: str):
+    from registration_app.agent.jws import sign_user_request
+    nonce = conn.request("GET", "/api/v1/nonce", None, headers)
+    assert nonce.status == 200, nonce.body[:300]
+    body = sign_user_request(PAYLOAD, key=user.key, chain=list(user.chain), nonce=nonce.json()["nonce"],
+                             url=conn.url("enroll"), agent_thumbprint=thumbprint)
+    return conn.request("POST", "/api/v1/enroll", body, {"Content-Type": "application/jose+json", **headers})
+
+
+def test_behind_the_proxy_the_forwarded_certificate_is_the_agent(behind_proxy):
+    """The proxy's own connection is anonymous TLS; the agent's certificate comes in X-Client-Cert."""
+    from registration_app.agent.jws import thumbprint
+    agent_pem = behind_proxy.platform.agent_cert.read_bytes()
+    agent_der = x509.load_pem_x509_certificate(agent_pem).public_bytes(Encoding.DER)
+    user = behind_proxy.user()  # in the directory, certificate from this platform's CA
+    conn = behind_proxy.connection(anonymous=True)
+    try:
+        reply = proxied_enroll(conn, user, forwarded(agent_pem), thumbprint=thumbprint(agent_der))
+    finally:
+        conn.close()
+    assert reply.status == 201, reply.body[:300]
+
+
+def test_behind_the_proxy_no_forwarded_certificate_means_none(behind_proxy):
+    """The request comes from the proxy's address over TLS with a perfectly good client certificate
+    (the agent's), but without X-Client-Cert: the socket's peer is the proxy, never the client."""
+    conn = behind_proxy.connection()  # TLS with the agent certificate
+    try:
+        before = records.counts(behind_proxy.platform)
+        reply = conn.request("GET", "/api/v1/nonce")
+    finally:
+        conn.close()
+    assert_refused(behind_proxy, before, reply, 401, "no_client_certificate")
+
+
+@pytest.mark.parametrize("header,code", [
+    ("-----BEGIN CERTIFICATE-----%0Agarbage%0A-----END CERTIFICATE-----", "bad_client_certificate"),
+    (None, "bad_client_certificate"),  # a certificate from another CA, filled in below
+], ids=["unparseable", "other-ca"])
+def test_behind_the_proxy_a_bad_forwarded_certificate_is_refused(behind_proxy, header, code):
+    if header is None:
+        header = forwarded(pki.make_agent_cert(pki.make_ca("Rogue TLS CA"), "agent.example.org").pem)["X-Client-Cert"]
+    conn = behind_proxy.connection(anonymous=True)
+    try:
+        before = records.counts(behind_proxy.platform)
+        reply = conn.request("GET", "/api/v1/nonce", None, {"X-Client-Cert": header})
+    finally:
+        conn.close()
+    assert_refused(behind_proxy, before, reply, 401, code)
+
+
+# --- issue 11, item 12: a superseded signature certificate stops authenticating ---------------------
+
+
+def test_a_renewed_signature_key_no_longer_authenticates(adversary):
+    """Through the agent: bootstrap, then renew the signature certificate; the old key is refused with
+    401 naming the successor (this platform has no grace period), and the new one works."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from registration_app.store.repos import superseding_serial
+    user = adversary.user()
+    code = adversary.platform.autoenroll("invite", user.email).stdout.strip()
+    adversary.platform.agent("bootstrap", "--email", user.email, "--code", code)
+    folder = adversary.platform.data / "agent-store" / user.email
+    old_key = load_pem_private_key((folder / "signature.key").read_bytes(), None)
+    old_chain = x509.load_pem_x509_certificates((folder / "signature.pem").read_bytes())
+    adversary.platform.agent("renew", "--email", user.email, "--profile", "smime-signature", "--force")
+    new_serial = json.loads((folder / "state.json").read_text())["current"]["smime-signature"]
+    assert new_serial != format(old_chain[0].serial_number, "x")
+
+    conn = adversary.connection()
+    try:
+        body = signed(adversary, conn, chain=old_chain, sign=es256(old_key))
+        before = records.counts(adversary.platform)
+        reply = conn.post("enroll", body)
+    finally:
+        conn.close()
+    assert_refused(adversary, before, reply, 401, "certificate_superseded")
+    assert f"superseded by serial {new_serial}" in reply.json()["detail"]
+    assert reply.json()["successor"] == new_serial
+    adversary.platform.agent("enroll", "--email", user.email, "--profile", "smime-encryption-ec")  # the new key
+
+    # With a grace period (production: superseded_grace_seconds), the old key keeps working until the
+    # successor is that old: the same lookup, at chosen moments.
+    (successor,) = [c for c in records.certificates(adversary.platform) if c.serial == new_serial]
+    db = records.database(adversary.platform)
+    try:
+        old = format(old_chain[0].serial_number, "x")
+        grace = timedelta(minutes=10)
+        assert superseding_serial(db, old, now=successor.issued_at + grace - timedelta(seconds=1), grace=grace) is None
+        assert superseding_serial(db, old, now=successor.issued_at + grace, grace=grace) == new_serial
+        assert superseding_serial(db, new_serial, now=successor.issued_at + grace, grace=grace) is None
+    finally:
+        db.dispose()
+
+
+# --- issue 11, item 14: /health and the Replay-Nonce hook -----------------------------------------------
+
+
+def test_health_tells_anonymous_callers_only_up_or_down(adversary):
+    anonymous = adversary.connection(anonymous=True)
+    agent = adversary.connection()
+    try:
+        public = anonymous.request("GET", "/health")
+        detailed = agent.request("GET", "/health")
+    finally:
+        anonymous.close()
+        agent.close()
+    assert (public.status, public.json()) == (200, {"status": "up"})
+    assert detailed.status == 200 and detailed.json()["checks"]["directory"] == "ok"
+    assert set(detailed.json()["checks"]) == {"database", "outbox", "directory"}
+
+
+class CountingDirectory:
+    """The platform's real LDAP directory, counting the searches made through it."""
+
+    def __init__(self, directory) -> None:
+        self.directory, self.searches = directory, 0
+
+    def find_user(self, email):
+        self.searches += 1
+        return self.directory.find_user(email)
+
+    def __getattr__(self, name):
+        return getattr(self.directory, name)
+
+
+def test_health_checks_are_cached_so_anonymous_calls_cost_no_ldap_search(adversary, in_process):
+    import dataclasses
+
+    from registration_app.web.app import create_app
+    _app, services = in_process
+    directory = CountingDirectory(services.directory)
+    app = create_app(services.settings, dataclasses.replace(services, directory=directory))
+    clock = [1000.0]
+    cache = app.extensions["autoenroll.health"]
+    cache.clock = lambda: clock[0]
+    client = app.test_client()
+    answers = [client.get("/health") for _ in range(5)]
+    assert [(a.status_code, a.get_json()) for a in answers] == [(200, {"status": "up"})] * 5
+    assert directory.searches == 1
+    clock[0] += cache.ttl - 0.1
+    client.get("/health")
+    assert directory.searches == 1
+    clock[0] += 0.1
+    client.get("/health")
+    assert directory.searches == 2
+
+
+def test_a_failing_replay_nonce_is_logged_once_and_the_answer_stands(adversary, in_process, caplog):
+    """Issuing the next nonce fails (here: a nonce lifetime no date can hold); the refusal is still
+    answered, and the failure is one structured log line instead of silence."""
+    import dataclasses
+    import logging
+
+    from registration_app.web.app import create_app
+    _app, services = in_process
+    broken = dataclasses.replace(services.settings, nonce_ttl_seconds=10 ** 12)
+    app = create_app(broken, dataclasses.replace(services, settings=broken))
+    agent_der = x509.load_pem_x509_certificate(adversary.platform.agent_cert.read_bytes()).public_bytes(Encoding.DER)
+    with caplog.at_level(logging.WARNING, logger="autoenroll.web"):
+        response = app.test_client().post("/api/v1/enroll", data=b"{}", base_url=adversary.platform.url,
+                                          environ_base={"autoenroll.peer_certificate": agent_der},
+                                          headers={"Content-Type": "application/jose+json"})
+    assert response.status_code == 400 and "Replay-Nonce" not in response.headers
+    lines = [r for r in caplog.records if r.getMessage().startswith("event=replay_nonce.failed")]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert "OverflowError" in lines[0].getMessage() and "request_id=" in lines[0].getMessage()
