@@ -14,7 +14,7 @@ from flask import Blueprint, g, jsonify, request
 
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
-from ..core.errors import BadClientCertificate, BodyTooLarge, WrongContentType
+from ..core.errors import BadClientCertificate, WrongContentType
 from ..store.repos import (agent_revoked, consume_nonce, enrollment_code, issue_nonce, nonce_unused,
                            superseding_serial)
 
@@ -74,28 +74,12 @@ def signed_url() -> str:
 
 
 def _body() -> bytes:
-    """The whole body, or 413 when it is longer than max_body_bytes, whatever its framing.
-
-    With a Content-Length, werkzeug refuses a longer one (413) and reads exactly that many bytes. A
-    chunked body has no length: werkzeug would read it up to the limit and stop there, silently, and a
-    signed request padded past the limit would be acted on truncated. So it is read here from the
-    server's own stream (gunicorn ends it where the body ends), one byte past the limit."""
+    """The whole body: werkzeug refuses one longer than max_body_bytes with 413 (a chunked one too: the
+    app's WSGI wrapper gives it the Content-Length it has, app.py)."""
     mimetype = request.mimetype
     if mimetype not in JOSE_TYPES:
         raise WrongContentType(f"send the flattened JWS as application/jose+json, not {mimetype or 'nothing'!r}")
-    if request.content_length is not None:
-        return request.get_data(cache=False)
-    limit = g.services.settings.max_body_bytes
-    stream, parts, size = request.environ["wsgi.input"], [], 0
-    while size <= limit:
-        part = stream.read(limit + 1 - size)
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
-    if size > limit:
-        raise BodyTooLarge(f"the request body is longer than {limit} bytes")
-    return b"".join(parts)
+    return request.get_data(cache=False)
 
 
 def _successor_of(services, now: datetime):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import secrets
 
@@ -16,6 +17,33 @@ from .public import HealthCache, public
 log = logging.getLogger("autoenroll.web")
 
 
+class ChunkedBodyLimit:
+    """WSGI wrapper: a chunked request body gets the Content-Length it has, as a proxy would give it.
+
+    werkzeug enforces MAX_CONTENT_LENGTH on a declared length (413 before anything reads the body), but
+    reads a chunked body only up to the limit and stops there without a word: a signed request padded
+    past the limit was acted on truncated. So a chunked body is read here, from the server's stream
+    (gunicorn ends it where the body ends), up to one byte past the limit; one that long is handed on
+    with that length, and werkzeug refuses it with 413 like any other, in the error handler that audits
+    the refusal (errors.py). A truncated body never reaches a route."""
+
+    def __init__(self, wsgi_app, limit: int) -> None:
+        self.wsgi_app, self.limit = wsgi_app, limit
+
+    def __call__(self, environ, start_response):
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            stream, parts, size = environ["wsgi.input"], [], 0
+            while size <= self.limit:
+                part = stream.read(self.limit + 1 - size)
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+            environ = {k: v for k, v in environ.items() if k != "HTTP_TRANSFER_ENCODING"}
+            environ.update({"wsgi.input": io.BytesIO(b"".join(parts)), "CONTENT_LENGTH": str(size)})
+        return self.wsgi_app(environ, start_response)
+
+
 def create_app(settings: Settings, services=None, *, with_api: bool = True) -> Flask:
     """`with_api=False` builds the public-only app of the plain-HTTP listener (CRL, CA, health).
 
@@ -26,6 +54,7 @@ def create_app(settings: Settings, services=None, *, with_api: bool = True) -> F
         services = build_services(settings)
     app = Flask("autoenroll")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.wsgi_app = ChunkedBodyLimit(app.wsgi_app, settings.max_body_bytes)
     app.extensions["autoenroll"] = services
     app.extensions["autoenroll.health"] = HealthCache()
 
