@@ -742,3 +742,17 @@ def test_a_failing_replay_nonce_is_logged_once_and_the_answer_stands(adversary, 
     lines = [r for r in caplog.records if r.getMessage().startswith("event=replay_nonce.failed")]
     assert len(lines) == 1 and lines[0].exc_info is None
     assert "OverflowError" in lines[0].getMessage() and "request_id=" in lines[0].getMessage()
+
+
+def test_behind_the_proxy_a_forwarded_agent_certificate_with_a_weak_key_is_refused(behind_proxy):
+    """gunicorn's OpenSSL refuses an RSA-1024 client certificate in the handshake already, but a proxy
+    forwards whatever its own TLS stack accepted: the key policy holds there too."""
+    weak = pki.make_agent_cert(tls_ca(behind_proxy.platform), "agent.example.org", key_type="rsa1024")
+    conn = behind_proxy.connection(anonymous=True)
+    try:
+        before = records.counts(behind_proxy.platform)
+        reply = conn.request("GET", "/api/v1/nonce", None, forwarded(weak.pem))
+    finally:
+        conn.close()
+    assert_refused(behind_proxy, before, reply, 400, "weak_key")
+    assert "RSA-1024" in reply.json()["detail"]
