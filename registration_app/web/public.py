@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ..auth.agent import identify_agent
 from ..core.errors import AutoenrollError
 from ..store.repos import agent_revoked, outbox_status
+from .api import peer_certificate_der
 
 public = Blueprint("public", __name__)
 log = logging.getLogger("autoenroll.web")
@@ -60,7 +61,6 @@ def _run_checks(services) -> dict:
 
 def _caller_is_an_agent(services) -> bool:
     """A verified, allowed, unrevoked agent certificate on this connection: it may see the details."""
-    from .api import peer_certificate_der
     try:
         identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc),
                        is_revoked=lambda thumbprint: agent_revoked(services.db, thumbprint))
