@@ -2,6 +2,7 @@ import base64
 import json
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
@@ -703,3 +704,41 @@ def test_successors_are_looked_up_only_for_our_own_certificates(w, nonces):
     verify_user_request(body, url=URL, agent=w.agent, trust=w.trust, consume_nonce=nonces.consume,
                         is_revoked=never_revoked, now=pki.NOW, successor_of=successor)
     assert successor.asked == []
+
+
+def _with_crl_distribution_point(issued: pki.Issued, issuer: pki.Issued, url: str) -> pki.Issued:
+    cert = issued.cert
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key()).serial_number(cert.serial_number)
+               .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc))
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+        [x509.UniformResourceIdentifier(url)], None, None, None)]), critical=False)
+    return pki.Issued(builder.sign(issuer.key, hashes.SHA256()), issued.key)
+
+
+def test_a_forged_signature_costs_no_crl_download_for_an_external_anchor(w, nonces):
+    """A partner CA's certificate is checked against its CRL over HTTP (chain.py): a forged request
+    must not make the server download anything; the genuine one does, once."""
+    from registration_app.auth.revocation import CrlChecker
+    partner = pki.make_ca("Partner CA")
+    url = "http://crl.partner.example/partner.crl"
+    user = _with_crl_distribution_point(pki.make_user_cert(partner, "carol@example.org"), partner, url)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(partner.cert.subject)
+           .last_update(pki.NOW - pki.DAY).next_update(pki.NOW + pki.DAY)
+           .sign(partner.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    fetched = []
+
+    def fetch(address: str, timeout: float) -> bytes:
+        fetched.append(address)
+        return crl
+
+    trust = UserTrust(anchors=(w.root.cert, partner.cert), our_issuers=w.trust.our_issuers,
+                      revocation=CrlChecker(fetch=fetch))
+    header = user_header(w, nonces.new(), x5c=[b64std(user.der)])
+    with pytest.raises(BadSignature):
+        verify(w, nonces, raw_jws(header, "{}", es256_signer(pki.new_key("ec"))), trust=trust)
+    assert fetched == []
+    verify(w, nonces, signed_request(w, nonces.new(), key=user.key, chain=[user.cert]), trust=trust)
+    assert fetched == [url]
