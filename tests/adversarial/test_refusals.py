@@ -756,3 +756,24 @@ def test_behind_the_proxy_a_forwarded_agent_certificate_with_a_weak_key_is_refus
         conn.close()
     assert_refused(behind_proxy, before, reply, 400, "weak_key")
     assert "RSA-1024" in reply.json()["detail"]
+
+
+def test_health_answers_down_when_the_database_does_not(adversary, in_process, tmp_path):
+    """A database that cannot be opened (its folder does not exist): 503 down, for an agent too (its
+    certificate cannot be checked against the revocation list), never a 500."""
+    import dataclasses
+
+    from registration_app.store.db import Database
+    from registration_app.web.app import create_app
+    _app, services = in_process
+    unreachable = Database(f"sqlite:///{tmp_path / 'missing' / 'autoenroll.db'}")
+    try:
+        app = create_app(services.settings, dataclasses.replace(services, db=unreachable))
+        agent_der = x509.load_pem_x509_certificate(adversary.platform.agent_cert.read_bytes()).public_bytes(
+            Encoding.DER)
+        anonymous = app.test_client().get("/health")
+        agent = app.test_client().get("/health", environ_base={"autoenroll.peer_certificate": agent_der})
+    finally:
+        unreachable.dispose()
+    assert (anonymous.status_code, anonymous.get_json()) == (503, {"status": "down"})
+    assert (agent.status_code, agent.get_json()) == (503, {"status": "down"})
