@@ -8,6 +8,7 @@ import secrets
 
 from flask import Flask, g, request
 
+from ..core.errors import BadRequest
 from ..settings import Settings
 from .api import api
 from .authority_api import ca_authority, kra_authority
@@ -25,7 +26,8 @@ class ChunkedBodyLimit:
     past the limit was acted on truncated. So a chunked body is read here, from the server's stream
     (gunicorn ends it where the body ends), up to one byte past the limit; one that long is handed on
     with that length, and werkzeug refuses it with 413 like any other, in the error handler that audits
-    the refusal (errors.py). A truncated body never reaches a route."""
+    the refusal (errors.py). A truncated body never reaches a route; nor does a malformed one (a bad
+    chunk size, say): it is refused with 400 before any route runs."""
 
     def __init__(self, wsgi_app, limit: int) -> None:
         self.wsgi_app, self.limit = wsgi_app, limit
@@ -33,15 +35,22 @@ class ChunkedBodyLimit:
     def __call__(self, environ, start_response):
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             stream, parts, size = environ["wsgi.input"], [], 0
-            while size <= self.limit:
-                part = stream.read(self.limit + 1 - size)
-                if not part:
-                    break
-                parts.append(part)
-                size += len(part)
             environ = {k: v for k, v in environ.items() if k != "HTTP_TRANSFER_ENCODING"}
+            try:
+                while size <= self.limit:
+                    part = stream.read(self.limit + 1 - size)
+                    if not part:
+                        break
+                    parts.append(part)
+                    size += len(part)
+            except Exception as exc:  # the server's chunk parser refused the framing
+                environ[MALFORMED_BODY] = type(exc).__name__
+                parts, size = [], 0
             environ.update({"wsgi.input": io.BytesIO(b"".join(parts)), "CONTENT_LENGTH": str(size)})
         return self.wsgi_app(environ, start_response)
+
+
+MALFORMED_BODY = "autoenroll.malformed_body"
 
 
 def create_app(settings: Settings, services=None, *, with_api: bool = True) -> Flask:
@@ -62,6 +71,8 @@ def create_app(settings: Settings, services=None, *, with_api: bool = True) -> F
     def _context():
         g.services = services
         g.request_id = request.headers.get("X-Request-ID", "")[:64] or secrets.token_hex(8)
+        if MALFORMED_BODY in request.environ:
+            raise BadRequest(f"the chunked request body is malformed ({request.environ[MALFORMED_BODY]})")
 
     @app.after_request
     def _stamp(response):

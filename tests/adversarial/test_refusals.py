@@ -777,3 +777,26 @@ def test_health_answers_down_when_the_database_does_not(adversary, in_process, t
         unreachable.dispose()
     assert (anonymous.status_code, anonymous.get_json()) == (503, {"status": "down"})
     assert (agent.status_code, agent.get_json()) == (503, {"status": "down"})
+
+
+def test_a_malformed_chunked_body_is_a_400_problem(adversary):
+    """A chunk size that is not hexadecimal: refused before any route runs, as a problem document and an
+    audited refusal (it used to surface inside the route as a 500)."""
+    import http.client
+
+    from bench.client import Reply
+    conn = http.client.HTTPSConnection("localhost", int(adversary.platform.url.rsplit(":", 1)[1]),
+                                       context=adversary.connection().context, timeout=30)
+    try:
+        before = records.counts(adversary.platform)
+        conn.putrequest("POST", "/api/v1/enroll")
+        conn.putheader("Content-Type", "application/jose+json")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        conn.send(b"zz\r\n" + b"{" * 16 + b"\r\n0\r\n\r\n")
+        response = conn.getresponse()
+        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(), 0.0)
+    finally:
+        conn.close()
+    assert_refused(adversary, before, reply, 400, "bad_request")
+    assert "chunked request body is malformed" in reply.json()["detail"]
