@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from ldap3.utils.dn import escape_rdn, parse_dn
+from ldap3.utils.dn import escape_rdn
 
+from registration_app.core.dn import InvalidDn, group_dn
+from registration_app.core.dn import normalise_dn as _normalise_dn
 from registration_app.core.errors import BadRequest
 
 # RFC 4515 section 3: these must be escaped in an assertion value.
@@ -25,18 +27,20 @@ def rdn_value(value: str) -> str:
 
 
 def normalise_dn(dn: str) -> str:
-    """A comparable form of a DN: attribute names and values lower-cased, no spaces around separators.
-
-    Good for the case-insensitive attributes that name people and groups (cn, uid, ou, dc).
-    """
+    """The comparable form of a DN (registration_app/core/dn.py, the one normaliser); BadRequest if
+    `dn` is not a DN."""
     try:
-        parts = parse_dn(dn, escape=False, strip=True)
-    except Exception as exc:  # ldap3 raises LDAPInvalidDnError, and sometimes plain errors
+        return _normalise_dn(dn)
+    except InvalidDn as exc:
         raise BadRequest("Not a valid distinguished name") from exc
-    out = []
-    for attr, value, sep in parts:
-        out.append(f"{attr.strip().lower()}={value.strip().lower()}{sep}")
-    return "".join(out)
+
+
+def resolve_group_dn(group: str, groups_base: str) -> str:
+    """The normalised DN of a group given as a DN or as a bare name (then directly under groups_base)."""
+    try:
+        return group_dn(group, groups_base)
+    except InvalidDn as exc:
+        raise BadRequest(f"{group[:200]!r} is not a group DN nor a group name") from exc
 
 
 def check_email(email: str) -> str:

@@ -29,7 +29,7 @@ from ldap3.core import exceptions as ldap_exc
 from ldap3.utils.dn import parse_dn
 
 from directory_sync.config import LdapSettings
-from directory_sync.escape import check_email, filter_value, normalise_dn, rdn_value
+from directory_sync.escape import check_email, filter_value, normalise_dn, resolve_group_dn
 from registration_app.core.errors import AmbiguousUser, AutoenrollError, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import UserEntry
 
@@ -241,9 +241,7 @@ class LdapDirectory:
         )
 
     def _group_dn(self, group: str) -> str:
-        if "=" in group:
-            return normalise_dn(group)
-        return normalise_dn(f"cn={rdn_value(group)},{self.settings.groups_base}")
+        return resolve_group_dn(group, self.settings.groups_base)
 
     def _parents(self, dn: str) -> set[str]:
         """Groups that list `dn` as a direct member."""

@@ -36,6 +36,8 @@ from directory_sync.bulk import BulkDirectory, values
 from directory_sync.escape import filter_value
 from directory_sync.ldap import CERT_ATTR
 from directory_sync.publisher import USER_GONE, desired_values
+from registration_app.core.dn import dn_key  # the one DN normaliser; also the dict key on 100,000 users
+from registration_app.core.entitlement import is_entitled
 from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import Profile
 from registration_app.store import audit
@@ -52,11 +54,6 @@ SINCE_MARGIN = timedelta(seconds=5)
 # Above this many users to look up one by one, an incremental pass reads everything instead.
 MAX_INCREMENTAL_LOOKUPS = 2000
 MAX_PUBLISH_ERRORS = 20
-
-
-def dn_key(dn: str) -> str:
-    """A cheap comparable form of a DN (case and spaces ignored), used as dict key on 100,000 users."""
-    return "".join(dn.split()).lower()
 
 
 @dataclass(frozen=True)
@@ -181,37 +178,34 @@ def plan_user(user: LdapUser | None, rows: list[CertRow], *, profiles: dict[str,
     return UserPlan(revoke=tuple(revoke), publish=(tuple(wanted), tuple(remove + strays)))
 
 
-# --- entitlement ----------------------------------------------------------------------------------
-def _cn(dn: str) -> str:
-    first = dn.split(",", 1)[0]
-    return first.split("=", 1)[1].strip().lower() if "=" in first else first.strip().lower()
-
-
+# --- entitlement ---------------------------------------------------------------------------------
 class Entitlement:
-    """Who may hold which profile, from the users' memberOf (or the groups' member lists)."""
+    """Who may hold which profile: the rule of issuance (core.entitlement.is_entitled) over each user's
+    groups, read from their memberOf, or (without the overlay, or with nested groups) from the member
+    lists of the profiles' groups. Bare group names are resolved under groups_base, as at start-up."""
 
     def __init__(self, directory, profiles: dict[str, Profile]) -> None:
         s = directory.settings
         self.from_memberof = s.use_memberof and not s.nested_groups
-        self._dns = {name: {dn_key(g) for g in p.groups if "=" in g} for name, p in profiles.items()}
-        self._cns = {name: {g.strip().lower() for g in p.groups if "=" not in g} for name, p in profiles.items()}
-        self._members: dict[str, set[str]] = {}
+        self._groups = {name: frozenset(directory.group_dn(g) for g in p.groups) for name, p in profiles.items()}
+        self._resolved = {name: replace(p, groups=self._groups[name]) for name, p in profiles.items()}
+        self._members: dict[str, set[str]] = {}  # group DN -> member dn_keys
         if not self.from_memberof:
-            for name, profile in profiles.items():
-                members: set[str] = set()
-                for group in profile.groups:
-                    members |= {dn_key(m) for m in directory.group_members(group)}
-                self._members[name] = members
+            for group in set().union(*self._groups.values()) if self._groups else ():
+                self._members[group] = {dn_key(m) for m in directory.group_members(group)}
 
     def group_keys(self, profile: Profile, directory) -> set[str]:
         """dn_key of each group the profile names (bare cns resolved under groups_base)."""
-        return {dn_key(directory.group_dn(g)) for g in profile.groups}
+        return set(self._groups.get(profile.name) or (directory.group_dn(g) for g in profile.groups))
 
     def __call__(self, user: LdapUser, profile: Profile) -> bool:
-        if not self.from_memberof:
-            return dn_key(user.dn) in self._members.get(profile.name, ())
-        dns, cns = self._dns.get(profile.name, set()), self._cns.get(profile.name, set())
-        return any(g in dns or (cns and _cn(g) in cns) for g in user.groups)
+        resolved = self._resolved.get(profile.name)
+        if resolved is None:
+            return False
+        if self.from_memberof:
+            return is_entitled(resolved, user.groups)
+        key = dn_key(user.dn)
+        return is_entitled(resolved, {g for g in resolved.groups if key in self._members.get(g, ())})
 
 
 # --- the pass -------------------------------------------------------------------------------------

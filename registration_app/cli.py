@@ -169,9 +169,14 @@ def invite(ctx, email: str, hours: int | None) -> None:
     from .store.repos import create_enrollment_code
     services = _services(ctx)
     ttl = timedelta(hours=hours or services.settings.enrollment_code_ttl_hours)
-    user = services.directory.find_user(email)
-    if user is None:
-        raise click.ClickException(f"no directory entry has the email address {email!r}")
+    if services.ra is None:
+        raise click.ClickException(f"invite runs where the registration authority runs (role all or ra), "
+                                   f"not role {services.role}")
+    profile = services.settings.profiles[services.settings.bootstrap_profile]
+    try:  # the rule bootstrap applies again when the code is used
+        user = services.ra.check_entitlement(email, profile)
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
     code_id, printed = create_enrollment_code(services.db, user.email, ttl, created_by=_operator())
     services.db.run(lambda s: audit.append(s, event="invite.created", outcome="done", actor=_operator(),
                                            subject=user.email, detail={"code_id": code_id, "ttl_hours": ttl / timedelta(hours=1)}))
@@ -179,6 +184,20 @@ def invite(ctx, email: str, hours: int | None) -> None:
     click.echo(f"one-time code for {user.email}, valid for {ttl / timedelta(hours=1):g} hours; "
                "give it to the user's agent:", err=True)
     click.echo(f"  autoenroll-agent bootstrap --email {user.email} --code {printed}", err=True)
+
+
+@main.group()
+def config() -> None:
+    """The configuration in effect."""
+
+
+@config.command("show")
+@click.pass_context
+def config_show(ctx) -> None:
+    """Print the effective configuration (defaults < file < environment) as JSON, secrets masked;
+    profiles as merged over the built-in ones, groups resolved to DNs."""
+    from .settings import effective_configuration
+    click.echo(json.dumps(effective_configuration(_settings(ctx)), indent=2, sort_keys=True))
 
 
 def _operator() -> str:

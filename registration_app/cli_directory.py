@@ -83,7 +83,8 @@ def register(main: click.Group, sync: click.Group) -> None:
 
     @main.command()
     @click.option("--group", required=True, help="Group DN (or bare cn under the groups base).")
-    @click.option("--profile", "profile_name", default="smime-encryption-ec", show_default=True)
+    @click.option("--profile", "profile_name", default=None,
+                  help="Encryption profile (default: the setting default_encryption_profile).")
     @click.option("--batch-size", type=click.IntRange(1, 5000), default=200, show_default=True)
     @click.option("--dry-run", is_flag=True, help="Count who would get a certificate; issue nothing.")
     @click.pass_context
@@ -99,7 +100,8 @@ def register(main: click.Group, sync: click.Group) -> None:
         from .core.profiles import get_profile
         services = _services(ctx)
         try:
-            profile = get_profile(services.settings.profiles, profile_name)
+            profile = get_profile(services.settings.profiles,
+                                  profile_name or services.settings.default_encryption_profile)
             provisioner = Provisioner(
                 services, kra_public_key=read_public_key(PkiPaths.in_dir(services.settings.data_dir).kra_public_key),
                 batch_size=batch_size, actor=f"provision:{_operator()}")

@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 
 from .auth.anchors import require_own_ca, user_entry
 from .authorities.kra import LocalKRA, RecoveryGrant
+from .core.dn import dn_key
 from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, RecoveryExpired,
                           RecoveryNotReady, SelfApproval, UnknownCertificate)
 from .core.model import VerifiedRequest
@@ -121,8 +122,8 @@ class Recovery:
     def _officer(self, request: VerifiedRequest) -> str:
         require_own_ca(request.user, "acting as a recovery officer")
         user = self.directory.find_user(request.user.email)
-        group = self.settings.recovery_officers_group.replace(" ", "").lower()
-        if user is None or group not in {g.replace(" ", "").lower() for g in self.directory.groups_of(user)}:
+        group = dn_key(self.settings.recovery_officers_group)
+        if user is None or group not in {dn_key(g) for g in self.directory.groups_of(user)}:
             raise NotOfficer(f"{request.user.email} is not a member of {self.settings.recovery_officers_group}")
         return user.email
 

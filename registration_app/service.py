@@ -21,7 +21,7 @@ from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
 from .core.entitlement import is_entitled
 from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, NotEntitled,
                           NotOwner, RateLimited, UnknownCertificate, UserNotFound)
-from .core.model import AgentIdentity, KeySource, Profile, UserEntry, UserIdentity, VerifiedRequest
+from .core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
 from .core.profiles import get_profile
 from .core.renewal import server_window_opens
 from .store import audit
@@ -43,6 +43,10 @@ SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged",
 
 def _pem(cert) -> str:
     return cert.public_bytes(Encoding.PEM).decode()
+
+
+def _aware(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
 
 
 def _optional(payload: dict, name: str, kind: type, default=None):
@@ -67,19 +71,25 @@ class RegistrationAuthority:
         enrollment.allowed audit row is committed now, or appended to `deferred_audit` (a list) for
         the caller to commit with the certificate. With `identity` (who signed the request), a
         certificate of another trust anchor must be listed by that entry (auth/anchors.py)."""
-        user = user_entry(self.directory, identity) if identity is not None else self.directory.find_user(email)
-        if user is None:
-            raise UserNotFound(f"no directory entry has the email address {email!r}")
-        groups = self.directory.groups_of(user)
-        if not is_entitled(profile, groups):
-            raise NotEntitled(f"{email} is not a member of a group entitled to profile {profile.name!r}",
-                              profile=profile.name)
+        user = self.check_entitlement(email, profile, identity=identity)
         allowed = dict(event="enrollment.allowed", outcome="allowed", actor=actor, subject=email,
                        detail={"profile": profile.name, "dn": user.dn})
         if deferred_audit is not None:
             deferred_audit.append(allowed)
         else:
             self.db.run(lambda s: audit.append(s, **allowed))
+        return user
+
+    def check_entitlement(self, email: str, profile: Profile, *, identity: UserIdentity | None = None) -> UserEntry:
+        """The user's entry, read live, or NotEntitled: the one rule of every step (invite, bootstrap,
+        enroll; reconcile and provision apply the same is_entitled)."""
+        user = user_entry(self.directory, identity) if identity is not None else self.directory.find_user(email)
+        if user is None:
+            raise UserNotFound(f"no directory entry has the email address {email!r}")
+        if not is_entitled(profile, self.directory.groups_of(user)):
+            groups = ", ".join(sorted(profile.groups)) or "none"
+            raise NotEntitled(f"{email} is not a member of a group entitled to profile {profile.name!r} "
+                              f"(entitled groups: {groups})", profile=profile.name)
         return user
 
     def _audit_now(self, events: list[dict], *, nonce: NonceToken | None = None) -> None:
@@ -118,6 +128,7 @@ class RegistrationAuthority:
             raise Conflict(f"certificate {renews} is not the current {profile.name!r} certificate of {email} "
                            f"(already renewed, revoked or unknown){newer}",
                            current=current.serial if current else "")
+        self._refuse_second_encryption(email, profile, now)
         if current is not None and not replace:
             opens = server_window_opens(current.not_before, current.not_after, profile.renew_window_days)
             if now < opens:
@@ -126,6 +137,24 @@ class RegistrationAuthority:
                     f"valid until {current.not_after:%Y-%m-%d}); renewal opens on {opens:%Y-%m-%d}, "
                     "or ask for a replacement explicitly (replace: true)", serial=current.serial)
         return latest.serial if latest is not None else None
+
+    def _refuse_second_encryption(self, email: str, profile: Profile, now: datetime) -> None:
+        """At most one current encryption certificate per user: mail clients pick one certificate per
+        address, and two escrowed keys for the same mail would be two truths. Profiles configured with
+        `coexist = true` are outside this rule."""
+        if profile.usage is not Usage.ENCRYPTION or profile.coexist:
+            return
+        for other in self.settings.profiles.values():
+            if other.name == profile.name or other.usage is not Usage.ENCRYPTION or other.coexist:
+                continue
+            current = next((c for c in certificate_history(self.db, email, other.name)
+                            if c.status == "valid" and _aware(c.not_after) > now), None)
+            if current is not None:
+                raise Conflict(
+                    f"{email} already has a current encryption certificate of profile {other.name!r} (serial "
+                    f"{current.serial}); a user holds one encryption certificate at a time: renew that profile, "
+                    f"or revoke {current.serial} (reason superseded) before enrolling for {profile.name!r}",
+                    serial=current.serial, profile=other.name)
 
     def _password(self, payload: dict) -> str | None:
         password = _optional(payload, "password", str)
@@ -138,7 +167,8 @@ class RegistrationAuthority:
         """signature → encryption, expiring signature → replacement signature, replacement encryption."""
         now = now or datetime.now(timezone.utc)
         payload, actor = request.payload, request.agent.subject
-        profile = get_profile(self.settings.profiles, payload.get("profile"))
+        profile = get_profile(self.settings.profiles,
+                              payload.get("profile", self.settings.default_encryption_profile))
         replace = _optional(payload, "replace", bool, False)
         renews = _optional(payload, "renews", str)
         legacy = _optional(payload, "pkcs12_legacy", bool, False)
@@ -199,9 +229,9 @@ class RegistrationAuthority:
             raise BadRequest("field 'csr' is required")
         csr = verify_csr(csr_text, email=code.email)
         profile = get_profile(self.settings.profiles, self.settings.bootstrap_profile)
-        user = self.directory.find_user(code.email)
-        if user is None:
-            raise UserNotFound(f"no directory entry has the email address {code.email!r}")
+        # Checked again here (invite checked it): membership may have changed since. A refusal leaves
+        # the code unused, for when the user is entitled.
+        user = self.check_entitlement(code.email, profile)
 
         def burn(session):
             if not use_enrollment_code(session, code_id, now):

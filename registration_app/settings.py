@@ -16,10 +16,15 @@ from pathlib import Path
 
 from directory_sync.config import LdapSettings
 
+from .core.dn import InvalidDn, group_dn, normalise_dn
+from .core.entitlement import resolve_profile_groups
 from .core.errors import ConfigError
-from .core.model import Profile
-from .core.profiles import parse_profiles
+from .core.model import Profile, Usage
+from .core.profiles import merge_profile_tables, parse_profiles
 
+# The built-in profiles. A configuration file's [profiles.NAME] tables are merged over them key by key
+# (core/profiles.merge_profile_tables); `enabled = false` removes one. The recovery officers hold
+# signature certificates (they sign approvals), so their group is entitled to the signature profile.
 DEFAULT_PROFILES = {
     "smime-encryption": {
         "usage": "encryption", "key_type": "rsa-3072", "validity_days": 365,
@@ -31,7 +36,7 @@ DEFAULT_PROFILES = {
     },
     "smime-signature": {
         "usage": "signature", "key_type": "ec-p256", "key_source": "either", "validity_days": 365,
-        "groups": ["cn=smime-users,ou=groups,dc=example,dc=org"],
+        "groups": ["cn=smime-users,ou=groups,dc=example,dc=org", "cn=recovery-officers,ou=groups,dc=example,dc=org"],
     },
 }
 
@@ -71,7 +76,10 @@ class Settings:
     agents_allowed: frozenset[str] = frozenset({"*"})
     agent_scopes: frozenset[str] = frozenset()  # "agent-name=mail-domain": limit an agent to a domain
     trusted_proxies: frozenset[str] = frozenset()  # addresses allowed to forward client certs
-    bootstrap_profile: str = "smime-signature"
+    bootstrap_profile: str = "smime-signature"  # what an invite entitles to: the first signature certificate
+    # What `autoenroll-agent enroll` without --profile and `autoenroll provision` issue. A user holds at
+    # most one current encryption certificate across the encryption profiles without `coexist = true`.
+    default_encryption_profile: str = "smime-encryption"
     pkcs12_iterations: int = 2048  # authorities/pkcs12.DEFAULT_ITERATIONS: the MAC's count; more buys nothing
     key_pool_size: int = 4
     nonce_ttl_seconds: int = 300
@@ -191,7 +199,10 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
         if trust is not None:
             settings = dataclasses.replace(settings, trust=parse_trust(trust))
         if profiles is not None:
-            settings = dataclasses.replace(settings, profiles=parse_profiles(profiles))
+            if not isinstance(profiles, Mapping):
+                raise ConfigError(f"{config}: profiles must be tables ([profiles.NAME])")
+            settings = dataclasses.replace(
+                settings, profiles=parse_profiles(merge_profile_tables(DEFAULT_PROFILES, profiles)))
         if "data_dir" in data and not Path(data["data_dir"]).is_absolute():
             settings = dataclasses.replace(settings, data_dir=(config.parent / data["data_dir"]).resolve())
     env = _env_tree(environ)
@@ -199,7 +210,7 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
     trust_env = env.pop("trust", None)
     if trust_env is not None:  # AUTOENROLL_TRUST__ANCHORS__<NAME>__<KEY>: merged over the TOML tables
         settings = dataclasses.replace(settings, trust=parse_trust(_merge(_trust_table(settings.trust), trust_env)))
-    return _apply(settings, env, "AUTOENROLL_", env=True)
+    return resolve_groups(_apply(settings, env, "AUTOENROLL_", env=True))
 
 
 def parse_trust(table: Mapping) -> TrustSettings:
@@ -238,3 +249,70 @@ def _merge(base: Mapping, over: Mapping) -> dict:
     for key, value in over.items():
         merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, Mapping) else value
     return merged
+
+
+def resolve_groups(settings: Settings) -> Settings:
+    """Check and resolve, once at start-up, every group and profile name the settings hold: each
+    profile's groups become normalised DNs (bare names under groups_base), and so does the officers'
+    group; ConfigError names the profile or setting that is wrong."""
+    base = settings.ldap.groups_base
+    try:
+        normalise_dn(base)
+    except InvalidDn as exc:
+        raise ConfigError(f"setting ldap.groups_base {base!r} is not a distinguished name") from exc
+    profiles = resolve_profile_groups(settings.profiles, base)
+    try:
+        officers = group_dn(settings.recovery_officers_group, base)
+    except InvalidDn as exc:
+        raise ConfigError(f"setting recovery_officers_group {settings.recovery_officers_group!r} is not a "
+                          "distinguished name (nor a bare name under ldap.groups_base)") from exc
+    for setting, usage in (("bootstrap_profile", Usage.SIGNATURE), ("default_encryption_profile", Usage.ENCRYPTION)):
+        name = getattr(settings, setting)
+        if name not in profiles:
+            raise ConfigError(f"setting {setting}: there is no profile {name!r} (profiles: {', '.join(sorted(profiles))})")
+        if profiles[name].usage is not usage:
+            raise ConfigError(f"setting {setting}: profile {name!r} is not a {usage.value} profile")
+    return dataclasses.replace(settings, profiles=profiles, recovery_officers_group=officers)
+
+
+MASK = "********"
+_SECRET_WORDS = ("password", "passphrase", "secret")
+
+
+def _masked_url(url: str) -> str:
+    """A URL with the password of its user-info masked (postgresql+psycopg://user:pw@host/db)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:{MASK}@{host}"
+
+
+def _plain(name: str, value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if any(word in name for word in _SECRET_WORDS):
+        return MASK if value else value
+    if isinstance(value, str) and "://" in value:
+        return _masked_url(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(name, item) for item in value]
+    return value
+
+
+def effective_configuration(settings: Settings) -> dict:
+    """The settings in effect as plain data for `autoenroll config show`: passwords, passphrases and
+    the password of any URL masked; every profile as the table that configures it."""
+    from .core.profiles import profile_table
+    out = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "profiles":
+            out["profiles"] = {name: profile_table(p) for name, p in sorted(value.items())}
+        else:
+            out[f.name] = _plain(f.name, value)
+    return out

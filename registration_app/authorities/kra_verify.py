@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..auth.chain import UserTrust
 from ..auth.jws import verify_user_request
+from ..core.dn import dn_key
 from ..core.errors import Forbidden, NotFound, UnknownCertificate
 from ..core.model import AgentIdentity, VerifiedRequest
 from ..store.db import Database
@@ -121,10 +122,6 @@ def _password(payload: dict) -> str:
     if not isinstance(password, str) or not 1 <= len(password) <= 1024:
         raise EvidenceRefused("the signed request carries no usable PKCS#12 password")
     return password
-
-
-def _norm_dn(dn: str) -> str:
-    return dn.replace(" ", "").lower()
 
 
 class EvidenceVerifier:
@@ -237,8 +234,8 @@ class EvidenceVerifier:
 
     def _require_officer(self, email: str) -> None:
         user = self.directory.find_user(email)
-        group = _norm_dn(self.officers_group)
-        if user is None or group not in {_norm_dn(g) for g in self.directory.groups_of(user)}:
+        group = dn_key(self.officers_group)
+        if user is None or group not in {dn_key(g) for g in self.directory.groups_of(user)}:
             raise EvidenceRefused(f"{email} is not a member of {self.officers_group}")
 
     # -- single use ---------------------------------------------------------------------------------

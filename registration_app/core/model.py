@@ -43,6 +43,7 @@ class Profile:
     keep_superseded: bool = False  # keep superseded values in LDAP until they expire
     renew_window_days: int = 60  # renewal allowed when fewer days than this remain (or 1/3 of life)
     max_per_day: int = 10  # rate limit per user and profile
+    coexist: bool = False  # encryption: may be current beside another encryption profile's certificate
 
     @property
     def escrowed(self) -> bool:

@@ -2,9 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from registration_app.core.entitlement import is_entitled
 from registration_app.core.errors import ConfigError, UnknownProfile
-from registration_app.core.model import KeyType, Profile, Usage
+from registration_app.core.model import KeyType
 from registration_app.core.profiles import get_profile, parse_profiles
 from registration_app.settings import load_settings
 
@@ -25,14 +24,6 @@ def test_profiles_parse_and_refuse_bad_data():
         get_profile(profiles, {"not": "a string"})
 
 
-def test_entitlement_by_dn_or_cn():
-    profile = Profile(name="p", usage=Usage.ENCRYPTION, groups=frozenset({"cn=smime-users,ou=groups,dc=example,dc=org", "staff"}))
-    assert is_entitled(profile, frozenset({"cn=SMIME-users, ou=groups, dc=example, dc=org"}))
-    assert is_entitled(profile, frozenset({"cn=staff,ou=elsewhere"}))
-    assert not is_entitled(profile, frozenset({"cn=smime-users-old,ou=groups,dc=example,dc=org"}))
-    assert not is_entitled(profile, frozenset())
-
-
 def test_settings_layers_defaults_file_environment(tmp_path: Path):
     config = tmp_path / "a.toml"
     config.write_text('data_dir = "d"\nworkers = 3\n[ldap]\nurl = "ldap://x:1"\n'
@@ -40,9 +31,82 @@ def test_settings_layers_defaults_file_environment(tmp_path: Path):
     settings = load_settings(config, environ={"AUTOENROLL_WORKERS": "5", "AUTOENROLL_LDAP__TIMEOUT_SECONDS": "1.5"})
     assert settings.workers == 5 and settings.ldap.url == "ldap://x:1" and settings.ldap.timeout_seconds == 1.5
     assert settings.data_dir == (tmp_path / "d").resolve()
-    assert list(settings.profiles) == ["only"]
+    assert set(settings.profiles) == {"only", "smime-encryption", "smime-encryption-ec", "smime-signature"}
     with pytest.raises(ConfigError, match="unknown setting AUTOENROLL_NOPE"):
         load_settings(None, environ={"AUTOENROLL_NOPE": "1"})
     config.write_text("workers = [")
     with pytest.raises(ConfigError):
         load_settings(config, environ={})
+
+
+README_SNIPPET = """
+[profiles.smime-encryption]
+usage = "encryption"
+key_type = "rsa-3072"
+validity_days = 365
+groups = ["cn=smime-users,ou=groups,dc=example,dc=org"]
+keep_superseded = false
+"""
+
+
+def test_a_file_with_one_profile_keeps_the_built_in_ones(tmp_path: Path):
+    config = tmp_path / "a.toml"
+    config.write_text(README_SNIPPET + '\n[profiles.smime-signature]\nvalidity_days = 90\n')
+    settings = load_settings(config, environ={})
+    assert set(settings.profiles) == {"smime-encryption", "smime-encryption-ec", "smime-signature"}
+    signature = settings.profiles["smime-signature"]  # only the key the file sets changes
+    assert signature.validity_days == 90 and signature.key_source.value == "either"
+    assert signature.groups == {"cn=smime-users,ou=groups,dc=example,dc=org",
+                                "cn=recovery-officers,ou=groups,dc=example,dc=org"}
+
+
+def test_enabled_false_removes_a_built_in_profile_and_what_refers_to_it_must_follow(tmp_path: Path):
+    config = tmp_path / "a.toml"
+    config.write_text('[profiles.smime-encryption-ec]\nenabled = false\n')
+    assert set(load_settings(config, environ={}).profiles) == {"smime-encryption", "smime-signature"}
+    config.write_text('[profiles.smime-encryption]\nenabled = false\n')
+    with pytest.raises(ConfigError, match="default_encryption_profile: there is no profile 'smime-encryption'"):
+        load_settings(config, environ={})
+    config.write_text('default_encryption_profile = "smime-encryption-ec"\n[profiles.smime-encryption]\nenabled = false\n')
+    assert load_settings(config, environ={}).default_encryption_profile == "smime-encryption-ec"
+    config.write_text('bootstrap_profile = "smime-encryption"\n')
+    with pytest.raises(ConfigError, match="bootstrap_profile: profile 'smime-encryption' is not a signature"):
+        load_settings(config, environ={})
+
+
+def test_group_names_are_resolved_and_checked_at_start_up_naming_the_profile(tmp_path: Path):
+    config = tmp_path / "a.toml"
+    config.write_text('recovery_officers_group = "officers"\n[ldap]\ngroups_base = "OU=Teams,dc=corp"\n'
+                      '[profiles.staff-mail]\nusage = "encryption"\ngroups = ["staff", "CN=Mail, OU=Teams,dc=corp"]\n'
+                      'coexist = true\n')
+    settings = load_settings(config, environ={})
+    assert settings.profiles["staff-mail"].groups == {"cn=staff,ou=teams,dc=corp", "cn=mail,ou=teams,dc=corp"}
+    assert settings.profiles["staff-mail"].coexist
+    assert settings.recovery_officers_group == "cn=officers,ou=teams,dc=corp"
+    # the environment's groups_base is the one bare names are resolved under
+    settings = load_settings(config, environ={"AUTOENROLL_LDAP__GROUPS_BASE": "ou=g,dc=x"})
+    assert "cn=staff,ou=g,dc=x" in settings.profiles["staff-mail"].groups
+    config.write_text('[profiles.broken]\nusage = "signature"\ngroups = ["cn=a,,dc=corp"]\n')
+    with pytest.raises(ConfigError, match="profile 'broken': group 'cn=a,,dc=corp' is not a distinguished name"):
+        load_settings(config, environ={})
+    config.write_text('[ldap]\ngroups_base = "groups"\n')
+    with pytest.raises(ConfigError, match="ldap.groups_base 'groups' is not a distinguished name"):
+        load_settings(config, environ={})
+    config.write_text('[profiles.x]\nusage = "signature"\nenabled = "no"\n')
+    with pytest.raises(ConfigError, match="profile 'x': enabled must be true or false"):
+        load_settings(config, environ={})
+
+
+def test_the_effective_configuration_masks_every_secret(tmp_path: Path):
+    from registration_app.settings import MASK, effective_configuration
+    config = tmp_path / "a.toml"
+    config.write_text('database_url = "postgresql+psycopg://ra:s3cret-db@db.internal/autoenroll"\n'
+                      'ca_passphrase = "s3cret-pass"\n[ldap]\npassword = "s3cret-ldap"\n')
+    shown = effective_configuration(load_settings(config, environ={}))
+    text = repr(shown)
+    assert "s3cret" not in text
+    assert shown["database_url"] == f"postgresql+psycopg://ra:{MASK}@db.internal/autoenroll"
+    assert shown["ca_passphrase"] == MASK and shown["ldap"]["password"] == MASK
+    assert shown["profiles"]["smime-signature"]["groups"] == [
+        "cn=recovery-officers,ou=groups,dc=example,dc=org", "cn=smime-users,ou=groups,dc=example,dc=org"]
+    assert shown["default_encryption_profile"] == "smime-encryption"
