@@ -41,7 +41,8 @@ run: install
 	@echo "  autoenroll-agent bootstrap --email alice@example.org --code \$$CODE"
 	@echo "  autoenroll-agent enroll --email alice@example.org --profile smime-encryption"
 	@echo "  ldapsearch -x -LLL -H ldap://127.0.0.1:$(LDAP_PORT) -b ou=people,dc=example,dc=org '(mail=alice@example.org)' 'userCertificate;binary'"
-	@echo "bob@example.org is in the directory but not entitled: his enroll is refused with 403."
+	@echo "bob@example.org is in no entitled group: 'autoenroll invite bob@example.org' refuses him with"
+	@echo "  \"bob@example.org is not a member of a group entitled to profile 'smime-signature' ...\""
 	@echo
 	AUTOENROLL_LDAP__URL=ldap://127.0.0.1:$(LDAP_PORT) $(VENV)/bin/autoenroll serve
 

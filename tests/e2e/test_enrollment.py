@@ -78,9 +78,12 @@ def test_encryption_certificate_end_to_end(platform, tmp_path):
     assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
 
 
-def test_user_not_entitled_gets_403_and_nothing_is_issued(platform):
-    email = "bob@example.org"
+def test_user_not_entitled_gets_403_and_nothing_is_issued(platform, ldap_admin, new_user):
+    """A user who was entitled when invited and bootstrapped, and then left the group (bob, in no
+    group, is refused earlier: at invite, tests/e2e/test_entitlement.py)."""
+    dn, email = new_user(groups=("smime-users",))
     invite_and_bootstrap(platform, email)
+    assert ldap_admin.modify("cn=smime-users,ou=groups,dc=example,dc=org", {"member": [("MODIFY_DELETE", [dn])]})
     before = ldap_certificates(platform, email)
     result = platform.agent("enroll", "--email", email, "--profile", "smime-encryption", check=False)
     assert result.returncode == 1

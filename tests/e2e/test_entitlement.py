@@ -1,0 +1,138 @@
+"""One entitlement rule at every step, over the real server with the built-in (demo) profiles:
+invite, bootstrap, enroll, reconcile; recovery officers keep and renew their signature certificates;
+a user holds one current encryption certificate."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from ldap3 import MODIFY_ADD, MODIFY_DELETE
+from sqlalchemy import func, select
+
+from registration_app.store.models import Certificate, EnrollmentCode, Escrow
+from tests.e2e.platform import make_platform
+from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
+
+ROOT = Path(__file__).resolve().parents[2]
+SMIME_USERS = "cn=smime-users,ou=groups,dc=example,dc=org"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, slapd):
+    """A server of its own (its reconcile passes must not revoke what other modules' tests hold),
+    configured with nothing but the built-in profiles."""
+    p = make_platform(tmp_path_factory.mktemp("entitlement"), slapd.url)
+    try:
+        p.start()
+        yield p
+    finally:
+        p.stop()
+
+
+def certificates(platform, email: str, **where) -> list[Certificate]:
+    with platform.transaction() as session:
+        query = select(Certificate).where(func.lower(Certificate.email) == email.lower())
+        for name, value in where.items():
+            query = query.where(getattr(Certificate, name) == value)
+        return list(session.execute(query).scalars())
+
+
+def codes_of(platform, email: str) -> list[EnrollmentCode]:
+    with platform.transaction() as session:
+        return list(session.execute(select(EnrollmentCode).where(EnrollmentCode.email == email)).scalars())
+
+
+def refusal_of_invite(platform, email: str) -> str:
+    result = platform.autoenroll("invite", email, check=False)
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # one clear line, no traceback
+    return lines[0]
+
+
+def test_bob_is_refused_at_invite_as_the_readme_and_make_run_say(demo):
+    email = "bob@example.org"
+    before = ldap_certificates(demo, email)
+    line = refusal_of_invite(demo, email)
+    assert line == ("Error: bob@example.org is not a member of a group entitled to profile 'smime-signature' "
+                    "(entitled groups: cn=recovery-officers,ou=groups,dc=example,dc=org, "
+                    "cn=smime-users,ou=groups,dc=example,dc=org)")
+    assert codes_of(demo, email) == [] and certificates(demo, email) == []
+    assert ldap_certificates(demo, email) == before
+    # What the README shows and what `make run` prints are what bob sees.
+    assert line in (ROOT / "README.md").read_text()
+    hint = re.search(r'\\"(bob@example\.org is not [^"\\]*?) \.\.\.\\"', (ROOT / "Makefile").read_text())
+    assert hint is not None and hint.group(1) in line, hint
+
+
+def test_a_lookalike_group_elsewhere_in_the_tree_entitles_nobody(demo, ldap_admin, new_user):
+    dn, email = new_user()
+    lookalike = "cn=smime-users,ou=people,dc=example,dc=org"  # where a user with write access could make one
+    assert ldap_admin.add(lookalike, ["groupOfNames"], {"cn": "smime-users", "member": [dn]}), ldap_admin.result
+    try:
+        assert "not a member of a group entitled to profile 'smime-signature'" in refusal_of_invite(demo, email)
+        assert codes_of(demo, email) == []
+    finally:
+        assert ldap_admin.delete(lookalike)
+
+
+def test_bootstrap_checks_again_and_enroll_and_reconcile_apply_the_same_rule(demo, ldap_admin, new_user):
+    dn, email = new_user(groups=("smime-users",))
+    code = demo.autoenroll("invite", email).stdout.strip()
+    assert ldap_admin.modify(SMIME_USERS, {"member": [(MODIFY_DELETE, [dn])]})  # left before using the code
+    refused = demo.agent("bootstrap", "--email", email, "--code", code, check=False)
+    assert refused.returncode == 1 and "not_entitled" in refused.stderr and "smime-signature" in refused.stderr
+    assert certificates(demo, email) == [] and ldap_certificates(demo, email) == []
+    assert [c.used_at for c in codes_of(demo, email)] == [None]  # refused, not burnt
+
+    assert ldap_admin.modify(SMIME_USERS, {"member": [(MODIFY_ADD, [dn])]})  # back: the same code works
+    assert "signature certificate for" in demo.agent("bootstrap", "--email", email, "--code", code).stdout
+    (signature,) = certificates(demo, email, status="valid")
+
+    assert ldap_admin.modify(SMIME_USERS, {"member": [(MODIFY_DELETE, [dn])]})
+    result = demo.agent("enroll", "--email", email, "--profile", "smime-encryption", check=False)
+    assert result.returncode == 1 and "not_entitled" in result.stderr and "smime-encryption" in result.stderr
+    assert certificates(demo, email, usage="encryption") == []
+    with demo.transaction() as session:
+        assert session.execute(select(func.count()).select_from(Escrow).where(Escrow.email == email)).scalar_one() == 0
+
+    out = demo.autoenroll("sync", "reconcile").stdout
+    assert f"revoke {signature.serial} (smime-signature) of {email}: not entitled" in out
+    assert [c.status for c in certificates(demo, email)] == ["revoked"]
+    assert ldap_certificates(demo, email) == []
+
+
+def test_recovery_officers_keep_their_signature_certificates_through_reconcile_and_renew(demo, new_user):
+    officers = [new_user(groups=("recovery-officers",))[1] for _ in range(2)]
+    for email in officers:
+        invite_and_bootstrap(demo, email)
+    dry = demo.autoenroll("sync", "reconcile", "--dry-run").stdout
+    assert not any(email in dry for email in officers), dry
+    demo.autoenroll("sync", "reconcile")
+    for email in officers:
+        (current,) = certificates(demo, email, status="valid")
+        assert current.profile == "smime-signature"
+        assert ldap_certificates(demo, email) == [current.der]
+    out = demo.agent("renew", "--email", officers[0], "--profile", "smime-signature", "--force").stdout
+    assert "renewed certificate" in out
+    (renewed,) = certificates(demo, officers[0], status="valid")
+    assert renewed.replaces is not None
+    demo.autoenroll("sync", "reconcile")
+    assert [c.serial for c in certificates(demo, officers[0], status="valid")] == [renewed.serial]
+
+
+def test_one_current_encryption_certificate_per_user(demo, new_user):
+    _, email = new_user(groups=("smime-users",))
+    invite_and_bootstrap(demo, email)
+    assert "encryption" in demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
+    (ec,) = certificates(demo, email, usage="encryption")
+    second = demo.agent("enroll", "--email", email, "--profile", "smime-encryption", check=False)
+    assert second.returncode == 1 and "conflict" in second.stderr
+    assert f"already has a current encryption certificate of profile 'smime-encryption-ec' (serial {ec.serial})" \
+        in second.stderr
+    assert [c.serial for c in certificates(demo, email, usage="encryption")] == [ec.serial]
+    # Renewing the current one is still the way to a new encryption certificate.
+    demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", "--replace")
+    assert len(certificates(demo, email, usage="encryption", status="valid")) == 1
