@@ -202,17 +202,24 @@ class Provisioner:
         return report
 
     def _issued(self, profile: Profile, now: datetime) -> tuple[set[str], dict[str, str]]:
-        """(emails with a current certificate of the profile, newest serial per email) from the database."""
+        """(emails with a current certificate of the profile, newest serial per email) from the database.
+
+        A current certificate of another encryption profile counts as one of this profile (a user holds
+        one current encryption certificate, as enroll enforces), unless either profile has coexist."""
         current: set[str] = set()
         latest: dict[str, tuple[datetime, str]] = {}
+        names = {profile.name}
+        if not profile.coexist:
+            names |= {p.name for p in self.settings.profiles.values()
+                      if p.usage is Usage.ENCRYPTION and not p.coexist}
         with self.db.transaction() as session:
-            for email, serial, status, not_after, issued_at in session.execute(
-                    select(Certificate.email, Certificate.serial, Certificate.status, Certificate.not_after,
-                           Certificate.issued_at).where(Certificate.profile == profile.name)):
+            for email, serial, name, status, not_after, issued_at in session.execute(
+                    select(Certificate.email, Certificate.serial, Certificate.profile, Certificate.status,
+                           Certificate.not_after, Certificate.issued_at).where(Certificate.profile.in_(names))):
                 email = email.lower()
                 if status == "valid" and not_after > now:
                     current.add(email)
-                if email not in latest or issued_at > latest[email][0]:
+                if name == profile.name and (email not in latest or issued_at > latest[email][0]):
                     latest[email] = (issued_at, serial)
         return current, {e: s for e, (_, s) in latest.items()}
 

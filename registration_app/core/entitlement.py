@@ -29,7 +29,7 @@ def resolve_profile_groups(profiles: Mapping[str, Profile], groups_base: str) ->
                 resolved.add(group_dn(group, groups_base))
             except InvalidDn as exc:
                 raise ConfigError(f"profile {name!r}: group {group!r} is not a distinguished name "
-                                  f"(nor a bare name under groups_base {groups_base!r}): {exc}") from exc
+                                  f"(nor a bare name under groups_base {groups_base!r})") from exc
         out[name] = dataclasses.replace(profile, groups=frozenset(resolved))
     return out
 

@@ -48,7 +48,7 @@ def _groups(name: str, groups: object) -> frozenset[str]:
         try:
             out.add(normalise_dn(group))
         except InvalidDn as exc:
-            raise ConfigError(f"profile {name!r}: group {group!r} is not a distinguished name: {exc}") from exc
+            raise ConfigError(f"profile {name!r}: group {group!r} is not a distinguished name") from exc
     return frozenset(out)
 
 

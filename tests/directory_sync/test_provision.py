@@ -135,3 +135,23 @@ def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(w
     assert services.publisher.drain(now=datetime.now(timezone.utc) + timedelta(minutes=10)) >= calls[0]
     for dn in dns:
         assert len(services.directory.find_user(f"{dn.split(',')[0][4:]}@example.org").certificates) == 1
+
+
+def test_a_member_with_a_current_encryption_certificate_of_another_profile_is_not_provisioned_again(
+        tmp_path_factory, slapd, ldap_admin, new_user):
+    from tests.directory_sync.world import issue
+    group = add_group(ldap_admin, "prov-one-" + uuid.uuid4().hex[:8], ["cn=admin,dc=example,dc=org"])
+    services = make_services(tmp_path_factory.mktemp("provision-one"), slapd.settings(), profiles=profiles_for(group))
+    try:
+        (has_rsa_dn, has_rsa), (bare_dn, bare) = new_user(), new_user()
+        for dn in (has_rsa_dn, bare_dn):
+            assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [dn])]}), ldap_admin.result
+        issue(services, has_rsa, profile="smime-encryption")
+        report = provisioner(services).run(group, services.settings.profiles["smime-encryption-ec"])
+        assert (report.already, report.issued) == (1, 1)
+        with services.db.transaction() as session:
+            ec = session.execute(select(Certificate.email).where(
+                Certificate.profile == "smime-encryption-ec")).scalars().all()
+        assert ec == [bare]
+    finally:
+        services.close()

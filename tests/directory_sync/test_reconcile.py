@@ -206,3 +206,42 @@ def test_periodic_mode_runs_full_first_then_incremental_and_survives_ldap_errors
     run_periodically(Fake(), 0.01, incremental=True, echo=lines.append, stop=stop)
     assert calls == [False, True, True, True]
     assert lines[0] == "ok" and "down" in lines[1]
+
+
+@pytest.mark.parametrize("use_memberof", [True, False], ids=["memberOf", "member-lists"])
+def test_a_group_of_the_same_name_elsewhere_in_the_tree_entitles_nobody(
+        tmp_path_factory, slapd, ldap_admin, new_user, use_memberof):
+    """Profiles name the group by its bare cn: only the group directly under groups_base counts."""
+    name = "rec-bare-" + uuid.uuid4().hex[:8]
+    real = add_group(ldap_admin, name, ["cn=admin,dc=example,dc=org"])
+    lookalike = f"cn={name},ou=people,dc=example,dc=org"
+    (member_dn, member), (intruder_dn, intruder) = new_user(), new_user()
+    assert ldap_admin.modify(real, {"member": [(MODIFY_ADD, [member_dn])]}), ldap_admin.result
+    assert ldap_admin.add(lookalike, ["groupOfNames"], {"cn": name, "member": [intruder_dn]}), ldap_admin.result
+    services = make_services(tmp_path_factory.mktemp("reconcile-bare"), slapd.settings(use_memberof=use_memberof),
+                             profiles=profiles_for(name))
+    try:
+        kept, lost = issue(services, member), issue(services, intruder)
+        report = Reconciler(services.db, services.directory, services.ca, services.publisher,
+                            services.settings.profiles).run()
+        assert [(r.serial, r.why) for r in report.revoked] == [(lost.serial, NOT_ENTITLED)]
+        assert status(services, kept.serial) == "valid" and status(services, lost.serial) == "revoked"
+    finally:
+        services.close()
+        assert ldap_admin.delete(lookalike)
+
+
+def test_reconcile_keeps_the_recovery_officers_signature_certificates_with_the_built_in_profiles(
+        tmp_path_factory, slapd, new_user):
+    services = make_services(tmp_path_factory.mktemp("reconcile-officers"), slapd.settings())  # built-in profiles
+    try:
+        _, officer = new_user(groups=("recovery-officers",))
+        _, nobody = new_user()
+        kept = issue(services, officer, profile="smime-signature")
+        lost = issue(services, nobody, profile="smime-signature")
+        report = Reconciler(services.db, services.directory, services.ca, services.publisher,
+                            services.settings.profiles).run()
+        assert [(r.serial, r.why) for r in report.revoked] == [(lost.serial, NOT_ENTITLED)]
+        assert status(services, kept.serial) == "valid"
+    finally:
+        services.close()
