@@ -5,7 +5,6 @@ from __future__ import annotations
 from ldap3.utils.dn import escape_rdn
 
 from registration_app.core.dn import InvalidDn, group_dn
-from registration_app.core.dn import normalise_dn as _normalise_dn
 from registration_app.core.errors import BadRequest
 
 # RFC 4515 section 3: these must be escaped in an assertion value.
@@ -24,15 +23,6 @@ def filter_value(value: str) -> str:
 def rdn_value(value: str) -> str:
     """Escape one attribute value for use inside a DN (RFC 4514)."""
     return escape_rdn(value)
-
-
-def normalise_dn(dn: str) -> str:
-    """The comparable form of a DN (registration_app/core/dn.py, the one normaliser); BadRequest if
-    `dn` is not a DN."""
-    try:
-        return _normalise_dn(dn)
-    except InvalidDn as exc:
-        raise BadRequest("Not a valid distinguished name") from exc
 
 
 def resolve_group_dn(group: str, groups_base: str) -> str:

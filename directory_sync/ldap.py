@@ -29,7 +29,8 @@ from ldap3.core import exceptions as ldap_exc
 from ldap3.utils.dn import parse_dn
 
 from directory_sync.config import LdapSettings
-from directory_sync.escape import check_email, filter_value, normalise_dn, resolve_group_dn
+from directory_sync.escape import check_email, filter_value, resolve_group_dn
+from registration_app.core.dn import dn_key  # lenient: DNs read back from LDAP are compared, never refused
 from registration_app.core.errors import AmbiguousUser, AutoenrollError, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import UserEntry
 
@@ -133,7 +134,7 @@ class LdapDirectory:
         members = self._expanded_members(group_dn)
         flt = f"({self.settings.mail_attribute}=*)"
         for entry in self._paged(self.settings.users_base, flt, self._user_attributes()):
-            if normalise_dn(entry["dn"]) in members:
+            if dn_key(entry["dn"]) in members:
                 yield self._user_entry(entry)
 
     def group_dn(self, group: str) -> str:
@@ -235,7 +236,7 @@ class LdapDirectory:
             dn=entry["dn"],
             email=(matching or mails or [email or ""])[0],
             common_name=names[0] if names else "",
-            member_of=frozenset(normalise_dn(v.decode()) for v in _values(entry, "memberOf")),
+            member_of=frozenset(dn_key(v.decode()) for v in _values(entry, "memberOf")),
             certificates=tuple(_values(entry, CERT_ATTR)),
             version=b"".join(_values(entry, VERSION_ATTR)[:1]).decode("ascii", "replace"),
         )
@@ -251,15 +252,15 @@ class LdapDirectory:
                 _check(conn, NO_SUCH_OBJECT)
                 return _entries(conn)
 
-            return {normalise_dn(v.decode()) for e in self._run(work) for v in _values(e, "memberOf")}
+            return {dn_key(v.decode()) for e in self._run(work) for v in _values(e, "memberOf")}
         flt = f"({self.settings.group_member_attribute}={filter_value(dn)})"
-        return {normalise_dn(e["dn"]) for e in self._paged(self.settings.groups_base, flt, ["1.1"])}
+        return {dn_key(e["dn"]) for e in self._paged(self.settings.groups_base, flt, ["1.1"])}
 
     def _expanded_members(self, group_dn: str) -> set[str]:
         """Normalised member DNs of a group; with nested_groups, members of member groups too."""
         attr = self.settings.group_member_attribute
         members: dict[str, set[str]] = {
-            normalise_dn(e["dn"]): {normalise_dn(v.decode()) for v in _values(e, attr)}
+            dn_key(e["dn"]): {dn_key(v.decode()) for v in _values(e, attr)}
             for e in self._paged(self.settings.groups_base, f"({attr}=*)", [attr])
         }
         result: set[str] = set()

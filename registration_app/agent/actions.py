@@ -55,12 +55,15 @@ def _signed_folder(store: AgentStore, email: str):
     return folder
 
 
-def enroll(client: RegistrationClient, store: AgentStore, email: str, profile: str, *,
+def enroll(client: RegistrationClient, store: AgentStore, email: str, profile: str | None, *,
            password: str | None = None, legacy: bool = False, replace: bool = False,
            client_key: bool = False, renews: str | None = None) -> Outcome:
-    """Obtain a certificate for `profile`, authenticated by the user's signature certificate."""
+    """Obtain a certificate for `profile` (None: the server's default_encryption_profile),
+    authenticated by the user's signature certificate."""
+    if profile is None and client_key:
+        raise ValueError("a key generated here (--client-key) is for a signature profile: name it with --profile")
     folder = _signed_folder(store, email)
-    payload: dict = {"profile": profile, "replace": replace}
+    payload: dict = {"replace": replace} if profile is None else {"profile": profile, "replace": replace}
     if renews is not None:
         payload["renews"] = renews
     new_key = None

@@ -59,7 +59,7 @@ def bootstrap(ctx, email: str, code: str) -> None:
 
 @main.command()
 @click.option("--email", required=True)
-@click.option("--profile", default="smime-encryption", show_default=True)
+@click.option("--profile", default=None, help="Profile to enroll for (default: the server's default_encryption_profile).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PKCS#12 password (default: a random one, saved beside the .p12 with mode 0600).")
 @click.option("--legacy", is_flag=True, help="3DES/SHA-1 PKCS#12 for clients that cannot read AES.")

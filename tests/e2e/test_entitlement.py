@@ -123,16 +123,22 @@ def test_recovery_officers_keep_their_signature_certificates_through_reconcile_a
     assert [c.serial for c in certificates(demo, officers[0], status="valid")] == [renewed.serial]
 
 
-def test_one_current_encryption_certificate_per_user(demo, new_user):
+def test_one_default_encryption_profile_and_one_current_encryption_certificate_per_user(demo, new_user):
     _, email = new_user(groups=("smime-users",))
     invite_and_bootstrap(demo, email)
-    assert "encryption" in demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
-    (ec,) = certificates(demo, email, usage="encryption")
-    second = demo.agent("enroll", "--email", email, "--profile", "smime-encryption", check=False)
+    out = demo.agent("enroll", "--email", email).stdout  # no --profile: the server's default_encryption_profile
+    assert "profile smime-encryption," in out
+    (rsa,) = certificates(demo, email, usage="encryption")
+    assert rsa.profile == "smime-encryption"
+    assert "provision smime-encryption for" in demo.autoenroll("provision", "--group", "smime-users", "--dry-run").stdout
+
+    second = demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", check=False)
     assert second.returncode == 1 and "conflict" in second.stderr
-    assert f"already has a current encryption certificate of profile 'smime-encryption-ec' (serial {ec.serial})" \
-        in second.stderr
-    assert [c.serial for c in certificates(demo, email, usage="encryption")] == [ec.serial]
-    # Renewing the current one is still the way to a new encryption certificate.
-    demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", "--replace")
-    assert len(certificates(demo, email, usage="encryption", status="valid")) == 1
+    assert (f"already has a current encryption certificate of profile 'smime-encryption' (serial {rsa.serial})"
+            in second.stderr)
+    assert [c.serial for c in certificates(demo, email, usage="encryption")] == [rsa.serial]
+    # Replacing the current one stays the way to a new encryption certificate.
+    demo.agent("enroll", "--email", email, "--replace")
+    (current,) = certificates(demo, email, usage="encryption", status="valid")
+    assert current.replaces == rsa.serial
+    assert ldap_certificates(demo, email)[0] == current.der
