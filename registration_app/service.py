@@ -128,7 +128,7 @@ class RegistrationAuthority:
             raise Conflict(f"certificate {renews} is not the current {profile.name!r} certificate of {email} "
                            f"(already renewed, revoked or unknown){newer}",
                            current=current.serial if current else "")
-        self._refuse_second_encryption(email, profile, now)
+        other = self._other_encryption(email, profile, replace, now)
         if current is not None and not replace:
             opens = server_window_opens(current.not_before, current.not_after, profile.renew_window_days)
             if now < opens:
@@ -136,25 +136,32 @@ class RegistrationAuthority:
                     f"{email} already has a current {profile.name!r} certificate (serial {current.serial}, "
                     f"valid until {current.not_after:%Y-%m-%d}); renewal opens on {opens:%Y-%m-%d}, "
                     "or ask for a replacement explicitly (replace: true)", serial=current.serial)
+        if current is None and other is not None:  # the replacement supersedes the other profile's one
+            return other
         return latest.serial if latest is not None else None
 
-    def _refuse_second_encryption(self, email: str, profile: Profile, now: datetime) -> None:
+    def _other_encryption(self, email: str, profile: Profile, replace: bool, now: datetime) -> str | None:
         """At most one current encryption certificate per user: mail clients pick one certificate per
-        address, and two escrowed keys for the same mail would be two truths. Profiles configured with
+        address. The serial of the user's current certificate of another encryption profile, which an
+        explicit replacement supersedes; without `replace` such an enrollment is refused. Profiles with
         `coexist = true` are outside this rule."""
         if profile.usage is not Usage.ENCRYPTION or profile.coexist:
-            return
+            return None
         for other in self.settings.profiles.values():
             if other.name == profile.name or other.usage is not Usage.ENCRYPTION or other.coexist:
                 continue
             current = next((c for c in certificate_history(self.db, email, other.name)
                             if c.status == "valid" and _aware(c.not_after) > now), None)
-            if current is not None:
+            if current is None:
+                continue
+            if not replace:
                 raise Conflict(
                     f"{email} already has a current encryption certificate of profile {other.name!r} (serial "
-                    f"{current.serial}); a user holds one encryption certificate at a time: renew that profile, "
-                    f"or revoke {current.serial} (reason superseded) before enrolling for {profile.name!r}",
+                    f"{current.serial}); a user holds one encryption certificate at a time: renew that one, or "
+                    f"ask for a replacement explicitly (replace: true), which supersedes it",
                     serial=current.serial, profile=other.name)
+            return current.serial
+        return None
 
     def _password(self, payload: dict) -> str | None:
         password = _optional(payload, "password", str)

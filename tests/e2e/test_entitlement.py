@@ -137,8 +137,10 @@ def test_one_default_encryption_profile_and_one_current_encryption_certificate_p
     assert (f"already has a current encryption certificate of profile 'smime-encryption' (serial {rsa.serial})"
             in second.stderr)
     assert [c.serial for c in certificates(demo, email, usage="encryption")] == [rsa.serial]
-    # Replacing the current one stays the way to a new encryption certificate.
-    demo.agent("enroll", "--email", email, "--replace")
+    # An explicit replacement for the other profile supersedes the current one, and only it is published.
+    demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", "--replace")
     (current,) = certificates(demo, email, usage="encryption", status="valid")
-    assert current.replaces == rsa.serial
-    assert ldap_certificates(demo, email)[0] == current.der
+    assert (current.profile, current.replaces) == ("smime-encryption-ec", rsa.serial)
+    assert [c.status for c in certificates(demo, email, serial=rsa.serial)] == ["superseded"]
+    published = ldap_certificates(demo, email)
+    assert published[0] == current.der and rsa.der not in published
