@@ -1,8 +1,7 @@
-"""The escaping helpers: every LDAP filter value and DN part built from input goes through here."""
+"""The escaping helpers: every LDAP filter value built from input goes through here; DNs go through
+registration_app/core/dn.py (the one normaliser), group names through resolve_group_dn."""
 
 from __future__ import annotations
-
-from ldap3.utils.dn import escape_rdn
 
 from registration_app.core.dn import InvalidDn, group_dn
 from registration_app.core.errors import BadRequest
@@ -18,11 +17,6 @@ def filter_value(value: str) -> str:
     does not depend on ldap3's encoding guesses.
     """
     return "".join(_FILTER_SPECIAL.get(ord(ch), ch) for ch in value)
-
-
-def rdn_value(value: str) -> str:
-    """Escape one attribute value for use inside a DN (RFC 4514)."""
-    return escape_rdn(value)
 
 
 def resolve_group_dn(group: str, groups_base: str) -> str:

@@ -58,6 +58,8 @@ def parse_profiles(tables: Mapping[str, Mapping]) -> dict[str, Profile]:
         unknown = set(table) - _FIELDS
         if unknown:
             raise ConfigError(f"profile {name!r}: unknown keys {sorted(unknown)}")
+        if "usage" not in table:
+            raise ConfigError(f"profile {name!r}: usage is required (\"signature\" or \"encryption\")")
         try:
             profile = Profile(
                 name=name,
