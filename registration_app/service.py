@@ -128,7 +128,6 @@ class RegistrationAuthority:
             raise Conflict(f"certificate {renews} is not the current {profile.name!r} certificate of {email} "
                            f"(already renewed, revoked or unknown){newer}",
                            current=current.serial if current else "")
-        other = self._other_encryption(email, profile, replace, now)
         if current is not None and not replace:
             opens = server_window_opens(current.not_before, current.not_after, profile.renew_window_days)
             if now < opens:
@@ -136,8 +135,10 @@ class RegistrationAuthority:
                     f"{email} already has a current {profile.name!r} certificate (serial {current.serial}, "
                     f"valid until {current.not_after:%Y-%m-%d}); renewal opens on {opens:%Y-%m-%d}, "
                     "or ask for a replacement explicitly (replace: true)", serial=current.serial)
-        if current is None and other is not None:  # the replacement supersedes the other profile's one
-            return other
+        if current is None:  # a renewal keeps the user's encryption certificate one; a new one may not make two
+            other = self._other_encryption(email, profile, replace, now)
+            if other is not None:  # an explicit replacement supersedes the other profile's certificate
+                return other
         return latest.serial if latest is not None else None
 
     def _other_encryption(self, email: str, profile: Profile, replace: bool, now: datetime) -> str | None:

@@ -144,3 +144,26 @@ def test_one_default_encryption_profile_and_one_current_encryption_certificate_p
     assert [c.status for c in certificates(demo, email, serial=rsa.serial)] == ["superseded"]
     published = ldap_certificates(demo, email)
     assert published[0] == current.der and rsa.der not in published
+
+
+def test_a_user_who_already_holds_two_encryption_certificates_can_still_renew_each(demo, new_user):
+    """Issued before the one-certificate rule (or under coexist): renewals keep working, nothing new is added."""
+    from registration_app.authorities.key_authority import IssueRequest
+    from registration_app.services import build_services
+    from registration_app.settings import load_settings
+    _, email = new_user(groups=("smime-users",))
+    invite_and_bootstrap(demo, email)
+    demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec")
+    services = build_services(load_settings(demo.config))
+    try:  # the second one straight from the key authority, past the RA's rule
+        services.key_authority.issue(IssueRequest(
+            user=services.directory.find_user(email), profile=services.settings.profiles["smime-encryption"],
+            actor="test", password="x"))
+    finally:
+        services.close()
+    assert "renewed certificate" in demo.agent("renew", "--email", email, "--profile", "smime-encryption-ec",
+                                               "--force").stdout
+    demo.agent("enroll", "--email", email, "--profile", "smime-encryption", "--replace")  # its own replacement
+    current = certificates(demo, email, usage="encryption", status="valid")
+    assert sorted(c.profile for c in current) == ["smime-encryption", "smime-encryption-ec"]
+    assert all(c.replaces is not None for c in current)
