@@ -69,11 +69,18 @@ def test_bob_is_refused_at_invite_as_the_readme_and_make_run_say(demo):
 
 def test_a_lookalike_group_elsewhere_in_the_tree_entitles_nobody(demo, ldap_admin, new_user):
     dn, email = new_user()
+    holder_dn, holder = new_user(groups=("smime-users",))
+    invite_and_bootstrap(demo, holder)  # entitled then; later only in the lookalike group
+    assert ldap_admin.modify(SMIME_USERS, {"member": [(MODIFY_DELETE, [holder_dn])]})
     lookalike = "cn=smime-users,ou=people,dc=example,dc=org"  # where a user with write access could make one
-    assert ldap_admin.add(lookalike, ["groupOfNames"], {"cn": "smime-users", "member": [dn]}), ldap_admin.result
+    assert ldap_admin.add(lookalike, ["groupOfNames"], {"cn": "smime-users", "member": [dn, holder_dn]}), \
+        ldap_admin.result
     try:
         assert "not a member of a group entitled to profile 'smime-signature'" in refusal_of_invite(demo, email)
         assert codes_of(demo, email) == []
+        refused = demo.agent("enroll", "--email", holder, check=False)
+        assert refused.returncode == 1 and "not_entitled" in refused.stderr
+        assert certificates(demo, holder, usage="encryption") == []
     finally:
         assert ldap_admin.delete(lookalike)
 
