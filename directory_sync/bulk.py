@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from directory_sync.ldap import (CERT_ATTR, LdapDirectory, _fast_result_code, bound_pyldap_connection,
-                                  modify_operations, plan_publication, translate_pyldap_error)
+                                  modify_operations, translate_pyldap_error)
+from directory_sync.plan import Wanted, plan_values
 from registration_app.core.errors import AutoenrollError, UserNotFound
 
 try:  # python-ldap: C bindings to libldap (Debian libldap2-dev + libsasl2-dev to build it)
@@ -38,7 +39,7 @@ PAGE_SIZE = 1000
 WINDOW = 100  # modifies in one transaction, or in flight on one connection
 _UNANSWERED = object()
 Entry = tuple[str, dict[str, list[bytes]]]
-Change = tuple[str, list[bytes], list[bytes], list[bytes]]  # (dn, current, add, remove) as for publish()
+Change = tuple[str, list[bytes], Wanted]  # (dn, values as read, what our records want) as for publish()
 
 
 class BulkDirectory:
@@ -109,24 +110,25 @@ class BulkDirectory:
         return {k.lower(): v for k, v in result[0][1].items()} if result else None
 
     # --- writing ---------------------------------------------------------------------------------
-    def publish(self, dn: str, current: list[bytes], add: list[bytes], remove: list[bytes]) -> bool:
-        """Bring `dn`'s userCertificate;binary from `current` (as just read) to what `add`/`remove`
-        ask, in one modify, values of other issuers untouched. True if a modify was sent.
+    def publish(self, dn: str, current: list[bytes], wanted: Wanted) -> bool:
+        """Bring `dn`'s userCertificate;binary from `current` (as just read) to what `wanted` asks
+        (plan.plan_values), in one modify. True if a modify was sent.
 
-        If the entry changed since it was read (the modify fails as a whole on a value that exists or
-        is missing), LdapDirectory.publish reads it again and retries.
+        The scan read no entryCSN, so this modify carries no assertion; deleting by value makes it
+        fail as a whole if a value it moves or removes changed meanwhile, and then
+        LdapDirectory.publish reads the entry again and publishes with the assertion.
         """
-        deletes, adds = plan_publication(current, add, remove)
-        if not deletes and not adds:
+        plan = plan_values(current, wanted)
+        if not plan.changes:
             return False
         if not self.fast:
-            self.directory.publish(dn, add, remove)
+            self.directory.publish(dn, wanted)
             return True
         conn = self._connection()
         try:
-            conn.modify_ext_s(dn, modify_operations(deletes, adds))
+            conn.modify_ext_s(dn, modify_operations(plan))
         except (_pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
-            self.directory.publish(dn, add, remove)  # someone else wrote meanwhile: read again
+            self.directory.publish(dn, wanted)  # someone else wrote meanwhile: read again
         except _pyldap.NO_SUCH_OBJECT as exc:
             raise UserNotFound("The directory entry does not exist") from exc
         except _pyldap.LDAPError as exc:
@@ -146,10 +148,10 @@ class BulkDirectory:
             return [_outcome(self.publish, *change) for change in changes]
         outcomes: list = [_UNANSWERED] * len(changes)
         planned = []  # (index in changes, modlist)
-        for index, (dn, current, add, remove) in enumerate(changes):
-            deletes, adds = plan_publication(current, add, remove)
-            if deletes or adds:
-                planned.append((index, modify_operations(deletes, adds)))
+        for index, (dn, current, wanted) in enumerate(changes):
+            plan = plan_values(current, wanted)
+            if plan.changes:
+                planned.append((index, modify_operations(plan)))
             else:
                 outcomes[index] = None
         try:
@@ -206,12 +208,12 @@ class BulkDirectory:
         """The chunk's modifies sent without waiting for each answer; records each outcome."""
         sent = [(index, conn.modify_ext(changes[index][0], ops)) for index, ops in chunk]
         for index, msgid in sent:
-            dn, _, add, remove = changes[index]
+            dn, _, wanted = changes[index]
             try:
                 conn.result3(msgid, timeout=self.settings.timeout_seconds)
                 outcomes[index] = None
             except (_pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
-                outcomes[index] = _outcome(self.directory.publish, dn, add, remove)  # changed meanwhile: read again
+                outcomes[index] = _outcome(self.directory.publish, dn, wanted)  # changed meanwhile: read again
             except _pyldap.LDAPError as exc:
                 if _fast_result_code(exc) is None:  # no answer from the server
                     raise

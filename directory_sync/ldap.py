@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from cryptography import x509
 from ldap3 import (BASE, IP_SYSTEM_DEFAULT, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE, NONE, SUBTREE, Connection,
                    Server)
 from ldap3.core import exceptions as ldap_exc
@@ -30,6 +29,7 @@ from ldap3.utils.dn import parse_dn
 
 from directory_sync.config import LdapSettings
 from directory_sync.escape import check_email, filter_value, resolve_group_dn
+from directory_sync.plan import Plan, Wanted, plan_values
 from registration_app.core.dn import dn_key  # lenient: DNs read back from LDAP are compared, never refused
 from registration_app.core.errors import AmbiguousUser, AutoenrollError, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import UserEntry
@@ -156,20 +156,18 @@ class LdapDirectory:
             yield self._user_entry(entry)
 
     # --- publication ---------------------------------------------------------------------------
-    def publish(self, user: UserEntry | str, add: list[bytes], remove: list[bytes]) -> None:
-        """Add and remove userCertificate;binary values in ONE modify; idempotent; others' values untouched.
+    def publish(self, user: UserEntry | str, wanted: Wanted) -> None:
+        """Bring the entry's userCertificate;binary to what `wanted` asks (plan.plan_values: our current
+        encryption certificate first, other issuers' values kept byte for byte) in ONE modify; idempotent.
 
-        The entry is read first, so only absent values are added and only present values deleted.
-        GnuPG's dirmngr uses only the first value, and OpenLDAP appends added values: so among the values
-        of the issuers of `add`/`remove` ("ours"), the order is encryption certificates first, newest
-        first (see `plan_publication`), and values of ours that must move are deleted and re-added in
-        the same modify. If another writer changes the attribute between our read and our modify, the
-        modify fails as a whole and we read again (up to three times).
+        The modify is planned against the entry as read (or as `user`, an entry this request read,
+        holds it) and asserts (RFC 4528) that the entry's entryCSN is still the one read: if another
+        writer changed the entry meanwhile, nothing is applied and we read and plan again.
         """
         dn = user.dn if isinstance(user, UserEntry) else user
         if _pyldap is not None:
             seen = user if isinstance(user, UserEntry) and user.version else None
-            self._run_fast(lambda conn: _fast_publish(conn, dn, add, remove, self.settings, seen=seen))
+            self._run_fast(lambda conn: _fast_publish(conn, dn, wanted, self.settings, seen=seen))
             return
 
         def work(conn: Connection) -> None:
@@ -177,11 +175,11 @@ class LdapDirectory:
                 conn.search(dn, "(objectClass=*)", BASE, attributes=[CERT_ATTR])
                 _check(conn)
                 current = _values(_entries(conn)[0], CERT_ATTR) if conn.response else []
-                deletes, adds = plan_publication(current, add, remove)
-                if not deletes and not adds:
+                plan = plan_values(current, wanted)
+                if not plan.changes:
                     return
-                ops = [(MODIFY_DELETE, deletes)] if deletes else []
-                ops += [(MODIFY_ADD, adds)] if adds else []
+                ops = [(MODIFY_DELETE, list(plan.deletes))] if plan.deletes else []
+                ops += [(MODIFY_ADD, list(plan.adds))] if plan.adds else []
                 conn.modify(dn, {CERT_ATTR: ops})
                 if _check(conn, NO_SUCH_ATTRIBUTE, ATTRIBUTE_OR_VALUE_EXISTS) == SUCCESS:
                     return
@@ -406,51 +404,6 @@ class LdapDirectory:
             raise _translate(exc) from exc
 
 
-def plan_publication(current: list[bytes], add: list[bytes],
-                     remove: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """(values to delete, values to add, in order) turning `current` into what publish wants. Pure.
-
-    "Ours" are the values whose issuer is the issuer of a value in `add` or `remove`; the others are
-    never touched. Wanted order among ours: encryption-capable first, then newer notBefore first,
-    new values before old ones on ties. OpenLDAP can only delete and append, so the longest prefix of
-    ours already in that order stays, the rest of ours is deleted and re-added.
-    """
-    add = list(dict.fromkeys(add))
-    removing = set(remove) - set(add)
-    issuers = {i for i in map(_issuer, [*add, *remove]) if i is not None}
-    kept_ours = [v for v in current if v not in removing and _issuer(v) in issuers]
-    wanted = sorted(dict.fromkeys([*add, *kept_ours]), key=_rank)
-    same = 0
-    while same < min(len(kept_ours), len(wanted)) and kept_ours[same] == wanted[same]:
-        same += 1
-    deletes = [v for v in current if v in removing] + kept_ours[same:]
-    return deletes, wanted[same:]
-
-
-def _parse(der: bytes) -> x509.Certificate | None:
-    try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError:
-        return None
-
-
-def _issuer(der: bytes) -> bytes | None:
-    cert = _parse(der)
-    return cert.issuer.public_bytes() if cert else None
-
-
-def _rank(der: bytes) -> tuple[int, float]:
-    cert = _parse(der)
-    if cert is None:
-        return (1, 0.0)
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        encrypts = usage.key_encipherment or usage.key_agreement or usage.data_encipherment
-    except x509.ExtensionNotFound:
-        encrypts = True  # no KeyUsage: any use
-    return (0 if encrypts else 1, -cert.not_valid_before_utc.timestamp())
-
-
 def _check(conn: Connection, *allowed: int) -> int:
     """The result code of the last operation if it is success or `allowed`; else the project's error."""
     code = conn.result["result"]
@@ -491,42 +444,48 @@ def _fast_search(conn, base: str, flt: str, attributes: list[str], settings: Lda
     return [{"dn": dn, "raw_attributes": attrs} for dn, attrs in found if dn is not None]
 
 
-def _fast_publish(conn, dn: str, add: list[bytes], remove: list[bytes], settings: LdapSettings, *,
-                  seen: UserEntry | None = None) -> None:
-    """LdapDirectory.publish's read + one modify on a python-ldap connection (same plan, same retries).
+def _fast_publish(conn, dn: str, wanted: Wanted, settings: LdapSettings, *, seen: UserEntry | None = None) -> None:
+    """LdapDirectory.publish on a python-ldap connection: plan, then one modify asserting the entryCSN.
 
-    `seen` (the entry as this request read it, with its entryCSN) spares the read: the modify is planned
-    against its values and carries an assertion (RFC 4528) that the entry has not changed since. If it
-    has (or the server does not take the control), the entry is read and the modify planned again."""
-    if seen is not None:
-        deletes, adds = plan_publication(list(seen.certificates), add, remove)
-        if deletes or adds:
-            assertion = _AssertionControl(True, f"({VERSION_ATTR}={filter_value(seen.version)})")
-            try:
-                conn.modify_ext_s(dn, modify_operations(deletes, adds), serverctrls=[assertion])
+    `seen` (the entry as this request read it, with its entryCSN) spares the first read (but not the
+    conclusion that nothing is to be done, which only a fresh read can tell). A modify
+    refused because the entry changed (assertion failed, or a value to delete is gone or one to add is
+    there) is planned again on a fresh read. A server that does not take the assertion control gets
+    the same modify without it: deleting by value still refuses to apply over a concurrent removal.
+    """
+    asserting, fresh = True, seen is None
+    current, version = (list(seen.certificates), seen.version) if seen is not None else (None, None)
+    for _ in range(4):
+        if current is None:
+            fresh = True
+            found = conn.search_ext_s(dn, _pyldap.SCOPE_BASE, "(objectClass=*)", [CERT_ATTR, VERSION_ATTR],
+                                      timeout=settings.timeout_seconds)
+            attrs = {"raw_attributes": found[0][1]} if found else {}
+            current = _values(attrs, CERT_ATTR)
+            version = b"".join(_values(attrs, VERSION_ATTR)[:1]).decode("ascii", "replace")
+        plan = plan_values(current, wanted)
+        if not plan.changes:
+            if fresh:
                 return
-            except (_pyldap.ASSERTION_FAILED, _pyldap.UNAVAILABLE_CRITICAL_EXTENSION,
-                    _pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
-                pass  # changed since it was read (or no assertions here): read it now
-    for _ in range(3):
-        found = conn.search_ext_s(dn, _pyldap.SCOPE_BASE, "(objectClass=*)", [CERT_ATTR],
-                                  timeout=settings.timeout_seconds)
-        current = _values({"raw_attributes": found[0][1]}, CERT_ATTR) if found else []
-        deletes, adds = plan_publication(current, add, remove)
-        if not deletes and not adds:
-            return
+            current = None  # nothing to do on the entry as the request read it: make sure it still is so
+            continue
+        controls = [_AssertionControl(True, f"({VERSION_ATTR}={filter_value(version)})")] \
+            if asserting and version else None
         try:
-            conn.modify_ext_s(dn, modify_operations(deletes, adds))
+            conn.modify_ext_s(dn, modify_operations(plan), serverctrls=controls)
             return
-        except (_pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
-            continue  # another writer changed the attribute since our read: read again
+        except _pyldap.UNAVAILABLE_CRITICAL_EXTENSION:
+            asserting = False  # no assertions on this server: plan again, modify without
+        except (_pyldap.ASSERTION_FAILED, _pyldap.TYPE_OR_VALUE_EXISTS, _pyldap.NO_SUCH_ATTRIBUTE):
+            pass  # another writer changed the entry since it was read
+        current = None
     raise DirectoryUnavailable("The directory entry keeps changing; try again later")
 
 
-def modify_operations(deletes: list[bytes], adds: list[bytes]) -> list[tuple]:
-    """python-ldap's modlist for one publication: the deletes, then the adds, in one modify."""
-    return ([(_pyldap.MOD_DELETE, CERT_ATTR, deletes)] if deletes else []) + \
-           ([(_pyldap.MOD_ADD, CERT_ATTR, adds)] if adds else [])
+def modify_operations(plan: Plan) -> list[tuple]:
+    """python-ldap's modlist for one plan: the deletes, then the adds in order, in one modify."""
+    return ([(_pyldap.MOD_DELETE, CERT_ATTR, list(plan.deletes))] if plan.deletes else []) + \
+           ([(_pyldap.MOD_ADD, CERT_ATTR, list(plan.adds))] if plan.adds else [])
 
 
 def _fast_result_code(exc) -> int | None:

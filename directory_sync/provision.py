@@ -37,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from directory_sync.bulk import BulkDirectory, values
 from directory_sync.escape import filter_value
 from directory_sync.ldap import CERT_ATTR
-from directory_sync.publisher import desired_values
+from directory_sync.plan import wanted_values
 from directory_sync.reconcile import Entitlement, LdapUser, dn_key
 from registration_app.authorities.ca import ToRecord, serial_hex
 from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
@@ -268,21 +268,21 @@ class Provisioner:
             item.outbox, item.outbox_id = outbox, outbox.id
 
     # -- publication (called from the publishing thread) ------------------------------------------
-    def publication_jobs(self, items: list[_Item], now: datetime) -> list[tuple[str, list, list, list, int]]:
-        """(dn, values read by the member scan, values to show, ours to remove, outbox id) per user."""
+    def publication_jobs(self, items: list[_Item], now: datetime) -> list[tuple]:
+        """(dn, values read by the member scan, what our records want (plan.Wanted), outbox id) per user."""
         dns = [i.member.dn for i in items]
         rows: dict[str, list] = {}
         table = Certificate.__table__
         columns = [table.c[name] for name in ("user_dn", "der", "status", "profile", "usage", "not_after",
                                               "issued_at")]
-        with self.db.read_connection() as conn:  # plain rows: what desired_values reads, no ORM objects
+        with self.db.read_connection() as conn:  # plain rows: what wanted_values reads, no ORM objects
             for start in range(0, len(dns), 500):
                 for cert in conn.execute(select(*columns).where(table.c.user_dn.in_(dns[start:start + 500]))):
                     rows.setdefault(cert.user_dn, []).append(cert)
         jobs = []
         for item in items:
-            add, remove = desired_values(rows.get(item.member.dn, []), self.settings.profiles, now)
-            jobs.append((item.member.dn, list(item.member.certificates), add, remove, item.outbox_id))
+            wanted = wanted_values(rows.get(item.member.dn, []), self.settings.profiles, now)
+            jobs.append((item.member.dn, list(item.member.certificates), wanted, item.outbox_id))
         return jobs
 
 
@@ -344,7 +344,7 @@ def _publish_batch(jobs) -> tuple[list[int], int]:
     if _BULK is None:
         from directory_sync.ldap import LdapDirectory
         _BULK = BulkDirectory(LdapDirectory(_FORKED_LDAP))  # never a connection of the parent's
-    outcomes = _BULK.publish_many([(dn, current, add, remove) for dn, current, add, remove, _ in jobs])
+    outcomes = _BULK.publish_many([(dn, current, wanted) for dn, current, wanted, _ in jobs])
     done = [job[-1] for job, error in zip(jobs, outcomes) if error is None]
     for (dn, *_), error in zip(jobs, outcomes):
         if error is not None:

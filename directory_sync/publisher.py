@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 
-from registration_app.core.errors import AutoenrollError, UserNotFound
+from directory_sync.plan import Wanted, wanted_values
+from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import Profile, UserEntry
 from registration_app.store import audit
 from registration_app.store.db import Database
@@ -42,26 +43,18 @@ CLAIM = timedelta(seconds=60)
 MAX_BACKOFF = 300.0
 CRL_CHECK_SECONDS = 60.0
 USER_GONE = "user gone"
-
-
-def desired_values(certs: list[Certificate], profiles: dict[str, Profile], now: datetime
-                   ) -> tuple[list[bytes], list[bytes]]:
-    """(values to show, in order; values of ours to remove) — a pure function of our records."""
-    def shown(c: Certificate) -> bool:
-        if c.not_after <= now:
-            return False
-        if c.status == "valid":
-            return True
-        profile = profiles.get(c.profile)
-        return c.status == "superseded" and profile is not None and profile.keep_superseded
-
-    keep = sorted((c for c in certs if shown(c)),
-                  key=lambda c: (c.status != "valid", c.usage != "encryption", -c.issued_at.timestamp()))
-    gone = [c.der for c in certs if not shown(c)]
-    return [c.der for c in keep], gone
+# Publications of one user in a row, each planned from a newer read of our records, before the rows are
+# left to the worker (see Publisher.sync_user).
+CONVERGE_ROUNDS = 5
 
 
 _OUTBOX = Outbox.__table__
+_CERTIFICATES = Certificate.__table__
+# What wanted_values reads of a user's rows (the columns of repos.certificates_of), for one user or many.
+_ROW_COLUMNS = [_CERTIFICATES.c[name] for name in ("der", "status", "profile", "usage", "not_after", "issued_at")]
+_ROWS_OF = select(*_ROW_COLUMNS).where(_CERTIFICATES.c.user_dn == bindparam("dn"))
+_ROWS_OF_MANY = select(_CERTIFICATES.c.user_dn, *_ROW_COLUMNS).where(
+    _CERTIFICATES.c.user_dn.in_(bindparam("dns", expanding=True)))
 _MARK_DONE = update(_OUTBOX).where(_OUTBOX.c.done_at.is_(None)).returning(_OUTBOX.c.id)
 
 
@@ -177,13 +170,53 @@ class Publisher:
     def sync_user(self, user_dn: str, now: datetime | None = None, *, certs: list | None = None,
                   entry: UserEntry | None = None) -> None:
         """Bring the user's entry in line with our records (`certs`: the user's rows, if just read;
-        `entry`: the directory entry, if just read, which spares the directory a read)."""
+        `entry`: the directory entry, if just read, which spares the directory a read).
+
+        A publication planned from rows read before a concurrent change (a revocation committed after
+        an enrollment read the user's rows) would put the older truth back over the newer
+        publication. So after the modify the rows are read again: if what they want differs from
+        what was just published, the user is published again from the newer rows. Any change that
+        commits after that read queues its own publication, which runs after this modify; so
+        whichever publication writes last has checked the database after writing, and the directory
+        ends with the database's truth without waiting for the worker or reconcile.
+        """
         now = now or datetime.now(timezone.utc)
         if certs is None:
-            with self.db.read() as session:
-                certs = certificates_of(session, user_dn)
-        add, remove = desired_values(certs, self.profiles, now)
-        self.directory.publish(entry if entry is not None and entry.dn == user_dn else user_dn, add, remove)
+            certs = self._certificates_of(user_dn)
+        wanted = wanted_values(certs, self.profiles, now)
+        target = entry if entry is not None and entry.dn == user_dn else user_dn
+        for _ in range(CONVERGE_ROUNDS):
+            self.directory.publish(target, wanted)
+            newer = wanted_values(self._certificates_of(user_dn), self.profiles, now)
+            if newer.shown == wanted.shown:
+                return
+            log.info("event=publish.again dn=%r why=records_changed", user_dn)
+            wanted, target = newer, user_dn
+        raise DirectoryUnavailable("our records of this user keep changing; the outbox publishes them later")
+
+    def converge(self, published: dict[str, Wanted], now: datetime) -> int:
+        """After publications planned from rows read earlier (reconcile, provisioning): read the rows of
+        those users again and publish (sync_user) each whose records changed meanwhile. Returns how
+        many were published again; a failure leaves that user to the outbox rows of the change."""
+        dns, again = list(published), 0
+        for start in range(0, len(dns), 500):
+            chunk = dns[start:start + 500]
+            rows: dict[str, list] = {}
+            for row in self.db.query(_ROWS_OF_MANY, {"dns": chunk}):
+                rows.setdefault(row.user_dn, []).append(row)
+            for dn in chunk:
+                if wanted_values(rows.get(dn, []), self.profiles, now).shown == published[dn].shown:
+                    continue
+                try:
+                    self.sync_user(dn, now=now)
+                    again += 1
+                except AutoenrollError as exc:
+                    log.warning("event=publish.converge_deferred dn=%r error=%r", dn, exc.detail)
+        return again
+
+    def _certificates_of(self, user_dn: str) -> list:
+        """The user's rows as committed now (one statement, its own snapshot)."""
+        return self.db.query(_ROWS_OF, {"dn": user_dn})
 
     def sync_ca(self) -> None:
         with self.db.read() as session:

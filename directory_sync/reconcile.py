@@ -7,7 +7,7 @@ One pass compares what LDAP shows with what the database knows, in memory, in di
   entry was renamed (found again by mail under one other DN) is followed, not revoked;
 - this CA's values that should not be there (revoked, expired, superseded, another user's) are
   removed, current ones that are missing are added, and ours are put back in the order mail clients
-  need (current encryption certificate first, see ldap.plan_publication);
+  need (current encryption certificate first, see plan.py);
 - values from other issuers are never touched; escrowed keys are never deleted.
 
 A full pass reads every user with mail, memberOf and userCertificate;binary in one paged search
@@ -35,7 +35,8 @@ from sqlalchemy import or_, select, update
 from directory_sync.bulk import BulkDirectory, values
 from directory_sync.escape import filter_value
 from directory_sync.ldap import CERT_ATTR
-from directory_sync.publisher import USER_GONE, desired_values
+from directory_sync.plan import Wanted, plan_values, wanted_values
+from directory_sync.publisher import USER_GONE
 from registration_app.core.dn import dn_key  # the one DN normaliser; also the dict key on 100,000 users
 from registration_app.core.entitlement import is_entitled
 from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
@@ -92,7 +93,7 @@ class Revocation:
 @dataclass(frozen=True)
 class UserPlan:
     revoke: tuple[Revocation, ...] = ()
-    publish: tuple[tuple[bytes, ...], tuple[bytes, ...]] | None = None  # (add, remove) or None
+    publish: Wanted | None = None  # what the entry must be brought to, or None when it is in line
 
     @property
     def empty(self) -> bool:
@@ -142,11 +143,6 @@ class ReconcileReport:
 
 
 # --- the decision for one user (pure) --------------------------------------------------------------
-def wanted_order(rows: Iterable[CertRow]) -> list[bytes]:
-    """Our values as plan_publication orders them: encryption first, then newest notBefore first."""
-    return [r.der for r in sorted(rows, key=lambda r: (r.usage != "encryption", -r.not_before.timestamp()))]
-
-
 def plan_user(user: LdapUser | None, rows: list[CertRow], *, profiles: dict[str, Profile],
               entitled: Callable[[LdapUser, Profile], bool], now: datetime,
               known_ours: dict[bytes, str] | None = None) -> UserPlan:
@@ -166,16 +162,13 @@ def plan_user(user: LdapUser | None, rows: list[CertRow], *, profiles: dict[str,
             revoke.append(Revocation(r.serial, r.email, user.dn, r.profile, NOT_ENTITLED))
     gone = {r.serial for r in revoke}
     after = [replace(r, status="revoked") if r.serial in gone else r for r in rows]
-    add, remove = desired_values(after, profiles, now)
-    shown = set(add)
-    wanted = wanted_order(r for r in after if r.der in shown)
     known = known_ours if known_ours is not None else {}
     mine = {r.der for r in rows}
-    current_ours = [v for v in user.certificates if v in mine or v in known]
-    if current_ours == wanted:
+    strays = [v for v in user.certificates if v in known and v not in mine]
+    wanted = wanted_values(after, profiles, now, strays=strays)  # the order of plan.py, as everywhere
+    if not plan_values(user.certificates, wanted).changes:
         return UserPlan(revoke=tuple(revoke))
-    strays = [v for v in current_ours if v not in shown and v not in mine]
-    return UserPlan(revoke=tuple(revoke), publish=(tuple(wanted), tuple(remove + strays)))
+    return UserPlan(revoke=tuple(revoke), publish=wanted)
 
 
 # --- entitlement ---------------------------------------------------------------------------------
@@ -376,6 +369,7 @@ class Reconciler:
         rows = self._revocation_rows(revoked)
         done: list[int] = []  # the outbox rows of our revocations, published by this pass itself
         gone: list[int] = []
+        published: dict[str, Wanted] = {}
         for key, plan in plans.items():
             user = users.get(key)
             mine = [i for r in plan.revoke for i in rows.get(r.serial, ())]
@@ -383,9 +377,9 @@ class Reconciler:
                 gone += mine
                 continue
             if plan.publish is not None:
-                add, remove = plan.publish
                 try:
-                    bulk.publish(user.dn, list(user.certificates), list(add), list(remove))
+                    bulk.publish(user.dn, list(user.certificates), plan.publish)
+                    published[user.dn] = plan.publish
                 except UserNotFound:
                     report.errors.append((user.dn, "the entry disappeared during the pass"))
                     continue
@@ -400,6 +394,9 @@ class Reconciler:
             done += mine
         self.publisher.complete(done)  # one transaction per 500 rows, not two per user
         self.publisher.complete(gone, note=USER_GONE)
+        # The pass planned from rows read at its start: users whose records changed since (a revocation
+        # that raced the pass) are published again from their rows now.
+        self.publisher.converge(published, now)
         if revoked:
             self.publisher.drain(limit=100000)  # the new CRL to the CA entry, and anything else due
 

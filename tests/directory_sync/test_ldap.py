@@ -9,7 +9,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from ldap3 import MODIFY_ADD
 
-from directory_sync.ldap import LdapDirectory, plan_publication
+from directory_sync.ldap import LdapDirectory
+from directory_sync.plan import Wanted
 from registration_app.core.errors import AmbiguousUser, BadRequest, DirectoryUnavailable, UserNotFound
 from tests.directory_sync.certs import cert, crl
 
@@ -121,73 +122,76 @@ def test_paged_search_beyond_one_page(slapd, ldap_admin):
 
 
 # --- publication -----------------------------------------------------------------------------------
-def test_publish_adds_removes_idempotently_and_leaves_foreign_values(directory, ldap_admin, new_user):
+def test_publish_adds_removes_idempotently_and_keeps_foreign_values_after_ours(directory, ldap_admin, new_user):
     dn, email = new_user()
     foreign = cert("Other CA", email, encryption=True)
     assert ldap_admin.modify(dn, {"userCertificate;binary": [(MODIFY_ADD, [foreign])]})
     old = cert("Autoenroll CA", email, encryption=True, age_days=30)
     user = directory.find_user(email)
-    directory.publish(user, add=[old], remove=[])
-    directory.publish(user, add=[old], remove=[])  # again: nothing changes, no error
-    assert certificates(directory, email) == [foreign, old]
+    directory.publish(user, Wanted(first=(old,)))
+    directory.publish(user, Wanted(first=(old,)))  # again: nothing changes, no error
+    assert certificates(directory, email) == [old, foreign]  # ours first: dirmngr passes on only value 1
 
     new = cert("Autoenroll CA", email, encryption=True)
     for _ in range(2):
-        directory.publish(user.dn, add=[new], remove=[old])
-        assert certificates(directory, email) == [foreign, new]
-    directory.publish(user, add=[], remove=[new, cert("Autoenroll CA", email, encryption=True)])
+        directory.publish(user.dn, Wanted(first=(new,), remove=frozenset({old})))
+        assert certificates(directory, email) == [new, foreign]
+    directory.publish(user, Wanted(remove=frozenset({new, cert("Autoenroll CA", email, encryption=True)})))
     assert certificates(directory, email) == [foreign]
 
 
-def test_new_encryption_certificate_comes_first_among_ours(directory, new_user):
+def test_encryption_certificates_first_signature_ones_after_the_others(directory, ldap_admin, new_user):
     dn, email = new_user()
+    foreign = cert("Other CA", email, encryption=False)
+    assert ldap_admin.modify(dn, {"userCertificate;binary": [(MODIFY_ADD, [foreign])]})
     signing = cert("Autoenroll CA", email, encryption=False, age_days=10)
     old_enc = cert("Autoenroll CA", email, encryption=True, age_days=20)
-    directory.publish(dn, add=[signing], remove=[])
-    directory.publish(dn, add=[old_enc], remove=[])
-    assert certificates(directory, email) == [old_enc, signing]  # encryption first: dirmngr takes value 1
+    directory.publish(dn, Wanted(last=(signing,)))
+    assert certificates(directory, email) == [foreign, signing]  # no encryption certificate of ours yet
+    directory.publish(dn, Wanted(first=(old_enc,), last=(signing,)))
+    assert certificates(directory, email) == [old_enc, foreign, signing]
 
     new_enc = cert("Autoenroll CA", email, encryption=True)
-    directory.publish(dn, add=[new_enc], remove=[])  # keep the superseded one (keep_superseded)
-    assert certificates(directory, email) == [new_enc, old_enc, signing]
+    directory.publish(dn, Wanted(first=(new_enc, old_enc), last=(signing,)))  # old one kept (keep_superseded)
+    assert certificates(directory, email) == [new_enc, old_enc, foreign, signing]
 
     new_signing = cert("Autoenroll CA", email, encryption=False)
-    directory.publish(dn, add=[new_signing], remove=[signing])  # a signature renewal does not jump ahead
-    assert certificates(directory, email) == [new_enc, old_enc, new_signing]
+    directory.publish(dn, Wanted(first=(new_enc, old_enc), last=(new_signing,), remove=frozenset({signing})))
+    assert certificates(directory, email) == [new_enc, old_enc, foreign, new_signing]
 
 
-def test_publish_planned_on_a_stale_entry_reads_again(directory, new_user):
+def test_publish_planned_on_a_stale_entry_reads_again(directory, ldap_admin, new_user):
     """An entry read earlier in the request spares publication a read only while it is unchanged
     (entryCSN asserted with the modify); if another writer changed it meanwhile, the result is what a
-    fresh read would have given: the newest encryption certificate first, nothing lost."""
+    fresh read would have given: our newest encryption certificate first, nothing lost."""
     dn, email = new_user()
     stale = directory.find_user(email)
     assert stale.version  # OpenLDAP's entryCSN, read with the entry
-    signing = cert("Autoenroll CA", email, encryption=False, age_days=10)
-    directory.publish(dn, add=[signing], remove=[])  # another writer, after our read
+    foreign = cert("Other CA", email, encryption=False)
+    assert ldap_admin.modify(dn, {"userCertificate;binary": [(MODIFY_ADD, [foreign])]})  # after our read
     enc = cert("Autoenroll CA", email, encryption=True)
-    directory.publish(stale, add=[enc, signing], remove=[])
-    assert certificates(directory, email) == [enc, signing]
+    directory.publish(stale, Wanted(first=(enc,)))  # planned on the stale entry it would add enc behind foreign
+    assert certificates(directory, email) == [enc, foreign]
 
     fresh = directory.find_user(email)
     newer = cert("Autoenroll CA", email, encryption=True)
-    directory.publish(fresh, add=[newer, signing], remove=[enc])  # unchanged since read: no read needed
-    assert certificates(directory, email) == [newer, signing]
+    directory.publish(fresh, Wanted(first=(newer,), remove=frozenset({enc})))  # unchanged since read
+    assert certificates(directory, email) == [newer, foreign]
     assert directory.find_user(email).version != fresh.version
 
 
-def test_plan_publication_moves_only_what_it_must():
-    enc, sig = cert("A", "x@y", encryption=True, age_days=5), cert("A", "x@y", encryption=False, age_days=5)
-    foreign, new = cert("B", "x@y", encryption=True), cert("A", "x@y", encryption=True)
-    assert plan_publication([foreign, enc, sig], [enc], []) == ([], [])
-    assert plan_publication([sig, foreign], [new], [enc]) == ([sig], [new, sig])
-    assert plan_publication([foreign, enc, sig], [new], [enc]) == ([enc, sig], [new, sig])
+def test_foreign_values_keep_their_bytes_when_they_move(directory, ldap_admin, new_user):
+    dn, email = new_user()
+    foreign = [cert("Other CA", email, encryption=False), cert("Third CA", email, encryption=True)]
+    assert ldap_admin.modify(dn, {"userCertificate;binary": [(MODIFY_ADD, foreign)]})
+    enc = cert("Autoenroll CA", email, encryption=True)
+    directory.publish(dn, Wanted(first=(enc,)))
+    assert certificates(directory, email) == [enc, *foreign]  # the same bytes, in the order they had
 
 
 def test_publish_to_a_missing_entry(directory):
     with pytest.raises(UserNotFound):
-        directory.publish("uid=gone,ou=people,dc=example,dc=org", add=[cert("A", "g@x", encryption=True)],
-                          remove=[])
+        directory.publish("uid=gone,ou=people,dc=example,dc=org", Wanted(first=(cert("A", "g@x", encryption=True),)))
 
 
 def test_publish_ca_creates_then_replaces(slapd, directory, ldap_admin):

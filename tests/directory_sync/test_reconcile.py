@@ -44,16 +44,21 @@ def entitled(u: LdapUser, _profile) -> bool:
 # --- the decision (pure) -------------------------------------------------------------------------------
 def test_in_line_user_needs_nothing():
     enc, sig = row("1"), row("2", profile="sig")
-    plan = plan_user(user(b"foreign", enc.der, sig.der), [enc, sig], profiles=PROFILES, entitled=entitled, now=NOW)
+    plan = plan_user(user(enc.der, b"foreign", sig.der), [enc, sig], profiles=PROFILES, entitled=entitled, now=NOW)
     assert plan.empty
+
+
+def test_a_foreign_value_before_our_encryption_certificate_is_put_after_it():
+    enc, sig = row("1"), row("2", profile="sig")
+    plan = plan_user(user(b"foreign", enc.der, sig.der), [enc, sig], profiles=PROFILES, entitled=entitled, now=NOW)
+    assert plan.publish.first == (enc.der,) and plan.publish.last == (sig.der,)
 
 
 def test_user_who_left_the_groups_is_revoked_and_unpublished_foreign_values_kept():
     enc = row("1")
     plan = plan_user(user(b"foreign", enc.der, entitled=False), [enc], profiles=PROFILES, entitled=entitled, now=NOW)
     assert [(r.serial, r.why) for r in plan.revoke] == [("1", NOT_ENTITLED)]
-    add, remove = plan.publish
-    assert add == () and remove == (enc.der,)  # b"foreign" is not ours: never in either list
+    assert plan.publish.shown == () and plan.publish.remove == {enc.der}  # b"foreign" is not ours: never in either
 
 
 def test_user_gone_from_ldap_is_revoked():
@@ -67,18 +72,17 @@ def test_missing_current_value_is_republished_and_stale_ones_removed():
     plan = plan_user(user(old.der, expired.der, sig.der), [old, new, sig, expired], profiles=PROFILES,
                      entitled=entitled, now=NOW)
     assert not plan.revoke
-    add, remove = plan.publish
-    assert add == (new.der, sig.der)  # current encryption certificate first
-    assert set(remove) == {old.der, expired.der}
+    assert plan.publish.shown == (new.der, sig.der)  # current encryption certificate first
+    assert plan.publish.remove == {old.der, expired.der}
 
 
 def test_wrong_order_is_fixed_and_strays_of_other_users_removed():
     enc, sig = row("1"), row("2", profile="sig")
     assert plan_user(user(sig.der, enc.der), [enc, sig], profiles=PROFILES, entitled=entitled,
-                     now=NOW).publish == ((enc.der, sig.der), ())
+                     now=NOW).publish.shown == (enc.der, sig.der)
     plan = plan_user(user(enc.der, b"someone-elses"), [enc], profiles=PROFILES, entitled=entitled, now=NOW,
                      known_ours={b"someone-elses": "uid=other,o=x"})
-    assert plan.publish == ((enc.der,), (b"someone-elses",))
+    assert plan.publish.shown == (enc.der,) and plan.publish.remove == {b"someone-elses"}
 
 
 def test_unknown_profile_is_left_alone():
