@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -57,8 +58,11 @@ store = "agent-store"
 @click.option("--ca-name", default="Autoenroll CA", show_default=True)
 @click.option("--server-name", "server_names", multiple=True, default=("localhost", "127.0.0.1"), show_default=True)
 @click.option("--agent-name", "agent_names", multiple=True, default=("agent.example.org",), show_default=True)
+@click.option("--http-host", default=None,
+              help="Public host name of the plain-HTTP CRL and CA certificate URLs written into every "
+                   "certificate (default: this machine's fully qualified name); recorded as http_url.")
 @click.pass_context
-def init(ctx, ca_key_type, ca_name, server_names, agent_names) -> None:
+def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host) -> None:
     """Create the CA, the KRA storage key, TLS certificates, the database and the agent config."""
     from .authorities.pki_files import PkiPaths, create_pki, write_secret
     from .core.model import KeyType
@@ -82,6 +86,32 @@ def init(ctx, ca_key_type, ca_name, server_names, agent_names) -> None:
     click.echo(("already initialised: " if existed else "initialised: ") + str(data.resolve()))
     click.echo(f"  CA certificate: {PkiPaths.in_dir(data).ca_cert}")
     click.echo(f"  agent config:   {agent_toml}")
+    _record_http_url(ctx, settings, http_host)
+
+
+def _record_http_url(ctx, settings: Settings, http_host: str | None) -> None:
+    """Write the CRL/AIA base URL into the server's configuration (the file given with --config, else
+    <data_dir>/autoenroll.toml) unless one is configured already; say loudly when it is a stand-in."""
+    from .settings import GENERATED_CONFIG, default_http_url
+    config_path = ctx.obj.get("config_path")
+    target = config_path if config_path is not None and config_path.exists() else settings.path(GENERATED_CONFIG)
+    if settings.http_url:
+        if http_host and http_host not in settings.http_url:
+            click.echo(f"warning: --http-host {http_host} ignored: http_url = {settings.http_url!r} is configured "
+                       f"already (change it where it is set, e.g. {target})", err=True)
+        click.echo(f"  CRL and CA URLs: {settings.crl_url}, {settings.ca_issuers_url}")
+        return
+    url, fell_back = default_http_url(settings.http_bind, http_host)
+    line = f'http_url = "{url}"  # CRL and caIssuers URLs in every certificate (autoenroll init --http-host)\n'
+    # Top-level keys must come before the first [table] of a TOML file: put it first.
+    target.write_text(line + (target.read_text() if target.exists() else ""))
+    click.echo(f"  CRL and CA URLs: {url}/crl/ca.crl, {url}/ca.crt (http_url in {target})")
+    if fell_back:
+        click.echo(f"WARNING: this machine's name ({socket.getfqdn()!r}) is not a fully qualified public DNS name, "
+                   f"so certificates will name {url} for their CRL and CA certificate, a stand-in that relying "
+                   f"parties cannot reach. Before issuing certificates, set http_url in {target} to the public "
+                   "name of this server's plain-HTTP port (or delete that line and run `autoenroll init "
+                   "--http-host NAME` again).", err=True)
 
 
 @main.command("client-cert")

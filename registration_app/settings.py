@@ -8,7 +8,9 @@ AUTOENROLL_DATABASE_URL or AUTOENROLL_LDAP__URL.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,7 +69,9 @@ class Settings:
     data_dir: Path = Path("var")
     database_url: str = ""  # empty: sqlite file in data_dir
     public_url: str = "https://localhost:8443"  # how agents reach us (mTLS)
-    http_url: str = "http://localhost:8080"  # plain HTTP for the CRL and CA certificate (S/MIME BR)
+    # Plain-HTTP base of the CRL and CA certificate URLs written into every certificate (S/MIME BR: a
+    # public host name). `autoenroll init` writes it (see default_http_url); empty: computed as init would.
+    http_url: str = ""
     bind: str = "127.0.0.1:8443"
     http_bind: str = "127.0.0.1:8080"  # plain HTTP: /crl/ca.crl, /ca.crt, /health only; empty = off
     workers: int = 2
@@ -112,11 +116,15 @@ class Settings:
 
     @property
     def crl_url(self) -> str:
-        return self.http_url.rstrip("/") + "/crl/ca.crl"
+        return self.http_base + "/crl/ca.crl"
 
     @property
     def ca_issuers_url(self) -> str:
-        return self.http_url.rstrip("/") + "/ca.crt"
+        return self.http_base + "/ca.crt"
+
+    @property
+    def http_base(self) -> str:
+        return (self.http_url or default_http_url(self.http_bind)[0]).rstrip("/")
 
     def path(self, name: str) -> Path:
         return self.data_dir / name
@@ -128,6 +136,38 @@ class Settings:
             return self.path("passphrase").read_bytes().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the CA passphrase file: {exc.strerror}") from exc
+
+
+# Name suffixes that are not public DNS names (RFC 6761, 6762, 8375 and habit): a certificate naming one
+# in its CRL distribution point or AIA fails the S/MIME BR lint (pkilint: internal_domain_name).
+_INTERNAL_SUFFIXES = (".localhost", ".localdomain", ".local", ".internal", ".lan", ".home", ".home.arpa",
+                      ".test", ".example", ".invalid", ".intranet", ".corp")
+FALLBACK_HTTP_HOST = "ca.example.org"
+GENERATED_CONFIG = "autoenroll.toml"  # in data_dir: what `autoenroll init` chose, read when no file is named
+
+
+def public_host_name(name: str) -> bool:
+    """Whether `name` looks like a fully qualified public DNS name (not an address, not a local name)."""
+    name = name.strip().rstrip(".").lower()
+    labels = name.split(".")
+    if len(labels) < 2 or not all(labels) or labels[-1].isdigit() or ":" in name:
+        return False
+    return not ("." + name).endswith(_INTERNAL_SUFFIXES)
+
+
+@functools.cache
+def _fqdn() -> str:
+    return socket.getfqdn()  # may ask DNS: once per process
+
+
+def default_http_url(http_bind: str, host: str | None = None) -> tuple[str, bool]:
+    """(http_url, whether it fell back): `http://<host>:<port of http_bind>`, host defaulting to this
+    machine's fully qualified name, or FALLBACK_HTTP_HOST when that is not a public DNS name."""
+    port = http_bind.rsplit(":", 1)[-1] if ":" in http_bind else "8080"
+    host = (host or _fqdn()).strip().rstrip(".")
+    fell_back = not public_host_name(host)
+    host = FALLBACK_HTTP_HOST if fell_back else host
+    return (f"http://{host}" if port == "80" else f"http://{host}:{port}"), fell_back
 
 
 def _coerce(value: object, current: object, name: str) -> object:
@@ -182,10 +222,17 @@ def _env_tree(environ: Mapping[str, str]) -> dict:
     return tree
 
 
+def generated_config(environ: Mapping[str, str]) -> Path | None:
+    """`<data_dir>/autoenroll.toml` (written by `autoenroll init`) if it exists: the file read when none is named."""
+    path = Path(environ.get("AUTOENROLL_DATA_DIR") or Settings.data_dir) / GENERATED_CONFIG
+    return path if path.is_file() else None
+
+
 def load_settings(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     settings = Settings()
-    config = config or (Path(environ["AUTOENROLL_CONFIG"]) if environ.get("AUTOENROLL_CONFIG") else None)
+    config = config or (Path(environ["AUTOENROLL_CONFIG"]) if environ.get("AUTOENROLL_CONFIG") else None) \
+        or generated_config(environ)
     if config is not None:
         try:
             data = tomllib.loads(config.read_text())
