@@ -384,16 +384,17 @@ class _PublishThread:
             self.pool.join()
 
     def _work(self) -> None:
-        pending = []  # (AsyncResult, number of users): at most two batches in flight
+        pending = []  # (AsyncResult, jobs, now): at most two batches in flight
         while (items := self.queue.get()) is not None:
             # Whatever goes wrong with one batch, this thread keeps taking batches: the main loop
             # blocks on the queue otherwise. The batch's rows stay in the outbox for the worker.
             try:
-                jobs = self.p.publication_jobs(items, datetime.now(timezone.utc))
+                now = datetime.now(timezone.utc)
+                jobs = self.p.publication_jobs(items, now)
                 if self.pool is None:
-                    self._collect(_publish_batch(jobs), len(jobs))
+                    self._collect(_publish_batch(jobs), jobs, now)
                     continue
-                pending.append((self.pool.apply_async(_publish_batch, (jobs,)), len(jobs)))
+                pending.append((self.pool.apply_async(_publish_batch, (jobs,)), jobs, now))
             except Exception as exc:
                 self.queued += len(items)
                 log.warning("event=provision.publish_skipped users=%d error=%r", len(items),
@@ -401,21 +402,32 @@ class _PublishThread:
                 continue
             while len(pending) > 1:
                 self._wait(*pending.pop(0))
-        for result, count in pending:
-            self._wait(result, count)
+        for result, jobs, now in pending:
+            self._wait(result, jobs, now)
         self._complete()
 
-    def _wait(self, result, count: int) -> None:
+    def _wait(self, result, jobs: list, now: datetime) -> None:
         try:
-            self._collect(result.get(), count)
+            outcome = result.get()
         except Exception as exc:  # the outbox keeps every row of this batch
-            self.queued += count
+            self.queued += len(jobs)
             log.warning("event=provision.publish_stopped error=%r", getattr(exc, "detail", exc))
+            return
+        self._collect(outcome, jobs, now)
 
-    def _collect(self, outcome: tuple[list[int], int], count: int) -> None:
+    def _collect(self, outcome: tuple[list[int], int], jobs: list, now: datetime) -> None:
         done, _ = outcome
-        self.queued += count - len(done)
+        self.queued += len(jobs) - len(done)
         self._done += done
+        # Published from rows read before the modifies: users whose records changed since (a revocation
+        # meanwhile) are published again from their rows now (see Publisher.sync_user).
+        published = set(done)
+        try:
+            self.p.services.publisher.converge(
+                {dn: wanted for dn, _, wanted, outbox_id in jobs if outbox_id in published}, now)
+        except Exception as exc:  # the changes' own outbox rows publish them
+            log.warning("event=provision.converge_failed users=%d error=%r", len(published),
+                        getattr(exc, "detail", exc))
         if len(self._done) >= COMPLETE_EVERY:
             self._complete()
 
