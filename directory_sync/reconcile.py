@@ -59,7 +59,7 @@ MAX_PUBLISH_ERRORS = 20
 
 @dataclass(frozen=True)
 class CertRow:
-    """What reconcile needs of one certificate row (duck-types Certificate for desired_values)."""
+    """What reconcile needs of one certificate row (duck-types Certificate for plan.wanted_values)."""
 
     serial: str
     user_dn: str
