@@ -5,8 +5,9 @@ publisher, reconcile, bulk publication and provisioning all plan with them, so t
 Order of the values (DESIGN "Directory publication"; shared/FACTS.md: GnuPG's dirmngr passes on only
 the first value of the attribute):
 
-1. our encryption certificates that are shown, valid before kept superseded ones, newest first: the
-   user's current encryption certificate is the attribute's first value;
+1. our encryption certificates that are shown, valid before kept superseded ones, RSA keys before EC
+   ones (every client encrypts to RSA; gpgsm 2.2, for one, cannot encrypt to EC keys), newest first:
+   the user's current encryption certificate is the attribute's first value;
 2. every other value (other issuers', and any value our records for this user do not know), in the
    order it had, byte for byte;
 3. our other certificates that are shown (signature), valid first, newest first. They come after the
@@ -73,7 +74,12 @@ def wanted_values(records: Iterable, profiles: dict[str, Profile], now: datetime
         profile = profiles.get(r.profile)
         return r.status == "superseded" and profile is not None and profile.keep_superseded
 
-    keep = sorted((r for r in records if shown(r)), key=lambda r: (r.status != "valid", -r.issued_at.timestamp()))
+    def elliptic(r) -> bool:  # by the profile's key type: no certificate to parse per row
+        profile = profiles.get(r.profile)
+        return profile is not None and not profile.key_type.is_rsa
+
+    keep = sorted((r for r in records if shown(r)),
+                  key=lambda r: (r.status != "valid", elliptic(r), -r.issued_at.timestamp()))
     first = tuple(r.der for r in keep if r.usage == "encryption")
     last = tuple(r.der for r in keep if r.usage != "encryption")
     visible = {*first, *last}

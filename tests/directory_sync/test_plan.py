@@ -10,10 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from directory_sync.plan import Plan, Wanted, plan_publication, plan_values, wanted_values
-from registration_app.core.model import Profile, Usage
+from registration_app.core.model import KeyType, Profile, Usage
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
-PROFILES = {"enc": Profile(name="enc", usage=Usage.ENCRYPTION, keep_superseded=True),
+PROFILES = {"enc": Profile(name="enc", usage=Usage.ENCRYPTION, key_type=KeyType.RSA_3072, keep_superseded=True),
+            "enc-ec": Profile(name="enc-ec", usage=Usage.ENCRYPTION, key_type=KeyType.EC_P256),
             "enc-strict": Profile(name="enc-strict", usage=Usage.ENCRYPTION),
             "sig": Profile(name="sig", usage=Usage.SIGNATURE)}
 
@@ -41,6 +42,13 @@ def test_current_encryption_certificate_first_then_others_then_signature():
     plan = plan_publication([b"foreign-1", sig.der, b"foreign-2"], [old_enc, sig, enc], profiles=PROFILES, now=NOW)
     assert plan.target == (b"enc", b"old-enc", b"foreign-1", b"foreign-2", b"sig")
     assert applied([b"foreign-1", b"sig", b"foreign-2"], plan) == list(plan.target)
+
+
+def test_an_rsa_encryption_certificate_comes_before_a_newer_ec_one():
+    """Every client encrypts to RSA keys, not every one to EC keys (gpgsm 2.2 cannot)."""
+    rsa, ec = Row(b"rsa", issued_at=NOW - timedelta(days=9)), Row(b"ec", profile="enc-ec")
+    assert wanted_values([ec, rsa], PROFILES, NOW).first == (b"rsa", b"ec")
+    assert wanted_values([ec], PROFILES, NOW).first == (b"ec",)
 
 
 def test_what_is_not_shown_is_removed_and_others_values_stay():
