@@ -36,21 +36,24 @@ groups = ["{GROUP}"]
 usage = "encryption"
 key_type = "ec-p256"
 max_per_day = 1000
+coexist = true
 groups = ["{GROUP}"]
 
 [profiles.{REVOKED}]
 usage = "encryption"
 key_type = "ec-p256"
 max_per_day = 1000
+coexist = true
 groups = ["{GROUP}"]
 """
 
 
 @pytest.fixture(scope="module")
 def races(tmp_path_factory, slapd):
-    """A platform of its own (profiles that allow hundreds of certificates a day), whose PKCS#12 use the
-    20,000 PBKDF2 iterations a deployment may set: built after the enrollment's transaction, they leave a
-    revocation time to commit and publish before the enrollment publishes what its transaction read."""
+    """A platform of its own (two encryption profiles a user may hold side by side, hundreds of
+    certificates a day), whose PKCS#12 use the 20,000 PBKDF2 iterations a deployment may set: built
+    after the enrollment's transaction, they leave a revocation time to commit and publish before the
+    enrollment publishes what its transaction read."""
     p = make_platform(tmp_path_factory.mktemp("races"), slapd.url, extra=PROFILES)
     try:
         with pytest.MonkeyPatch.context() as env:
