@@ -204,7 +204,8 @@ def test_agents_are_answered_while_hundreds_of_idle_and_slow_connections_are_ope
 
 def test_requests_that_arrive_in_pieces_are_served_whole(world):
     """The worker waits for the whole request before a thread takes it; what it waits for must be
-    exactly the request: a body split across writes, a chunked body, two pipelined requests."""
+    exactly the request: a body split across writes, a chunked body, two pipelined requests; and what
+    the parser refuses is refused at once."""
     w = world
     address = ("127.0.0.1", int(w.platform.url.rsplit(":", 1)[1]))
     context = ssl.create_default_context(cafile=str(w.platform.tls_ca))
@@ -227,6 +228,9 @@ def test_requests_that_arrive_in_pieces_are_served_whole(world):
                        body + b"\r\n", b"0\r\n\r\n")
     nonce = b"GET /api/v1/nonce HTTP/1.1\r\nHost: localhost\r\n\r\n"
     pipelined = exchange(nonce + nonce[:10], nonce[10:], answers=2)
+    # What the parser refuses does not wait for more: a bare LF, a head longer than anyone sends.
+    [(bare_lf, _, _)] = exchange(b"GET /health HTTP/1.1\nHost: localhost\n\n")
+    [(too_long, _, _)] = exchange(long_head(64 * 1024 + 100))
 
     # The app read each body whole: the JWS problem document (400), not a timeout or a truncated read.
     for [(status, headers, problem)] in (split_body, chunked):
@@ -234,6 +238,14 @@ def test_requests_that_arrive_in_pieces_are_served_whole(world):
         assert b"application/problem+json" in headers
         assert json.loads(problem)["status"] == 400
     assert [status for status, _, _ in pipelined] == [200, 200]
+    assert (bare_lf, too_long) == (400, 431)
+
+
+def long_head(size: int) -> bytes:
+    """The start of a head of `size` bytes, just over the limit: the server has read all of it when it
+    refuses it (so it closes with FIN, not a reset that could beat its answer)."""
+    start = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Padding: "
+    return start + b"p" * (size - len(start))
     assert len({json.loads(reply)["nonce"] for _, _, reply in pipelined}) == 2
 
 
