@@ -1,4 +1,5 @@
-"""gunicorn, embedded: TLS with optional client certificates, threaded workers for keep-alive."""
+"""gunicorn, embedded: TLS with optional client certificates, threaded workers for keep-alive, whose
+threads take only requests that have fully arrived (worker.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from gunicorn.app.base import BaseApplication
 
 from ..authorities.pki_files import PkiPaths
 from ..settings import Settings
+from .worker import worker_class
 
 
 class _Server(BaseApplication):
@@ -37,7 +39,10 @@ def gunicorn_options(settings: Settings) -> dict:
         "bind": settings.bind,
         "workers": settings.workers,
         "threads": settings.threads,
-        "worker_class": "gthread",
+        # gthread, but the TLS handshake and the request's arrival happen in the worker's poller, with a
+        # deadline: idle and slow connections never hold the threads that serve agents (issue 12.4).
+        "worker_class": worker_class(body_limit=settings.max_body_bytes),
+        "worker_connections": 1000,  # per worker; when full, the oldest connection still arriving goes
         "certfile": str(paths.server_cert),
         "keyfile": str(paths.server_key),
         "ca_certs": str(paths.tls_ca_cert),

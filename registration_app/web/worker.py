@@ -1,0 +1,255 @@
+"""gunicorn's gthread worker, whose threads only take a request that has fully arrived.
+
+gthread hands every accepted connection to a thread at once; the thread waits up to 5 s for a first byte,
+then does the TLS handshake, reads the headers and the body, all blocking and without any deadline. So
+8 connections that send nothing hold the 8 threads of 2 workers, and 8 that send one byte a second hold
+them for as long as they like: every agent waits (issue 12.4). Here the worker's poller (its main thread)
+does the handshake and collects the request head and body, non-blocking, with one deadline from the
+connection's accept (or from the first byte of a kept-alive connection's next request); a thread gets
+the connection with the whole request in its parser's buffer, so it never waits on the network to read
+it. The same holds for every request of a kept-alive connection.
+
+A connection that has not sent its whole request by the deadline is closed; when the worker holds
+`worker_connections`, the oldest one still arriving (or else the oldest idle kept-alive one) is closed
+to make room, so a flood of idle connections cannot keep a new agent out either.
+
+What stays with gunicorn: the parser (this module only decides when a request is there, never what it
+means: whatever it cannot tell goes to the parser, which answers it), the thread pool, keep-alive.
+HTTP/1.1 only: the server does not offer h2.
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+import selectors
+import ssl
+import time
+from functools import partial
+
+from gunicorn import http, sock
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
+
+_HEAD_END = b"\r\n\r\n"
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+              b"Content-Length: 0\r\n\r\n")
+
+
+def worker_class(*, body_limit: int, arrival_timeout: float = 10.0) -> type[ArrivalWorker]:
+    """The worker with this server's limits: bodies up to `body_limit` bytes (the app's largest) are
+    collected before a thread takes them; larger ones go to the app, which refuses them (413)."""
+    return type("ArrivalWorker", (ArrivalWorker,), {"body_limit": body_limit,
+                                                    "arrival_timeout": arrival_timeout})
+
+
+class _Arrival:
+    """A connection whose next request has not fully arrived, and what of it has."""
+
+    __slots__ = ("conn", "deadline", "handshaken", "buffer", "events")
+
+    def __init__(self, conn: TConn, deadline: float, handshaken: bool, buffer: bytes) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.handshaken = handshaken
+        self.buffer = buffer
+        self.events = 0  # what the poller watches for it (0: not registered)
+
+
+class ArrivalWorker(ThreadWorker):
+    arrival_timeout = 10.0  # seconds from accept (or first byte) to the whole request, handshake included
+    head_limit = 64 * 1024  # a longer head is refused (431) before it reaches a thread
+    body_limit = 64 * 1024
+
+    def init_process(self) -> None:
+        # Connections still arriving, oldest first: every one gets the same timeout when it starts
+        # arriving, so insertion order is deadline order.
+        self.arrivals: dict[TConn, _Arrival] = {}
+        self.stop_deadline: float | None = None
+        # One TLS context per worker (gunicorn builds one per connection: the certificate files are read
+        # and parsed again for every handshake).
+        self.tls_context = sock.ssl_context(self.cfg) if self.cfg.is_ssl else None
+        _raise_open_files_limit(self.worker_connections + 256)
+        super().init_process()  # runs the worker
+
+    def accept(self, listener) -> None:
+        try:
+            client, address = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.evict_oldest()
+            elif exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = TConn(self.cfg, client, address, listener.getsockname())  # non-blocking from here
+        if self.tls_context is not None:
+            try:
+                conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
+                                                         do_handshake_on_connect=False,
+                                                         suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
+            except OSError:  # the peer is already gone
+                self.nr_conns -= 1
+                conn.close()
+                return
+        self.enqueue_req(conn)
+        if self.nr_conns >= self.worker_connections:
+            self.evict_oldest()
+
+    def enqueue_req(self, conn: TConn) -> None:
+        """gthread calls this for a new connection, a kept-alive one that became readable, and one whose
+        next request is already partly buffered: in every case, wait until the request is all here."""
+        conn.sock.setblocking(False)  # a thread may hand back a connection with the next request begun
+        buffered = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        arrival = _Arrival(conn, time.monotonic() + self.arrival_timeout,
+                           handshaken=conn.initialized or self.tls_context is None, buffer=buffered)
+        self.arrivals[conn] = arrival
+        self.advance(arrival)
+
+    def advance(self, arrival: _Arrival, _fileobj=None) -> None:
+        """One step, whenever the socket is ready: handshake, then read until the request is complete."""
+        conn = arrival.conn
+        try:
+            if not arrival.handshaken:
+                conn.sock.do_handshake()
+                arrival.handshaken = True
+            while not self.request_arrived(arrival.buffer):
+                data = conn.sock.recv(65536)
+                if not data:  # the peer left before it finished a request
+                    self.drop(arrival)
+                    return
+                arrival.buffer += data
+        except ssl.SSLWantWriteError:
+            self.watch(arrival, selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLWantReadError, BlockingIOError):
+            self.watch(arrival, selectors.EVENT_READ)
+            return
+        except _HeadTooLarge:
+            try:
+                conn.sock.send(_TOO_LARGE)
+            except OSError:
+                pass
+            self.drop(arrival)
+            return
+        except (OSError, ValueError):  # a failed handshake (ssl.SSLError is an OSError), a reset
+            self.drop(arrival)
+            return
+        self.hand_to_thread(arrival)
+
+    def request_arrived(self, buffer: bytes) -> bool:
+        return request_arrived(buffer, self.head_limit, self.body_limit)
+
+    def watch(self, arrival: _Arrival, events: int) -> None:
+        callback = partial(self.advance, arrival)
+        if not arrival.events:
+            self.poller.register(arrival.conn.sock, events, callback)
+        elif arrival.events != events:
+            self.poller.modify(arrival.conn.sock, events, callback)
+        arrival.events = events
+
+    def forget(self, arrival: _Arrival) -> None:
+        del self.arrivals[arrival.conn]
+        if arrival.events:
+            self.poller.unregister(arrival.conn.sock)
+            arrival.events = 0
+
+    def drop(self, arrival: _Arrival) -> None:
+        self.forget(arrival)
+        self.nr_conns -= 1
+        arrival.conn.close()
+
+    def hand_to_thread(self, arrival: _Arrival) -> None:
+        self.forget(arrival)
+        conn = arrival.conn
+        if conn.parser is None:
+            conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+            conn.initialized = True  # TConn.init would wrap and handshake again
+        conn.parser.unreader.unread(arrival.buffer)
+        super().enqueue_req(conn)
+
+    def evict_oldest(self) -> None:
+        """Room for one more connection: the one that has been arriving longest, or else the longest idle
+        kept-alive one (its agent reconnects)."""
+        if self.arrivals:
+            self.drop(next(iter(self.arrivals.values())))
+        elif self.keepalived_conns:
+            conn = self.keepalived_conns.popleft()
+            self.poller.unregister(conn.sock)
+            self.nr_conns -= 1
+            conn.close()
+
+    def murder_pending(self) -> None:
+        """Called by gthread's loop after every poll: close what missed its deadline (when the worker
+        stops, a request that has not arrived gets what a kept-alive connection gets: a short linger)."""
+        super().murder_pending()
+        now = time.monotonic()
+        if not self.alive and self.stop_deadline is None:
+            self.stop_deadline = now + STOP_KEEPALIVE_LINGER
+        while self.arrivals:
+            arrival = next(iter(self.arrivals.values()))
+            if min(arrival.deadline, self.stop_deadline or arrival.deadline) > now:
+                break
+            self.drop(arrival)
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+def request_arrived(buffer: bytes, head_limit: int, body_limit: int) -> bool:
+    """Whether `buffer` holds a whole HTTP/1.1 request (head, and a body of up to `body_limit` bytes), or
+    something the parser refuses without reading more. Only a readiness test: gunicorn's parser decides
+    what the bytes mean, so anything unusual counts as arrived and goes to it. `Expect: 100-continue`
+    changes nothing: its body is awaited too (a client sends it after a short wait, RFC 9110 10.1.1)."""
+    end = buffer.find(_HEAD_END)
+    head = buffer if end < 0 else buffer[:end]
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return True  # bare LF: the parser refuses it at once
+    if end < 0:
+        if len(buffer) > head_limit:
+            raise _HeadTooLarge
+        return False
+    body = buffer[end + len(_HEAD_END):]
+    length, chunked = None, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            if length is not None or not value.strip().isdigit():
+                return True  # two lengths or a bad one: refused by the parser
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = value.strip().lower() == b"chunked"
+            if not chunked:
+                return True
+    if chunked:
+        return len(body) > body_limit or _last_chunk_arrived(body)
+    if length is None or length > body_limit:
+        return True  # no body; or too large, which the app refuses from the header alone
+    return len(body) >= length
+
+
+def _last_chunk_arrived(body: bytes) -> bool:
+    position = 0
+    while True:
+        line_end = body.find(b"\r\n", position)
+        if line_end < 0:
+            return False
+        try:
+            size = int(body[position:line_end].split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            return True  # not a chunk size: the parser refuses it
+        if size == 0:
+            trailers = body[line_end + 2:]
+            return trailers.startswith(b"\r\n") or _HEAD_END in trailers
+        position = line_end + 2 + size + 2
+        if position > len(body):
+            return False
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Every connection is a file descriptor: let the worker hold `worker_connections` of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        allowed = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (allowed, hard))
