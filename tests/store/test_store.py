@@ -1,3 +1,4 @@
+import secrets
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -8,18 +9,30 @@ from registration_app.core.codes import parse_code
 from registration_app.core.errors import BadEnrollmentCode
 from registration_app.store import audit
 from registration_app.store.db import Database, migrate
+from registration_app.store.keys import StoreKeys
 from registration_app.store.models import AuditEvent
-from registration_app.store.repos import (consume_nonce, create_enrollment_code, enrollment_code, issue_nonce,
-                                          use_enrollment_code)
+from registration_app.store.repos import (consume_nonce, create_enrollment_code, enrollment_code,
+                                          enrollment_code_key, issue_nonce, use_enrollment_code)
+
+
+def server_keys(folder) -> StoreKeys:
+    """The keys `autoenroll init` would write into a data folder, made here for a bare Database."""
+    return StoreKeys(nonce=secrets.token_bytes(32), codes=secrets.token_bytes(32), audit=secrets.token_bytes(32),
+                     checkpoint=folder / "audit.checkpoint")
 
 
 @pytest.fixture
 def db(tmp_path):
     url = database_url_for() or f"sqlite:///{tmp_path / 't.db'}"
     migrate(url)
-    database = Database(url)
+    database = Database(url, keys=server_keys(tmp_path))
     yield database
     database.dispose()
+
+
+def verify(db):
+    with db.read_connection() as conn:
+        return audit.verify(conn, db.keys, db.anchor.read())
 
 
 def test_nonces_are_single_use_and_expire(db):
@@ -30,10 +43,12 @@ def test_nonces_are_single_use_and_expire(db):
     assert not consume_nonce(db, "x" * 100) and not consume_nonce(db, "")
 
 
-def test_enrollment_codes_are_stored_derived_and_used_once(db):
+def test_enrollment_codes_are_stored_sealed_and_used_once(db):
     code_id, printed = create_enrollment_code(db, "a@example.org", timedelta(hours=1), "op")
     row = enrollment_code(db, code_id)
-    assert printed.split("-", 1)[1].encode() not in row.mac_key and parse_code(printed) == (code_id, row.mac_key)
+    _, mac_key = parse_code(printed)
+    assert printed.split("-", 1)[1].encode() not in row.mac_key and mac_key not in row.mac_key
+    assert enrollment_code_key(db, code_id) == ("a@example.org", mac_key)
     now = datetime.now(timezone.utc)
     with db.transaction() as s:
         assert use_enrollment_code(s, code_id, now)
@@ -47,19 +62,17 @@ def test_enrollment_codes_are_stored_derived_and_used_once(db):
 def test_audit_chain_detects_changes_and_deletions(db):
     for i in range(5):
         db.run(lambda s, i=i: audit.append(s, event="e", outcome="done", actor="a", subject=str(i), detail={"i": i}))
-    with db.transaction() as s:
-        assert audit.verify(s).ok and audit.verify(s).rows == 5
+    assert verify(db).ok and verify(db).rows == 5
     with db.transaction() as s:
         s.execute(update(AuditEvent).where(AuditEvent.id == 3).values(subject="forged"))
-    with db.transaction() as s:
-        report = audit.verify(s)
+    report = verify(db)
     assert not report.ok and "row 3" in report.problem
     with db.transaction() as s:
         s.execute(update(AuditEvent).where(AuditEvent.id == 3).values(subject="2"))
-        assert audit.verify(s).ok
-        s.delete(s.get(AuditEvent, 5))
+    assert verify(db).ok
     with db.transaction() as s:
-        report = audit.verify(s)
+        s.delete(s.get(AuditEvent, 5))
+    report = verify(db)
     assert not report.ok and "deleted" in report.problem
 
 
@@ -139,9 +152,8 @@ def test_first_appends_racing_on_a_fresh_database_all_commit_in_one_chain(db):
     for t in threads:
         t.join()
     assert errors == []
-    with db.transaction() as session:
-        report = audit.verify(session)
-    assert report.ok and report.rows == racers, report
+    report = verify(db)
+    assert report.ok and report.rows == racers and report.checkpoint.rows == racers, report
 
 
 def test_only_the_renewal_key_is_a_lost_race(db):
