@@ -159,10 +159,13 @@ class AuditReport:
     checkpoint: Checkpoint | None = None  # what the chain was checked against, if anything
 
 
-def verify(session: Session | Connection, keys: StoreKeys, checkpoint: Checkpoint | None = None) -> AuditReport:
+def verify(session: Session | Connection, keys: StoreKeys | None = None,
+           checkpoint: Checkpoint | None = None) -> AuditReport:
     """Walk the chain, recompute every HMAC, and compare its end with the head row and with the
-    checkpoint kept outside the database (the chain may have grown past it, never shrunk)."""
+    checkpoint kept outside the database (the chain may have grown past it, never shrunk). `keys`
+    default to those of the session's Database."""
     conn = connection_of(session)
+    keys = keys or keys_of(conn)[0]
     tables = inspect(conn)
     missing = [t for t in ("audit", "audit_head") if not tables.has_table(t)]
     if missing:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.e2e.platform import cli
+from sqlalchemy import text
+
+from tests.e2e.platform import cli, transaction
 
 
 def test_init_is_idempotent_and_never_overwrites_keys(tmp_path):
@@ -66,3 +68,65 @@ def test_a_revoked_agent_certificate_is_refused_at_once_even_on_its_open_connect
     finally:
         rogue.close()
         honest.close()
+
+
+def data_folder(tmp_path):
+    """A config whose data folder already exists as a person's `mkdir` leaves it (mode 755), on the
+    suite's database (PostgreSQL with --database=postgresql)."""
+    from bench.postgres import database_url_for
+    url = database_url_for()
+    config = tmp_path / "a.toml"
+    config.write_text('data_dir = "data"\n' + (f'database_url = "{url}"\n' if url else ""))
+    (tmp_path / "data").mkdir(mode=0o755)
+    (tmp_path / "data").chmod(0o755)
+    return config, tmp_path / "data"
+
+
+def test_init_makes_the_data_folder_private_and_writes_the_server_secrets_beside_the_database(tmp_path):
+    from registration_app.settings import load_settings
+    from registration_app.store.db import sqlite_files
+    config, data = data_folder(tmp_path)
+    cli("autoenroll", "--config", str(config), "init")
+    assert data.stat().st_mode & 0o777 == 0o700
+    for name in ("nonce.secret", "codes.secret", "audit.secret"):
+        assert (data / name).stat().st_mode & 0o777 == 0o600, name
+        assert len(bytes.fromhex((data / name).read_text())) == 32
+    for path in sqlite_files(load_settings(config).db_url):
+        if path.exists():
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    assert "already initialised" in cli("autoenroll", "--config", str(config), "init").stdout
+    with transaction(load_settings(config).db_url) as session:
+        assert session.execute(text("SELECT count(*) FROM sync_state")).scalar_one() == 0
+
+
+def test_commands_refuse_a_data_folder_or_secret_that_others_can_read(tmp_path):
+    config, data = data_folder(tmp_path)
+    cli("autoenroll", "--config", str(config), "init")
+    for path, mode, wanted in ((data, 0o755, "chmod 700"), (data / "audit.secret", 0o644, "chmod 600")):
+        path.chmod(mode)
+        for command in (("invite", "a@example.org"), ("serve",)):
+            refused = cli("autoenroll", "--config", str(config), *command, check=False, timeout=60)
+            assert refused.returncode != 0 and wanted in refused.stderr and "open to other users" in refused.stderr
+            assert "Traceback" not in refused.stderr, refused.stderr
+        path.chmod(mode & 0o700)
+    cli("autoenroll", "--config", str(config), "init")  # and init puts them right
+
+
+def test_audit_verify_reports_the_whole_log_deleted_and_a_dropped_table(tmp_path):
+    from registration_app.settings import load_settings
+    config, data = data_folder(tmp_path)
+    cli("autoenroll", "--config", str(config), "init")
+    cli("autoenroll", "--config", str(config), "revoke-agent", str(data / "agent.pem"))  # one audit row
+    intact = cli("autoenroll", "--config", str(config), "audit", "verify")
+    assert "audit log intact: 1 rows, keyed" in intact.stdout and "checkpoint" in intact.stdout
+    url = load_settings(config).db_url
+    with transaction(url) as session:  # what someone with the database's password can do
+        session.execute(text("DELETE FROM audit"))
+        session.execute(text("DELETE FROM audit_head"))
+    deleted = cli("autoenroll", "--config", str(config), "audit", "verify", check=False)
+    assert deleted.returncode == 2 and "rows were deleted" in deleted.stderr, deleted.stderr
+    with transaction(url) as session:
+        session.execute(text("DROP TABLE audit"))
+    dropped = cli("autoenroll", "--config", str(config), "audit", "verify", check=False)
+    assert dropped.returncode == 2 and dropped.stderr.strip().splitlines() == [
+        "audit log BROKEN after 0 good rows: the table audit is missing from the database (dropped?)"]
