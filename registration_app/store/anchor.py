@@ -9,14 +9,16 @@ Design (this runs on the enrollment's hot path):
 - written AFTER the commit, never before: a checkpoint never names a row that was rolled back, so verify
   cannot cry wolf; a process killed between commit and write leaves the checkpoint behind the database,
   which verify accepts (the database may hold more than the checkpoint, never less);
-- monotonic under several workers: the write holds an flock on `audit.checkpoint.lock` and replaces the
-  file only with a longer chain (more rows). A checkpoint that our batch does not extend directly (an
+- monotonic under several workers: the write holds an flock on `audit.checkpoint` and replaces the
+  record only with a longer chain (more rows). A checkpoint that our batch does not extend directly (an
   append of another worker or host came between) is replaced only after one primary-key read shows the
   database still holds its row with its hash: after a wipe the anchor stays where it was, so the
   deletion keeps being reported instead of being forgotten once new rows pass the old count;
-- cheap: no fsync (the file is rewritten at every commit; after a crash it may be one commit behind,
-  which is a lag, not an alarm), one small write and a rename (atomic: a reader sees the old or the new
-  checkpoint); measured about 40 µs on these machines, beside an fsync'd commit of about 1 ms.
+- cheap: one fixed-size record rewritten in place (pwrite at offset 0 of a file kept open, under the
+  flock), no fsync, no rename: measured 60 µs a commit on these machines (read, check and write the
+  MACed record), where a write to a temporary file and a rename over the old one cost 1.1 ms (ext4
+  flushes the data of a file renamed over another), as much as the fsync'd commit itself. Readers take the flock too, so they never see half a record; after a crash the record is the
+  old or the new one (it lies in one sector), at worst one commit behind: a lag, not an alarm.
 
 Each data folder has its own checkpoint: in a split deployment each host anchors what it appended.
 """
@@ -29,7 +31,6 @@ import hmac
 import json
 import logging
 import os
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -73,6 +74,9 @@ class _Frames(threading.local):
     stack: list | None = None
 
 
+_RECORD = 256  # bytes: the checkpoint's JSON padded with spaces, so every write replaces all of it
+
+
 class AuditAnchor:
     """The checkpoint file, and the heads that this thread's open transactions appended."""
 
@@ -80,17 +84,22 @@ class AuditAnchor:
         self.path = Path(path)
         self.key = key
         self._frames = _Frames()
-        self._lock_fd: int | None = None
-        self._lock_pid: int | None = None
+        self._fd: int | None = None
+        self._fd_pid: int | None = None
         self._threads = threading.Lock()  # an flock does not exclude threads sharing its file
 
     def read(self) -> Checkpoint | None:
         """The checkpoint, None when there is none yet; ValueError when it is there but not ours."""
         try:
-            data = self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        return Checkpoint.decode(data, self.key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            data = os.pread(fd, _RECORD, 0)
+        finally:
+            os.close(fd)
+        return Checkpoint.decode(data, self.key) if data.strip() else None
 
     # -- the transactions of one thread (Database.transaction / write) -------------------------
     @contextmanager
@@ -119,9 +128,10 @@ class AuditAnchor:
             frames[-1] = (first, head)
 
     def advance(self, before: str, head: Checkpoint, *, row_hash: Callable[[int], str | None]) -> None:
-        with self._locked():
+        with self._locked() as fd:
             try:
-                current = self.read()
+                data = os.pread(fd, _RECORD, 0)
+                current = Checkpoint.decode(data, self.key) if data.strip() else None
             except ValueError as exc:
                 log.error("event=audit.checkpoint_unreadable path=%s error=%r: rewritten", self.path, str(exc))
                 current = None
@@ -132,31 +142,27 @@ class AuditAnchor:
                     log.error("event=audit.checkpoint_kept rows=%d last_id=%d: the database no longer holds "
                               "the checkpointed row; run `autoenroll audit verify`", current.rows, current.last_id)
                     return
-            self._write(head.encode(self.key))
+            self._write(fd, head)
 
     def write_now(self, head: Checkpoint) -> None:
-        """Set the checkpoint whatever it said (init, after it re-chained the log under the key)."""
-        with self._locked():
-            self._write(head.encode(self.key))
+        """Set the checkpoint whatever it said."""
+        with self._locked() as fd:
+            self._write(fd, head)
 
-    def _write(self, data: bytes) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+    def _write(self, fd: int, head: Checkpoint) -> None:
+        record = head.encode(self.key)
+        if len(record) > _RECORD:
+            raise ValueError("audit checkpoint record too long")
+        os.pwrite(fd, record.ljust(_RECORD - 1) + b"\n", 0)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> Iterator[int]:
         with self._threads:
-            if self._lock_pid != os.getpid():  # a flock belongs to the open file: re-open after fork
-                self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"),
-                                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                self._lock_pid = os.getpid()
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            if self._fd_pid != os.getpid():  # a flock belongs to the open file: re-open after fork
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                self._fd_pid = os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                yield
+                yield self._fd
             finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)

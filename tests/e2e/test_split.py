@@ -29,10 +29,10 @@ from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 RA_CLIENT = "ra.internal"
 # What each host receives from the `autoenroll init` directory (README, "Split deployment").
 LAYOUT = {
-    "ca": ["ca.key", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase"],
-    "kra": ["kra.key", "kra.pem", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase"],
+    "ca": ["ca.key", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase", "audit.secret"],
+    "kra": ["kra.key", "kra.pem", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase", "audit.secret"],
     "ra": ["ca.pem", "kra.pem", "tls-ca.pem", "server.pem", "server.key", "ra-client.pem", "ra-client.key",
-           "agent.pem", "agent.key"],
+           "agent.pem", "agent.key", "nonce.secret", "codes.secret", "audit.secret"],
 }
 # The RA client certificate, issued by the TLS CA with openssl exactly as the README says.
 RA_CLIENT_EXT = f"""basicConstraints = critical, CA:FALSE
