@@ -104,6 +104,10 @@ def check_role(settings: Settings) -> None:
     check_private_files(settings)
     held = [getattr(paths, name).name for name in FORBIDDEN_KEYS.get(settings.role, ())
             if getattr(paths, name).exists()]
+    if settings.role in ("ca", "kra"):  # the RA's secrets: whoever holds them can mint nonces and codes
+        from .store.keys import KEY_FILES
+        held += [KEY_FILES[k] for k in ROLE_KEYS["ra"] if k not in ROLE_KEYS[settings.role]
+                 and settings.path(KEY_FILES[k]).exists()]
     if held:
         raise ConfigError(f"role {settings.role!r} must not hold {', '.join(held)} in {settings.data_dir}: "
                           "move it to the host of the authority that uses it (README, Split deployment)")

@@ -283,3 +283,14 @@ def test_the_ra_runs_without_authority_keys_and_refuses_to_start_with_one(split)
     finally:
         (ra.data / "ca.key").unlink()
     assert result.returncode != 0 and "must not hold ca.key" in result.stderr
+
+
+def test_the_ca_refuses_to_start_with_the_ras_nonce_key(split):
+    ca = split["ca"]
+    assert not (ca.data / "nonce.secret").exists() and (ca.data / "audit.secret").exists()
+    shutil.copy2(ca.data.parent / "init" / "nonce.secret", ca.data / "nonce.secret")
+    try:
+        result = ca.autoenroll("serve", check=False)
+    finally:
+        (ca.data / "nonce.secret").unlink()
+    assert result.returncode != 0 and "must not hold nonce.secret" in result.stderr
