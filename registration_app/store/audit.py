@@ -174,9 +174,35 @@ def verify(session: Session | Connection, keys: StoreKeys | None = None,
     head = conn.execute(select(_HEADS).where(_HEADS.c.id == 1)).first()
     if head is not None and not head.keyed:
         return AuditReport(False, 0, UNKEYED_CHAIN, checkpoint)
+    rows = conn.execution_options(yield_per=1000).execute(select(_EVENTS).order_by(_EVENTS.c.id))
+    try:  # a server-side cursor on PostgreSQL: closed however the walk ends
+        report = _walk(rows, key, checkpoint)
+    finally:
+        rows.close()
+    if not report.ok:
+        return report
+    count, last_id, prev = report.rows, report.last_id, report.last_hash
+    if head is None:
+        if count:
+            return AuditReport(False, count, "the head row is missing (deleted)", checkpoint)
+    elif head.last_id != last_id or head.last_hash != prev or head.rows != count:
+        return AuditReport(False, count, f"the log ends at row {last_id} but the head says {head.last_id} (rows deleted at the end)", checkpoint)
+    return AuditReport(True, count, None, checkpoint)
+
+
+@dataclass(frozen=True)
+class _Walked:
+    ok: bool
+    rows: int
+    problem: str | None = None
+    checkpoint: Checkpoint | None = None
+    last_id: int = 0
+    last_hash: str = GENESIS
+
+
+def _walk(rows, key: bytes, checkpoint: Checkpoint | None):
     prev, count, last_id = GENESIS, 0, 0
     anchored = checkpoint is None or checkpoint.rows == 0
-    rows = conn.execution_options(yield_per=1000).execute(select(_EVENTS).order_by(_EVENTS.c.id))
     for row in rows:
         if row.prev_hash != prev:
             return AuditReport(False, count, f"row {row.id}: previous hash does not match (a row before it was changed or deleted)", checkpoint)
@@ -195,9 +221,4 @@ def verify(session: Session | Connection, keys: StoreKeys | None = None,
         return AuditReport(False, count, f"the log ends at row {last_id} ({count} rows) but the checkpoint outside "
                                          f"the database says row {checkpoint.last_id} ({checkpoint.rows} rows): "
                                          "rows were deleted", checkpoint)
-    if head is None:
-        if count:
-            return AuditReport(False, count, "the head row is missing (deleted)", checkpoint)
-    elif head.last_id != last_id or head.last_hash != prev or head.rows != count:
-        return AuditReport(False, count, f"the log ends at row {last_id} but the head says {head.last_id} (rows deleted at the end)", checkpoint)
-    return AuditReport(True, count, None, checkpoint)
+    return _Walked(True, count, None, checkpoint, last_id, prev)

@@ -1,4 +1,5 @@
 import secrets
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -184,6 +185,17 @@ def test_only_the_renewal_key_is_a_lost_race(db):
     assert not lost_renewal_race(serial.value)
 
 
+@contextmanager
+def raw_connection(url: str):
+    """A transaction on the database with no keys: what code from before revision 0005 wrote."""
+    database = Database(url)
+    try:
+        with database.engine.begin() as conn:
+            yield conn
+    finally:
+        database.dispose()
+
+
 def append(db, n: int, subject: str = "s") -> None:
     for i in range(n):
         db.run(lambda s, i=i: audit.append(s, event="e", outcome="done", actor="a", subject=f"{subject}{i}"))
@@ -313,7 +325,7 @@ def test_a_database_from_before_the_keys_is_refused_until_adopted_then_verifies(
     now = datetime.now(timezone.utc).replace(microsecond=0)
     code_id, printed = "oldcode1", "oldcode1-" + "a" * 32
     _, mac_key = parse_code(printed)
-    with Database(url).engine.begin() as conn:  # as the code of revision 0004 wrote them
+    with raw_connection(url) as conn:  # as the code of revision 0004 wrote them
         prev = audit.GENESIS
         for i in range(3):
             digest = audit.unkeyed_digest(prev, now, "e", "done", "a", f"s{i}", {})
@@ -348,7 +360,7 @@ def test_an_old_chain_that_was_changed_is_not_laundered_by_the_upgrade(tmp_path)
     from registration_app.store.upgrade import adopt_server_keys
     url = database_url_for() or f"sqlite:///{tmp_path / 'old.db'}"
     migrate(url)
-    with Database(url).engine.begin() as conn:
+    with raw_connection(url) as conn:
         conn.execute(text("INSERT INTO audit (at, event, outcome, actor, subject, detail, prev_hash, hash) "
                           "VALUES (:at, 'e', 'done', 'a', 's', '{}', :p, :h)"),
                      {"at": datetime(2026, 1, 1), "p": audit.GENESIS, "h": "f" * 64})
