@@ -144,8 +144,12 @@ def bootstrap():
         if presented:
             ra.bootstrap_failed(presented[-1], g.agent)
         raise BadEnrollmentCode(BAD_CODE) from None
-    return jsonify(ra.bootstrap(payload, code_id, g.agent,
-                                check_agent=lambda email: services.agent_policy.check_user(g.agent, email))), 201
+
+    def check_agent(email: str) -> None:  # once the MAC verified: the caller holds the code
+        g.user_email = email
+        services.agent_policy.check_user(g.agent, email)  # a scoped agent bootstraps only its domains
+
+    return jsonify(ra.bootstrap(payload, code_id, g.agent, check_agent=check_agent)), 201
 
 
 @api.post("/certificates")
