@@ -130,3 +130,35 @@ def test_audit_verify_reports_the_whole_log_deleted_and_a_dropped_table(tmp_path
     dropped = cli("autoenroll", "--config", str(config), "audit", "verify", check=False)
     assert dropped.returncode == 2 and dropped.stderr.strip().splitlines() == [
         "audit log BROKEN after 0 good rows: the table audit is missing from the database (dropped?)"]
+
+
+def test_the_checkpoint_keeps_up_with_two_workers_appending_at_once(platform):
+    """Refused requests from 8 agents at once, on both gunicorn workers: each writes a request.denied
+    row and moves the checkpoint after its commit. Once all are answered the checkpoint is the head of
+    the log, and `audit verify` finds the log intact against it (no false alarm from the race)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.client import AgentConnection
+    from registration_app.settings import load_settings
+    from registration_app.store.anchor import AuditAnchor
+    from registration_app.store.models import AuditHead
+
+    def refused_requests(_: int) -> list[int]:
+        conn = AgentConnection(platform.url, ca=platform.data / "tls-ca.pem", cert=platform.data / "agent.pem",
+                               key=platform.data / "agent.key")
+        try:
+            return [conn.post("enroll", b"{not a jws").status for _ in range(15)]
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = [s for batch in pool.map(refused_requests, range(8)) for s in batch]
+    assert set(statuses) == {400} and len(statuses) == 120
+    settings = load_settings(platform.config)
+    key = bytes.fromhex(settings.path("audit.secret").read_text())
+    checkpoint = AuditAnchor(settings.path("audit.checkpoint"), key).read()
+    with transaction(settings.db_url) as session:
+        head = session.get(AuditHead, 1)
+        assert (checkpoint.rows, checkpoint.last_id, checkpoint.last_hash) == (head.rows, head.last_id, head.last_hash)
+    intact = platform.autoenroll("audit", "verify").stdout
+    assert f"audit log intact: {head.rows} rows, keyed; its first {head.rows} match the checkpoint" in intact
