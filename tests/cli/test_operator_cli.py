@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+from datetime import datetime
 
 from sqlalchemy import text
 
@@ -162,3 +164,45 @@ def test_the_checkpoint_keeps_up_with_two_workers_appending_at_once(platform):
         assert (checkpoint.rows, checkpoint.last_id, checkpoint.last_hash) == (head.rows, head.last_id, head.last_hash)
     intact = platform.autoenroll("audit", "verify").stdout
     assert f"audit log intact: {head.rows} rows, keyed; its first {head.rows} match the checkpoint" in intact
+
+
+def test_a_data_folder_from_before_the_server_secrets_is_refused_until_init_moves_them_out(tmp_path):
+    """As a data folder of schema 0004 was: no secret files, the nonce key in sync_state, a plain SHA-256
+    audit chain. Every command refuses with what to do; `autoenroll init` moves them out, and the
+    upgraded log verifies."""
+    from alembic import command
+    from alembic.config import Config
+
+    from registration_app.settings import load_settings
+    from registration_app.store import audit
+    from registration_app.store.db import MIGRATIONS
+    config, data = data_folder(tmp_path)
+    cli("autoenroll", "--config", str(config), "init")
+    cli("autoenroll", "--config", str(config), "revoke-agent", str(data / "agent.pem"))
+    url = load_settings(config).db_url
+    alembic = Config()
+    alembic.set_main_option("script_location", str(MIGRATIONS))
+    alembic.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.downgrade(alembic, "0004")
+    with transaction(url) as session:  # the chain as revision 0004 computed it, and its nonce key row
+        prev = audit.GENESIS
+        for row in session.execute(text("SELECT id, at, event, outcome, actor, subject, detail FROM audit "
+                                        "ORDER BY id")).all():
+            detail = json.loads(row.detail) if isinstance(row.detail, str) else row.detail  # SQLite: text
+            at = datetime.fromisoformat(row.at) if isinstance(row.at, str) else row.at
+            digest = audit.unkeyed_digest(prev, at, row.event, row.outcome, row.actor, row.subject, detail)
+            session.execute(text("UPDATE audit SET prev_hash = :p, hash = :h WHERE id = :id"),
+                            {"p": prev, "h": digest, "id": row.id})
+            prev = digest
+        session.execute(text("UPDATE audit_head SET last_hash = :h"), {"h": prev})
+        session.execute(text("INSERT INTO sync_state (name, value) VALUES ('nonce-mac-key', :v)"), {"v": "cd" * 32})
+    for name in ("nonce.secret", "codes.secret", "audit.secret", "audit.checkpoint"):
+        (data / name).unlink()
+    missing = cli("autoenroll", "--config", str(config), "audit", "verify", check=False)
+    assert missing.returncode != 0 and "no audit.secret" in missing.stderr and "autoenroll init" in missing.stderr
+    upgraded = cli("autoenroll", "--config", str(config), "init").stdout
+    assert "re-chained 1 audit row(s)" in upgraded and "removed the nonce key from the database" in upgraded
+    intact = cli("autoenroll", "--config", str(config), "audit", "verify").stdout
+    assert "audit log intact: 2 rows, keyed; its first 2 match the checkpoint" in intact  # + audit.rekeyed
+    with transaction(url) as session:
+        assert session.execute(text("SELECT count(*) FROM sync_state")).scalar_one() == 0
