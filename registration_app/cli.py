@@ -63,14 +63,16 @@ store = "agent-store"
                    "certificate (default: this machine's fully qualified name); recorded as http_url.")
 @click.pass_context
 def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host) -> None:
-    """Create the CA, the KRA storage key, TLS certificates, the database and the agent config."""
+    """Create the CA, the KRA storage key, TLS certificates, the server secrets, the database and the
+    agent config; on an existing data folder, make it private and move secrets out of an older database."""
     from .authorities.pki_files import PkiPaths, create_pki, write_secret
     from .core.model import KeyType
-    from .store.db import migrate
 
     settings = _settings(ctx)
     data = settings.data_dir
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if make_private(data):
+        click.echo(f"  made {data} private (mode 700)", err=True)
     existed = PkiPaths.in_dir(data).ca_cert.exists()
     if not settings.ca_passphrase and not settings.path("passphrase").exists():
         write_secret(settings.path("passphrase"), secrets.token_urlsafe(32).encode())
@@ -79,13 +81,18 @@ def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host) -> Non
                    agent_names=agent_names, passphrase=settings.passphrase(), now=datetime.now(timezone.utc))
     except AutoenrollError as exc:
         raise click.ClickException(exc.detail) from exc
-    migrate(settings.db_url)
+    try:
+        done = _init_database(settings)
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
     agent_toml = settings.path("agent.toml")
     if not agent_toml.exists():
         agent_toml.write_text(AGENT_TOML.format(server=settings.public_url))
     click.echo(("already initialised: " if existed else "initialised: ") + str(data.resolve()))
     click.echo(f"  CA certificate: {PkiPaths.in_dir(data).ca_cert}")
     click.echo(f"  agent config:   {agent_toml}")
+    for line in done:
+        click.echo(f"  {line}")
     _record_http_url(ctx, settings, http_host)
 
 
@@ -112,6 +119,41 @@ def _record_http_url(ctx, settings: Settings, http_host: str | None) -> None:
                    f"parties cannot reach. Before issuing certificates, set http_url in {target} to the public "
                    "name of this server's plain-HTTP port (or delete that line and run `autoenroll init "
                    "--http-host NAME` again).", err=True)
+
+
+def _init_database(settings: Settings) -> list[str]:
+    """The database with private modes, the server secrets beside it (created if missing), and what an
+    older database still held of them moved out (store/upgrade.py)."""
+    from .authorities.pki_files import create_server_keys, read_server_keys
+    from .store.db import Database, migrate, sqlite_files
+    from .store.keys import KEY_FILES
+    from .core.errors import ConfigError
+    from .store.upgrade import KEYED_WITHOUT_KEY, adopt_server_keys, keyed_log
+
+    files = sqlite_files(settings.db_url)
+    if files and not files[0].exists():
+        os.close(os.open(files[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # SQLite's -wal, -shm follow
+    for path in files:
+        make_private(path)
+    migrate(settings.db_url)
+    if not settings.path(KEY_FILES["audit"]).exists():
+        db = Database(settings.db_url)
+        try:
+            if keyed_log(db):
+                raise ConfigError(KEYED_WITHOUT_KEY)
+        finally:
+            db.dispose()
+    create_server_keys(settings.data_dir)
+    db = Database(settings.db_url, keys=read_server_keys(settings.data_dir, tuple(KEY_FILES)))
+    try:
+        return adopt_server_keys(db)
+    finally:
+        db.dispose()
+
+
+def make_private(path: Path) -> bool:
+    from .authorities.pki_files import make_private as take_away_others
+    return take_away_others(path)
 
 
 @main.command("client-cert")
@@ -169,9 +211,13 @@ def revoke_agent(ctx, cert_file: Path, reason: str) -> None:
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
     except ValueError as exc:
         raise click.ClickException(f"{cert_file} is not a PEM certificate") from exc
+    from .authorities.pki_files import read_server_keys
     settings = _settings(ctx)
     migrate(settings.db_url)
-    db = Database(settings.db_url)
+    try:
+        db = Database(settings.db_url, keys=read_server_keys(settings.data_dir, ("audit",)))
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
     subject, serial = cert.subject.rfc4514_string(), format(cert.serial_number, "x")
     try:
         added = record(db, thumbprint=thumbprint(cert.public_bytes(Encoding.DER)), subject=subject,
@@ -236,23 +282,38 @@ def _operator() -> str:
 
 @main.group()
 def audit() -> None:
-    """The hash-chained audit log."""
+    """The audit log: a keyed hash chain, anchored by a checkpoint outside the database."""
 
 
 @audit.command("verify")
 @click.pass_context
 def audit_verify(ctx) -> None:
     """Check that no audit row was changed or deleted."""
+    from .authorities.pki_files import read_server_keys
     from .store import audit as audit_log
     from .store.db import Database
-    db = Database(_settings(ctx).db_url)
-    with db.read() as session:
-        report = audit_log.verify(session)
-    if report.ok:
-        click.echo(f"audit log intact: {report.rows} rows")
-    else:
+    settings = _settings(ctx)
+    try:
+        keys = read_server_keys(settings.data_dir, ("audit",))
+    except AutoenrollError as exc:
+        raise click.ClickException(exc.detail) from exc
+    db = Database(settings.db_url, keys=keys)
+    try:
+        try:
+            checkpoint = db.anchor.read()
+        except ValueError as exc:
+            click.echo(f"audit log NOT VERIFIED: {keys.checkpoint}: {exc}", err=True)
+            sys.exit(2)
+        with db.read_connection() as conn:
+            report = audit_log.verify(conn, keys, checkpoint)
+    finally:
+        db.dispose()
+    if not report.ok:
         click.echo(f"audit log BROKEN after {report.rows} good rows: {report.problem}", err=True)
         sys.exit(2)
+    anchored = (f"; its first {checkpoint.rows} match the checkpoint {keys.checkpoint}" if checkpoint
+                else f"; no checkpoint in {settings.data_dir} yet (nothing appended from here)")
+    click.echo(f"audit log intact: {report.rows} rows, keyed{anchored}")
 
 
 @main.group()

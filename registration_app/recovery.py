@@ -99,12 +99,8 @@ class Recovery:
         if wanted is None:
             wanted = [s for s, (_, e) in own.items() if e is not None]
         for serial in wanted:
-            if serial not in own:
-                with self.db.read() as session:
-                    exists = session.get(Certificate, serial) is not None
-                if exists:
-                    raise NotOwner(f"certificate {serial} does not belong to {user.email}")
-                raise UnknownCertificate(f"no certificate with serial {serial}")
+            if serial not in own:  # someone else's serial is answered as one that does not exist
+                raise UnknownCertificate(f"{user.email} has no encryption certificate with serial {serial}")
             if own[serial][1] is None:
                 raise UnknownCertificate(f"certificate {serial} has no escrowed key")
         grant = RecoveryGrant(kind="owner", email=user.email, actor=request.agent.subject + f" for {user.email}",

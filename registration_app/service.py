@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import secrets
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -20,15 +21,16 @@ from .auth.csr import verify_csr
 from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
 from .core.entitlement import is_entitled
 from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, NotEntitled,
-                          NotOwner, RateLimited, UnknownCertificate, UserNotFound)
+                          RateLimited, UnknownCertificate, UserNotFound)
 from .core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
 from .core.profiles import get_profile
 from .core.renewal import server_window_opens
 from .store import audit
 from .store.db import Database
 from .store.models import Certificate
-from .store.repos import (NonceToken, certificate_history, current_certificate, enrollment_code,
-                          latest_certificate, record_nonce, use_enrollment_code)
+from .store.repos import (BootstrapLimits, NonceToken, bootstrap_retry_after, certificate_history,
+                          current_certificate, enrollment_code, enrollment_code_key, latest_certificate,
+                          record_nonce, record_bootstrap_failure, use_enrollment_code)
 
 log = logging.getLogger("autoenroll.ra")
 
@@ -37,6 +39,9 @@ MAX_PASSWORD = 1024
 # inline (and the batching thread marks it done): the two never publish the same row at once. If
 # the inline attempt fails the row is made due at once; if the process dies, it falls due by itself.
 INLINE_PUBLISH_GRACE = timedelta(seconds=5)
+# The one answer to every bad enrollment code, whatever was wrong with it: unknown id, wrong MAC, used,
+# burnt, expired. A different answer per case would tell a guesser which code ids exist.
+BAD_CODE = "the enrollment code is unknown, used, expired or wrong; ask for a new one"
 SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged", "superseded",
                            "cessationOfOperation"}
 
@@ -225,13 +230,38 @@ class RegistrationAuthority:
                 now=now)
         return self._response(issued, profile, user)
 
-    def bootstrap(self, payload: dict, code_id: str, agent: AgentIdentity,
-                  now: datetime | None = None) -> dict:
-        """An invited user's first signature certificate, from an agent-generated CSR."""
+    # -- bootstrap: enrollment codes ------------------------------------------------------------
+    def _bootstrap_limits(self) -> BootstrapLimits:
+        s = self.settings
+        return BootstrapLimits(per_code=s.enrollment_code_max_failures, per_agent=s.bootstrap_failures_per_agent,
+                               window=timedelta(seconds=s.bootstrap_failure_window_seconds))
+
+    def bootstrap_key(self, code_id: str, agent: AgentIdentity, now: datetime | None = None) -> bytes:
+        """The MAC key to check a bootstrap request with: the code's, or a random one for an unknown,
+        used, burnt or expired id, so that every bad code fails the same check with the same answer.
+        Refused (429) while this code id or this agent has too many recent failures."""
+        retry_after = bootstrap_retry_after(self.db, code_id, agent.subject, self._bootstrap_limits(), now)
+        if retry_after is not None:
+            raise RateLimited(f"too many wrong enrollment codes; try again in {retry_after} s",
+                              retry_after=retry_after)
+        found = enrollment_code_key(self.db, code_id, now)
+        return found[1] if found is not None else secrets.token_bytes(32)
+
+    def bootstrap_failed(self, code_id: str, agent: AgentIdentity, now: datetime | None = None) -> None:
+        """A bootstrap request whose MAC did not verify: counted (a real code burns at the limit, audited)."""
+        if record_bootstrap_failure(self.db, code_id, agent.subject, self._bootstrap_limits(), now):
+            log.warning("event=enrollment_code.burnt code_id=%s agent=%r", code_id[:32], agent.subject)
+
+    def bootstrap(self, payload: dict, code_id: str, agent: AgentIdentity, now: datetime | None = None, *,
+                  check_agent=lambda email: None) -> dict:
+        """An invited user's first signature certificate, from an agent-generated CSR. `check_agent`
+        refuses an agent scoped to other mail domains: only after the MAC verified, so that it tells
+        nothing about codes the caller does not hold."""
         now = now or datetime.now(timezone.utc)
         code = enrollment_code(self.db, code_id, now)
-        if code is None:
-            raise BadEnrollmentCode("the enrollment code is unknown, used or expired; ask for a new one")
+        if code is None:  # used, burnt or expired since its MAC was checked
+            raise BadEnrollmentCode(BAD_CODE)
+        check_agent(code.email)
         csr_text = _optional(payload, "csr", str)
         if csr_text is None:
             raise BadRequest("field 'csr' is required")
@@ -243,7 +273,7 @@ class RegistrationAuthority:
 
         def burn(session):
             if not use_enrollment_code(session, code_id, now):
-                raise BadEnrollmentCode("the enrollment code was used already")
+                raise BadEnrollmentCode(BAD_CODE)
             audit.append(session, event="bootstrap.allowed", outcome="allowed", actor=agent.subject,
                          subject=code.email, now=now, detail={"code_id": code_id})
 
@@ -286,10 +316,10 @@ class RegistrationAuthority:
         serial = serial.lower().removeprefix("0x")
         with self.db.read() as session:
             cert = session.get(Certificate, serial)
-            if cert is None:
-                raise UnknownCertificate(f"no certificate with serial {serial}")
-            if cert.email.lower() != user.email.lower() or cert.user_dn != user.dn:
-                raise NotOwner(f"certificate {serial} does not belong to {user.email}")
+        # Someone else's serial is answered as a serial that does not exist: the answer must not tell
+        # which serials are ours to other users (an ownership oracle).
+        if cert is None or cert.email.lower() != user.email.lower() or cert.user_dn != user.dn:
+            raise UnknownCertificate(f"{user.email} has no certificate with serial {serial}")
         changed = self.key_authority.ca.revoke(serial, x509.ReasonFlags(reason),
                                                actor=f"{request.agent.subject} for {user.email}", now=now)
         return {"serial": serial, "status": "revoked", "reason": reason, "changed": changed,

@@ -28,17 +28,22 @@ from .authorities.certs import CaUrls
 from .authorities.key_authority import LocalKeyAuthority
 from .authorities.keys import KeyPool
 from .authorities.kra import LocalKRA
-from .authorities.pki_files import PkiPaths, read_cert, read_certs, read_private_key, read_public_key
+from .authorities.pki_files import (PkiPaths, check_private, read_cert, read_certs, read_private_key,
+                                    read_public_key, read_server_keys)
 from .core.errors import ConfigError
 from .recovery import Recovery
 from .service import RegistrationAuthority
 from .settings import Settings
-from .store.db import Database, migrate
+from .store.db import Database, migrate, sqlite_files
 
 ROLES = ("all", "ra", "ca", "kra")
 # Private keys a role must not hold (tls-ca.key issues agent certificates: no server needs it at run time).
 FORBIDDEN_KEYS = {"ra": ("ca_key", "kra_key", "tls_ca_key"), "ca": ("kra_key", "tls_ca_key"),
                   "kra": ("ca_key", "tls_ca_key")}
+# The server secrets (store/keys.py) each role reads at start: the RA checks nonces and enrollment codes;
+# every role appends audit rows. README, Split deployment, lists the files to copy.
+ROLE_KEYS = {"all": ("nonce", "codes", "audit"), "ra": ("nonce", "codes", "audit"), "ca": ("audit",),
+             "kra": ("audit",)}
 
 
 @dataclass
@@ -91,12 +96,18 @@ class Services:
 
 
 def check_role(settings: Settings) -> None:
-    """Refuse a role that is unknown, incompletely configured, or holding a key it must not hold."""
+    """Refuse a role that is unknown, incompletely configured, holding a key it must not hold, or whose
+    private files others may read."""
     paths = PkiPaths.in_dir(settings.data_dir)
     if settings.role not in ROLES:
         raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {settings.role!r}")
+    check_private_files(settings)
     held = [getattr(paths, name).name for name in FORBIDDEN_KEYS.get(settings.role, ())
             if getattr(paths, name).exists()]
+    if settings.role in ("ca", "kra"):  # the RA's secrets: whoever holds them can mint nonces and codes
+        from .store.keys import KEY_FILES
+        held += [KEY_FILES[k] for k in ROLE_KEYS["ra"] if k not in ROLE_KEYS[settings.role]
+                 and settings.path(KEY_FILES[k]).exists()]
     if held:
         raise ConfigError(f"role {settings.role!r} must not hold {', '.join(held)} in {settings.data_dir}: "
                           "move it to the host of the authority that uses it (README, Split deployment)")
@@ -110,6 +121,18 @@ def check_role(settings: Settings) -> None:
             raise ConfigError("authority_clients cannot be '*': name the RA certificates, or agents could call")
 
 
+def check_private_files(settings: Settings) -> None:
+    """The data folder 0700; the database, its -wal and -shm, keys and secrets 0600 (as ssh demands of
+    its private files): refused at start otherwise. `autoenroll init` creates them so."""
+    from .store.keys import CHECKPOINT_FILE, KEY_FILES
+    paths = PkiPaths.in_dir(settings.data_dir)
+    private = [settings.data_dir, *sqlite_files(settings.db_url), settings.path("passphrase"),
+               *(settings.path(name) for name in (*KEY_FILES.values(), CHECKPOINT_FILE)),
+               *(p for p in paths.all() if p.suffix == ".key")]
+    for path in private:
+        check_private(path)
+
+
 def build_services(settings: Settings, *, directory=None, run_migrations: bool = True) -> Services:
     from directory_sync.ldap import LdapDirectory
 
@@ -119,7 +142,12 @@ def build_services(settings: Settings, *, directory=None, run_migrations: bool =
     check_role(settings)
     if run_migrations:
         migrate(settings.db_url)
-    db = Database(settings.db_url)
+    db = Database(settings.db_url, keys=read_server_keys(settings.data_dir, ROLE_KEYS[settings.role]))
+    from .store.upgrade import pending
+    still_in_database = pending(db)
+    if still_in_database is not None:
+        db.dispose()
+        raise ConfigError(still_in_database)
     ca_cert = read_cert(paths.ca_cert)
     user_trust = build_user_trust(settings, ca_cert)
     tls_anchors = (read_cert(paths.tls_ca_cert),)

@@ -91,6 +91,11 @@ class Settings:
     # issued: the agent's retry after a lost answer (the daemon's next pass) gets the certificate issued.
     superseded_grace_seconds: int = 600
     enrollment_code_ttl_hours: int = 72
+    # Wrong enrollment-code MACs (README, Enrollment codes): a code burns at enrollment_code_max_failures, and
+    # any code id with that many, or an agent with bootstrap_failures_per_agent, in the window gets 429.
+    enrollment_code_max_failures: int = 5
+    bootstrap_failures_per_agent: int = 20
+    bootstrap_failure_window_seconds: int = 900
     max_body_bytes: int = 64 * 1024
     publish_timeout_seconds: float = 2.0
     outbox_interval_seconds: float = 2.0

@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from ..core.errors import AlreadyExists, ConfigError
 from ..core.files import write_file
 from ..core.model import KeyType
+from ..store.keys import CHECKPOINT_FILE, KEY_BYTES, KEY_FILES, StoreKeys
 from .certs import build_ca_certificate, build_tls_certificate
 from .keys import generate_private_key
 
@@ -238,3 +239,61 @@ def _tls_cert(ca_cert, ca_key, key, names: list[str], now: datetime, *, server: 
         ca_cert, ca_key, key.public_key(), dns_names=dns, ip_addresses=ips, common_name=names[0],
         client=not server, server=server, now=now,
     )
+
+
+# --- the server's secrets and the data folder's modes ---------------------------------------------
+
+
+def create_server_keys(datadir: Path, names: Iterable[str] = tuple(KEY_FILES)) -> list[str]:
+    """Create the missing secret files (random 256-bit keys, mode 0600); the names of those created."""
+    created = []
+    for name in names:
+        path = Path(datadir) / KEY_FILES[name]
+        if not path.exists():
+            write_secret(path, secrets.token_hex(KEY_BYTES).encode() + b"\n")
+            created.append(name)
+    return created
+
+
+def read_server_keys(datadir: Path, names: Iterable[str]) -> StoreKeys:
+    """The keys a role uses, read at start (services.py); a missing, malformed or exposed file is a
+    ConfigError naming it. The audit checkpoint sits beside them."""
+    keys = {}
+    for name in names:
+        path = Path(datadir) / KEY_FILES[name]
+        check_private(path)
+        try:
+            keys[name] = bytes.fromhex(path.read_text().strip())
+        except FileNotFoundError:
+            raise ConfigError(f"no {path.name} in {datadir}: run `autoenroll init`, or copy it from the host "
+                              "where init ran (README, Server secrets)") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or 'not a hex key'}") from None
+        if len(keys[name]) != KEY_BYTES:
+            raise ConfigError(f"{path} must hold a {KEY_BYTES * 8}-bit key in hex")
+    return StoreKeys(**keys, checkpoint=Path(datadir) / CHECKPOINT_FILE if "audit" in keys else None)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a private file or folder that others than its owner may read (as ssh does); a missing
+    one is not this check's business."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        wanted = "700" if Path(path).is_dir() else "600"
+        raise ConfigError(f"{path} is open to other users (mode {mode:o}): it holds private data; "
+                          f"chmod {wanted} {path} (or run `autoenroll init`, which does)")
+
+
+def make_private(path: Path) -> bool:
+    """Take away every permission of group and others (init); True if a bit was removed."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return False
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+        return True
+    return False

@@ -1,28 +1,39 @@
-"""Hash-chained audit log: each row's hash covers its content and the previous row's hash.
+"""Keyed hash chain: each row's hash is an HMAC-SHA256, under the server's audit key (keys.py), of its
+content and the previous row's hash. Someone who can write the database but has not the key cannot
+rewrite the log consistently: `verify` recomputes every HMAC.
 
 Appends lock the single `audit_head` row (BEGIN IMMEDIATE on SQLite, SELECT ... FOR UPDATE on
 PostgreSQL) so the chain stays linear when several workers write at once. Deleting or changing any
-row, or truncating the tail, breaks `verify` (the head remembers the last id and hash).
+row breaks `verify`; the tail cut off with the head, or the whole table emptied, is shown by the
+checkpoint outside the database (anchor.py), which every committed append moves forward.
+
+The key (and the anchor) come with the connection: `Database` puts them in its engines' execution
+options, so every append of that database uses them whoever calls it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, inspect, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from ..core.errors import ConfigError
+from .anchor import AuditAnchor, Checkpoint
 from .db import connection_of
+from .keys import StoreKeys
 from .models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
 
 _HEADS, _EVENTS = AuditHead.__table__, AuditEvent.__table__
-_SELECT_HEAD = select(_HEADS.c.last_id, _HEADS.c.last_hash).where(_HEADS.c.id == 1).with_for_update()
+_SELECT_HEAD = select(_HEADS.c.last_id, _HEADS.c.last_hash, _HEADS.c.rows, _HEADS.c.keyed).where(
+    _HEADS.c.id == 1).with_for_update()
 _UPDATE_HEAD = update(_HEADS).where(_HEADS.c.id == 1)
 _INSERT_EVENT = insert(_EVENTS)
 # Several rows: one executemany, then their ids read back. (INSERT ... RETURNING with
@@ -30,14 +41,33 @@ _INSERT_EVENT = insert(_EVENTS)
 _APPENDED = select(_EVENTS.c.id, _EVENTS.c.hash).where(_EVENTS.c.id > bindparam("last_id")).order_by(_EVENTS.c.id)
 
 
-def _digest(prev_hash: str, at: datetime, event: str, outcome: str, actor: str, subject: str,
-            detail: dict) -> str:
-    body = json.dumps(
+def _body(prev_hash: str, at: datetime, event: str, outcome: str, actor: str, subject: str,
+          detail: dict) -> bytes:
+    return json.dumps(
         [prev_hash, at.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds"),
          event, outcome, actor, subject, detail],
         sort_keys=True, separators=(",", ":"), default=str,
-    )
-    return hashlib.sha256(body.encode()).hexdigest()
+    ).encode()
+
+
+def keyed_digest(key: bytes, prev_hash: str, at: datetime, event: str, outcome: str, actor: str,
+                 subject: str, detail: dict) -> str:
+    return hmac.new(key, _body(prev_hash, at, event, outcome, actor, subject, detail), hashlib.sha256).hexdigest()
+
+
+def unkeyed_digest(prev_hash: str, at: datetime, event: str, outcome: str, actor: str, subject: str,
+                   detail: dict) -> str:
+    """The plain SHA-256 chain of databases before revision 0005 (secrets.py re-chains them)."""
+    return hashlib.sha256(_body(prev_hash, at, event, outcome, actor, subject, detail)).hexdigest()
+
+
+def keys_of(conn: Connection) -> tuple[StoreKeys, AuditAnchor | None]:
+    options = conn.get_execution_options()
+    return options.get("autoenroll_keys") or StoreKeys(), options.get("autoenroll_anchor")
+
+
+UNKEYED_CHAIN = ("the audit log predates its key (schema 0005): run `autoenroll init` once to move the "
+                 "server's secrets out of the database and re-chain the log under the audit key")
 
 
 def append(session: Session, *, event: str, outcome: str, actor: str, subject: str,
@@ -78,24 +108,29 @@ def _insert_genesis_head(conn: Connection) -> None:
     elif conn.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     else:
-        conn.execute(insert(_HEADS), {"id": 1, "last_id": 0, "last_hash": GENESIS})
+        conn.execute(insert(_HEADS), {"id": 1, "last_id": 0, "last_hash": GENESIS, "rows": 0, "keyed": 1})
         return
     conn.execute(dialect_insert(_HEADS).on_conflict_do_nothing(index_elements=["id"]),
-                 {"id": 1, "last_id": 0, "last_hash": GENESIS})
+                 {"id": 1, "last_id": 0, "last_hash": GENESIS, "rows": 0, "keyed": 1})
 
 
 def _append(conn: Connection, events: list[dict], now: datetime) -> tuple[list[int], list[dict]]:
     """(ids, rows as inserted) of `append_many`."""
+    keys, anchor = keys_of(conn)
+    key = keys.need("audit")
     head = conn.execute(_SELECT_HEAD).first()
     if head is None:
         _insert_genesis_head(conn)  # waits for a concurrent first append, if any, to commit
         head = conn.execute(_SELECT_HEAD).first()  # ours, or the winner's row (with its rows): now locked
+    if not head.keyed:
+        raise ConfigError(UNKEYED_CHAIN)
     last_id, prev = head.last_id or 0, head.last_hash
+    before = prev
     rows = []
     for e in events:
         detail = json.loads(json.dumps(e.get("detail") or {}, default=str))
         actor, subject = _text(e["actor"]), _text(e["subject"])
-        digest = _digest(prev, now, e["event"], e["outcome"], actor, subject, detail)
+        digest = keyed_digest(key, prev, now, e["event"], e["outcome"], actor, subject, detail)
         rows.append(dict(at=now, event=e["event"], outcome=e["outcome"], actor=actor, subject=subject,
                          detail=detail, prev_hash=prev, hash=digest))
         prev = digest
@@ -109,7 +144,10 @@ def _append(conn: Connection, events: list[dict], now: datetime) -> tuple[list[i
         in_order = [h for _, h in appended] == [r["hash"] for r in rows]
     if not in_order:
         raise RuntimeError("audit rows were not inserted in chain order")
-    conn.execute(_UPDATE_HEAD, {"last_id": ids[-1], "last_hash": prev})
+    count = (head.rows or 0) + len(rows)
+    conn.execute(_UPDATE_HEAD, {"last_id": ids[-1], "last_hash": prev, "rows": count})
+    if anchor is not None:
+        anchor.appended(before, Checkpoint(count, ids[-1], prev))
     return ids, rows
 
 
@@ -118,20 +156,69 @@ class AuditReport:
     ok: bool
     rows: int
     problem: str | None = None
+    checkpoint: Checkpoint | None = None  # what the chain was checked against, if anything
 
 
-def verify(session: Session) -> AuditReport:
-    prev = GENESIS
-    count = 0
-    last_id = 0
-    for row in session.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars().yield_per(1000):
+def verify(session: Session | Connection, keys: StoreKeys | None = None,
+           checkpoint: Checkpoint | None = None) -> AuditReport:
+    """Walk the chain, recompute every HMAC, and compare its end with the head row and with the
+    checkpoint kept outside the database (the chain may have grown past it, never shrunk). `keys`
+    default to those of the session's Database."""
+    conn = connection_of(session)
+    keys = keys or keys_of(conn)[0]
+    tables = inspect(conn)
+    missing = [t for t in ("audit", "audit_head") if not tables.has_table(t)]
+    if missing:
+        return AuditReport(False, 0, f"the table {missing[0]} is missing from the database (dropped?)", checkpoint)
+    key = keys.need("audit")
+    head = conn.execute(select(_HEADS).where(_HEADS.c.id == 1)).first()
+    if head is not None and not head.keyed:
+        return AuditReport(False, 0, UNKEYED_CHAIN, checkpoint)
+    rows = conn.execution_options(yield_per=1000).execute(select(_EVENTS).order_by(_EVENTS.c.id))
+    try:  # a server-side cursor on PostgreSQL: closed however the walk ends
+        report = _walk(rows, key, checkpoint)
+    finally:
+        rows.close()
+    if not report.ok:
+        return report
+    count, last_id, prev = report.rows, report.last_id, report.last_hash
+    if head is None:
+        if count:
+            return AuditReport(False, count, "the head row is missing (deleted)", checkpoint)
+    elif head.last_id != last_id or head.last_hash != prev or head.rows != count:
+        return AuditReport(False, count, f"the log ends at row {last_id} but the head says {head.last_id} (rows deleted at the end)", checkpoint)
+    return AuditReport(True, count, None, checkpoint)
+
+
+@dataclass(frozen=True)
+class _Walked:
+    ok: bool
+    rows: int
+    problem: str | None = None
+    checkpoint: Checkpoint | None = None
+    last_id: int = 0
+    last_hash: str = GENESIS
+
+
+def _walk(rows, key: bytes, checkpoint: Checkpoint | None):
+    prev, count, last_id = GENESIS, 0, 0
+    anchored = checkpoint is None or checkpoint.rows == 0
+    for row in rows:
         if row.prev_hash != prev:
-            return AuditReport(False, count, f"row {row.id}: previous hash does not match (a row before it was changed or deleted)")
-        if _digest(row.prev_hash, row.at, row.event, row.outcome, row.actor, row.subject, row.detail) != row.hash:
-            return AuditReport(False, count, f"row {row.id}: content does not match its hash (changed)")
+            return AuditReport(False, count, f"row {row.id}: previous hash does not match (a row before it was changed or deleted)", checkpoint)
+        if keyed_digest(key, row.prev_hash, row.at, row.event, row.outcome, row.actor, row.subject,
+                        row.detail) != row.hash:
+            return AuditReport(False, count, f"row {row.id}: content does not match its keyed hash (changed, "
+                                             "or written without the audit key)", checkpoint)
         prev, last_id = row.hash, row.id
         count += 1
-    head = session.get(AuditHead, 1)
-    if head is not None and (head.last_id != last_id or head.last_hash != prev):
-        return AuditReport(False, count, f"the log ends at row {last_id} but the head says {head.last_id} (rows deleted at the end)")
-    return AuditReport(True, count)
+        if checkpoint is not None and row.id == checkpoint.last_id:
+            if row.hash != checkpoint.last_hash or count != checkpoint.rows:
+                return AuditReport(False, count, f"row {row.id} is not the row of the checkpoint outside the "
+                                                 "database (the log was rewritten)", checkpoint)
+            anchored = True
+    if not anchored:
+        return AuditReport(False, count, f"the log ends at row {last_id} ({count} rows) but the checkpoint outside "
+                                         f"the database says row {checkpoint.last_id} ({checkpoint.rows} rows): "
+                                         "rows were deleted", checkpoint)
+    return _Walked(True, count, None, checkpoint, last_id, prev)

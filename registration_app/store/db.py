@@ -19,10 +19,10 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
@@ -62,7 +62,7 @@ def make_engine(url: str, **options) -> Engine:
 # The newest revision in migrations/versions (a test holds the two together). Every command migrates
 # before it works; when the database is already there, one SELECT answers without importing Alembic
 # (about 0.35 s of a short command such as an incremental reconcile).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 
 def schema_is_current(url: str) -> bool:
@@ -74,6 +74,17 @@ def schema_is_current(url: str) -> bool:
         return False
     finally:
         engine.dispose()
+
+
+def sqlite_files(url: str) -> list[Path]:
+    """The files of an SQLite database (itself, -wal, -shm), for their modes; none for a server database."""
+    from sqlalchemy.engine import make_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
+            or parsed.database.startswith("file:"):
+        return []
+    path = Path(parsed.database)
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
 
 
 def migrate(url: str) -> None:
@@ -163,11 +174,22 @@ class _ThreadConnections(threading.local):
 
 
 class Database:
-    """Owns the engine; `transaction()` is the only way code writes."""
+    """Owns the engine; `transaction()` is the only way code writes.
 
-    def __init__(self, url: str) -> None:
+    `keys` (keys.py) are the server's secrets as read from the data folder: the nonce and code keys for
+    repos.py, the audit key for every append, and the checkpoint every committed append moves (anchor.py).
+    """
+
+    def __init__(self, url: str, keys=None) -> None:
+        from .anchor import AuditAnchor
+        from .keys import StoreKeys
         self.url = url
+        self.keys = keys or StoreKeys()
+        self.anchor = (AuditAnchor(self.keys.checkpoint, self.keys.audit)
+                       if self.keys.checkpoint is not None and self.keys.audit is not None else None)
+        options = {"autoenroll_keys": self.keys, "autoenroll_anchor": self.anchor}
         self.engine = make_engine(url)
+        self.engine.update_execution_options(**options)
         # On SQLite the hot paths (an enrollment's reads and its one transaction) keep a connection
         # per thread instead of checking one out of the pool per statement group: the check-out,
         # return, reset and BEGIN/COMMIT statements cost several times the SQL they wrap (measured:
@@ -176,6 +198,8 @@ class Database:
         # connections: a long-lived one could have been dropped by the server in between.
         is_sqlite = self.engine.dialect.name == "sqlite"
         self._thread_engine = make_engine(url, poolclass=NullPool) if is_sqlite else None
+        if self._thread_engine is not None:
+            self._thread_engine.update_execution_options(**options)
         self._threads = _ThreadConnections()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(autoenroll_read_only=True)
@@ -186,12 +210,30 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work; retried by the caller via `run` if the database is busy."""
-        if self._writers is None:
-            with self._sessions() as session, session.begin():
+        with self._anchored():
+            if self._writers is None:
+                with self._sessions() as session, session.begin():
+                    yield session
+                return
+            with self._writers.held(), self._sessions() as session, session.begin():
                 yield session
+
+    @contextmanager
+    def _anchored(self) -> Iterator[None]:
+        """Around a write transaction: after it committed, the audit rows it appended move the
+        checkpoint outside the database (anchor.py); on SQLite still inside the writer queue."""
+        if self.anchor is None:
+            yield
             return
-        with self._writers.held(), self._sessions() as session, session.begin():
-            yield session
+        with self._writers.held() if self._writers is not None else nullcontext():
+            with self.anchor.transaction(self._audit_row_hash):
+                yield
+
+    def _audit_row_hash(self, row_id: int) -> str | None:
+        from .models import AuditEvent
+        table = AuditEvent.__table__
+        rows = self.query(select(table.c.hash).where(table.c.id == row_id))
+        return rows[0].hash if rows else None
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -204,12 +246,13 @@ class Database:
         """A write transaction on a bare Core connection: no ORM session to build and flush, for the
         hot paths (an enrollment's one transaction) whose statements are all Core. It runs on this
         thread's own connection, or on a pooled one when that is busy (a transaction inside another)."""
-        if self._writers is None:
-            with self._write_transaction() as conn:
+        with self._anchored():
+            if self._writers is None:
+                with self._write_transaction() as conn:
+                    yield conn
+                return
+            with self._writers.held(), self._write_transaction() as conn:
                 yield conn
-            return
-        with self._writers.held(), self._write_transaction() as conn:
-            yield conn
 
     @contextmanager
     def _write_transaction(self) -> Iterator[Connection]:

@@ -124,6 +124,8 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     last_id: Mapped[int] = mapped_column(Integer, default=0)
     last_hash: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer, default=0)  # rows in the chain: the checkpoint's count
+    keyed: Mapped[int] = mapped_column(Integer, default=1)  # 0: an unkeyed chain from before 0005
 
 
 class EnrollmentCode(Base):
@@ -131,11 +133,27 @@ class EnrollmentCode(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     email: Mapped[str] = mapped_column(String(320), index=True)
-    mac_key: Mapped[bytes] = mapped_column(LargeBinary)  # HKDF of the printed secret, never the secret
+    # The MAC key (HKDF of the printed secret) sealed with AES-GCM under the server's code key
+    # (key_version 1), so that the row alone cannot MAC a bootstrap; version 0 rows predate 0005.
+    mac_key: Mapped[bytes] = mapped_column(LargeBinary)
+    key_version: Mapped[int] = mapped_column(Integer, default=1)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # wrong MACs so far; burnt at the limit
+    burnt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_by: Mapped[str] = mapped_column(String(256))
+
+
+class BootstrapFailure(Base):
+    """Failed bootstrap MACs counted per presented code id ("code:<id>", known or not) and per agent
+    ("agent:<subject>") in a window: in the database, so every worker and server shares the count."""
+
+    __tablename__ = "bootstrap_failures"
+
+    scope: Mapped[str] = mapped_column(String(96), primary_key=True)
+    window_started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    failures: Mapped[int] = mapped_column(Integer)
 
 
 class CrlState(Base):

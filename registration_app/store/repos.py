@@ -1,4 +1,4 @@
-"""Small repositories over a Session or the Database: nonces and enrollment codes."""
+"""Small repositories over a Session or the Database: nonces, enrollment codes and their failures."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from datetime import datetime, timedelta, timezone
 
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.codes import derive_mac_key, new_code
 from . import audit
 from .db import Database, connection_of
-from .models import Certificate, EnrollmentCode, Nonce, Outbox, RevokedAgent, SyncState
+from .keys import seal_code_key, unseal_code_key
+from .models import BootstrapFailure, Certificate, EnrollmentCode, Nonce, Outbox, RevokedAgent
 
 
 # Nonces are stateless when issued and recorded when used: a nonce is (expiry, 12 random bytes, MAC),
@@ -25,7 +26,6 @@ from .models import Certificate, EnrollmentCode, Nonce, Outbox, RevokedAgent, Sy
 # used to be a write transaction with an fsync), and consuming it is ONE insert into `nonces`, whose
 # primary key lets only the first use win, in any worker. A used nonce's row lives until the nonce
 # expires (plus a margin for clocks of other hosts); after that its expiry alone refuses it.
-NONCE_KEY_NAME = "nonce-mac-key"
 _NONCE_CONTEXT = b"autoenroll nonce v1\0"
 _NONCE_RAW, _NONCE_MAC = 20, 16  # 8-byte expiry (microseconds) + 12 random bytes; truncated HMAC-SHA256
 _NONCE_LENGTH = 48  # characters of base64url, no padding
@@ -33,25 +33,8 @@ _SWEEP_MARGIN = timedelta(minutes=10)
 
 
 def _nonce_key(db: Database) -> bytes:
-    """The MAC key every worker shares: created once in the database, then cached per Database."""
-    key = db.cache.get(NONCE_KEY_NAME)
-    if key is not None:
-        return key
-    table = SyncState.__table__
-    with db.read() as session:
-        stored = session.connection().execute(
-            select(table.c.value).where(table.c.name == NONCE_KEY_NAME)).scalar_one_or_none()
-    if stored is None:
-        try:
-            db.run(lambda session: session.connection().execute(
-                insert(table), {"name": NONCE_KEY_NAME, "value": secrets.token_hex(32)}))
-        except IntegrityError:
-            pass  # another worker created it first: use theirs
-        with db.read() as session:
-            stored = session.connection().execute(
-                select(table.c.value).where(table.c.name == NONCE_KEY_NAME)).scalar_one()
-    key = db.cache[NONCE_KEY_NAME] = bytes.fromhex(stored)
-    return key
+    """The MAC key every worker shares: read from the data folder (keys.py), never from the database."""
+    return db.keys.need("nonce")
 
 
 def _nonce_mac(key: bytes, raw: bytes) -> bytes:
@@ -143,30 +126,109 @@ def create_enrollment_code(db: Database, email: str, ttl: timedelta, created_by:
                            now: datetime | None = None) -> tuple[str, str]:
     now = now or datetime.now(timezone.utc)
     code_id, printed = new_code()
-    mac_key = derive_mac_key(printed.split("-", 1)[1])
-    db.run(lambda s: s.add(EnrollmentCode(id=code_id, email=email, mac_key=mac_key, created_at=now,
-                                          expires_at=now + ttl, created_by=created_by)))
+    sealed = seal_code_key(db.keys, code_id, derive_mac_key(printed.split("-", 1)[1]))
+    db.run(lambda s: s.add(EnrollmentCode(id=code_id, email=email, mac_key=sealed, key_version=1, failures=0,
+                                          created_at=now, expires_at=now + ttl, created_by=created_by)))
     return code_id, printed
 
 
 def enrollment_code(db: Database, code_id: str, now: datetime | None = None) -> EnrollmentCode | None:
-    """The unused, unexpired code with this id."""
+    """The unused, unburnt, unexpired code with this id."""
     now = now or datetime.now(timezone.utc)
     if not isinstance(code_id, str) or len(code_id) > 32:
         return None
     with db.read() as session:
         row = session.get(EnrollmentCode, code_id)
-        if row is None or row.used_at is not None or row.expires_at < now:
+        if row is None or row.used_at is not None or row.burnt_at is not None or row.expires_at < now:
             return None
         return row
+
+
+def enrollment_code_key(db: Database, code_id: str, now: datetime | None = None) -> tuple[str, bytes] | None:
+    """(email, MAC key) of the usable code with this id; None for an unknown, used, burnt or expired id,
+    or a row whose key was not sealed by this server for this id (written into the database by hand)."""
+    row = enrollment_code(db, code_id, now)
+    if row is None or row.key_version != 1:
+        return None
+    mac_key = unseal_code_key(db.keys, row.id, row.mac_key)
+    return (row.email, mac_key) if mac_key is not None else None
 
 
 def use_enrollment_code(session, code_id: str, now: datetime) -> bool:
     result = session.execute(update(EnrollmentCode)
                              .where(EnrollmentCode.id == code_id, EnrollmentCode.used_at.is_(None),
-                                    EnrollmentCode.expires_at >= now)
+                                    EnrollmentCode.burnt_at.is_(None), EnrollmentCode.expires_at >= now)
                              .values(used_at=now))
     return result.rowcount == 1
+
+
+@dataclass(frozen=True)
+class BootstrapLimits:
+    """How many wrong enrollment-code MACs are tolerated (settings: enrollment_code_*)."""
+
+    per_code: int = 5  # a code burns at this many; any presented id is refused (429) once it has them
+    per_agent: int = 20  # failures of one agent in a window before it is refused (429)
+    window: timedelta = timedelta(minutes=15)
+
+
+_FAILURES = BootstrapFailure.__table__
+_FAILURE_COUNTS = select(_FAILURES.c.scope, _FAILURES.c.window_started_at, _FAILURES.c.failures).where(
+    _FAILURES.c.scope.in_(bindparam("scopes", expanding=True)))
+
+
+def _scopes(code_id: str, agent: str) -> dict[str, str]:
+    return {"code": f"code:{code_id[:32]}", "agent": f"agent:{agent}"[:96]}
+
+
+def bootstrap_retry_after(db: Database, code_id: str, agent: str, limits: BootstrapLimits,
+                          now: datetime | None = None) -> int | None:
+    """Seconds until this agent may try this code id again, or None when it may now. Counted per
+    presented id, known or not, so that the limit tells nothing about which ids exist."""
+    now = now or datetime.now(timezone.utc)
+    scopes = _scopes(code_id, agent)
+    ceilings = {scopes["code"]: limits.per_code, scopes["agent"]: limits.per_agent}
+    waits = [(row.window_started_at + limits.window - now).total_seconds()
+             for row in db.query(_FAILURE_COUNTS, {"scopes": list(ceilings)})
+             if row.failures >= ceilings[row.scope] and row.window_started_at + limits.window > now]
+    return max(1, int(max(waits)) + 1) if waits else None
+
+
+def record_bootstrap_failure(db: Database, code_id: str, agent: str, limits: BootstrapLimits,
+                             now: datetime | None = None) -> bool:
+    """Count one wrong MAC for this code id and this agent (one transaction, shared by every worker);
+    a real, usable code that reaches `limits.per_code` failures burns, audited. True if it burnt now."""
+    now = now or datetime.now(timezone.utc)
+    scopes = _scopes(code_id, agent)
+    dialect_insert = _upsert_for(db)
+
+    def work(conn):
+        for scope in scopes.values():
+            fresh = _FAILURES.c.window_started_at < now - limits.window
+            statement = dialect_insert(_FAILURES).values(scope=scope, window_started_at=now, failures=1)
+            conn.execute(statement.on_conflict_do_update(index_elements=["scope"], set_={
+                "failures": case((fresh, 1), else_=_FAILURES.c.failures + 1),
+                "window_started_at": case((fresh, now), else_=_FAILURES.c.window_started_at)}))
+        codes = EnrollmentCode.__table__
+        usable = (codes.c.id == code_id, codes.c.used_at.is_(None), codes.c.burnt_at.is_(None))
+        failures = conn.execute(update(codes).where(*usable).values(failures=codes.c.failures + 1)
+                                .returning(codes.c.failures, codes.c.email)).first()
+        if failures is None or failures.failures < limits.per_code:
+            return False
+        conn.execute(update(codes).where(*usable).values(burnt_at=now))
+        audit.append_many(conn, [dict(event="enrollment_code.burnt", outcome="done", actor=agent,
+                                      subject=failures.email,
+                                      detail={"code_id": code_id, "failures": failures.failures})], now)
+        return True
+
+    return db.run(work, core=True)
+
+
+def _upsert_for(db: Database):
+    if db.engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert
 
 
 def current_certificate(session, email: str, profile: str) -> Certificate | None:

@@ -14,9 +14,9 @@ from flask import Blueprint, g, jsonify, request
 
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
-from ..core.errors import BadClientCertificate, WrongContentType
-from ..store.repos import (agent_revoked, consume_nonce, enrollment_code, issue_nonce, nonce_unused,
-                           superseding_serial)
+from ..core.errors import BadClientCertificate, BadEnrollmentCode, WrongContentType
+from ..service import BAD_CODE
+from ..store.repos import agent_revoked, consume_nonce, issue_nonce, nonce_unused, superseding_serial
 
 api = Blueprint("api", __name__)
 log = logging.getLogger("autoenroll.web")
@@ -126,20 +126,30 @@ def enroll():
 
 @api.post("/bootstrap")
 def bootstrap():
+    """A first signature certificate for an enrollment code. Every bad code (unknown, wrong MAC, used,
+    burnt, expired) gets the same answer; wrong MACs are counted per code id and per agent (service.py)."""
     services = g.services
+    ra = services.ra
+    presented: list[str] = []
 
-    def code_secret(code_id: str):
-        row = enrollment_code(services.db, code_id)
-        if row is None:
-            return None
-        g.user_email = row.email
-        services.agent_policy.check_user(g.agent, row.email)  # a scoped agent bootstraps only its domains
-        return row.mac_key
+    def code_secret(code_id: str) -> bytes:
+        presented.append(code_id)
+        return ra.bootstrap_key(code_id, g.agent)  # 429 when over the limits; a decoy key for a bad id
 
-    payload, code_id = verify_bootstrap_request(
-        _body(), url=signed_url(), agent=g.agent, code_secret=code_secret,
-        consume_nonce=lambda n: consume_nonce(services.db, n))
-    return jsonify(services.ra.bootstrap(payload, code_id, g.agent)), 201
+    try:
+        payload, code_id = verify_bootstrap_request(
+            _body(), url=signed_url(), agent=g.agent, code_secret=code_secret,
+            consume_nonce=lambda n: consume_nonce(services.db, n))
+    except BadEnrollmentCode:
+        if presented:
+            ra.bootstrap_failed(presented[-1], g.agent)
+        raise BadEnrollmentCode(BAD_CODE) from None
+
+    def check_agent(email: str) -> None:  # once the MAC verified: the caller holds the code
+        g.user_email = email
+        services.agent_policy.check_user(g.agent, email)  # a scoped agent bootstraps only its domains
+
+    return jsonify(ra.bootstrap(payload, code_id, g.agent, check_agent=check_agent)), 201
 
 
 @api.post("/certificates")

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.postgres import database_url_for
-from registration_app.authorities.pki_files import PkiPaths, create_pki, read_public_key
+from registration_app.authorities.pki_files import PkiPaths, create_pki, create_server_keys, read_public_key
 from registration_app.services import Services, build_services
 from registration_app.settings import Settings
 
@@ -19,9 +19,10 @@ PASSPHRASE = b"test-passphrase-not-secret"
 
 def make_services(data: Path, ldap_settings, **overrides) -> Services:
     """CA + KRA + sqlite in `data`, LDAP from `ldap_settings` (PrivateSlapd.settings())."""
-    data.mkdir(parents=True, exist_ok=True)
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not PkiPaths.in_dir(data).ca_cert.exists():
         create_pki(data, passphrase=PASSPHRASE, now=datetime.now(timezone.utc))
+    create_server_keys(data)
     if "database_url" not in overrides:
         overrides["database_url"] = database_url_for() or ""
     settings = dataclasses.replace(Settings(), data_dir=data, ca_passphrase=PASSPHRASE.decode(),

@@ -29,10 +29,10 @@ from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 RA_CLIENT = "ra.internal"
 # What each host receives from the `autoenroll init` directory (README, "Split deployment").
 LAYOUT = {
-    "ca": ["ca.key", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase"],
-    "kra": ["kra.key", "kra.pem", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase"],
+    "ca": ["ca.key", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase", "audit.secret"],
+    "kra": ["kra.key", "kra.pem", "ca.pem", "tls-ca.pem", "server.pem", "server.key", "passphrase", "audit.secret"],
     "ra": ["ca.pem", "kra.pem", "tls-ca.pem", "server.pem", "server.key", "ra-client.pem", "ra-client.key",
-           "agent.pem", "agent.key"],
+           "agent.pem", "agent.key", "nonce.secret", "codes.secret", "audit.secret"],
 }
 # The RA client certificate, issued by the TLS CA with openssl exactly as the README says.
 RA_CLIENT_EXT = f"""basicConstraints = critical, CA:FALSE
@@ -283,3 +283,14 @@ def test_the_ra_runs_without_authority_keys_and_refuses_to_start_with_one(split)
     finally:
         (ra.data / "ca.key").unlink()
     assert result.returncode != 0 and "must not hold ca.key" in result.stderr
+
+
+def test_the_ca_refuses_to_start_with_the_ras_nonce_key(split):
+    ca = split["ca"]
+    assert not (ca.data / "nonce.secret").exists() and (ca.data / "audit.secret").exists()
+    shutil.copy2(ca.data.parent / "init" / "nonce.secret", ca.data / "nonce.secret")
+    try:
+        result = ca.autoenroll("serve", check=False)
+    finally:
+        (ca.data / "nonce.secret").unlink()
+    assert result.returncode != 0 and "must not hold nonce.secret" in result.stderr

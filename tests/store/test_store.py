@@ -1,25 +1,39 @@
+import secrets
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import delete, select, text, update
 
 from bench.postgres import database_url_for
 from registration_app.core.codes import parse_code
-from registration_app.core.errors import BadEnrollmentCode
+from registration_app.core.errors import BadEnrollmentCode, ConfigError
 from registration_app.store import audit
 from registration_app.store.db import Database, migrate
-from registration_app.store.models import AuditEvent
-from registration_app.store.repos import (consume_nonce, create_enrollment_code, enrollment_code, issue_nonce,
-                                          use_enrollment_code)
+from registration_app.store.keys import StoreKeys
+from registration_app.store.models import AuditEvent, AuditHead
+from registration_app.store.repos import (consume_nonce, create_enrollment_code, enrollment_code,
+                                          enrollment_code_key, issue_nonce, use_enrollment_code)
+
+
+def server_keys(folder) -> StoreKeys:
+    """The keys `autoenroll init` would write into a data folder, made here for a bare Database."""
+    return StoreKeys(nonce=secrets.token_bytes(32), codes=secrets.token_bytes(32), audit=secrets.token_bytes(32),
+                     checkpoint=folder / "audit.checkpoint")
 
 
 @pytest.fixture
 def db(tmp_path):
     url = database_url_for() or f"sqlite:///{tmp_path / 't.db'}"
     migrate(url)
-    database = Database(url)
+    database = Database(url, keys=server_keys(tmp_path))
     yield database
     database.dispose()
+
+
+def verify(db):
+    with db.read_connection() as conn:
+        return audit.verify(conn, db.keys, db.anchor.read())
 
 
 def test_nonces_are_single_use_and_expire(db):
@@ -30,10 +44,12 @@ def test_nonces_are_single_use_and_expire(db):
     assert not consume_nonce(db, "x" * 100) and not consume_nonce(db, "")
 
 
-def test_enrollment_codes_are_stored_derived_and_used_once(db):
+def test_enrollment_codes_are_stored_sealed_and_used_once(db):
     code_id, printed = create_enrollment_code(db, "a@example.org", timedelta(hours=1), "op")
     row = enrollment_code(db, code_id)
-    assert printed.split("-", 1)[1].encode() not in row.mac_key and parse_code(printed) == (code_id, row.mac_key)
+    _, mac_key = parse_code(printed)
+    assert printed.split("-", 1)[1].encode() not in row.mac_key and mac_key not in row.mac_key
+    assert enrollment_code_key(db, code_id) == ("a@example.org", mac_key)
     now = datetime.now(timezone.utc)
     with db.transaction() as s:
         assert use_enrollment_code(s, code_id, now)
@@ -47,19 +63,17 @@ def test_enrollment_codes_are_stored_derived_and_used_once(db):
 def test_audit_chain_detects_changes_and_deletions(db):
     for i in range(5):
         db.run(lambda s, i=i: audit.append(s, event="e", outcome="done", actor="a", subject=str(i), detail={"i": i}))
-    with db.transaction() as s:
-        assert audit.verify(s).ok and audit.verify(s).rows == 5
+    assert verify(db).ok and verify(db).rows == 5
     with db.transaction() as s:
         s.execute(update(AuditEvent).where(AuditEvent.id == 3).values(subject="forged"))
-    with db.transaction() as s:
-        report = audit.verify(s)
+    report = verify(db)
     assert not report.ok and "row 3" in report.problem
     with db.transaction() as s:
         s.execute(update(AuditEvent).where(AuditEvent.id == 3).values(subject="2"))
-        assert audit.verify(s).ok
-        s.delete(s.get(AuditEvent, 5))
+    assert verify(db).ok
     with db.transaction() as s:
-        report = audit.verify(s)
+        s.delete(s.get(AuditEvent, 5))
+    report = verify(db)
     assert not report.ok and "deleted" in report.problem
 
 
@@ -139,9 +153,8 @@ def test_first_appends_racing_on_a_fresh_database_all_commit_in_one_chain(db):
     for t in threads:
         t.join()
     assert errors == []
-    with db.transaction() as session:
-        report = audit.verify(session)
-    assert report.ok and report.rows == racers, report
+    report = verify(db)
+    assert report.ok and report.rows == racers and report.checkpoint.rows == racers, report
 
 
 def test_only_the_renewal_key_is_a_lost_race(db):
@@ -170,3 +183,192 @@ def test_only_the_renewal_key_is_a_lost_race(db):
         add(row("a1", "r@example.org|p|after:a1"))
     assert lost_renewal_race(renewal.value)
     assert not lost_renewal_race(serial.value)
+
+
+@contextmanager
+def raw_connection(url: str):
+    """A transaction on the database with no keys: what code from before revision 0005 wrote."""
+    database = Database(url)
+    try:
+        with database.engine.begin() as conn:
+            yield conn
+    finally:
+        database.dispose()
+
+
+def append(db, n: int, subject: str = "s") -> None:
+    for i in range(n):
+        db.run(lambda s, i=i: audit.append(s, event="e", outcome="done", actor="a", subject=f"{subject}{i}"))
+
+
+def test_a_consistent_rewrite_without_the_audit_key_is_detected(db):
+    """Someone who can write the database recomputes every hash as the chain did before it was keyed
+    (plain SHA-256, head included): verify, which has the key, still sees it."""
+    append(db, 3)
+    with db.transaction() as s:
+        prev = audit.GENESIS
+        for row in s.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars():
+            row.subject = "rewritten"
+            row.prev_hash = prev
+            row.hash = prev = audit.unkeyed_digest(prev, row.at, row.event, row.outcome, row.actor, row.subject,
+                                                   row.detail)
+        s.execute(update(AuditHead).values(last_hash=prev))
+    report = verify(db)
+    assert not report.ok and "row 1" in report.problem and "keyed hash" in report.problem
+
+
+def test_deleting_every_row_and_the_head_is_reported_and_not_forgotten_by_later_appends(db):
+    append(db, 4)
+    assert db.anchor.read().rows == 4
+    with db.transaction() as s:
+        s.execute(delete(AuditEvent))
+        s.execute(delete(AuditHead))
+    report = verify(db)
+    assert not report.ok and "checkpoint" in report.problem and "deleted" in report.problem
+    append(db, 6, "after")  # the server goes on appending: the chain restarts, and outgrows the old count
+    assert db.anchor.read().rows == 4  # the anchor stays where the database lost it
+    report = verify(db)
+    assert not report.ok and "checkpoint" in report.problem, report
+
+
+def test_truncating_the_tail_with_the_head_is_reported(db):
+    append(db, 5)
+    with db.transaction() as s:
+        s.execute(delete(AuditEvent).where(AuditEvent.id > 2))
+        last = s.get(AuditEvent, 2)
+        s.execute(update(AuditHead).values(last_id=2, last_hash=last.hash, rows=2))
+    report = verify(db)
+    assert not report.ok and report.rows == 2 and "says row 5 (5 rows)" in report.problem
+
+
+def test_a_checkpoint_behind_the_database_is_a_lag_not_an_alarm(db):
+    append(db, 2)
+    behind = db.anchor.read()
+    append(db, 3)
+    assert db.anchor.read().rows == 5
+    with db.read_connection() as conn:
+        report = audit.verify(conn, db.keys, behind)
+    assert report.ok and report.rows == 5
+
+
+def test_a_checkpoint_moves_only_forward_whoever_writes_it(db):
+    from registration_app.store.anchor import Checkpoint
+    append(db, 3)
+    head = db.anchor.read()
+    db.anchor.advance("x", Checkpoint(2, 2, "older"), row_hash=lambda _id: None)  # a slower worker's commit
+    assert db.anchor.read() == head
+
+
+def test_a_missing_audit_table_is_a_clear_report(db):
+    append(db, 1)
+    with db.transaction() as s:
+        s.execute(text("DROP TABLE audit"))
+    report = verify(db)
+    assert not report.ok and report.problem == "the table audit is missing from the database (dropped?)"
+
+
+def test_a_database_without_its_audit_key_refuses_to_append(db):
+    keyless = Database(db.url)
+    try:
+        with pytest.raises(ConfigError, match="audit.secret"):
+            append(keyless, 1)
+    finally:
+        keyless.dispose()
+
+
+def test_a_code_row_written_into_the_database_by_hand_cannot_be_used(db):
+    """The row's key is sealed under codes.secret: a row made with a MAC key of the writer's choice
+    (as the stored form was before) does not give that key back."""
+    from registration_app.store.models import EnrollmentCode
+    now = datetime.now(timezone.utc)
+    db.run(lambda s: s.add(EnrollmentCode(id="forged01", email="a@example.org", mac_key=b"k" * 32, key_version=1,
+                                          failures=0, created_at=now, expires_at=now + timedelta(hours=1),
+                                          created_by="intruder")))
+    assert enrollment_code(db, "forged01") is not None and enrollment_code_key(db, "forged01") is None
+
+
+def test_wrong_macs_are_counted_per_code_id_and_per_agent_and_burn_the_code(db):
+    from registration_app.store.repos import BootstrapLimits, bootstrap_retry_after, record_bootstrap_failure
+    limits = BootstrapLimits(per_code=3, per_agent=5, window=timedelta(minutes=15))
+    code_id, _ = create_enrollment_code(db, "a@example.org", timedelta(hours=1), "op")
+    burnt = [record_bootstrap_failure(db, code_id, "agent-a", limits) for _ in range(3)]
+    assert burnt == [False, False, True] and enrollment_code(db, code_id) is None
+    assert bootstrap_retry_after(db, code_id, "agent-b", limits) is not None  # the id is closed for everyone
+    for _ in range(3):  # an id that does not exist counts the same way
+        record_bootstrap_failure(db, "nosuchid", "agent-b", limits)
+    assert bootstrap_retry_after(db, "nosuchid", "agent-c", limits) is not None
+    assert bootstrap_retry_after(db, "otherid1", "agent-b", limits) is None  # agent-b: 3 of its 5
+    record_bootstrap_failure(db, "otherid1", "agent-b", limits)
+    record_bootstrap_failure(db, "otherid2", "agent-b", limits)
+    wait = bootstrap_retry_after(db, "otherid3", "agent-b", limits)
+    assert wait is not None and 0 < wait <= 15 * 60
+    later = datetime.now(timezone.utc) + timedelta(minutes=16)
+    assert bootstrap_retry_after(db, "otherid3", "agent-b", limits, now=later) is None
+    with db.read_connection() as conn:
+        rows = conn.execute(select(AuditEvent.event, AuditEvent.detail)).all()
+    assert [(e, d["code_id"]) for e, d in rows] == [("enrollment_code.burnt", code_id)]
+
+
+def test_a_database_from_before_the_keys_is_refused_until_adopted_then_verifies(tmp_path):
+    """Revision 0004 kept the nonce key in sync_state, code MAC keys as they are and a plain SHA-256
+    chain: after 0005 the server refuses to start (`pending`) until init adopts them under the keys."""
+    from alembic import command
+    from alembic.config import Config
+
+    from registration_app.store.db import MIGRATIONS
+    from registration_app.store.upgrade import adopt_server_keys, pending
+    url = database_url_for() or f"sqlite:///{tmp_path / 'old.db'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "0004")
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    code_id, printed = "oldcode1", "oldcode1-" + "a" * 32
+    _, mac_key = parse_code(printed)
+    with raw_connection(url) as conn:  # as the code of revision 0004 wrote them
+        prev = audit.GENESIS
+        for i in range(3):
+            digest = audit.unkeyed_digest(prev, now, "e", "done", "a", f"s{i}", {})
+            conn.execute(text("INSERT INTO audit (at, event, outcome, actor, subject, detail, prev_hash, hash) "
+                              "VALUES (:at, 'e', 'done', 'a', :s, '{}', :p, :h)"),
+                         {"at": now.replace(tzinfo=None), "s": f"s{i}", "p": prev, "h": digest})
+            prev = digest
+        conn.execute(text("INSERT INTO audit_head (id, last_id, last_hash) VALUES (1, 3, :h)"), {"h": prev})
+        conn.execute(text("INSERT INTO sync_state (name, value) VALUES ('nonce-mac-key', :v)"), {"v": "ab" * 32})
+        conn.execute(text("INSERT INTO enrollment_codes (id, email, mac_key, created_at, expires_at, created_by) "
+                          "VALUES (:id, 'a@example.org', :k, :t, :e, 'op')"),
+                     {"id": code_id, "k": mac_key, "t": now.replace(tzinfo=None),
+                      "e": (now + timedelta(hours=1)).replace(tzinfo=None)})
+    migrate(url)
+    db = Database(url, keys=server_keys(tmp_path))
+    try:
+        assert "autoenroll init" in pending(db)
+        with pytest.raises(ConfigError, match="autoenroll init"):
+            append(db, 1)
+        done = adopt_server_keys(db)
+        assert [line.split()[0] for line in done] == ["re-chained", "sealed", "removed"]
+        assert pending(db) is None and enrollment_code_key(db, code_id) == ("a@example.org", mac_key)
+        report = verify(db)
+        assert report.ok and report.rows == 4 and report.checkpoint.rows == 4  # + audit.rekeyed
+        append(db, 1)
+        assert verify(db).ok and adopt_server_keys(db) == []
+    finally:
+        db.dispose()
+
+
+def test_an_old_chain_that_was_changed_is_not_laundered_by_the_upgrade(tmp_path):
+    from registration_app.store.upgrade import adopt_server_keys
+    url = database_url_for() or f"sqlite:///{tmp_path / 'old.db'}"
+    migrate(url)
+    with raw_connection(url) as conn:
+        conn.execute(text("INSERT INTO audit (at, event, outcome, actor, subject, detail, prev_hash, hash) "
+                          "VALUES (:at, 'e', 'done', 'a', 's', '{}', :p, :h)"),
+                     {"at": datetime(2026, 1, 1), "p": audit.GENESIS, "h": "f" * 64})
+        conn.execute(text("INSERT INTO audit_head (id, last_id, last_hash, rows, keyed) VALUES (1, 1, :h, 1, 0)"),
+                     {"h": "f" * 64})
+    db = Database(url, keys=server_keys(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match="broken at row 1"):
+            adopt_server_keys(db)
+    finally:
+        db.dispose()
