@@ -35,7 +35,9 @@ def _settings(ctx) -> Settings:
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     """Registration server: second certificates from first ones, beside LDAP."""
-    logging.basicConfig(level=os.environ.get("AUTOENROLL_LOG_LEVEL", "INFO"),
+    # The server logs each request; a command's INFO lines would only repeat what it prints.
+    default_level = "INFO" if ctx.invoked_subcommand == "serve" else "WARNING"
+    logging.basicConfig(level=os.environ.get("AUTOENROLL_LOG_LEVEL", default_level),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to an operator
     if config_path is None and DEFAULT_CONFIG.exists():

@@ -27,8 +27,9 @@ def describe(exc: BaseException, settings=None) -> str:
         extra = ", ".join(f"{value}" for value in exc.extra.values() if isinstance(value, (str, int)))
         line = f"{exc.detail} ({extra})" if extra else exc.detail
         if isinstance(exc, DirectoryUnavailable) and settings is not None:
-            line += (f" at {settings.ldap.url} (users base {settings.ldap.users_base}); the [ldap] url of the "
-                     "configuration or AUTOENROLL_LDAP__URL names it")
+            line += f" [LDAP {settings.ldap.url}, users base {settings.ldap.users_base}]"
+            if "ldap_error" in exc.extra:  # no answer at all: perhaps the wrong address
+                line += "; the configuration's [ldap] url (or AUTOENROLL_LDAP__URL) says where it is"
         return line
     module = type(exc).__module__
     if module.startswith("sqlalchemy"):

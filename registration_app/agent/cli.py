@@ -15,12 +15,6 @@ from .client import AgentConfig, AgentError, RegistrationClient
 from .store import AgentStore
 
 
-# The profiles `autoenroll init` configures; a server may define others, and refuses an unknown name with
-# the list of its own (404 unknown_profile). The agent holds no server configuration to read them from.
-BUILT_IN_PROFILES = ("smime-encryption (RSA-3072, escrowed), smime-encryption-ec (EC P-256, escrowed), "
-                     "smime-signature (EC P-256, key here with --client-key or from the server)")
-
-
 @click.group(cls=ReportingGroup)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="AUTOENROLL_AGENT_CONFIG", default="var/agent.toml", show_default=True,
@@ -72,7 +66,8 @@ def bootstrap(ctx, email: str, code: str) -> None:
 @main.command()
 @click.option("--email", required=True)
 @click.option("--profile", default=None,
-              help=f"Profile to enroll for (default: the server's default_encryption_profile). Built in: {BUILT_IN_PROFILES}.")
+              help="A profile of the server (default: its default_encryption_profile; the built-in ones are "
+                   "listed above).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PKCS#12 password (default: a random one, saved beside the .p12 with mode 0600).")
 @click.option("--legacy", is_flag=True, help="3DES/SHA-1 PKCS#12 for clients that cannot read AES.")
@@ -82,7 +77,15 @@ def bootstrap(ctx, email: str, code: str) -> None:
 def enroll(ctx, email, profile, password_file, legacy, replace, client_key) -> None:
     """Obtain a certificate of PROFILE for a user who holds a signature certificate.
 
-    The server names its profiles when it refuses an unknown one (404 unknown_profile)."""
+    \b
+    The profiles a server has out of the box:
+      smime-encryption     RSA-3072 encryption key, made and escrowed by the server
+      smime-encryption-ec  EC P-256 encryption key, made and escrowed by the server
+      smime-signature      EC P-256 signature key, made here (--client-key) or by the server
+
+    A server may be configured with others: it lists its own when it refuses an unknown name
+    (404 unknown_profile). The agent has no copy of the server's configuration to read them from.
+    """
     password = password_file.read_text().strip() if password_file else None
     try:
         outcome = do_enroll(_client(ctx), ctx.obj["store"], email, profile, password=password,
