@@ -48,7 +48,9 @@ def main(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 
 def _services(ctx):
     from .services import build_services
-    return build_services(_settings(ctx))
+    services = build_services(_settings(ctx))
+    ctx.call_on_close(services.close)  # LDAP connections and the database closed when the command ends
+    return services
 
 
 AGENT_TOML = """# autoenroll-agent configuration, written by `autoenroll init`

@@ -51,3 +51,22 @@ def test_serve_opens_no_gunicorn_control_socket(platform):
     assert gunicorn_options(load_settings(platform.config))["control_socket_disable"] is True
     log = platform.log.read_text()
     assert "Listening at" in log and "Control socket" not in log
+
+
+def test_short_commands_start_no_background_thread(tmp_path, slapd, monkeypatch):
+    """crl, invite, sync status and a dry reconcile need no key pool filler or outbox worker."""
+    import threading
+
+    from click.testing import CliRunner
+
+    from registration_app.cli import main
+    config = tmp_path / "autoenroll.toml"
+    config.write_text(f'data_dir = "data"\n[ldap]\nurl = "{slapd.url}"\n')
+    cli("autoenroll", "--config", str(config), "init")
+    started = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread.name), start(thread))[1])
+    for args in (["crl"], ["invite", "alice@example.org"], ["sync", "status"], ["sync", "reconcile", "--dry-run"]):
+        result = CliRunner().invoke(main, ["--config", str(config), *args])
+        assert result.exit_code == 0, result.output
+        assert started == [], (args, started)
