@@ -149,16 +149,13 @@ def recover(ctx, email, serials, all_, password_file, legacy) -> None:
                                    serials=None if all_ else list(serials), password=password, legacy=legacy)
     except (AgentError, ValueError) as exc:
         _fail(exc)
-    click.echo(f"recovered {len(outcomes)} key(s) for {email}")
+    click.echo(f"recovered {len(outcomes)} key(s) for {email}; {PASSWORD_BESIDE}")
     for outcome in outcomes:
-        _report_key(outcome, f"  {outcome.profile} {outcome.serial} (until {outcome.not_after[:10]})")
+        click.echo(f"  {outcome.profile} {outcome.serial} (until {outcome.not_after[:10]}): {outcome.files['pkcs12']}")
 
 
-def _report_key(outcome, label: str) -> None:
-    """Where a recovered key went: the PKCS#12 and the file holding its password (unless --password-file)."""
-    click.echo(f"{label}: {outcome.files['pkcs12']}")
-    if "password" in outcome.files:
-        click.echo(f"    password: {outcome.files['password']} (mode 0600)")
+# Where a recovered key's password is (one line before the list: scripts read each key's .p12 from its line).
+PASSWORD_BESIDE = "each PKCS#12's password is in the .pass file beside it (mode 0600)"
 
 
 @main.command()
@@ -249,8 +246,9 @@ def officer_release(ctx, officer_email, request_id) -> None:
     except (AgentError, ValueError) as exc:
         _fail(exc)
     _show_request(body)
+    click.echo(f"released {len(outcomes)} key(s); {PASSWORD_BESIDE}")
     for outcome in outcomes:
-        _report_key(outcome, f"  {outcome.serial}")
+        click.echo(f"  {outcome.serial}: {outcome.files['pkcs12']}")
 
 
 @main.command()

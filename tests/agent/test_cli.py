@@ -3,6 +3,8 @@ recovered key's password went, which profiles `enroll` knows, and clear refusals
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from tests.e2e.test_enrollment import invite_and_bootstrap
@@ -31,12 +33,11 @@ def test_recover_says_where_it_put_the_password(platform, new_user):
     enrolled = platform.agent("enroll", "--email", user, "--profile", "smime-encryption-ec").stdout
     serial = enrolled.split("serial ")[1].split(",")[0]
     out = platform.agent("recover", "--email", user, "--serial", serial).stdout
-    p12_path = out.split(f"{serial} (until ")[1].split(": ", 1)[1].splitlines()[0]
-    password_path = out.split("password: ")[1].split(" (mode 0600)")[0]
-    with open(password_path, "rb") as f:
-        password = f.read()
-    with open(p12_path, "rb") as f:
-        key, cert, _ = pkcs12.load_key_and_certificates(f.read(), password)
+    assert "password is in the .pass file beside it (mode 0600)" in out.splitlines()[0]
+    p12 = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
+    password = p12.with_suffix(".pass")
+    assert password.stat().st_mode & 0o777 == 0o600
+    key, cert, _ = pkcs12.load_key_and_certificates(p12.read_bytes(), password.read_bytes())
     assert key is not None and format(cert.serial_number, "x") == serial.lstrip("0")
 
 
