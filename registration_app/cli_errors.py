@@ -24,7 +24,8 @@ def describe(exc: BaseException, settings=None) -> str:
     """The one line an operator reads for `exc`; `settings` (the operator's) say where LDAP was sought."""
     from .core.errors import AutoenrollError, DirectoryUnavailable
     if isinstance(exc, AutoenrollError):
-        extra = ", ".join(f"{value}" for value in exc.extra.values() if isinstance(value, (str, int)))
+        # What LDAP answered (SERVER_DOWN, Referral) is the useful part; other extras repeat the detail.
+        extra = ", ".join(str(value) for key, value in exc.extra.items() if key.startswith("ldap_"))
         line = f"{exc.detail} ({extra})" if extra else exc.detail
         if isinstance(exc, DirectoryUnavailable) and settings is not None:
             line += f" [LDAP {settings.ldap.url}, users base {settings.ldap.users_base}]"
