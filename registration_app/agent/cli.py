@@ -79,7 +79,7 @@ def enroll(ctx, email, profile, password_file, legacy, replace, client_key) -> N
 
     \b
     The profiles a server has out of the box:
-      smime-encryption     RSA-3072 encryption key, made and escrowed by the server
+      smime-encryption     RSA-3072 encryption key, made and escrowed by the server (the default)
       smime-encryption-ec  EC P-256 encryption key, made and escrowed by the server
       smime-signature      EC P-256 signature key, made here (--client-key) or by the server
 
