@@ -20,19 +20,21 @@ debs:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev golang-cfssl postgresql gpgsm dirmngr >/dev/null; \
 	fi
 
+# pip's progress goes to .venv/install.log, shown only if the install fails.
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	@echo "installing the Python packages into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[test]'; } >$(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; exit 1; }
 	@# byte-compiled once here: commands start faster where PYTHONDONTWRITEBYTECODE is set
-	$(PY) -m compileall -q registration_app directory_sync bench >/dev/null
+	@$(PY) -m compileall -q registration_app directory_sync ldap_schema bench >/dev/null
 	@touch $@
 
 install: debs $(STAMP)
 
 run: install
-	$(PY) -m directory_sync.slapd start --dir var/slapd --port $(LDAP_PORT) --demo
-	AUTOENROLL_LDAP__URL=ldap://127.0.0.1:$(LDAP_PORT) $(VENV)/bin/autoenroll init
+	@$(PY) -m directory_sync.slapd start --dir var/slapd --port $(LDAP_PORT) --demo
+	@AUTOENROLL_LDAP__URL=ldap://127.0.0.1:$(LDAP_PORT) $(VENV)/bin/autoenroll init
 	@echo
 	@echo "The registration server starts below (Ctrl-C stops it; 'make stop' stops slapd)."
 	@echo "In another terminal, from $(CURDIR), enroll the demo user alice:"
@@ -44,7 +46,7 @@ run: install
 	@echo "bob@example.org is in no entitled group: 'autoenroll invite bob@example.org' refuses him with"
 	@echo "  \"bob@example.org is not a member of a group entitled to profile 'smime-signature' ...\""
 	@echo
-	AUTOENROLL_LDAP__URL=ldap://127.0.0.1:$(LDAP_PORT) $(VENV)/bin/autoenroll serve
+	@AUTOENROLL_LDAP__URL=ldap://127.0.0.1:$(LDAP_PORT) $(VENV)/bin/autoenroll serve
 
 stop: $(STAMP)
 	$(PY) -m directory_sync.slapd stop --dir var/slapd

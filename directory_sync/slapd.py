@@ -25,7 +25,17 @@ from urllib.parse import quote
 
 from directory_sync.config import DEV_SERVICE_PASSWORD, SUFFIX, LdapSettings
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "ldap_schema"
+
+def _schema_dir() -> Path:
+    """ldap_schema/ beside this package in a checkout, or the `ldap_schema` package of an installed wheel."""
+    beside = Path(__file__).resolve().parent.parent / "ldap_schema"
+    if (beside / "config.ldif.in").exists():
+        return beside
+    from importlib.resources import files
+    return Path(str(files("ldap_schema")))
+
+
+SCHEMA_DIR = _schema_dir()
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
 LDAPADD = "/usr/bin/ldapadd"

@@ -13,35 +13,45 @@ from pathlib import Path
 
 import click
 
+from .cli_errors import ReportingGroup, debug_option
 from .core.errors import AutoenrollError
 from .settings import Settings, load_settings
+
+
+# Written by `init` when no --config is given, read by later commands without one: the LDAP URL and the
+# ports that `make run` (or the operator's AUTOENROLL_* variables) gave the first `init`.
+DEFAULT_CONFIG = Settings().data_dir / "autoenroll.toml"
 
 
 def _settings(ctx) -> Settings:
     return ctx.obj["settings"]
 
 
-@click.group()
+@click.group(cls=ReportingGroup)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="AUTOENROLL_CONFIG", help="TOML configuration (default: built-in defaults, data in ./var).")
+              envvar="AUTOENROLL_CONFIG",
+              help=f"TOML configuration (default: {DEFAULT_CONFIG} if `autoenroll init` wrote it, else the "
+                   "built-in defaults with data in ./var).")
+@debug_option
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None) -> None:
+def main(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     """Registration server: second certificates from first ones, beside LDAP."""
-    logging.basicConfig(level=os.environ.get("AUTOENROLL_LOG_LEVEL", "INFO"),
+    # The server logs each request; a command's INFO lines would only repeat what it prints.
+    default_level = "INFO" if ctx.invoked_subcommand == "serve" else "WARNING"
+    logging.basicConfig(level=os.environ.get("AUTOENROLL_LOG_LEVEL", default_level),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    try:
-        settings = load_settings(config_path if config_path and config_path.exists() else None)
-    except AutoenrollError as exc:
-        raise click.ClickException(exc.detail) from exc
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to an operator
+    if config_path is None and DEFAULT_CONFIG.exists():
+        config_path = DEFAULT_CONFIG
+    settings = load_settings(config_path)  # a --config that names no file is an error, not the defaults
     ctx.obj = {"settings": settings, "config_path": config_path}
 
 
 def _services(ctx):
     from .services import build_services
-    try:
-        return build_services(_settings(ctx))
-    except AutoenrollError as exc:
-        raise click.ClickException(exc.detail) from exc
+    services = build_services(_settings(ctx))
+    ctx.call_on_close(services.close)  # LDAP connections and the database closed when the command ends
+    return services
 
 
 AGENT_TOML = """# autoenroll-agent configuration, written by `autoenroll init`
@@ -93,6 +103,8 @@ def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host) -> Non
     click.echo(f"  agent config:   {agent_toml}")
     for line in done:
         click.echo(f"  {line}")
+    if ctx.obj["config_path"] is None and settings.data_dir == DEFAULT_CONFIG.parent:
+        _record_configuration(settings)
     _record_http_url(ctx, settings, http_host)
 
 
@@ -249,10 +261,7 @@ def invite(ctx, email: str, hours: int | None) -> None:
         raise click.ClickException(f"invite runs where the registration authority runs (role all or ra), "
                                    f"not role {services.role}")
     profile = services.settings.profiles[services.settings.bootstrap_profile]
-    try:  # the rule bootstrap applies again when the code is used
-        user = services.ra.check_entitlement(email, profile)
-    except AutoenrollError as exc:
-        raise click.ClickException(exc.detail) from exc
+    user = services.ra.check_entitlement(email, profile)  # the rule bootstrap applies again when the code is used
     code_id, printed = create_enrollment_code(services.db, user.email, ttl, created_by=_operator())
     services.db.run(lambda s: audit.append(s, event="invite.created", outcome="done", actor=_operator(),
                                            subject=user.email, detail={"code_id": code_id, "ttl_hours": ttl / timedelta(hours=1)}))
@@ -260,6 +269,32 @@ def invite(ctx, email: str, hours: int | None) -> None:
     click.echo(f"one-time code for {user.email}, valid for {ttl / timedelta(hours=1):g} hours; "
                "give it to the user's agent:", err=True)
     click.echo(f"  autoenroll-agent bootstrap --email {user.email} --code {printed}", err=True)
+
+
+OPERATOR_TOML = """# written by the first `autoenroll init` from what it was given (AUTOENROLL_* variables); commands run
+# without --config read it. Edit it to move a port; the agents' {agent} names the HTTPS URL too.
+data_dir = "."
+public_url = {public_url}
+bind = {bind}
+{http_url_line}http_bind = {http_bind}
+
+[ldap]
+url = {ldap_url}
+"""
+
+
+def _record_configuration(settings: Settings) -> None:
+    """Keep the LDAP URL and ports `init` ran with, so that a second terminal's commands use them too."""
+    if DEFAULT_CONFIG.exists():
+        return
+    values = dict(public_url=settings.public_url, bind=settings.bind, http_bind=settings.http_bind,
+                  ldap_url=settings.ldap.url)
+    # An http_url not configured yet is chosen and written first in this file by _record_http_url.
+    http_url_line = f"http_url = {json.dumps(settings.http_url)}\n" if settings.http_url else ""
+    DEFAULT_CONFIG.write_text(OPERATOR_TOML.format(  # JSON strings are TOML basic strings
+        agent=settings.path("agent.toml"), http_url_line=http_url_line,
+        **{k: json.dumps(v) for k, v in values.items()}))
+    click.echo(f"  configuration:  {DEFAULT_CONFIG} (LDAP {settings.ldap.url}, HTTPS {settings.bind})")
 
 
 @main.group()
@@ -349,11 +384,7 @@ def revoke(ctx, serial: str, reason: str) -> None:
     """Revoke a certificate by serial (hex); the CRL is regenerated and the directory updated."""
     from cryptography import x509
     services = _services(ctx)
-    try:
-        changed = services.ca.revoke(serial.lower().removeprefix("0x"), x509.ReasonFlags(reason),
-                                     actor=_operator())
-    except AutoenrollError as exc:
-        raise click.ClickException(exc.detail) from exc
+    changed = services.ca.revoke(serial.lower().removeprefix("0x"), x509.ReasonFlags(reason), actor=_operator())
     services.publisher.drain()
     click.echo(f"revoked {serial} ({reason})" if changed else f"{serial} was already revoked")
 

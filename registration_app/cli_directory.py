@@ -69,10 +69,7 @@ def register(main: click.Group, sync: click.Group) -> None:
             except KeyboardInterrupt:
                 click.echo("stopped", err=True)
             return
-        try:
-            report = reconciler.run(dry_run=dry_run, incremental=incremental)
-        except AutoenrollError as exc:
-            raise click.ClickException(exc.detail) from exc
+        report = reconciler.run(dry_run=dry_run, incremental=incremental)
         if as_json:
             click.echo(json.dumps(report.as_dict(), indent=2, default=str))
         else:
@@ -109,11 +106,13 @@ def register(main: click.Group, sync: click.Group) -> None:
                 report = _with_progress(provisioner, group, profile)
             else:
                 report = provisioner.run(group, profile, dry_run=dry_run)
-        except AutoenrollError as exc:
-            raise click.ClickException(exc.detail) from exc
         finally:
             services.pool.stop()
-        click.echo(("dry run: would issue " + str(report.issued) + "; ") * dry_run + report.summary())
+        if dry_run:
+            click.echo(f"dry run, nothing issued: provision {profile.name} for {group}: {report.members} members, "
+                       f"{report.entitled} entitled, {report.already} already have one, would issue {report.issued}")
+        else:
+            click.echo(report.summary())
         for email, why in report.failed[:20]:
             click.echo(f"  not issued to {email}: {why}", err=True)
 

@@ -18,8 +18,8 @@ from sqlalchemy import func, select, update
 from .auth.anchors import require_own_ca, user_entry
 from .authorities.kra import LocalKRA, RecoveryGrant
 from .core.dn import dn_key
-from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, RecoveryExpired,
-                          RecoveryNotReady, SelfApproval, UnknownCertificate)
+from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, NotRequester,
+                          RecoveryExpired, RecoveryNotReady, SelfApproval, UnknownCertificate)
 from .core.model import VerifiedRequest
 from .store import audit
 from .store.db import Database
@@ -229,7 +229,7 @@ class Recovery:
             if row.status == "expired":
                 return RecoveryExpired(f"recovery request {request_id} expired; open a new one"), None
             if row.requester != officer:
-                return NotOwner("only the officer who opened the request can release it"), None
+                return NotRequester(f"recovery request {request_id} was opened by {row.requester}"), None
             claimed = session.execute(update(RecoveryRequest).where(
                 RecoveryRequest.id == request_id, RecoveryRequest.status == "approved",
                 RecoveryRequest.expires_at > now).values(status="released", released_at=now)).rowcount

@@ -214,10 +214,14 @@ def _apply(obj, values: Mapping[str, object], prefix: str, env: bool = False):
     return dataclasses.replace(obj, **changes)
 
 
+# AUTOENROLL_* variables that are read elsewhere, not settings (the command lines read them).
+NOT_SETTINGS = frozenset({"AUTOENROLL_CONFIG", "AUTOENROLL_AGENT_CONFIG", "AUTOENROLL_DEBUG", "AUTOENROLL_LOG_LEVEL"})
+
+
 def _env_tree(environ: Mapping[str, str]) -> dict:
     tree: dict = {}
     for name, value in environ.items():
-        if not name.startswith("AUTOENROLL_") or name in {"AUTOENROLL_CONFIG"}:
+        if not name.startswith("AUTOENROLL_") or name in NOT_SETTINGS:
             continue
         parts = name[len("AUTOENROLL_"):].lower().split("__")
         node = tree
@@ -241,6 +245,8 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
     if config is not None:
         try:
             data = tomllib.loads(config.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file {config} does not exist") from exc
         except OSError as exc:
             raise ConfigError(f"cannot read {config}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..cli_errors import ReportingGroup, debug_option
 from . import actions
 from .actions import bootstrap as do_bootstrap
 from .actions import enroll as do_enroll
@@ -14,14 +15,19 @@ from .client import AgentConfig, AgentError, RegistrationClient
 from .store import AgentStore
 
 
-@click.group()
+@click.group(cls=ReportingGroup)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="AUTOENROLL_AGENT_CONFIG", default="var/agent.toml", show_default=True,
               help="Agent configuration written by `autoenroll init`.")
+@debug_option
 @click.pass_context
-def main(ctx: click.Context, config_path: Path) -> None:
+def main(ctx: click.Context, config_path: Path, debug: bool) -> None:
     """Obtain certificates for users, authenticated by their first certificate."""
-    config = AgentConfig.load(config_path)
+    try:
+        config = AgentConfig.load(config_path)
+    except (ValueError, KeyError, TypeError) as exc:  # TOMLDecodeError is a ValueError
+        raise click.ClickException(f"{config_path} is not an agent configuration ({type(exc).__name__}: "
+                                   f"{exc}); `autoenroll init` writes one") from exc
     ctx.obj = {"config": config, "store": AgentStore(config.store)}
 
 
@@ -59,7 +65,9 @@ def bootstrap(ctx, email: str, code: str) -> None:
 
 @main.command()
 @click.option("--email", required=True)
-@click.option("--profile", default=None, help="Profile to enroll for (default: the server's default_encryption_profile).")
+@click.option("--profile", default=None,
+              help="A profile of the server (default: its default_encryption_profile; the built-in ones are "
+                   "listed above).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PKCS#12 password (default: a random one, saved beside the .p12 with mode 0600).")
 @click.option("--legacy", is_flag=True, help="3DES/SHA-1 PKCS#12 for clients that cannot read AES.")
@@ -67,7 +75,17 @@ def bootstrap(ctx, email: str, code: str) -> None:
 @click.option("--client-key", is_flag=True, help="Generate the key here and send a CSR (signature profiles).")
 @click.pass_context
 def enroll(ctx, email, profile, password_file, legacy, replace, client_key) -> None:
-    """Obtain a certificate of PROFILE for a user who holds a signature certificate."""
+    """Obtain a certificate of PROFILE for a user who holds a signature certificate.
+
+    \b
+    The profiles a server has out of the box:
+      smime-encryption     RSA-3072 encryption key, made and escrowed by the server (the default)
+      smime-encryption-ec  EC P-256 encryption key, made and escrowed by the server
+      smime-signature      EC P-256 signature key, made here (--client-key) or by the server
+
+    A server may be configured with others: it lists its own when it refuses an unknown name
+    (404 unknown_profile). The agent has no copy of the server's configuration to read them from.
+    """
     password = password_file.read_text().strip() if password_file else None
     try:
         outcome = do_enroll(_client(ctx), ctx.obj["store"], email, profile, password=password,
@@ -131,9 +149,13 @@ def recover(ctx, email, serials, all_, password_file, legacy) -> None:
                                    serials=None if all_ else list(serials), password=password, legacy=legacy)
     except (AgentError, ValueError) as exc:
         _fail(exc)
-    click.echo(f"recovered {len(outcomes)} key(s) for {email}")
+    click.echo(f"recovered {len(outcomes)} key(s) for {email}; {PASSWORD_BESIDE}")
     for outcome in outcomes:
         click.echo(f"  {outcome.profile} {outcome.serial} (until {outcome.not_after[:10]}): {outcome.files['pkcs12']}")
+
+
+# Where a recovered key's password is (one line before the list: scripts read each key's .p12 from its line).
+PASSWORD_BESIDE = "each PKCS#12's password is in the .pass file beside it (mode 0600)"
 
 
 @main.command()
@@ -165,9 +187,13 @@ def _officer_call(ctx, officer_email: str, path: str, payload: dict) -> dict:
 
 
 def _show_request(body: dict) -> None:
+    """Everything an approval covers, so that `approve` approves what an officer has read."""
     click.echo(f"recovery request {body['id']}: {body['status']}; user {body['email']}; "
                f"approvals {len(body['approvals'])}/{body['quorum']} {', '.join(body['approvals'])}; "
                f"expires {body['expires_at'][:16]}")
+    click.echo(f"  requested by {body.get('requester', '?')}; reason: {body.get('reason') or '(none given)'}")
+    serials = body.get("serials")
+    click.echo(f"  keys: {', '.join(serials) if serials else 'every escrowed key of the user'}")
 
 
 @officer.command("request")
@@ -220,6 +246,7 @@ def officer_release(ctx, officer_email, request_id) -> None:
     except (AgentError, ValueError) as exc:
         _fail(exc)
     _show_request(body)
+    click.echo(f"released {len(outcomes)} key(s); {PASSWORD_BESIDE}")
     for outcome in outcomes:
         click.echo(f"  {outcome.serial}: {outcome.files['pkcs12']}")
 
@@ -227,19 +254,34 @@ def officer_release(ctx, officer_email, request_id) -> None:
 @main.command()
 @click.option("--interval", default=300.0, show_default=True, help="Seconds between passes.")
 @click.option("--once", is_flag=True, help="One pass, then exit (for cron or tests).")
-@click.option("--insecure-now", hidden=True, help="Pretend the time is this ISO instant (tests only).")
+@click.option("--insecure-now", hidden=True, callback=lambda _c, _p, v: _instant(v),
+              help="Pretend the time is this ISO instant with a zone, e.g. 2027-01-01T00:00:00+00:00 (tests only).")
 @click.pass_context
-def daemon(ctx, interval: float, once: bool, insecure_now: str | None) -> None:
+def daemon(ctx, interval: float, once: bool, insecure_now) -> None:
     """Renew every certificate in the store at about two thirds of its lifetime."""
     import logging
     from datetime import datetime, timezone
 
     from .daemon import RenewalDaemon
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    clock = (lambda: datetime.fromisoformat(insecure_now)) if insecure_now else (lambda: datetime.now(timezone.utc))
+    clock = (lambda: insecure_now) if insecure_now else (lambda: datetime.now(timezone.utc))
     runner = RenewalDaemon(_client(ctx), ctx.obj["store"], clock=clock)
     if once:
         counts = runner.run_once()
         click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
         sys.exit(1 if counts["failed"] else 0)
     runner.run_forever(interval)
+
+
+def _instant(value: str | None):
+    """--insecure-now: an ISO 8601 instant that names its zone (a naive time is ambiguous)."""
+    if value is None:
+        return None
+    from datetime import datetime
+    try:
+        instant = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+    if instant.tzinfo is None:
+        raise click.BadParameter(f"{value!r} has no zone: add one, e.g. {value}+00:00")
+    return instant

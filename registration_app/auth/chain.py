@@ -39,6 +39,7 @@ from registration_app.core.errors import (
     ConfigError,
     MalformedJWS,
     UntrustedChain,
+    WrongKeyUsage,
 )
 from registration_app.core.model import UserIdentity
 
@@ -228,15 +229,15 @@ def _check_leaf_usage(leaf: x509.Certificate) -> None:
     try:
         eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        raise UntrustedChain("the user certificate has no extended key usage; emailProtection is required") from None
+        raise WrongKeyUsage("the user certificate has no extended key usage; emailProtection is required") from None
     if _EMAIL_PROTECTION not in eku:
-        raise UntrustedChain("the user certificate is not an S/MIME certificate: its EKU lacks emailProtection")
+        raise WrongKeyUsage("the user certificate is not an S/MIME certificate: its EKU lacks emailProtection")
     try:
         ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
-        raise UntrustedChain("the user certificate has no key usage; digitalSignature is required") from None
+        raise WrongKeyUsage("the user certificate has no key usage; digitalSignature is required") from None
     if not ku.digital_signature:
-        raise UntrustedChain(
+        raise WrongKeyUsage(
             "the user certificate may not sign (key usage lacks digitalSignature): "
             "sign with the user's signature certificate"
         )

@@ -139,6 +139,7 @@ class KeyPool:
 
     def _fill(self, stop: threading.Event) -> None:
         cond, keys = self._cond, self._keys  # this process's state: a fork replaces both
+        _yield_the_cpu()
         while True:
             with cond:
                 while True:
@@ -164,6 +165,16 @@ class KeyPool:
                     return
                 keys[key_type].append(key)
                 self._counts["generated"] += 1
+
+
+def _yield_the_cpu() -> None:
+    """The filler runs at the lowest CPU priority (Linux: nice applies per thread), so that on a busy machine
+    the requests of its worker, above all the first ones after a start when every worker fills its pool
+    at once, never queue behind key generation for a core. The pool is a cache: it may fill slowly."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: the filler still works
+        pass
 
 
 _pools: weakref.WeakSet[KeyPool] = weakref.WeakSet()

@@ -76,6 +76,11 @@ class UntrustedChain(Unauthenticated):
     code, title = "untrusted_chain", "The user certificate does not chain to a trusted CA"
 
 
+class WrongKeyUsage(UntrustedChain):
+    """The chain may be fine: the certificate is not one that signs requests (an encryption certificate)."""
+    code, title = "wrong_key_usage", "The user certificate's key usage does not allow signing requests"
+
+
 class CertificateExpired(Unauthenticated):
     code, title = "certificate_expired", "The user certificate has expired or is not yet valid"
 
@@ -143,6 +148,10 @@ class CertificateNotListed(Forbidden):
 
 class OwnCaRequired(Forbidden):
     code, title = "own_ca_required", "This needs a signature certificate from this server's CA"
+
+
+class NotRequester(Forbidden):
+    code, title = "not_requester", "Only the officer who opened the recovery request can release it"
 
 
 # --- lookups (404, 409) ------------------------------------------------------------------

@@ -51,6 +51,7 @@ def gunicorn_options(settings: Settings) -> dict:
         "timeout": 60,
         "graceful_timeout": 10,
         "accesslog": None,
+        "control_socket_disable": True,  # gunicornc's ~/.gunicorn/gunicorn.ctl is one per user, not per server
     }
 
 

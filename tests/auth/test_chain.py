@@ -263,3 +263,13 @@ def test_time_is_a_parameter():
     assert verify([user], trust, now=then).email == "alice@example.org"
     with pytest.raises(CertificateExpired):
         verify([user], trust)  # pki.NOW is after June 2020
+
+
+@pytest.mark.parametrize("key_usage", ["keyEncipherment", "keyAgreement"])
+def test_an_encryption_certificate_is_refused_for_its_key_usage_not_for_its_chain(issuing, trust, key_usage):
+    from registration_app.core.errors import WrongKeyUsage
+    user = pki.make_user_cert(issuing, "alice@example.org", key_usage=key_usage)
+    with pytest.raises(WrongKeyUsage) as refused:
+        verify([user, issuing], trust)
+    assert refused.value.code == "wrong_key_usage" and refused.value.status == 401
+    assert "chain" not in refused.value.title and "key usage" in refused.value.title

@@ -6,6 +6,7 @@ import itertools
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -158,5 +159,20 @@ def test_a_changed_pid_is_detected_without_the_fork_hook():
     key = pool.take(KeyType.RSA_2048)
     try:
         assert key not in inherited
+    finally:
+        pool.stop()
+
+
+def test_the_filler_runs_at_the_lowest_cpu_priority_so_requests_go_first():
+    """After a start every worker fills its pool at once; on a busy machine the first requests must not
+    wait behind that for a core (Linux: nice is per thread, read from /proc)."""
+    started = threading.Event()
+    pool = KeyPool(size=1, key_types=[KeyType.RSA_2048],
+                   generate=lambda t: (started.set(), time.sleep(0.05), generate_private_key(KeyType.EC_P256))[2])
+    pool.start()
+    try:
+        assert started.wait(10)
+        stat = Path(f"/proc/{os.getpid()}/task/{pool._thread.native_id}/stat").read_text()
+        assert int(stat.rsplit(")", 1)[1].split()[16]) == 19
     finally:
         pool.stop()
