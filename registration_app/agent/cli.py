@@ -168,6 +168,8 @@ def _show_request(body: dict) -> None:
     click.echo(f"recovery request {body['id']}: {body['status']}; user {body['email']}; "
                f"approvals {len(body['approvals'])}/{body['quorum']} {', '.join(body['approvals'])}; "
                f"expires {body['expires_at'][:16]}")
+    for approval in body.get("discounted", ()):
+        click.echo(f"  approval by {approval['officer']} no longer counts: {approval['why']}")
 
 
 @officer.command("request")

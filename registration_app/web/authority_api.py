@@ -213,7 +213,8 @@ def recover():
         s, event="recovery.evidence_verified", outcome="allowed", actor=", ".join(release.signers)[:500],
         subject=grant.email[:320], now=now,
         detail={"serial": serial, "grant": grant.kind, "request_id": grant.request_id, "relayed_by": grant.actor[:300],
-                "evidence": len(grant.evidence), "request_id_http": g.request_id}))
+                "evidence": len(grant.evidence), "request_id_http": g.request_id,
+                "discounted": [{"officer": who, "why": why} for who, why in release.discounted]}))
     p12 = services.kra.recover_pkcs12(serial, grant, release.password, release.legacy, friendly_name,
                                       services.ca.chain, now=now)
     log.info("event=key.recovered serial=%s grant=%s signers=%r request_id=%s", serial, grant.kind,
