@@ -197,6 +197,45 @@ def test_two_officers_release_through_the_ra_and_the_kra_checks_their_signatures
             403, "evidence_refused")
 
 
+def test_an_approver_removed_from_the_officers_group_is_discounted_by_the_ra_and_by_the_kra(
+        split, new_user, ldap_admin):
+    """Issue 12.1 in the split deployment: the RA refuses the release, and the KRA, given the very same
+    signed evidence by a compromised RA, refuses it by itself; putting the officer back restores."""
+    ra, group = split["ra"], "cn=recovery-officers,ou=groups,dc=example,dc=org"
+    officers = [new_user(("recovery-officers",)) for _ in range(3)]
+    for _, who in officers:
+        invite_and_bootstrap(ra, who)
+    (_, requester), (_, first), (third_dn, third) = officers
+    _, email = new_user(("smime-users",))
+    serial, _ = enroll(ra, email)
+    request_id = officer(ra, requester, "request", "--user", email, "--reason", "hold").stdout.split()[2].rstrip(":")
+    officer(ra, first, "approve", request_id)
+    officer(ra, third, "approve", request_id)
+    assert ldap_admin.modify(group, {"member": [("MODIFY_DELETE", [third_dn])]}), ldap_admin.result
+
+    assert f"approval by {third} no longer counts: not an officer" in officer(ra, requester, "show", request_id).stdout
+    early = officer(ra, requester, "release", request_id, check=False)
+    assert early.returncode == 1 and "recovery_not_ready" in early.stderr and ".p12" not in early.stdout
+    [refusal] = [r for r in audit_rows(split, "recovery.release_refused") if r.detail["request_id"] == request_id]
+    assert refusal.detail["discounted"] == [{"officer": third, "why": "not an officer"}]
+
+    with ra.transaction() as session:
+        opening = session.get(RecoveryRequest, request_id).evidence
+        approvals = [a for (a,) in session.execute(select(RecoveryApproval.evidence).where(
+            RecoveryApproval.request_id == request_id))]
+    release = owner_evidence(ra, requester, {"password": "pw-12"}, path=f"recovery-requests/{request_id}/release")
+    body = recover_body(serial, email, opening, *approvals, release, kind="officers", request_id=request_id)
+    answer = authority(split).post(split["kra"].url + "/authority/v1/kra/recover", json=body, timeout=10)
+    refused(answer, 403, "evidence_refused")
+    assert f"{third}: not an officer" in answer.json()["detail"]
+    assert not [r for r in audit_rows(split, "key.recovered") if r.detail["serial"] == serial]
+
+    assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [third_dn])]}), ldap_admin.result
+    released = officer(ra, requester, "release", request_id).stdout
+    assert "released" in released and ".p12" in released
+    assert len([r for r in audit_rows(split, "key.recovered") if r.detail["serial"] == serial]) == 1
+
+
 # --- a compromised RA talking to the KRA directly -----------------------------------------------
 
 
