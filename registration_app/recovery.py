@@ -29,6 +29,7 @@ from .core.dn import dn_key
 from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, RecoveryExpired,
                           RecoveryNotReady, SelfApproval, UnknownCertificate)
 from .core.model import VerifiedRequest
+from .service import check_same_entry
 from .store import audit
 from .store.db import Database
 from .store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
@@ -90,7 +91,9 @@ class Recovery:
         # Escrowed keys (and the listing of them) need our CA's certificate: another anchor that can
         # issue a certificate for an address must not obtain that address's private keys.
         require_own_ca(request.user, what)
-        return user_entry(self.directory, request.user)
+        user = user_entry(self.directory, request.user)
+        check_same_entry(self.db, request.user, user, actor=request.agent.subject)  # not another entry's
+        return user
 
     def list_own(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
         now = now or datetime.now(timezone.utc)
@@ -135,6 +138,8 @@ class Recovery:
     def _officer(self, request: VerifiedRequest) -> str:
         require_own_ca(request.user, "acting as a recovery officer")
         user = self.directory.find_user(request.user.email)
+        if user is not None:
+            check_same_entry(self.db, request.user, user, actor=request.agent.subject)
         group = dn_key(self.settings.recovery_officers_group)
         if user is None or group not in {dn_key(g) for g in self.directory.groups_of(user)}:
             raise NotOfficer(f"{request.user.email} is not a member of {self.settings.recovery_officers_group}")

@@ -145,6 +145,10 @@ class OwnCaRequired(Forbidden):
     code, title = "own_ca_required", "This needs a signature certificate from this server's CA"
 
 
+class EntryChanged(Forbidden):
+    code, title = "entry_changed", "The certificate belongs to another directory entry than the address's"
+
+
 # --- lookups (404, 409) ------------------------------------------------------------------
 class NotFound(AutoenrollError):
     code, status, title = "not_found", 404, "Not found"

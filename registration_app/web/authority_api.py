@@ -104,7 +104,7 @@ def sign():
     cert = services.ca.sign(
         load_public_key_pem(_text(body, "public_key", 16384)), profile,
         Subject(email=_text(subject, "email", 320), common_name=_text(subject, "common_name", 256, optional=True)),
-        user_dn=_text(body, "user_dn"), serial=serial,
+        user_dn=_text(body, "user_dn"), entry_id=_text(body, "entry_id", 64, optional=True), serial=serial,
         replaces=_serial(replaces, "replaces") if replaces is not None else None,
         key_source=key_source, actor=_text(body, "actor", 512))
     return jsonify({"certificate": cert.public_bytes(Encoding.PEM).decode()}), 201
