@@ -204,6 +204,13 @@ class Recovery:
     def approve(self, request: VerifiedRequest, request_id: str, now: datetime | None = None) -> dict:
         now = now or datetime.now(timezone.utc)
         officer = self._officer(request)
+        # An approval signed with a certificate revoked or expired since no longer counts: its officer may
+        # approve again (with their new certificate), which replaces it.
+        with self.db.read() as session:
+            earlier = session.execute(select(RecoveryApproval.evidence).where(
+                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).first()
+        stale = earlier is not None and \
+            self.roster.why_not_counted(officer, signer_certificate(earlier[0]), now) is not None
 
         def work(session):
             row = self._load(session, request_id, now)
@@ -217,11 +224,14 @@ class Recovery:
                 # An approval names what it approves, so it cannot be moved to another request.
                 return BadRequest("an approval must repeat the request's 'email' and 'serials' exactly "
                                   "(as shown by the show action)")
-            done = session.execute(select(RecoveryApproval.id).where(
-                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).first()
-            if done:
+            done = session.execute(select(RecoveryApproval).where(
+                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).scalars().first()
+            if done is not None and not stale:
                 return AlreadyApproved(f"{officer} already approved request {request_id}")
-            session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now, evidence=request.raw))
+            if done is not None:
+                done.at, done.evidence = now, request.raw
+            else:
+                session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now, evidence=request.raw))
             session.flush()
             count = session.execute(select(func.count()).where(
                 RecoveryApproval.request_id == request_id)).scalar_one()
@@ -230,7 +240,7 @@ class Recovery:
             audit.append(session, event="recovery.approved", outcome="done", actor=officer,
                          subject=row.target_email, now=now,
                          detail={"request_id": request_id, "approvals": count,
-                                 "quorum": self.settings.recovery_quorum})
+                                 "quorum": self.settings.recovery_quorum, "replaces_stale": done is not None})
             return None
 
         error = self.db.run(work)  # an expiry found here is committed before the refusal is raised

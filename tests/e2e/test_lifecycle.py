@@ -395,3 +395,9 @@ def test_an_approval_signed_with_a_certificate_revoked_since_no_longer_counts(li
         officer(life, requester, "show", request_id).stdout
     refused_release(life, requester, request_id)
     assert release_refusals(life, request_id)[0]["discounted"] == [{"officer": first, "why": "certificate revoked"}]
+
+    # With a new certificate the officer approves again; that approval replaces the one that lapsed.
+    invite_and_bootstrap(life, first)
+    officer(life, first, "approve", request_id)
+    assert "no longer counts" not in officer(life, requester, "show", request_id).stdout
+    assert ".p12" in officer(life, requester, "release", request_id).stdout
