@@ -113,8 +113,9 @@ def test_the_old_holders_certificate_is_refused_for_the_entry_that_got_the_addre
     assert user_certificates(ldap_admin, bob_dn) == []
     with server.transaction() as session:
         denied = [e.detail for (e,) in session.execute(select(audit.AuditEvent).where(
-            audit.AuditEvent.event == "request.denied")) if e.detail.get("code") == "entry_changed"]
-    assert len(denied) == 3 and all(bob_dn in d["reason"] for d in denied)
+            audit.AuditEvent.event == "request.denied")) if e.detail.get("code") == "entry_changed"
+            and bob_dn in e.detail["reason"]]
+    assert len(denied) == 3
 
 
 @pytest.mark.parametrize("move", ["modrdn", "other-ou"])

@@ -206,8 +206,11 @@ def test_an_approver_removed_from_the_officers_group_is_discounted_by_the_ra_and
     for _, who in officers:
         invite_and_bootstrap(ra, who)
     (_, requester), (_, first), (third_dn, third) = officers
-    _, email = new_user(("smime-users",))
+    dn, email = new_user(("smime-users",))
     serial, _ = enroll(ra, email)
+    ldap_admin.search(dn, "(objectClass=*)", "BASE", attributes=["entryUUID"])
+    with ra.transaction() as session:  # the CA service recorded the entry the RA found (issue 12.2)
+        assert session.get(Certificate, serial).entry_id == str(ldap_admin.response[0]["attributes"]["entryUUID"])
     request_id = officer(ra, requester, "request", "--user", email, "--reason", "hold").stdout.split()[2].rstrip(":")
     officer(ra, first, "approve", request_id)
     officer(ra, third, "approve", request_id)
