@@ -180,11 +180,23 @@ class EvidenceVerifier:
             raise EvidenceRefused(f"the signed request was for {path[:80]!r}, not {RECOVER_PATH}")
         if verified.user.email.lower() != escrow_email.lower():
             raise EvidenceRefused("the signed request is not the key owner's")
+        if verified.user.issuer_is_ours:
+            # An address given to another directory entry does not give its escrowed keys to the old holder.
+            signer_entry, key_entry = self._entry_of(format(verified.user.serial, "x")), self._entry_of(serial)
+            if signer_entry and key_entry and signer_entry != key_entry:
+                raise EvidenceRefused("the signed request's certificate belongs to another directory entry "
+                                      "than the escrowed key")
         wanted = _serials(verified.payload)
         if wanted is not None and serial not in wanted:
             raise EvidenceRefused(f"the signed request does not name serial {serial[:48]}")
         return Release(password=_password(verified.payload), legacy=verified.payload.get("pkcs12_legacy") is True,
                        signers=(verified.user.email,))
+
+    def _entry_of(self, serial: str) -> str | None:
+        """The directory entry id a certificate of ours was issued to (None: unknown or older than ids)."""
+        with self.db.read() as session:
+            row = session.get(Certificate, serial)
+            return row.entry_id if row is not None else None
 
     # -- m-of-n officers ----------------------------------------------------------------------------
     def _officers(self, serial: str, grant: RecoveryGrant, escrow_email: str, now: datetime) -> Release:

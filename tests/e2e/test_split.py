@@ -325,3 +325,24 @@ def test_the_ra_runs_without_authority_keys_and_refuses_to_start_with_one(split)
     finally:
         (ra.data / "ca.key").unlink()
     assert result.returncode != 0 and "must not hold ca.key" in result.stderr
+
+
+def test_the_kra_refuses_the_old_holder_of_an_address_the_keys_of_its_new_holder(split, new_user, ldap_admin):
+    """Issue 12.2 at the KRA: the old holder's own signed request, for the address it had, does not open
+    the keys escrowed since for the entry that holds the address now."""
+    ra, kra_url = split["ra"], split["kra"].url + "/authority/v1/kra/recover"
+    old_dn, email = new_user(("smime-users",))
+    old_serial, _ = enroll(ra, email)
+    captured = owner_evidence(ra, email, {"password": "pw-old", "all": True})  # signed while it was theirs
+    assert ldap_admin.modify(old_dn, {"mail": [("MODIFY_REPLACE", ["gone-" + email])]}), ldap_admin.result
+    new_dn, _ = new_user(("smime-users",))
+    assert ldap_admin.modify(new_dn, {"mail": [("MODIFY_REPLACE", [email])]}), ldap_admin.result
+    # The old holder's encryption certificate ends (as reconcile would end it), the signature one does not.
+    split["ca"].autoenroll("revoke", old_serial, "--reason", "affiliationChanged")
+    serial, _ = enroll(ra, email)  # the new holder's own certificates (the agent folder is reused)
+    with ra.transaction() as session:
+        assert session.get(Certificate, serial).user_dn == new_dn
+
+    answer = authority(split).post(kra_url, json=recover_body(serial, email, captured), timeout=10)
+    refused(answer, 403, "evidence_refused")
+    assert "another directory entry" in answer.json()["detail"]
