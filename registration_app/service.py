@@ -159,7 +159,7 @@ class RegistrationAuthority:
 
     # -- policy ---------------------------------------------------------------------------------
     def _replacement_of(self, email: str, profile: Profile, replace: bool, renews: str | None,
-                        now: datetime) -> str | None:
+                        now: datetime, entry_id: str = "") -> str | None:
         """The serial the new certificate replaces; refuses when policy says not now.
 
         `renews` (a serial) makes a renewal idempotent across retries and daemons: it succeeds only
@@ -171,7 +171,15 @@ class RegistrationAuthority:
             raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
                               f"{profile.name!r}; try again later", retry_after=3600)
         current = next((c for c in history if c.status == "valid"), None)
-        latest = history[0] if history else None
+        # What this entry's new certificate replaces is its own latest one, never another entry's that
+        # held the address before (rows without an entry id predate ids: they count as this entry's).
+        latest = next((c for c in history if not (c.entry_id and entry_id and c.entry_id != entry_id)), None)
+        if current is not None and current.entry_id and entry_id and current.entry_id != entry_id:
+            # The address was given to this entry while another entry's certificate for it is current:
+            # never replace (supersede) someone else's certificate; reconcile revokes it.
+            raise Conflict(f"{email} now belongs to another directory entry than its current {profile.name!r} "
+                           f"certificate {current.serial}; `autoenroll sync reconcile` ends that certificate "
+                           "first", serial=current.serial)
         if renews is not None and (current is None or current.serial != renews.lower()):
             newer = f"; the current one is {current.serial}" if current is not None else ""
             raise Conflict(f"certificate {renews} is not the current {profile.name!r} certificate of {email} "
@@ -252,7 +260,7 @@ class RegistrationAuthority:
                 if earlier is not None:  # a retry after a lost answer: same key, same certificate
                     self._audit_now(deferred or [], nonce=request.nonce)
                     return earlier
-            replaces = self._replacement_of(email, profile, replace, renews, now)
+            replaces = self._replacement_of(email, profile, replace, renews, now, user.entry_id)
         except BaseException:
             try:
                 self._audit_now(deferred or [])
@@ -299,6 +307,8 @@ class RegistrationAuthority:
         self.db.run(burn)
         with self.db.read() as session:
             latest = latest_certificate(session, code.email, profile.name)
+        if latest is not None and latest.entry_id and user.entry_id and latest.entry_id != user.entry_id:
+            latest = None  # another entry held the address before: its certificates are not this one's to replace
         issued = self.key_authority.issue(IssueRequest(
             user=user, profile=profile, actor=agent.subject, csr=csr,
             replaces=latest.serial if latest else None), now=now)

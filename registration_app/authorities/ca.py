@@ -53,6 +53,13 @@ class ToRecord:
     entry_id: str | None = None  # the directory entry's stable id (UserEntry.entry_id)
 
 
+def renewal_key(email: str, profile: str, replaces: str | None, entry_id: str | None) -> str:
+    """One issuance per (user, profile, predecessor). A first certificate is also one per directory entry:
+    the next entry given the same address starts a history of its own, it does not continue the old one."""
+    first = f"|entry:{entry_id}" if replaces is None and entry_id else ""
+    return f"{email.lower()}|{profile}|after:{replaces or 'none'}{first}"
+
+
 def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
@@ -124,7 +131,7 @@ class LocalCA:
             profile=r.profile.name, usage=r.profile.usage.value, status="valid",
             der=r.cert.public_bytes(Encoding.DER), not_before=r.cert.not_valid_before_utc,
             not_after=r.cert.not_valid_after_utc, issued_at=now, key_source=r.key_source, replaces=r.replaces,
-            renewal_key=f"{r.subject.email.lower()}|{r.profile.name}|after:{r.replaces or 'none'}",
+            renewal_key=renewal_key(r.subject.email, r.profile.name, r.replaces, r.entry_id),
         ) for r in records])
         rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
                      reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)

@@ -96,6 +96,13 @@ def test_a_mail_that_moves_takes_no_certificate_along(server, new_user, ldap_adm
     assert certificate_count(server) == before and rows(server, user_dn=bob_dn) == []
     assert user_certificates(ldap_admin, bob_dn) == []
 
+    # The new holder gets certificates of their own (an enrollment code), bound to their entry.
+    enrolled_bob = invite_and_bootstrap(server, old) or server.agent(
+        "enroll", "--email", old, "--profile", "smime-encryption").stdout
+    assert "published in the directory" in enrolled_bob
+    assert {r.entry_id for r in rows(server, user_dn=bob_dn)} == {entry_uuid(ldap_admin, bob_dn)}
+    assert len(user_certificates(ldap_admin, bob_dn)) == 2 and user_certificates(ldap_admin, alice_dn) == []
+
 
 def test_the_old_holders_certificate_is_refused_for_the_entry_that_got_the_address(server, new_user, ldap_admin):
     """Without a reconcile in between, the request itself is refused: 403 entry_changed, audited."""
@@ -116,6 +123,12 @@ def test_the_old_holders_certificate_is_refused_for_the_entry_that_got_the_addre
             audit.AuditEvent.event == "request.denied")) if e.detail.get("code") == "entry_changed"
             and bob_dn in e.detail["reason"]]
     assert len(denied) == 3
+
+    # Until reconcile ends them, the old holder's certificates are not the new holder's to replace.
+    invite_and_bootstrap(server, old)
+    out = server.agent("enroll", "--email", old, "--profile", "smime-encryption", "--replace", check=False)
+    assert out.returncode == 1 and "now belongs to another directory entry" in out.stderr, out.stderr
+    assert {r.status for r in rows(server, user_dn=alice_dn)} == {"valid"}
 
 
 @pytest.mark.parametrize("move", ["modrdn", "other-ou"])
