@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, select, update
 from .auth.anchors import user_entry
 from .auth.csr import verify_csr
 from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
+from .core.dn import dn_key
 from .core.entitlement import is_entitled
 from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, EntryChanged,
                           NotEntitled, NotOwner, RateLimited, UnknownCertificate, UserNotFound)
@@ -46,10 +47,6 @@ _C = Certificate.__table__.c
 _BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
 
 
-def _dn_key(dn: str) -> str:
-    return "".join(dn.split()).lower()
-
-
 def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *, actor: str) -> None:
     """Refuse a request signed with a certificate of ours that was issued to another directory entry
     than `user`, the entry that holds its address now (EntryChanged, 403): an address given to someone
@@ -67,7 +64,7 @@ def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *
     if not rows:
         return
     entry_id, user_dn = rows[0]
-    same_dn = _dn_key(user_dn) == _dn_key(user.dn)
+    same_dn = dn_key(user_dn) == dn_key(user.dn)
     if entry_id is None and same_dn:
         db.run(lambda conn: conn.execute(update(Certificate.__table__).where(
             _C.user_dn == user_dn, _C.entry_id.is_(None)).values(entry_id=user.entry_id)), core=True)
