@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from directory_sync.ldap import (CERT_ATTR, LdapDirectory, _fast_result_code, bound_pyldap_connection,
+from directory_sync.ldap import (LdapDirectory, _fast_result_code, bound_pyldap_connection,
                                   modify_operations, translate_pyldap_error)
 from directory_sync.plan import Wanted, plan_values
 from registration_app.core.errors import AutoenrollError, UserNotFound

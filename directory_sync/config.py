@@ -23,6 +23,9 @@ class LdapSettings:
     groups_base: str = f"ou=groups,{SUFFIX}"
     ca_entry_dn: str = f"cn=Autoenroll CA,ou=services,{SUFFIX}"
     mail_attribute: str = "mail"
+    # The entry's stable identity, which survives renames and moves (modrdn) and is never reused: every
+    # certificate is bound to it as well as to the address. "objectGUID" on Active Directory.
+    entry_id_attribute: str = "entryUUID"
     group_member_attribute: str = "member"  # "uniqueMember" for groupOfUniqueNames
     use_memberof: bool = True  # read memberOf (overlay) instead of searching groups for member=<dn>
     nested_groups: bool = False  # follow groups that are members of groups

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import re
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import TypeVar
@@ -223,7 +224,7 @@ class LdapDirectory:
 
     # --- helpers -------------------------------------------------------------------------------
     def _user_attributes(self) -> list[str]:
-        attrs = [self.settings.mail_attribute, "cn", CERT_ATTR, VERSION_ATTR]
+        attrs = [self.settings.mail_attribute, "cn", CERT_ATTR, VERSION_ATTR, self.settings.entry_id_attribute]
         return attrs + (["memberOf"] if self.settings.use_memberof else [])
 
     def _user_entry(self, entry: dict, email: str | None = None) -> UserEntry:
@@ -237,6 +238,7 @@ class LdapDirectory:
             member_of=frozenset(dn_key(v.decode()) for v in _values(entry, "memberOf")),
             certificates=tuple(_values(entry, CERT_ATTR)),
             version=b"".join(_values(entry, VERSION_ATTR)[:1]).decode("ascii", "replace"),
+            entry_id=entry_id_text(_values(entry, self.settings.entry_id_attribute)),
         )
 
     def _group_dn(self, group: str) -> str:
@@ -402,6 +404,18 @@ class LdapDirectory:
             return self._acquire()
         except ldap_exc.LDAPException as exc:
             raise _translate(exc) from exc
+
+
+def entry_id_text(raw: list[bytes]) -> str:
+    """An entry id as text: entryUUID is a string already; AD's objectGUID is 16 bytes (little-endian
+    GUID), shown the way AD tools show it. Empty if the entry has none."""
+    if not raw:
+        return ""
+    value = raw[0]
+    if len(value) == 16 and not all(0x20 <= b < 0x7F for b in value):
+        return str(uuid.UUID(bytes_le=value))
+    return value.decode("utf-8", "replace")
+
 
 
 def _check(conn: Connection, *allowed: int) -> int:

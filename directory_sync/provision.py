@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 
 from directory_sync.bulk import BulkDirectory, values
 from directory_sync.escape import filter_value
-from directory_sync.ldap import CERT_ATTR
+from directory_sync.ldap import CERT_ATTR, entry_id_text
 from directory_sync.plan import wanted_values
 from directory_sync.reconcile import Entitlement, LdapUser, dn_key
 from registration_app.authorities.ca import ToRecord, serial_hex
@@ -83,6 +83,7 @@ class _Member:
     email: str
     common_name: str
     certificates: tuple[bytes, ...]
+    entry_id: str = ""  # the entry's stable id: the certificate is bound to it (UserEntry.entry_id)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class Provisioner:
         """Members of `group` (DN or bare cn) that are entitled to `profile` come later; here: everyone."""
         directory = self.services.directory
         group_dn = directory.group_dn(group)
-        attrs = [self.ldap.mail_attribute, "cn", "memberOf", CERT_ATTR]
+        attrs = [self.ldap.mail_attribute, "cn", "memberOf", CERT_ATTR, self.ldap.entry_id_attribute]
         if self.ldap.use_memberof and not self.ldap.nested_groups:
             flt = f"(&({self.ldap.mail_attribute}=*)(memberOf={filter_value(group_dn)}))"
             entries = list(bulk.scan(self.ldap.users_base, flt, attrs))
@@ -129,7 +130,8 @@ class Provisioner:
             mails = values(a, self.ldap.mail_attribute)
             names = values(a, "cn")
             out.append(_Member(dn=dn, email=mails[0].decode(), common_name=names[0].decode() if names else "",
-                               certificates=tuple(values(a, CERT_ATTR))))
+                               certificates=tuple(values(a, CERT_ATTR)),
+                               entry_id=entry_id_text(values(a, self.ldap.entry_id_attribute))))
         return out
 
     def _entitled(self, members: list[_Member], profile: Profile) -> list[_Member]:
@@ -261,7 +263,7 @@ class Provisioner:
         outboxes, events = self.ca.record_issued_many(conn, [ToRecord(
             i.cert, profile, Subject(email=i.member.email, common_name=i.member.common_name or None),
             i.member.dn, i.replaces, "server",
-            {"escrowed": True, "escrow_id": escrow_id, "provisioned_for": group})
+            {"escrowed": True, "escrow_id": escrow_id, "provisioned_for": group}, i.member.entry_id or None)
             for i, escrow_id in zip(items, escrow_ids)], actor=self.actor, now=now)
         audit.append_many(conn, events, now)
         for item, outbox in zip(items, outboxes):

@@ -3,8 +3,14 @@
 One pass compares what LDAP shows with what the database knows, in memory, in dicts keyed by DN:
 
 - a user who is no longer in any group of a certificate's profile, or no longer in LDAP at all, has
-  their valid certificates of that profile revoked (affiliationChanged) and unpublished; a user whose
-  entry was renamed (found again by mail under one other DN) is followed, not revoked;
+  their valid certificates of that profile revoked (affiliationChanged) and unpublished;
+- a certificate belongs to the directory entry it was issued to, known by its stable id (entryUUID,
+  LdapSettings.entry_id_attribute), not to an address: an entry renamed or moved to another DN is
+  followed (its rows take the new DN), and the certificates of an address its entry no longer holds
+  (the mail changed, or the address went to another entry) are revoked (affiliationChanged) and
+  unpublished. Rows older than entry ids (NULL) are bound to the entry found at their DN on first
+  sight; one whose DN is gone is followed by mail to the one entry that holds it (the rule before
+  entry ids, the one case they cannot decide);
 - this CA's values that should not be there (revoked, expired, superseded, another user's) are
   removed, current ones that are missing are added, and ours are put back in the order mail clients
   need (current encryption certificate first, see plan.py);
@@ -34,7 +40,7 @@ from sqlalchemy import or_, select, update
 
 from directory_sync.bulk import BulkDirectory, values
 from directory_sync.escape import filter_value
-from directory_sync.ldap import CERT_ATTR
+from directory_sync.ldap import CERT_ATTR, entry_id_text
 from directory_sync.plan import Wanted, plan_values, wanted_values
 from directory_sync.publisher import USER_GONE
 from registration_app.core.dn import dn_key  # the one DN normaliser; also the dict key on 100,000 users
@@ -50,6 +56,7 @@ log = logging.getLogger("autoenroll.reconcile")
 LAST_RUN = "reconcile.last_run"
 LAST_REPORT = "reconcile.last_report"
 NOT_ENTITLED, USER_NOT_IN_LDAP = "not entitled", "user gone"
+ADDRESS_MOVED = "address no longer on the entry"
 # modifyTimestamp has whole seconds and clocks drift a little: look back a bit further than the last run.
 SINCE_MARGIN = timedelta(seconds=5)
 # Above this many users to look up one by one, an incremental pass reads everything instead.
@@ -71,6 +78,7 @@ class CertRow:
     not_before: datetime
     not_after: datetime
     issued_at: datetime
+    entry_id: str | None = None  # the entry it was issued to (None: a row older than entry ids)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class LdapUser:
     mails: tuple[str, ...]
     groups: frozenset[str]  # dn_key of each memberOf value
     certificates: tuple[bytes, ...]
+    entry_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -158,7 +167,9 @@ def plan_user(user: LdapUser | None, rows: list[CertRow], *, profiles: dict[str,
     revoke = []
     for r in live:
         profile = profiles.get(r.profile)
-        if profile is not None and not entitled(user, profile):  # an unknown profile is left alone
+        if r.email.lower() not in user.mails:  # the certificate names an address the entry no longer has
+            revoke.append(Revocation(r.serial, r.email, user.dn, r.profile, ADDRESS_MOVED))
+        elif profile is not None and not entitled(user, profile):  # an unknown profile is left alone
             revoke.append(Revocation(r.serial, r.email, user.dn, r.profile, NOT_ENTITLED))
     gone = {r.serial for r in revoke}
     after = [replace(r, status="revoked") if r.serial in gone else r for r in rows]
@@ -216,7 +227,7 @@ class Reconciler:
 
     # -- reading LDAP --
     def _attributes(self) -> list[str]:
-        return [self.settings.mail_attribute, "memberOf", CERT_ATTR]
+        return [self.settings.mail_attribute, "memberOf", CERT_ATTR, self.settings.entry_id_attribute]
 
     def _user(self, dn: str, attrs: dict[str, list[bytes]]) -> LdapUser:
         keys = self._group_keys  # 100,000 users share a handful of groups: normalise each once
@@ -231,6 +242,7 @@ class Reconciler:
             mails=tuple(v.decode().lower() for v in values(attrs, self.settings.mail_attribute)),
             groups=frozenset(groups),
             certificates=tuple(values(attrs, CERT_ATTR)),
+            entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
         )
 
     def _scan_users(self, bulk: BulkDirectory, since: datetime | None = None) -> dict[str, LdapUser]:
@@ -245,19 +257,21 @@ class Reconciler:
     def _rows(session, *where) -> list[CertRow]:
         columns = (Certificate.serial, Certificate.user_dn, Certificate.email, Certificate.profile,
                    Certificate.usage, Certificate.status, Certificate.der, Certificate.not_before,
-                   Certificate.not_after, Certificate.issued_at)
+                   Certificate.not_after, Certificate.issued_at, Certificate.entry_id)
         result = session.execute(select(*columns).where(*where)) if where else session.execute(select(*columns))
         utc = timezone.utc
-        return [CertRow(s, dn, e, p, u, st, der, _aware(nb, utc), _aware(na, utc), _aware(ia, utc))
-                for s, dn, e, p, u, st, der, nb, na, ia in result]
+        return [CertRow(s, dn, e, p, u, st, der, _aware(nb, utc), _aware(na, utc), _aware(ia, utc), eid)
+                for s, dn, e, p, u, st, der, nb, na, ia, eid in result]
 
-    def _rows_of(self, dns: Iterable[str]) -> list[CertRow]:
-        dns = list(dict.fromkeys(dns))
-        out: list[CertRow] = []
+    def _rows_of(self, dns: Iterable[str], entry_ids: Iterable[str] = ()) -> list[CertRow]:
+        """The rows of these DNs, and of these entries wherever their rows say they are (renamed ones)."""
+        dns, entry_ids = list(dict.fromkeys(dns)), list(dict.fromkeys(entry_ids))
+        out: dict[str, CertRow] = {}
         with self.db.transaction() as session:
-            for start in range(0, len(dns), 500):
-                out += self._rows(session, Certificate.user_dn.in_(dns[start:start + 500]))
-        return out
+            for column, keys in ((Certificate.user_dn, dns), (Certificate.entry_id, entry_ids)):
+                for start in range(0, len(keys), 500):
+                    out.update((r.serial, r) for r in self._rows(session, column.in_(keys[start:start + 500])))
+        return list(out.values())
 
     # -- the passes --
     def run(self, *, dry_run: bool = False, incremental: bool = False,
@@ -326,7 +340,7 @@ class Reconciler:
             attrs = bulk.read(dn, self._attributes())
             if attrs is not None:
                 users[dn_key(dn)] = self._user(dn, attrs)
-        rows = self._rows_of({*dns, *(u.dn for u in users.values())})
+        rows = self._rows_of({*dns, *(u.dn for u in users.values())}, {u.entry_id for u in users.values() if u.entry_id})
         known = {r.der: dn_key(r.user_dn) for r in rows}
         return users, rows, known
 
@@ -344,12 +358,10 @@ class Reconciler:
 
     def _reconcile(self, bulk, users: dict[str, LdapUser], rows: list[CertRow], known: dict[bytes, str],
                    entitled: Entitlement, report: ReconcileReport, now: datetime, dry_run: bool) -> None:
-        by_dn: dict[str, list[CertRow]] = {}
-        for r in rows:
-            by_dn.setdefault(dn_key(r.user_dn), []).append(r)
+        by_dn, bound = self._by_entry(bulk, users, rows, now, report)
         moves = self._follow_renames(bulk, users, by_dn, now, report)
-        if moves and not dry_run:
-            self._apply_moves(moves)
+        if (moves or bound) and not dry_run:
+            self._apply_moves(moves, bound)
         plans: dict[str, UserPlan] = {}
         for key in users.keys() | by_dn.keys():
             user, user_rows = users.get(key), by_dn.get(key, [])
@@ -422,10 +434,52 @@ class Reconciler:
                     out.setdefault(serial, []).append(row_id)
         return out
 
+    def _by_entry(self, bulk, users: dict[str, LdapUser], rows: list[CertRow], now: datetime,
+                  report: ReconcileReport) -> tuple[dict[str, list[CertRow]], list[tuple[CertRow, str]]]:
+        """The rows by the dn_key of the entry they belong to, and (row, its DN before) for each row
+        whose DN or entry id changes now.
+
+        A row with an entry id belongs to the entry with that id wherever it is (a DN that changed is a
+        move, reported and applied); if no entry has the id any more, to nobody: it is filed under a key
+        no user has, so plan_user revokes it as gone. A row without one (older than entry ids) takes the
+        id of the entry at its DN (first sight); if its DN is gone it is left for `_follow_renames`."""
+        by_id: dict[str, str | None] = {u.entry_id: key for key, u in users.items() if u.entry_id}
+        by_dn: dict[str, list[CertRow]] = {}
+        bound: list[tuple[CertRow, str]] = []
+        for r in rows:
+            key = dn_key(r.user_dn)
+            if r.entry_id is None:
+                user = users.get(key)
+                if user is not None and user.entry_id:
+                    r = replace(r, entry_id=user.entry_id)
+                    bound.append((r, r.user_dn))
+                by_dn.setdefault(key, []).append(r)
+                continue
+            if r.entry_id not in by_id and report.mode == "incremental":  # only a part of LDAP was read
+                by_id[r.entry_id] = None  # one search per entry id, found or not
+                flt = f"({self.settings.entry_id_attribute}={filter_value(r.entry_id)})"
+                for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes()):
+                    user = users.setdefault(dn_key(dn), self._user(dn, attrs))
+                    if user.entry_id == r.entry_id:
+                        by_id[r.entry_id] = dn_key(dn)
+            home = by_id.get(r.entry_id)
+            if home is None:
+                by_dn.setdefault(f"gone:{r.entry_id}", []).append(r)
+                continue
+            if home != key:
+                new_dn = users[home].dn
+                if (r.user_dn, new_dn) not in report.moved:
+                    report.moved.append((r.user_dn, new_dn))
+                bound.append((replace(r, user_dn=new_dn), r.user_dn))
+                r = bound[-1][0]
+            by_dn.setdefault(home, []).append(r)
+        return by_dn, bound
+
     def _follow_renames(self, bulk, users: dict[str, LdapUser], by_dn: dict[str, list[CertRow]],
-                        now: datetime, report: ReconcileReport) -> list[tuple[str, str, list[CertRow]]]:
-        """DNs with live certificates that LDAP no longer has, whose mail is on exactly one other entry."""
-        missing = [(key, rows) for key, rows in by_dn.items() if key not in users
+                        now: datetime, report: ReconcileReport) -> list[tuple[str, str, list[CertRow], str | None]]:
+        """DNs with live certificates older than entry ids that LDAP no longer has, whose mail is on
+        exactly one other entry (the rows then take that entry's id)."""
+        missing = [(key, rows) for key, rows in by_dn.items() if key not in users and not key.startswith("gone:")
                    and any(r.status == "valid" and r.not_after > now for r in rows)]
         if not missing:
             return []
@@ -450,19 +504,35 @@ class Reconciler:
                 del by_dn[key]
                 continue
             new = users[found[0]]
-            moves.append((rows[0].user_dn, new.dn, rows))
+            moves.append((rows[0].user_dn, new.dn, rows, new.entry_id or None))
             report.moved.append((rows[0].user_dn, new.dn))
-            by_dn.setdefault(found[0], []).extend(replace(r, user_dn=new.dn) for r in rows)
+            by_dn.setdefault(found[0], []).extend(replace(r, user_dn=new.dn, entry_id=new.entry_id or None)
+                                                  for r in rows)
             del by_dn[key]
         return moves
 
-    def _apply_moves(self, moves: list[tuple[str, str, list[CertRow]]]) -> None:
+    def _apply_moves(self, moves: list[tuple[str, str, list[CertRow], str | None]],
+                     bound: list[tuple[CertRow, str]]) -> None:
+        """Rows take the DN and entry id they were found to belong to (followed by mail, bound on first
+        sight, or moved with their entry); each change of DN is audited as directory.user_moved."""
+        changes: dict[tuple[str, str | None], list[str]] = {}  # (DN, entry id) → serials
+        moved: dict[tuple[str, str], tuple[str, list[str]]] = {}  # (old DN, new DN) → (email, serials)
+        for old, new, rows, entry_id in moves:
+            changes.setdefault((new, entry_id), []).extend(r.serial for r in rows)
+            moved.setdefault((old, new), (rows[0].email, []))[1].extend(r.serial for r in rows)
+        for r, old in bound:
+            changes.setdefault((r.user_dn, r.entry_id), []).append(r.serial)
+            if dn_key(old) != dn_key(r.user_dn):
+                moved.setdefault((old, r.user_dn), (r.email, []))[1].append(r.serial)
+
         def work(session):
-            for old, new, rows in moves:
-                serials = [r.serial for r in rows]
-                session.execute(update(Certificate).where(Certificate.serial.in_(serials)).values(user_dn=new))
+            for (dn, entry_id), serials in changes.items():
+                for start in range(0, len(serials), 500):
+                    session.execute(update(Certificate).where(Certificate.serial.in_(serials[start:start + 500]))
+                                    .values(user_dn=dn, entry_id=entry_id))
+            for (old, new), (email, serials) in moved.items():
                 audit.append(session, event="directory.user_moved", outcome="done", actor=self.actor,
-                             subject=rows[0].email, detail={"from": old, "to": new, "serials": serials})
+                             subject=email, detail={"from": old, "to": new, "serials": serials})
         self.db.run(work)
 
     # -- state --

@@ -4,12 +4,19 @@ Officers are members of the configured LDAP group, authenticated by their own ce
 like any user's). A request names the user and certificates; m officers other than the requester
 approve; the requester releases it exactly once (an atomic approved → released transition), and the
 KRA decrypts only for a released request that covers the serial. Every step is audited.
+
+An approval counts at release only if its officer still is one (authorities/officers.py: member of the
+group, read live; the signing certificate valid and not revoked). Approvals that no longer count are
+shown by `view` (`discounted`), named in the release's audit row, and never forwarded to the KRA; below
+the quorum the release is refused and nothing is claimed, so an officer put back (or another officer's
+approval) lets the same request be released.
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -17,10 +24,12 @@ from sqlalchemy import func, select, update
 
 from .auth.anchors import require_own_ca, user_entry
 from .authorities.kra import LocalKRA, RecoveryGrant
+from .authorities.officers import OfficerRoster, signer_certificate
 from .core.dn import dn_key
-from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotOwner, NotRequester,
+from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotRequester,
                           RecoveryExpired, RecoveryNotReady, SelfApproval, UnknownCertificate)
 from .core.model import VerifiedRequest
+from .service import check_same_entry
 from .store import audit
 from .store.db import Database
 from .store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
@@ -63,6 +72,11 @@ class Recovery:
     directory: object
     kra: LocalKRA
     ca_chain: list
+    is_revoked: Callable  # the CA's revocation status of a certificate, read on every call
+
+    @property
+    def roster(self) -> OfficerRoster:
+        return OfficerRoster(self.directory, self.settings.recovery_officers_group, self.is_revoked)
 
     # -- listing --------------------------------------------------------------------------------
     def _own_certificates(self, email: str, user_dn: str, usage: str | None = None) -> list[tuple]:
@@ -77,7 +91,9 @@ class Recovery:
         # Escrowed keys (and the listing of them) need our CA's certificate: another anchor that can
         # issue a certificate for an address must not obtain that address's private keys.
         require_own_ca(request.user, what)
-        return user_entry(self.directory, request.user)
+        user = user_entry(self.directory, request.user)
+        check_same_entry(self.db, request.user, user, actor=request.agent.subject)  # not another entry's
+        return user
 
     def list_own(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
         now = now or datetime.now(timezone.utc)
@@ -118,10 +134,28 @@ class Recovery:
     def _officer(self, request: VerifiedRequest) -> str:
         require_own_ca(request.user, "acting as a recovery officer")
         user = self.directory.find_user(request.user.email)
+        if user is not None:
+            check_same_entry(self.db, request.user, user, actor=request.agent.subject)
         group = dn_key(self.settings.recovery_officers_group)
         if user is None or group not in {dn_key(g) for g in self.directory.groups_of(user)}:
             raise NotOfficer(f"{request.user.email} is not a member of {self.settings.recovery_officers_group}")
         return user.email
+
+    def _standing(self, approvals: list[tuple[str, bytes | None]], now: datetime
+                  ) -> tuple[list[tuple[str, bytes | None]], list[dict]]:
+        """(approvals that count now, [{officer, why}] of those that no longer do), in their order."""
+        roster, counted, discounted = self.roster, [], []
+        for officer, evidence in approvals:
+            why = roster.why_not_counted(officer, signer_certificate(evidence), now)
+            if why is None:
+                counted.append((officer, evidence))
+            else:
+                discounted.append({"officer": officer, "why": why})
+        return counted, discounted
+
+    def _approvals(self, session, request_id: str) -> list[tuple[str, bytes | None]]:
+        return [(o, e) for o, e in session.execute(select(RecoveryApproval.officer, RecoveryApproval.evidence).where(
+            RecoveryApproval.request_id == request_id).order_by(RecoveryApproval.id))]
 
     def open_request(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
         now = now or datetime.now(timezone.utc)
@@ -166,6 +200,13 @@ class Recovery:
     def approve(self, request: VerifiedRequest, request_id: str, now: datetime | None = None) -> dict:
         now = now or datetime.now(timezone.utc)
         officer = self._officer(request)
+        # An approval signed with a certificate revoked or expired since no longer counts: its officer may
+        # approve again (with their new certificate), which replaces it.
+        with self.db.read() as session:
+            earlier = session.execute(select(RecoveryApproval.evidence).where(
+                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).first()
+        stale = earlier is not None and \
+            self.roster.why_not_counted(officer, signer_certificate(earlier[0]), now) is not None
 
         def work(session):
             row = self._load(session, request_id, now)
@@ -179,11 +220,14 @@ class Recovery:
                 # An approval names what it approves, so it cannot be moved to another request.
                 return BadRequest("an approval must repeat the request's 'email' and 'serials' exactly "
                                   "(as shown by the show action)")
-            done = session.execute(select(RecoveryApproval.id).where(
-                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).first()
-            if done:
+            done = session.execute(select(RecoveryApproval).where(
+                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).scalars().first()
+            if done is not None and not stale:
                 return AlreadyApproved(f"{officer} already approved request {request_id}")
-            session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now, evidence=request.raw))
+            if done is not None:
+                done.at, done.evidence = now, request.raw
+            else:
+                session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now, evidence=request.raw))
             session.flush()
             count = session.execute(select(func.count()).where(
                 RecoveryApproval.request_id == request_id)).scalar_one()
@@ -192,7 +236,7 @@ class Recovery:
             audit.append(session, event="recovery.approved", outcome="done", actor=officer,
                          subject=row.target_email, now=now,
                          detail={"request_id": request_id, "approvals": count,
-                                 "quorum": self.settings.recovery_quorum})
+                                 "quorum": self.settings.recovery_quorum, "replaces_stale": done is not None})
             return None
 
         error = self.db.run(work)  # an expiry found here is committed before the refusal is raised
@@ -223,6 +267,10 @@ class Recovery:
         officer = self._officer(request)
         password = _password(request.payload)
         legacy = request.payload.get("pkcs12_legacy", False) is True
+        quorum = self.settings.recovery_quorum
+        # Each approval is judged now, from LDAP and the CA, before the claim (no LDAP inside a transaction).
+        with self.db.read() as session:
+            counted, discounted = self._standing(self._approvals(session, request_id), now)
 
         def work(session):
             row = self._load(session, request_id, now)
@@ -230,16 +278,23 @@ class Recovery:
                 return RecoveryExpired(f"recovery request {request_id} expired; open a new one"), None
             if row.requester != officer:
                 return NotRequester(f"recovery request {request_id} was opened by {row.requester}"), None
+            detail = {"request_id": request_id, "counted": [o for o, _ in counted], "discounted": discounted,
+                      "quorum": quorum}
+            if row.status == "approved" and len(counted) < quorum:
+                audit.append(session, event="recovery.release_refused", outcome="denied", actor=officer,
+                             subject=row.target_email, now=now, detail=detail)
+                gone = "; ".join(f"{d['officer']}: {d['why']}" for d in discounted)
+                return RecoveryNotReady(f"recovery request {request_id} has {len(counted)} approvals by current "
+                                        f"officers; {quorum} are needed (no longer counting: {gone})"), None
             claimed = session.execute(update(RecoveryRequest).where(
                 RecoveryRequest.id == request_id, RecoveryRequest.status == "approved",
                 RecoveryRequest.expires_at > now).values(status="released", released_at=now)).rowcount
             if claimed != 1:
                 return RecoveryNotReady(f"recovery request {request_id} is {row.status}: it needs "
-                                        f"{self.settings.recovery_quorum} approvals and is released once"), None
+                                        f"{quorum} approvals and is released once"), None
             audit.append(session, event="recovery.released", outcome="done", actor=officer,
-                         subject=row.target_email, now=now, detail={"request_id": request_id})
-            approvals = [e for (e,) in session.execute(select(RecoveryApproval.evidence).where(
-                RecoveryApproval.request_id == request_id).order_by(RecoveryApproval.id))]
+                         subject=row.target_email, now=now, detail=detail)
+            approvals = [e for _, e in counted]  # only what still counts goes to the KRA
             return None, (row.target_email, list(row.serials), (row.evidence or b"", *approvals, request.raw))
 
         error, released = self.db.run(work)
@@ -262,11 +317,13 @@ class Recovery:
         now = now or datetime.now(timezone.utc)
         with self.db.transaction() as session:
             row = self._load(session, request_id, now)
-            approvals = [a for (a,) in session.execute(select(RecoveryApproval.officer).where(
-                RecoveryApproval.request_id == request_id).order_by(RecoveryApproval.id))]
-            return {"id": row.id, "status": row.status, "requester": row.requester, "email": row.target_email,
-                    "serials": row.serials, "reason": row.reason, "approvals": approvals,
+            approvals = self._approvals(session, request_id)
+            body = {"id": row.id, "status": row.status, "requester": row.requester, "email": row.target_email,
+                    "serials": row.serials, "reason": row.reason, "approvals": [o for o, _ in approvals],
                     "quorum": self.settings.recovery_quorum, "expires_at": row.expires_at.isoformat()}
+        # `approvals` lists every approval recorded; `discounted` those that would not count at a release now.
+        body["discounted"] = self._standing(approvals, now)[1]
+        return body
 
     def list_requests(self, now: datetime | None = None) -> list[dict]:
         with self.db.transaction() as session:

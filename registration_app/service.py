@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import bindparam, select, update
 
 from .auth.anchors import user_entry
 from .auth.csr import verify_csr
 from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
+from .core.dn import dn_key
 from .core.entitlement import is_entitled
-from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, NotEntitled,
-                          RateLimited, UnknownCertificate, UserNotFound)
+from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, EntryChanged,
+                          NotEntitled, RateLimited, UnknownCertificate, UserNotFound)
 from .core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
 from .core.profiles import get_profile
 from .core.renewal import server_window_opens
@@ -44,6 +46,46 @@ INLINE_PUBLISH_GRACE = timedelta(seconds=5)
 BAD_CODE = "the enrollment code is unknown, used, expired or wrong; ask for a new one"
 SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged", "superseded",
                            "cessationOfOperation"}
+
+
+_C = Certificate.__table__.c
+_BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
+
+
+def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *, actor: str) -> None:
+    """Refuse a request signed with a certificate of ours that was issued to another directory entry
+    than `user`, the entry that holds its address now (EntryChanged, 403): an address given to someone
+    else does not take the old holder's certificates along.
+
+    The entry is the same when its stable id is (LdapSettings.entry_id_attribute). An entry renamed or
+    moved to another DN is followed: its certificate rows take the new DN. A row older than migration
+    0006 has no id yet: the first request that finds its entry at the row's DN binds every row of that
+    DN to it (first sight); found under another DN it is refused, until reconcile has followed it.
+    Certificates of other issuers are bound to their entry by the entry listing them (auth/chain.py)."""
+    if not certificate.issuer_is_ours or not user.entry_id:
+        return
+    serial = format(certificate.serial, "x")
+    rows = db.query(_BINDING, {"serial": serial})
+    if not rows:
+        return
+    entry_id, user_dn = rows[0]
+    same_dn = dn_key(user_dn) == dn_key(user.dn)
+    if entry_id is None and same_dn:
+        db.run(lambda conn: conn.execute(update(Certificate.__table__).where(
+            _C.user_dn == user_dn, _C.entry_id.is_(None)).values(entry_id=user.entry_id)), core=True)
+        return
+    if entry_id != user.entry_id:
+        raise EntryChanged(f"certificate {serial} was issued to another directory entry than {user.dn}, which "
+                           f"now has the address {user.email}; the holder of that entry needs their own "
+                           "certificate (an enrollment code)")
+    if not same_dn:  # renamed (modrdn) or moved to another OU: the same entry, under its new DN
+        def follow(session):
+            serials = [s for (s,) in session.execute(select(Certificate.serial).where(
+                Certificate.entry_id == entry_id, Certificate.user_dn != user.dn))]
+            session.execute(update(Certificate).where(Certificate.serial.in_(serials)).values(user_dn=user.dn))
+            audit.append(session, event="directory.user_moved", outcome="done", actor=actor, subject=user.email,
+                         detail={"from": user_dn, "to": user.dn, "serials": serials, "entry_id": entry_id})
+        db.run(follow)
 
 
 def _pem(cert) -> str:
@@ -75,8 +117,9 @@ class RegistrationAuthority:
         """The user's entry, read live, if a group of theirs is entitled to `profile`. The
         enrollment.allowed audit row is committed now, or appended to `deferred_audit` (a list) for
         the caller to commit with the certificate. With `identity` (who signed the request), a
-        certificate of another trust anchor must be listed by that entry (auth/anchors.py)."""
-        user = self.check_entitlement(email, profile, identity=identity)
+        certificate of another trust anchor must be listed by that entry (auth/anchors.py), and one of
+        ours must have been issued to that entry (check_same_entry)."""
+        user = self.check_entitlement(email, profile, identity=identity, actor=actor)
         allowed = dict(event="enrollment.allowed", outcome="allowed", actor=actor, subject=email,
                        detail={"profile": profile.name, "dn": user.dn})
         if deferred_audit is not None:
@@ -85,12 +128,15 @@ class RegistrationAuthority:
             self.db.run(lambda s: audit.append(s, **allowed))
         return user
 
-    def check_entitlement(self, email: str, profile: Profile, *, identity: UserIdentity | None = None) -> UserEntry:
+    def check_entitlement(self, email: str, profile: Profile, *, identity: UserIdentity | None = None,
+                          actor: str = "registration authority") -> UserEntry:
         """The user's entry, read live, or NotEntitled: the one rule of every step (invite, bootstrap,
         enroll; reconcile and provision apply the same is_entitled)."""
         user = user_entry(self.directory, identity) if identity is not None else self.directory.find_user(email)
         if user is None:
             raise UserNotFound(f"no directory entry has the email address {email!r}")
+        if identity is not None:
+            check_same_entry(self.db, identity, user, actor=actor)
         if not is_entitled(profile, self.directory.groups_of(user)):
             groups = ", ".join(sorted(profile.groups)) or "none"
             raise NotEntitled(f"{email} is not a member of a group entitled to profile {profile.name!r} "
@@ -115,7 +161,7 @@ class RegistrationAuthority:
 
     # -- policy ---------------------------------------------------------------------------------
     def _replacement_of(self, email: str, profile: Profile, replace: bool, renews: str | None,
-                        now: datetime) -> str | None:
+                        now: datetime, entry_id: str = "") -> str | None:
         """The serial the new certificate replaces; refuses when policy says not now.
 
         `renews` (a serial) makes a renewal idempotent across retries and daemons: it succeeds only
@@ -127,7 +173,15 @@ class RegistrationAuthority:
             raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
                               f"{profile.name!r}; try again later", retry_after=3600)
         current = next((c for c in history if c.status == "valid"), None)
-        latest = history[0] if history else None
+        # What this entry's new certificate replaces is its own latest one, never another entry's that
+        # held the address before (rows without an entry id predate ids: they count as this entry's).
+        latest = next((c for c in history if not (c.entry_id and entry_id and c.entry_id != entry_id)), None)
+        if current is not None and current.entry_id and entry_id and current.entry_id != entry_id:
+            # The address was given to this entry while another entry's certificate for it is current:
+            # never replace (supersede) someone else's certificate; reconcile revokes it.
+            raise Conflict(f"{email} now belongs to another directory entry than its current {profile.name!r} "
+                           f"certificate {current.serial}; `autoenroll sync reconcile` ends that certificate "
+                           "first", serial=current.serial)
         if renews is not None and (current is None or current.serial != renews.lower()):
             newer = f"; the current one is {current.serial}" if current is not None else ""
             raise Conflict(f"certificate {renews} is not the current {profile.name!r} certificate of {email} "
@@ -208,7 +262,7 @@ class RegistrationAuthority:
                 if earlier is not None:  # a retry after a lost answer: same key, same certificate
                     self._audit_now(deferred or [], nonce=request.nonce)
                     return earlier
-            replaces = self._replacement_of(email, profile, replace, renews, now)
+            replaces = self._replacement_of(email, profile, replace, renews, now, user.entry_id)
         except BaseException:
             try:
                 self._audit_now(deferred or [])
@@ -280,6 +334,8 @@ class RegistrationAuthority:
         self.db.run(burn)
         with self.db.read() as session:
             latest = latest_certificate(session, code.email, profile.name)
+        if latest is not None and latest.entry_id and user.entry_id and latest.entry_id != user.entry_id:
+            latest = None  # another entry held the address before: its certificates are not this one's to replace
         issued = self.key_authority.issue(IssueRequest(
             user=user, profile=profile, actor=agent.subject, csr=csr,
             replaces=latest.serial if latest else None), now=now)
@@ -313,6 +369,7 @@ class RegistrationAuthority:
         if reason not in SELF_REVOCATION_REASONS:
             raise BadRequest(f"reason must be one of {', '.join(sorted(SELF_REVOCATION_REASONS))}")
         user = user_entry(self.directory, request.user)
+        check_same_entry(self.db, request.user, user, actor=request.agent.subject)
         serial = serial.lower().removeprefix("0x")
         with self.db.read() as session:
             cert = session.get(Certificate, serial)

@@ -28,6 +28,7 @@ from .authorities.certs import CaUrls
 from .authorities.key_authority import LocalKeyAuthority
 from .authorities.keys import KeyPool
 from .authorities.kra import LocalKRA
+from .authorities.officers import OfficerRoster
 from .authorities.pki_files import (PkiPaths, check_private, read_cert, read_certs, read_private_key,
                                     read_public_key, read_server_keys)
 from .core.errors import ConfigError
@@ -168,13 +169,14 @@ def build_services(settings: Settings, *, directory=None, run_migrations: bool =
         ca = _local_ca(settings, paths, db, ca_cert)
         passphrase = settings.passphrase()
         kra = LocalKRA(db, read_public_key(paths.kra_public_key), lambda: read_private_key(paths.kra_key, passphrase),
-                       pkcs12_iterations=settings.pkcs12_iterations)
+                       pkcs12_iterations=settings.pkcs12_iterations, quorum=settings.recovery_quorum,
+                       officers=OfficerRoster(directory, settings.recovery_officers_group, ca.is_revoked))
         publisher = _publisher(settings, db, directory, ca)
     pool = KeyPool(size=settings.key_pool_size,
                    key_types={p.key_type for p in settings.profiles.values() if p.key_type.is_rsa})
     key_authority = LocalKeyAuthority(ca, kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
     ra = RegistrationAuthority(settings, db, directory, key_authority, publisher)
-    recovery = Recovery(settings, db, directory, kra, ca.chain)
+    recovery = Recovery(settings, db, directory, kra, ca.chain, ca.is_revoked)
     return Services(**common, ca=ca, kra=kra, pool=pool, key_authority=key_authority, publisher=publisher, ra=ra,
                     recovery=recovery)
 

@@ -194,6 +194,8 @@ def _show_request(body: dict) -> None:
     click.echo(f"  requested by {body.get('requester', '?')}; reason: {body.get('reason') or '(none given)'}")
     serials = body.get("serials")
     click.echo(f"  keys: {', '.join(serials) if serials else 'every escrowed key of the user'}")
+    for approval in body.get("discounted", ()):
+        click.echo(f"  approval by {approval['officer']} no longer counts: {approval['why']}")
 
 
 @officer.command("request")

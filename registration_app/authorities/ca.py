@@ -50,6 +50,14 @@ class ToRecord:
     replaces: str | None
     key_source: str
     audit_detail: dict | None = None
+    entry_id: str | None = None  # the directory entry's stable id (UserEntry.entry_id)
+
+
+def renewal_key(email: str, profile: str, replaces: str | None, entry_id: str | None) -> str:
+    """One issuance per (user, profile, predecessor). A first certificate is also one per directory entry:
+    the next entry given the same address starts a history of its own, it does not continue the old one."""
+    first = f"|entry:{entry_id}" if replaces is None and entry_id else ""
+    return f"{email.lower()}|{profile}|after:{replaces or 'none'}{first}"
 
 
 def serial_hex(serial: int) -> str:
@@ -88,8 +96,8 @@ class LocalCA:
     def record_issued(self, session, cert: x509.Certificate, profile: Profile, subject: Subject, *,
                       user_dn: str, replaces: str | None, key_source: str, actor: str, now: datetime,
                       extra_audit: list[dict] | None = None, audit_detail: dict | None = None,
-                      deferred_audit: list[dict] | None = None, publish_after: timedelta = timedelta(0)
-                      ) -> Outbox:
+                      deferred_audit: list[dict] | None = None, publish_after: timedelta = timedelta(0),
+                      entry_id: str | None = None) -> Outbox:
         """Add the certificate row, its outbox row and its audit row to `session` (a Session or a Core
         Connection; the caller commits).
 
@@ -98,7 +106,7 @@ class LocalCA:
         `deferred_audit` (a list), the audit events are appended to it instead, for `append_audit_chain`.
         `publish_after` holds the outbox row back from the worker while the caller publishes inline.
         """
-        record = ToRecord(cert, profile, subject, user_dn, replaces, key_source, audit_detail)
+        record = ToRecord(cert, profile, subject, user_dn, replaces, key_source, audit_detail, entry_id or None)
         outboxes, events = self.record_issued_many(session, [record], actor=actor, now=now,
                                                    publish_after=publish_after)
         events = [*(extra_audit or ()), *events]
@@ -119,11 +127,11 @@ class LocalCA:
         if supersede:  # one UPDATE each, not a read then a write
             conn.execute(_SUPERSEDE, supersede)
         conn.execute(_INSERT_CERTIFICATE, [dict(
-            serial=serial_hex(r.cert.serial_number), email=r.subject.email, user_dn=r.user_dn,
+            serial=serial_hex(r.cert.serial_number), email=r.subject.email, user_dn=r.user_dn, entry_id=r.entry_id,
             profile=r.profile.name, usage=r.profile.usage.value, status="valid",
             der=r.cert.public_bytes(Encoding.DER), not_before=r.cert.not_valid_before_utc,
             not_after=r.cert.not_valid_after_utc, issued_at=now, key_source=r.key_source, replaces=r.replaces,
-            renewal_key=f"{r.subject.email.lower()}|{r.profile.name}|after:{r.replaces or 'none'}",
+            renewal_key=renewal_key(r.subject.email, r.profile.name, r.replaces, r.entry_id),
         ) for r in records])
         rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
                      reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)
@@ -144,14 +152,15 @@ class LocalCA:
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,
-             extra_audit: list[dict] | None = None) -> x509.Certificate:
+             extra_audit: list[dict] | None = None, entry_id: str | None = None) -> x509.Certificate:
         """Sign and record; the previous certificate (if any) becomes superseded in the same step."""
         now = now or datetime.now(timezone.utc)
         cert = self.build_certificate(public_key, profile, subject, serial=serial, now=now)
 
         def record(session):
             self.record_issued(session, cert, profile, subject, user_dn=user_dn, replaces=replaces,
-                               key_source=key_source, actor=actor, now=now, extra_audit=extra_audit)
+                               key_source=key_source, actor=actor, now=now, extra_audit=extra_audit,
+                               entry_id=entry_id)
 
         try:
             self.db.run(record)

@@ -111,6 +111,7 @@ class LocalKeyAuthority:
                 events = []
             cert = self.ca.sign(public_key, req.profile, subject, user_dn=req.user.dn, serial=serial,
                                 replaces=req.replaces, key_source=source, actor=req.actor, now=now,
+                                entry_id=req.user.entry_id or None,
                                 **({"extra_audit": events} if events else {}))
         except BaseException:
             self._audit_alone(events, now)  # the transaction that would have carried them did not commit
@@ -155,7 +156,8 @@ class LocalKeyAuthority:
                                                      profile=req.profile.name, actor=req.actor, now=now))
             outbox = self.ca.record_issued(conn, cert, req.profile, subject, user_dn=req.user.dn,
                                            replaces=req.replaces, key_source=source, actor=req.actor, now=now,
-                                           deferred_audit=events, publish_after=req.publish_after)
+                                           deferred_audit=events, publish_after=req.publish_after,
+                                           entry_id=req.user.entry_id or None)
             if req.more_work is not None:
                 events.extend(req.more_work(conn))
             audit.append_many(conn, events, now)

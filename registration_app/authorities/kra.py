@@ -17,8 +17,9 @@ from sqlalchemy import insert, select
 from ..core.errors import EscrowFailed, Forbidden, UnknownCertificate
 from ..store import audit
 from ..store.db import Database
-from ..store.models import Certificate, Escrow, RecoveryRequest
+from ..store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
 from .escrow_crypto import escrow_aad, open_private_key, seal_private_key
+from .officers import OfficerRoster, signer_certificate
 from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
 
@@ -40,8 +41,14 @@ _INSERT_ESCROW = insert(Escrow.__table__)
 
 class LocalKRA:
     def __init__(self, db: Database, storage_public_key, load_storage_private_key: Callable[[], object], *,
-                 pkcs12_iterations: int = DEFAULT_ITERATIONS):
+                 pkcs12_iterations: int = DEFAULT_ITERATIONS, officers: OfficerRoster | None = None,
+                 quorum: int = 2):
+        """`officers` (the server platform's): an officers' grant is honoured only while `quorum` of the
+        request's approvals still come from current officers. The KRA service (role kra) checks the signed
+        evidence instead (kra_verify.py), so it passes none."""
         self.db = db
+        self.officers = officers
+        self.quorum = quorum
         self._public = storage_public_key
         self._load_private = load_storage_private_key
         self._private = None
@@ -100,13 +107,23 @@ class LocalKRA:
         with self.db.read() as session:
             return session.execute(select(Escrow.id).where(Escrow.serial == serial)).first() is not None
 
-    def _check_officer_grant(self, serial: str, grant: RecoveryGrant) -> None:
-        """The KRA trusts no caller's word: the request must be released and name this key."""
+    def _check_officer_grant(self, serial: str, grant: RecoveryGrant, now: datetime) -> None:
+        """The KRA trusts no caller's word: the request must be released and name this key, and (with a
+        roster) enough of its approvals must come from officers who still are officers now."""
         with self.db.read() as session:
             request = session.get(RecoveryRequest, grant.request_id or "")
+            approvals = list(session.execute(select(RecoveryApproval.officer, RecoveryApproval.evidence).where(
+                RecoveryApproval.request_id == (grant.request_id or ""))).all())
         if request is None or request.status != "released" or serial not in request.serials \
                 or request.target_email.lower() != grant.email.lower() or request.requester != grant.actor:
             raise Forbidden("no released recovery request covers this key")
+        if self.officers is None:
+            return
+        counted = {officer for officer, evidence in approvals if officer != request.requester
+                   and self.officers.why_not_counted(officer, signer_certificate(evidence), now) is None}
+        if len(counted) < self.quorum:
+            raise Forbidden(f"{len(counted)} approvals of request {grant.request_id} come from current officers; "
+                            f"{self.quorum} are needed")
 
     def recover(self, serial: str, grant: RecoveryGrant, *, now: datetime | None = None):
         now = now or datetime.now(timezone.utc)
@@ -117,7 +134,7 @@ class LocalKRA:
         if row.email.lower() != grant.email.lower():
             raise Forbidden("the recovery grant does not cover this key")
         if grant.kind == "officers":
-            self._check_officer_grant(serial, grant)
+            self._check_officer_grant(serial, grant, now)
         elif grant.kind != "owner":
             raise Forbidden("unknown kind of recovery grant")
         key = open_private_key(row.blob, self._storage_private_key(),

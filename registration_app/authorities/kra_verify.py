@@ -9,7 +9,9 @@ asked", "two officers approved") is therefore worth nothing here; the grant's `e
 - kind "officers": the opening JWS (POST /api/v1/recovery-requests: email, serials or all, reason), at
   least `quorum` approvals (/api/v1/recovery-requests/<id>/approve) by distinct officers other than the
   requester that repeat the email and serials, and the requester's release (.../<id>/release); every
-  signer is a member of the officers group in LDAP, read live.
+  signer is a member of the officers group in LDAP, read live. An approval whose signer has left the
+  group, or whose certificate has expired or been revoked since, counts for nothing (officers.py): below
+  the quorum the grant is refused, naming the approvals that no longer count.
 
 What it cannot check: the nonces (the RA consumed them, and they are gone) and the TLS channel binding
 (`x5t#S256` names the agent's connection to the RA, which the KRA never sees). It relies instead on
@@ -35,12 +37,12 @@ from sqlalchemy.exc import IntegrityError
 
 from ..auth.chain import UserTrust
 from ..auth.jws import verify_user_request
-from ..core.dn import dn_key
-from ..core.errors import Forbidden, NotFound, UnknownCertificate
+from ..core.errors import AutoenrollError, Forbidden, NotFound, UnknownCertificate
 from ..core.model import AgentIdentity, VerifiedRequest
 from ..store.db import Database
 from ..store.models import Certificate, CrlState, Escrow, SyncState
 from .kra import RecoveryGrant
+from .officers import OfficerRoster, signer_email
 
 RECOVER_PATH = "/api/v1/recover"
 REQUESTS_PATH = "/api/v1/recovery-requests"
@@ -59,6 +61,7 @@ class Release:
     password: str
     legacy: bool
     signers: tuple[str, ...]
+    discounted: tuple[tuple[str, str], ...] = ()  # (approver, why) of approvals that no longer count
 
 
 class CaView:
@@ -177,27 +180,45 @@ class EvidenceVerifier:
             raise EvidenceRefused(f"the signed request was for {path[:80]!r}, not {RECOVER_PATH}")
         if verified.user.email.lower() != escrow_email.lower():
             raise EvidenceRefused("the signed request is not the key owner's")
+        if verified.user.issuer_is_ours:
+            # An address given to another directory entry does not give its escrowed keys to the old holder.
+            signer_entry, key_entry = self._entry_of(format(verified.user.serial, "x")), self._entry_of(serial)
+            if signer_entry and key_entry and signer_entry != key_entry:
+                raise EvidenceRefused("the signed request's certificate belongs to another directory entry "
+                                      "than the escrowed key")
         wanted = _serials(verified.payload)
         if wanted is not None and serial not in wanted:
             raise EvidenceRefused(f"the signed request does not name serial {serial[:48]}")
         return Release(password=_password(verified.payload), legacy=verified.payload.get("pkcs12_legacy") is True,
                        signers=(verified.user.email,))
 
+    def _entry_of(self, serial: str) -> str | None:
+        """The directory entry id a certificate of ours was issued to (None: unknown or older than ids)."""
+        with self.db.read() as session:
+            row = session.get(Certificate, serial)
+            return row.entry_id if row is not None else None
+
     # -- m-of-n officers ----------------------------------------------------------------------------
     def _officers(self, serial: str, grant: RecoveryGrant, escrow_email: str, now: datetime) -> Release:
         opening, approvals, release = [], [], []
         request_ids = set()
         for jws in grant.evidence:
-            verified, path = self._verify(jws, now)
-            if path == REQUESTS_PATH:
-                opening.append(verified)
-                continue
+            path = urlsplit(str(_header(jws).get("url") or "")).path
             head, _, action = path.rpartition("/")
             parent, _, request_id = head.rpartition("/")
-            if parent != REQUESTS_PATH or action not in ("approve", "release") or not request_id:
+            if path != REQUESTS_PATH and (parent != REQUESTS_PATH or action not in ("approve", "release")
+                                          or not request_id):
                 raise EvidenceRefused(f"a signed request for {path[:80]!r} is no recovery evidence")
-            request_ids.add(request_id)
-            (approvals if action == "approve" else release).append(verified)
+            if action == "approve":
+                approvals.append(jws)  # verified below: one whose signer no longer counts is only discounted
+                request_ids.add(request_id)
+                continue
+            verified, _ = self._verify(jws, now)
+            if path == REQUESTS_PATH:
+                opening.append(verified)
+            else:
+                request_ids.add(request_id)
+                release.append(verified)
         if len(opening) != 1 or len(release) != 1:
             raise EvidenceRefused("an officers' grant carries one opening, the approvals and one release")
         if request_ids != {grant.request_id}:
@@ -212,8 +233,14 @@ class EvidenceVerifier:
         opened_serials = _serials(opened.payload)
         if opened_serials is not None and serial not in opened_serials:
             raise EvidenceRefused(f"the opening request does not name serial {serial[:48]}")
-        approvers = set()
-        for approval in approvals:
+        self._require_officer(requester)
+        approvers, discounted = set(), []
+        for jws in approvals:
+            try:  # validity and revocation of the approver's certificate, as of now
+                approval, _ = self._verify(jws, now)
+            except AutoenrollError as exc:
+                discounted.append((signer_email(jws) or "an approver", exc.code))
+                continue
             who = approval.user.email.lower()
             approved = _serials(approval.payload)
             if who == requester or who in approvers:
@@ -223,20 +250,27 @@ class EvidenceVerifier:
                 (opened_serials is None or sorted(approved) == sorted(opened_serials))
             if not isinstance(named, str) or named.lower() != escrow_email.lower() or not same_serials:
                 raise EvidenceRefused(f"the approval by {who} does not repeat the request's email and serials")
+            why = self._roster.membership(who)
+            if why is not None:
+                discounted.append((who, why))
+                continue
             approvers.add(who)
         if len(approvers) < self.quorum:
-            raise EvidenceRefused(f"{len(approvers)} distinct approvals by other officers; {self.quorum} are needed")
-        signers = (requester, *sorted(approvers))
-        for email in signers:
-            self._require_officer(email)
+            gone = "".join(f"; {who}: {why}" for who, why in discounted)
+            raise EvidenceRefused(f"{len(approvers)} distinct approvals by other current officers; "
+                                  f"{self.quorum} are needed{gone}")
         return Release(password=_password(release[0].payload),
-                       legacy=release[0].payload.get("pkcs12_legacy") is True, signers=signers)
+                       legacy=release[0].payload.get("pkcs12_legacy") is True,
+                       signers=(requester, *sorted(approvers)), discounted=tuple(discounted))
+
+    @property
+    def _roster(self) -> OfficerRoster:
+        return OfficerRoster(self.directory, self.officers_group, self.is_revoked)
 
     def _require_officer(self, email: str) -> None:
-        user = self.directory.find_user(email)
-        group = dn_key(self.officers_group)
-        if user is None or group not in {dn_key(g) for g in self.directory.groups_of(user)}:
-            raise EvidenceRefused(f"{email} is not a member of {self.officers_group}")
+        why = self._roster.membership(email)
+        if why is not None:
+            raise EvidenceRefused(f"{email} is not a member of {self.officers_group} ({why})")
 
     # -- single use ---------------------------------------------------------------------------------
     def _spend(self, evidence: tuple[bytes, ...], serial: str, now: datetime) -> None:

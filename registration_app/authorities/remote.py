@@ -136,14 +136,14 @@ class RemoteCA:
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,
-             extra_audit: list[dict] | None = None) -> x509.Certificate:
+             extra_audit: list[dict] | None = None, entry_id: str | None = None) -> x509.Certificate:
         if extra_audit:
             raise ConfigError("extra audit rows cannot be sent to a remote CA")
         answer = self.client.call("POST", "/ca/sign", {
             "public_key": public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode(),
             "profile": profile.name, "subject": {"email": subject.email, "common_name": subject.common_name},
-            "user_dn": user_dn, "serial": format(serial, "x"), "replaces": replaces, "key_source": key_source,
-            "actor": actor})
+            "user_dn": user_dn, "entry_id": entry_id or None, "serial": format(serial, "x"), "replaces": replaces,
+            "key_source": key_source, "actor": actor})
         cert = x509.load_pem_x509_certificate(_field(answer, "certificate", str, "CA").encode())
         spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         if cert.serial_number != serial or cert.issuer != self.certificate.subject or \

@@ -154,6 +154,10 @@ class NotRequester(Forbidden):
     code, title = "not_requester", "Only the officer who opened the recovery request can release it"
 
 
+class EntryChanged(Forbidden):
+    code, title = "entry_changed", "The certificate belongs to another directory entry than the address's"
+
+
 # --- lookups (404, 409) ------------------------------------------------------------------
 class NotFound(AutoenrollError):
     code, status, title = "not_found", 404, "Not found"

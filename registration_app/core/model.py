@@ -74,6 +74,9 @@ class UserEntry:
     # The entry's change stamp when it was read (OpenLDAP's entryCSN; empty if the directory has none):
     # publication may plan against `certificates` and assert the entry is unchanged instead of reading it.
     version: str = ""
+    # The entry's stable identity (OpenLDAP entryUUID, AD objectGUID; empty if the directory has none):
+    # a certificate is bound to the entry that held its address when it was issued, not to the address.
+    entry_id: str = ""
 
 
 @dataclass(frozen=True)

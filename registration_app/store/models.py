@@ -42,6 +42,11 @@ class Certificate(Base):
     serial: Mapped[str] = mapped_column(String(48), primary_key=True)
     email: Mapped[str] = mapped_column(String(320), index=True)
     user_dn: Mapped[str] = mapped_column(String(1024), index=True)
+    # The directory entry's stable id (entryUUID / objectGUID, see LdapSettings.entry_id_attribute) when
+    # the certificate was issued: the certificate belongs to that entry, wherever it is renamed to, and
+    # to no other entry that is later given the same address. NULL on rows older than migration 0006
+    # until first sight: the first request or reconcile pass that finds the entry at `user_dn` fills it.
+    entry_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     profile: Mapped[str] = mapped_column(String(64))
     usage: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="valid")  # valid | superseded | revoked

@@ -247,12 +247,12 @@ def latest_certificate(session, email: str, profile: str) -> Certificate | None:
 
 
 _C = Certificate.__table__.c
-_HISTORY = select(_C.serial, _C.status, _C.not_before, _C.not_after, _C.issued_at).where(
+_HISTORY = select(_C.serial, _C.status, _C.not_before, _C.not_after, _C.issued_at, _C.entry_id).where(
     func.lower(_C.email) == bindparam("email"), _C.profile == bindparam("profile")).order_by(_C.issued_at.desc())
 
 
 def certificate_history(db: Database, email: str, profile: str) -> list:
-    """(serial, status, not_before, not_after, issued_at) of every certificate of this user and
+    """(serial, status, not_before, not_after, issued_at, entry_id) of every certificate of this user and
     profile, newest first: what `issued_since`, `current_certificate` and `latest_certificate` tell,
     in one query of plain rows (the enrollment policy reads all three)."""
     return db.query(_HISTORY, {"email": email.lower(), "profile": profile})

@@ -104,7 +104,7 @@ def sign():
     cert = services.ca.sign(
         load_public_key_pem(_text(body, "public_key", 16384)), profile,
         Subject(email=_text(subject, "email", 320), common_name=_text(subject, "common_name", 256, optional=True)),
-        user_dn=_text(body, "user_dn"), serial=serial,
+        user_dn=_text(body, "user_dn"), entry_id=_text(body, "entry_id", 64, optional=True), serial=serial,
         replaces=_serial(replaces, "replaces") if replaces is not None else None,
         key_source=key_source, actor=_text(body, "actor", 512))
     return jsonify({"certificate": cert.public_bytes(Encoding.PEM).decode()}), 201
@@ -213,7 +213,8 @@ def recover():
         s, event="recovery.evidence_verified", outcome="allowed", actor=", ".join(release.signers)[:500],
         subject=grant.email[:320], now=now,
         detail={"serial": serial, "grant": grant.kind, "request_id": grant.request_id, "relayed_by": grant.actor[:300],
-                "evidence": len(grant.evidence), "request_id_http": g.request_id}))
+                "evidence": len(grant.evidence), "request_id_http": g.request_id,
+                "discounted": [{"officer": who, "why": why} for who, why in release.discounted]}))
     p12 = services.kra.recover_pkcs12(serial, grant, release.password, release.legacy, friendly_name,
                                       services.ca.chain, now=now)
     log.info("event=key.recovered serial=%s grant=%s signers=%r request_id=%s", serial, grant.kind,

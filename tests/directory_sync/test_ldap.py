@@ -29,6 +29,27 @@ def test_find_alice(directory):
     assert alice.member_of == {SMIME}
 
 
+def test_find_user_returns_the_entrys_stable_id_which_a_rename_keeps(directory, ldap_admin, new_user):
+    dn, email = new_user()
+    before = directory.find_user(email)
+    ldap_admin.search(dn, "(objectClass=*)", "BASE", attributes=["entryUUID"])
+    assert before.entry_id == str(ldap_admin.response[0]["attributes"]["entryUUID"])
+    rdn = dn.split(",", 1)[0]
+    assert ldap_admin.modify_dn(dn, rdn + "-renamed"), ldap_admin.result
+    after = directory.find_user(email)
+    assert after.dn != before.dn and after.entry_id == before.entry_id
+
+
+def test_entry_ids_read_as_text_whatever_the_directory():
+    import uuid
+
+    from directory_sync.ldap import entry_id_text
+    assert entry_id_text([b"7f3c1a52-0c5e-103f-8b2a-4d9e0c1f6a77"]) == "7f3c1a52-0c5e-103f-8b2a-4d9e0c1f6a77"
+    guid = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
+    assert entry_id_text([guid.bytes_le]) == str(guid)  # Active Directory's binary objectGUID
+    assert entry_id_text([]) == ""
+
+
 def test_unknown_address_is_none(directory):
     assert directory.find_user("nobody@example.org") is None
 

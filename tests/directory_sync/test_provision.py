@@ -57,7 +57,9 @@ def test_provision_publishes_one_each_then_issues_none(world):
         assert audit.verify(session).ok
     assert set(certs) == set(dns[:COUNT]) and escrowed == COUNT
     for dn in (dns[0], dns[COUNT // 2], dns[COUNT - 1]):
-        assert services.directory.find_user(certs[dn].email).certificates == (certs[dn].der,)
+        entry = services.directory.find_user(certs[dn].email)
+        assert entry.certificates == (certs[dn].der,)
+        assert entry.entry_id and certs[dn].entry_id == entry.entry_id  # bound to the entry, not only the address
     assert services.directory.find_user(f"{dns[COUNT].split(',')[0][4:]}@example.org").certificates == ()
 
     again = provisioner(services).run(group, profile)

@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE
-from sqlalchemy import select
+from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
+from sqlalchemy import select, update
 
 from directory_sync.ldap import CA_CERT_ATTR, CRL_ATTR
-from directory_sync.reconcile import (NOT_ENTITLED, USER_NOT_IN_LDAP, CertRow, LdapUser, Reconciler,
-                                      plan_user)
+from directory_sync.reconcile import (ADDRESS_MOVED, NOT_ENTITLED, USER_NOT_IN_LDAP, CertRow, LdapUser,
+                                      Reconciler, plan_user)
 from registration_app.core.model import Profile, Usage
 from registration_app.store.models import Certificate, Escrow
 from tests.directory_sync.certs import cert
@@ -64,6 +64,16 @@ def test_user_who_left_the_groups_is_revoked_and_unpublished_foreign_values_kept
 def test_user_gone_from_ldap_is_revoked():
     plan = plan_user(None, [row("1"), row("2", status="revoked")], profiles=PROFILES, entitled=entitled, now=NOW)
     assert [(r.serial, r.why) for r in plan.revoke] == [("1", USER_NOT_IN_LDAP)]
+
+
+def test_certificates_of_an_address_the_entry_no_longer_has_are_revoked_and_unpublished():
+    enc, sig = row("1"), row("2", profile="sig")
+    moved = LdapUser(dn="uid=u,o=x", mails=("renamed@example.org",), groups=frozenset({"g"}),
+                     certificates=(enc.der, sig.der, b"foreign"))
+    plan = plan_user(moved, [enc, sig], profiles=PROFILES, entitled=entitled, now=NOW)
+    assert [(r.serial, r.why) for r in plan.revoke] == [("1", ADDRESS_MOVED), ("2", ADDRESS_MOVED)]
+    add, remove = plan.publish
+    assert add == () and set(remove) == {enc.der, sig.der}
 
 
 def test_missing_current_value_is_republished_and_stale_ones_removed():
@@ -188,6 +198,78 @@ def test_renamed_entry_is_followed_not_revoked(services, reconciler, ldap_admin,
     assert status(services, issued.serial) == "valid"
     with services.db.transaction() as session:
         assert session.get(Certificate, issued.serial).user_dn == new_dn
+
+
+def entry_uuid(ldap_admin, dn: str) -> str:
+    ldap_admin.search(dn, "(objectClass=*)", BASE, attributes=["entryUUID"])
+    return str(ldap_admin.response[0]["attributes"]["entryUUID"])
+
+
+def row_of(services, serial: str) -> Certificate:
+    with services.db.transaction() as session:
+        row = session.get(Certificate, serial)
+        session.expunge(row)
+        return row
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "incremental"])
+def test_a_changed_mail_revokes_and_unpublishes_the_certificates_of_the_old_address(
+        services, reconciler, ldap_admin, new_user, group, incremental):
+    if incremental:
+        reconciler.run()  # a baseline: the next pass is incremental
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    assert row_of(services, issued.serial).entry_id == entry_uuid(ldap_admin, dn)  # bound at issuance
+    foreign = cert("Other CA", email, encryption=True)
+    assert ldap_admin.modify(dn, {"userCertificate;binary": [(MODIFY_ADD, [foreign])],
+                                  "mail": [(MODIFY_REPLACE, ["changed-" + email])]}), ldap_admin.result
+
+    report = reconciler.run(incremental=incremental)
+    assert [(r.serial, r.why) for r in report.revoked] == [(issued.serial, ADDRESS_MOVED)]
+    revoked = row_of(services, issued.serial)
+    assert revoked.status == "revoked" and revoked.revocation_reason == "affiliationChanged"
+    assert values(ldap_admin, dn) == [foreign]
+    assert not reconciler.run().changed  # converged
+
+
+def test_an_address_given_to_a_new_entry_does_not_take_the_old_certificates_along(
+        services, reconciler, ldap_admin, new_user, group):
+    """Before entry ids, the certificates of a deleted entry followed its address to whichever entry got it."""
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    assert ldap_admin.delete(dn)
+    successor, _ = new_user()
+    assert ldap_admin.modify(successor, {"mail": [(MODIFY_REPLACE, [email])]}), ldap_admin.result
+    assert ldap_admin.modify(group, {"member": [(MODIFY_ADD, [successor])]}), ldap_admin.result
+
+    report = reconciler.run()
+    assert not report.moved and [(r.serial, r.why) for r in report.revoked] == [(issued.serial, USER_NOT_IN_LDAP)]
+    assert row_of(services, issued.serial).user_dn == dn and values(ldap_admin, successor) == []
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "incremental"])
+def test_an_entry_moved_to_another_ou_is_followed_by_its_entry_id(
+        services, reconciler, ldap_admin, new_user, group, incremental):
+    ou = "ou=moved-" + uuid.uuid4().hex[:8] + ",ou=people,dc=example,dc=org"
+    assert ldap_admin.add(ou, ["organizationalUnit"], {"ou": ou.split(",")[0][3:]}), ldap_admin.result
+    if incremental:
+        reconciler.run()
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    rdn = dn.split(",", 1)[0]
+    assert ldap_admin.modify_dn(dn, rdn + "-x", new_superior=ou), ldap_admin.result
+    new_dn = f"{rdn}-x,{ou}"
+    report = reconciler.run(incremental=incremental)
+    assert report.moved == [(dn, new_dn)] and not report.revoked
+    moved = row_of(services, issued.serial)
+    assert (moved.status, moved.user_dn, moved.entry_id) == ("valid", new_dn, entry_uuid(ldap_admin, new_dn))
+    assert values(ldap_admin, new_dn) == [issued.certificate.public_bytes(Encoding.DER)]
+
+
+def test_a_row_older_than_entry_ids_is_bound_on_first_sight(services, reconciler, ldap_admin, new_user, group):
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    with services.db.transaction() as session:
+        session.execute(update(Certificate).where(Certificate.serial == issued.serial).values(entry_id=None))
+    assert not reconciler.run(dry_run=True).revoked and row_of(services, issued.serial).entry_id is None
+    report = reconciler.run()
+    assert not report.revoked and row_of(services, issued.serial).entry_id == entry_uuid(ldap_admin, dn)
 
 
 def test_periodic_mode_runs_full_first_then_incremental_and_survives_ldap_errors():

@@ -289,3 +289,115 @@ def test_a_scoped_agent_is_refused_for_users_outside_its_domain(tmp_path_factory
         assert refused.returncode == 1 and "agent_not_allowed" in refused.stderr and "example.net" in refused.stderr
     finally:
         p.stop()
+
+
+# --- issue 12.1: an approval counts at release only while its officer still is one -------------------
+
+OFFICERS_GROUP = "cn=recovery-officers,ou=groups,dc=example,dc=org"
+
+
+def fresh_officers(life, new_user, count: int = 3) -> list[tuple[str, str]]:
+    """(dn, email) of new members of the officers' group, each with a signature certificate."""
+    made = [new_user(("recovery-officers",)) for _ in range(count)]
+    for _, email in made:
+        invite_and_bootstrap(life, email)
+    return made
+
+
+def set_officer(ldap_admin, dn: str, member: bool) -> None:
+    change = "MODIFY_ADD" if member else "MODIFY_DELETE"
+    assert ldap_admin.modify(OFFICERS_GROUP, {"member": [(change, [dn])]}), ldap_admin.result
+
+
+def keys_released(life, request_id: str) -> list[str]:
+    with life.transaction() as session:
+        return [e.detail.get("serial") for (e,) in session.execute(select(audit.AuditEvent).where(
+            audit.AuditEvent.event == "key.recovered")) if e.detail.get("request_id") == request_id]
+
+
+def refused_release(life, requester: str, request_id: str) -> str:
+    """The release is refused with 409 recovery_not_ready and hands out no key; returns the message."""
+    out = officer(life, requester, "release", request_id, check=False)
+    assert out.returncode == 1 and "recovery_not_ready" in out.stderr, out.stdout + out.stderr
+    assert ".p12" not in out.stdout and keys_released(life, request_id) == []
+    with life.transaction() as session:
+        assert session.get(RecoveryRequest, request_id).status == "approved"  # nothing was claimed
+    return out.stderr
+
+
+def release_refusals(life, request_id: str) -> list[dict]:
+    with life.transaction() as session:
+        return [e.detail for (e,) in session.execute(select(audit.AuditEvent).where(
+            audit.AuditEvent.event == "recovery.release_refused")) if e.detail["request_id"] == request_id]
+
+
+def opened_and_approved(life, new_user, requester: str, *approvers: str) -> tuple[str, str]:
+    _, email = new_user(("smime-users",))
+    invite_and_bootstrap(life, email)
+    life.agent("enroll", "--email", email, "--profile", "smime-encryption-ec")
+    request_id = officer(life, requester, "request", "--user", email, "--reason", "audit 12.1").stdout.split()[2].rstrip(":")
+    for who in approvers:
+        officer(life, who, "approve", request_id)
+    return request_id, email
+
+
+def test_an_officer_removed_before_the_release_no_longer_counts_and_putting_them_back_restores(
+        life, new_user, ldap_admin):
+    (_, requester), (_, first), (third_dn, third) = fresh_officers(life, new_user)
+    request_id, _ = opened_and_approved(life, new_user, requester, first, third)
+    set_officer(ldap_admin, third_dn, member=False)
+
+    assert f"approval by {third} no longer counts: not an officer" in officer(life, requester, "show", request_id).stdout
+    assert "1 approvals by current officers; 2 are needed" in refused_release(life, requester, request_id)
+    [refusal] = release_refusals(life, request_id)
+    assert refusal["counted"] == [first] and refusal["discounted"] == [{"officer": third, "why": "not an officer"}]
+
+    set_officer(ldap_admin, third_dn, member=True)
+    assert "no longer counts" not in officer(life, requester, "show", request_id).stdout
+    released = officer(life, requester, "release", request_id).stdout
+    assert "released" in released and ".p12" in released and len(keys_released(life, request_id)) == 1
+    assert "audit log intact" in life.autoenroll("audit", "verify").stdout
+
+
+def test_an_officer_removed_between_the_two_approvals_does_not_make_the_quorum(life, new_user, ldap_admin):
+    (_, requester), (first_dn, first), (_, third) = fresh_officers(life, new_user)
+    request_id, _ = opened_and_approved(life, new_user, requester, first)
+    set_officer(ldap_admin, first_dn, member=False)
+    assert "approved" in officer(life, third, "approve", request_id).stdout  # two recorded approvals
+
+    refused_release(life, requester, request_id)
+    assert release_refusals(life, request_id)[0]["discounted"] == [{"officer": first, "why": "not an officer"}]
+    # The KRA of the server platform checks again by itself: a request marked released is not enough.
+    settings = load_settings(life.config)
+    services = build_services(settings, run_migrations=False)
+    try:
+        with services.db.transaction() as session:
+            session.execute(update(RecoveryRequest).where(RecoveryRequest.id == request_id).values(status="released"))
+            row = session.get(RecoveryRequest, request_id)
+            serial, target = row.serials[0], row.target_email
+        from registration_app.authorities.kra import RecoveryGrant
+        from registration_app.core.errors import Forbidden
+        grant = RecoveryGrant(kind="officers", email=target, actor=requester, request_id=request_id)
+        with pytest.raises(Forbidden, match="1 approvals .* come from current officers"):
+            services.kra.recover(serial, grant)
+    finally:
+        services.close()
+
+
+def test_an_approval_signed_with_a_certificate_revoked_since_no_longer_counts(life, new_user):
+    (_, requester), (_, first), (_, third) = fresh_officers(life, new_user)
+    request_id, _ = opened_and_approved(life, new_user, requester, first, third)
+    _, store = client(life)
+    serial = format(store.user(first).signature_chain()[0].serial_number, "x")
+    life.autoenroll("revoke", serial, "--reason", "keyCompromise")
+
+    assert f"approval by {first} no longer counts: certificate revoked" in \
+        officer(life, requester, "show", request_id).stdout
+    refused_release(life, requester, request_id)
+    assert release_refusals(life, request_id)[0]["discounted"] == [{"officer": first, "why": "certificate revoked"}]
+
+    # With a new certificate the officer approves again; that approval replaces the one that lapsed.
+    invite_and_bootstrap(life, first)
+    officer(life, first, "approve", request_id)
+    assert "no longer counts" not in officer(life, requester, "show", request_id).stdout
+    assert ".p12" in officer(life, requester, "release", request_id).stdout

@@ -197,6 +197,48 @@ def test_two_officers_release_through_the_ra_and_the_kra_checks_their_signatures
             403, "evidence_refused")
 
 
+def test_an_approver_removed_from_the_officers_group_is_discounted_by_the_ra_and_by_the_kra(
+        split, new_user, ldap_admin):
+    """Issue 12.1 in the split deployment: the RA refuses the release, and the KRA, given the very same
+    signed evidence by a compromised RA, refuses it by itself; putting the officer back restores."""
+    ra, group = split["ra"], "cn=recovery-officers,ou=groups,dc=example,dc=org"
+    officers = [new_user(("recovery-officers",)) for _ in range(3)]
+    for _, who in officers:
+        invite_and_bootstrap(ra, who)
+    (_, requester), (_, first), (third_dn, third) = officers
+    dn, email = new_user(("smime-users",))
+    serial, _ = enroll(ra, email)
+    ldap_admin.search(dn, "(objectClass=*)", "BASE", attributes=["entryUUID"])
+    with ra.transaction() as session:  # the CA service recorded the entry the RA found (issue 12.2)
+        assert session.get(Certificate, serial).entry_id == str(ldap_admin.response[0]["attributes"]["entryUUID"])
+    request_id = officer(ra, requester, "request", "--user", email, "--reason", "hold").stdout.split()[2].rstrip(":")
+    officer(ra, first, "approve", request_id)
+    officer(ra, third, "approve", request_id)
+    assert ldap_admin.modify(group, {"member": [("MODIFY_DELETE", [third_dn])]}), ldap_admin.result
+
+    assert f"approval by {third} no longer counts: not an officer" in officer(ra, requester, "show", request_id).stdout
+    early = officer(ra, requester, "release", request_id, check=False)
+    assert early.returncode == 1 and "recovery_not_ready" in early.stderr and ".p12" not in early.stdout
+    [refusal] = [r for r in audit_rows(split, "recovery.release_refused") if r.detail["request_id"] == request_id]
+    assert refusal.detail["discounted"] == [{"officer": third, "why": "not an officer"}]
+
+    with ra.transaction() as session:
+        opening = session.get(RecoveryRequest, request_id).evidence
+        approvals = [a for (a,) in session.execute(select(RecoveryApproval.evidence).where(
+            RecoveryApproval.request_id == request_id))]
+    release = owner_evidence(ra, requester, {"password": "pw-12"}, path=f"recovery-requests/{request_id}/release")
+    body = recover_body(serial, email, opening, *approvals, release, kind="officers", request_id=request_id)
+    answer = authority(split).post(split["kra"].url + "/authority/v1/kra/recover", json=body, timeout=10)
+    refused(answer, 403, "evidence_refused")
+    assert f"{third}: not an officer" in answer.json()["detail"]
+    assert not [r for r in audit_rows(split, "key.recovered") if r.detail["serial"] == serial]
+
+    assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [third_dn])]}), ldap_admin.result
+    released = officer(ra, requester, "release", request_id).stdout
+    assert "released" in released and ".p12" in released
+    assert len([r for r in audit_rows(split, "key.recovered") if r.detail["serial"] == serial]) == 1
+
+
 # --- a compromised RA talking to the KRA directly -----------------------------------------------
 
 
@@ -294,3 +336,24 @@ def test_the_ca_refuses_to_start_with_the_ras_nonce_key(split):
     finally:
         (ca.data / "nonce.secret").unlink()
     assert result.returncode != 0 and "must not hold nonce.secret" in result.stderr
+
+
+def test_the_kra_refuses_the_old_holder_of_an_address_the_keys_of_its_new_holder(split, new_user, ldap_admin):
+    """Issue 12.2 at the KRA: the old holder's own signed request, for the address it had, does not open
+    the keys escrowed since for the entry that holds the address now."""
+    ra, kra_url = split["ra"], split["kra"].url + "/authority/v1/kra/recover"
+    old_dn, email = new_user(("smime-users",))
+    old_serial, _ = enroll(ra, email)
+    captured = owner_evidence(ra, email, {"password": "pw-old", "all": True})  # signed while it was theirs
+    assert ldap_admin.modify(old_dn, {"mail": [("MODIFY_REPLACE", ["gone-" + email])]}), ldap_admin.result
+    new_dn, _ = new_user(("smime-users",))
+    assert ldap_admin.modify(new_dn, {"mail": [("MODIFY_REPLACE", [email])]}), ldap_admin.result
+    # The old holder's encryption certificate ends (as reconcile would end it), the signature one does not.
+    split["ca"].autoenroll("revoke", old_serial, "--reason", "affiliationChanged")
+    serial, _ = enroll(ra, email)  # the new holder's own certificates (the agent folder is reused)
+    with ra.transaction() as session:
+        assert session.get(Certificate, serial).user_dn == new_dn
+
+    answer = authority(split).post(kra_url, json=recover_body(serial, email, captured), timeout=10)
+    refused(answer, 403, "evidence_refused")
+    assert "another directory entry" in answer.json()["detail"]
