@@ -463,8 +463,10 @@ LIMIT = 64 * 1024  # max_body_bytes, the default
 
 
 def post_chunked(conn, path: str, body: bytes, chunk: int = 4096):
-    """http.client sends an iterable body with Transfer-Encoding: chunked and no Content-Length."""
-    chunks = (body[i:i + chunk] for i in range(0, len(body), chunk))
+    """http.client sends an iterable body with Transfer-Encoding: chunked and no Content-Length. A list,
+    not a generator: when the server hangs up mid-body, the connection's one resend starts from the first
+    chunk again (a spent generator sent the rest alone, a whitespace body that failed as malformed JSON)."""
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)]
     return conn.request("POST", f"/api/v1/{path}", chunks, {"Content-Type": "application/jose+json"})
 
 
