@@ -28,9 +28,10 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from directory_sync.plan import Wanted, wanted_values
-from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
+from registration_app.core.errors import AutoenrollError, DatabaseUnavailable, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import Profile, UserEntry
 from registration_app.store import audit
 from registration_app.store.db import Database
@@ -302,7 +303,13 @@ class Publisher:
                     return True
                 certs = certificates_of(session, user_dn)
         try:
-            self.sync_user(user_dn, now=now, certs=certs, entry=entry)
+            try:
+                self.sync_user(user_dn, now=now, certs=certs, entry=entry)
+            except SQLAlchemyError as exc:
+                # The check of our records after the modify could not be read (the database is down):
+                # the certificate is committed whatever happens here, so its request must not fail;
+                # the rows go to the worker, which publishes and checks again.
+                raise DatabaseUnavailable(f"our records could not be read again: {type(exc).__name__}") from exc
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
             self._due_now([r.id for r in rows], exc)

@@ -109,3 +109,26 @@ def test_worker_rebuilds_the_crl_before_next_update(services):
     assert queued is not None
     services.publisher.drain()
     assert outbox_status(services.db)["depth"] == 0
+
+
+def test_records_that_cannot_be_read_again_after_the_modify_defer_to_the_worker_not_fail(
+        services, ldap_admin, new_user, group, monkeypatch):
+    """The inline publication runs after the certificate's commit: the database going away before the
+    check of our records that follows the modify must not fail the request (whose answer would then be
+    lost), only hand the rows to the worker, which publishes and checks again."""
+    from sqlalchemy.exc import OperationalError
+    dn, email = member(ldap_admin, new_user, group)
+    issued = issue(services, email)
+    real = services.publisher._certificates_of
+
+    def database_gone(user_dn):
+        raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(services.publisher, "_certificates_of", database_gone)
+    assert services.publisher.publish_user_now(dn, rows=[issued.outbox], certs=issued.user_certificates) is False
+    monkeypatch.setattr(services.publisher, "_certificates_of", real)
+    assert services.publisher.pending(dn)  # still the worker's, due now
+    assert services.publisher.drain(user_dn=dn) == 1
+    assert not services.publisher.pending(dn)
+    values = services.directory.attribute_values(dn, "userCertificate;binary")
+    assert values[0] == issued.certificate.public_bytes(Encoding.DER)  # published, ours first
