@@ -12,7 +12,6 @@ server has.
 from __future__ import annotations
 
 import multiprocessing
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,7 +39,7 @@ def _loop(job: BareJob, start_at: float | None = None) -> tuple[int, float, floa
     import ldap
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from registration_app.authorities.certs import CaUrls, build_smime_certificate
+    from registration_app.authorities.certs import CaUrls, build_smime_certificate, random_serial
     from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
     from registration_app.authorities.pkcs12 import to_pkcs12
     from registration_app.authorities.pki_files import read_cert, read_private_key, read_public_key
@@ -64,7 +63,7 @@ def _loop(job: BareJob, start_at: float | None = None) -> tuple[int, float, floa
         dn = job.dns[count % len(job.dns)]
         email = dn.split(",", 1)[0].split("=", 1)[1] + "@example.org"
         key = ec.generate_private_key(ec.SECP256R1())
-        serial = secrets.randbits(158) | (1 << 158)
+        serial = random_serial()
         now = datetime.now(timezone.utc)
         blob = seal_private_key(key, kra, escrow_aad(serial, email, profile.name))
         cert = build_smime_certificate(ca_cert=ca_cert, ca_key=ca_key, public_key=key.public_key(),

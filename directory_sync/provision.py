@@ -40,8 +40,8 @@ from directory_sync.ldap import CERT_ATTR, entry_id_text
 from directory_sync.plan import wanted_values
 from directory_sync.reconcile import Entitlement, LdapUser, dn_key
 from registration_app.authorities.ca import ToRecord, serial_hex
+from registration_app.authorities.certs import random_serial
 from registration_app.authorities.escrow_crypto import escrow_aad, seal_private_key
-from registration_app.authorities.key_authority import new_serial
 from registration_app.core.errors import BadRequest
 from registration_app.core.model import Profile, Subject, Usage
 from registration_app.store import audit
@@ -300,7 +300,7 @@ def _build_batch(job) -> list[tuple[int, bytes, bytes, str | None]]:
     out = []
     for dn, email, common_name in members:
         key = pool.take(profile.key_type)
-        serial = new_serial()
+        serial = random_serial()
         blob = seal_private_key(key, kra_public_key, escrow_aad(serial, email, profile.name))
         cert = ca.build_certificate(key.public_key(), profile, Subject(email=email, common_name=common_name or None),
                                     serial=serial, now=now)

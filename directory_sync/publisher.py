@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from directory_sync.plan import Wanted, wanted_values
 from registration_app.core.errors import AutoenrollError, DatabaseUnavailable, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import Profile, UserEntry
+from registration_app.core.retry import backoff_delay
 from registration_app.store import audit
 from registration_app.store.db import Database
 from registration_app.store.models import Certificate, CrlState, Outbox
@@ -385,7 +385,7 @@ class Publisher:
         def work(session):
             for row in rows:
                 attempts = row.attempts + 1
-                delay = min(MAX_BACKOFF, 2.0 ** attempts) * random.uniform(0.5, 1.5)
+                delay = backoff_delay(attempts, base=2.0, cap=MAX_BACKOFF, jitter=0.5)
                 session.execute(update(Outbox).where(Outbox.id == row.id).values(
                     attempts=attempts, next_attempt_at=now + timedelta(seconds=delay),
                     claimed_until=None, last_error=str(exc.detail)[:500]))

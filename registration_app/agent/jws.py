@@ -8,7 +8,6 @@ and for bootstrap `kid` (enrollment code id) with HS256.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from typing import Any
 
@@ -19,17 +18,14 @@ from joserfc import jws as joserfc_jws
 from joserfc.jwk import ECKey, OctKey, RSAKey
 from joserfc.registry import HeaderParameter
 
+from ..core.thumbprint import thumbprint
+
 __all__ = ["sign_user_request", "mac_bootstrap_request", "thumbprint"]
 
 _EXTRA_HEADERS = {
     "nonce": HeaderParameter("Anti-replay nonce", "str"),
     "url": HeaderParameter("Request URL", "str"),
 }
-
-
-def thumbprint(cert_der: bytes) -> str:
-    """base64url (no padding) SHA-256 of a certificate's DER: the `x5t#S256` of the agent's TLS certificate."""
-    return base64.urlsafe_b64encode(hashlib.sha256(cert_der).digest()).rstrip(b"=").decode("ascii")
 
 
 def sign_user_request(

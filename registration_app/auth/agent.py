@@ -7,9 +7,7 @@ certificate as TLS client certificate: its EKU must contain clientAuth or server
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +31,7 @@ from registration_app.core.errors import (
     NoClientCertificate,
 )
 from registration_app.core.model import AgentIdentity
+from registration_app.core.thumbprint import thumbprint
 
 from .keypolicy import check_certificate_key
 
@@ -93,11 +92,6 @@ class AgentPolicy:
     def permits(self, names: frozenset[str], subject: str) -> bool:
         allowed = {a.casefold() for a in self.allowed}
         return ANY_AGENT in allowed or subject.casefold() in allowed or any(n.casefold() in allowed for n in names)
-
-
-def thumbprint(cert_der: bytes) -> str:
-    """base64url (no padding) SHA-256 of the DER: the JWS `x5t#S256` that binds a request to the channel."""
-    return base64.urlsafe_b64encode(hashlib.sha256(cert_der).digest()).rstrip(b"=").decode("ascii")
 
 
 def identify_agent(peer_der: bytes | None, policy: AgentPolicy, now: datetime,

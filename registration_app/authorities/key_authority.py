@@ -13,7 +13,6 @@ returned to the caller before both are durable.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -27,6 +26,7 @@ from ..core.model import Profile, Subject, UserEntry
 from ..store import audit
 from ..store.repos import NonceToken, certificates_of, record_nonce
 from .ca import LocalCA, lost_renewal_race, serial_hex
+from .certs import random_serial
 from .keys import KeyPool
 from .kra import LocalKRA
 from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
@@ -67,11 +67,6 @@ class Issued:
     user_certificates: list | None = None  # the user's certificate rows, read in the issuing transaction
 
 
-def new_serial() -> int:
-    """159 random bits with the top one set: positive, 20 octets, ≥ 64 bits of CSPRNG output."""
-    return secrets.randbits(158) | (1 << 158)
-
-
 class LocalKeyAuthority:
     def __init__(self, ca: LocalCA, kra: LocalKRA, pool: KeyPool, *, pkcs12_iterations: int = DEFAULT_ITERATIONS):
         self.ca = ca
@@ -100,7 +95,7 @@ class LocalKeyAuthority:
         events = list(req.audit_events)
         try:
             key, public_key, source = self._key_for(req)
-            serial = new_serial()
+            serial = random_serial()
             subject = Subject(email=req.user.email, common_name=req.user.common_name)
             # The caller's rows ride in the first transaction: the escrow's (which commits before the
             # CA signs; audit order stays allowed, escrowed, issued), else the certificate's. Only
@@ -136,7 +131,7 @@ class LocalKeyAuthority:
 
     def _issue_in_one_transaction(self, req: IssueRequest, now: datetime) -> Issued:
         key, public_key, source = self._key_for(req)
-        serial = new_serial()
+        serial = random_serial()
         serial_text = serial_hex(serial)
         subject = Subject(email=req.user.email, common_name=req.user.common_name)
         try:

@@ -6,6 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from .retry import backoff_delay
+
 
 @dataclass(frozen=True)
 class RenewalPolicy:
@@ -31,9 +33,8 @@ def is_due(not_before: datetime, not_after: datetime, serial: str, now: datetime
 
 def retry_delay(failures: int, policy: RenewalPolicy = RenewalPolicy()) -> timedelta:
     """Exponential back-off after `failures` consecutive failures (1 → base)."""
-    if failures <= 0:
-        return timedelta(0)
-    return min(policy.retry_max, policy.retry_base * (2 ** min(failures - 1, 30)))
+    return timedelta(seconds=backoff_delay(failures, base=policy.retry_base.total_seconds(),
+                                           cap=policy.retry_max.total_seconds()))
 
 
 def server_window_opens(not_before: datetime, not_after: datetime, window_days: int) -> datetime:

@@ -29,6 +29,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..core.errors import Unavailable
+from ..core.retry import backoff_delay
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -329,7 +330,7 @@ class Database:
                     raise
                 if attempt == attempts - 1:
                     raise Unavailable("the database is busy; try again") from exc
-                time.sleep(0.05 * (2**attempt))
+                time.sleep(backoff_delay(attempt + 1, base=0.05, cap=1.0))
         raise AssertionError("unreachable")
 
     def dispose(self) -> None:
