@@ -1,6 +1,6 @@
 """Bulk pre-provisioning (`autoenroll provision --group`) and reconcile (`autoenroll sync reconcile`) over
-a directory loaded with `slapadd -q`. Both commands are being built (issue 5): when a command is missing,
-the benchmark says "not available yet" instead of failing."""
+a directory loaded with `slapadd -q`. When a command is missing (an older
+checkout), the benchmark says "not available yet" instead of failing."""
 
 from __future__ import annotations
 

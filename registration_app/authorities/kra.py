@@ -103,10 +103,6 @@ class LocalKRA:
             self._private = self._load_private()
         return self._private
 
-    def has_escrow(self, serial: str) -> bool:
-        with self.db.read() as session:
-            return session.execute(select(Escrow.id).where(Escrow.serial == serial)).first() is not None
-
     def _check_officer_grant(self, serial: str, grant: RecoveryGrant, now: datetime) -> None:
         """The KRA trusts no caller's word: the request must be released and name this key, and (with a
         roster) enough of its approvals must come from officers who still are officers now."""

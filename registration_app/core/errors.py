@@ -224,7 +224,7 @@ class ConfigError(AutoenrollError):
     code, status, title = "config_error", 500, "Configuration error"
 
 
-# --- recovery (issue 4) --------------------------------------------------------------------
+# --- recovery --------------------------------------------------------------------
 class SelfApproval(Forbidden):
     code, title = "self_approval", "An officer cannot approve their own recovery request"
 

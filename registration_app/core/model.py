@@ -49,10 +49,6 @@ class Profile:
     def escrowed(self) -> bool:
         return self.usage is Usage.ENCRYPTION
 
-    @property
-    def published(self) -> bool:
-        return True
-
 
 @dataclass(frozen=True)
 class Subject:

@@ -206,7 +206,6 @@ class Database:
         self._read_engine = self.engine.execution_options(autoenroll_read_only=True)
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
         self._writers = _writer_queue(self.engine) if self.engine.dialect.name == "sqlite" else None
-        self.cache: dict[str, object] = {}  # values stored once in the database that never change (repos)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

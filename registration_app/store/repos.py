@@ -253,7 +253,7 @@ _HISTORY = select(_C.serial, _C.status, _C.not_before, _C.not_after, _C.issued_a
 
 def certificate_history(db: Database, email: str, profile: str) -> list:
     """(serial, status, not_before, not_after, issued_at, entry_id) of every certificate of this user and
-    profile, newest first: what `issued_since`, `current_certificate` and `latest_certificate` tell,
+    profile, newest first: how many were issued lately (the daily limit), the current one and the latest one,
     in one query of plain rows (the enrollment policy reads all three)."""
     return db.query(_HISTORY, {"email": email.lower(), "profile": profile})
 
@@ -268,13 +268,6 @@ def certificates_of(session_or_connection, user_dn: str) -> list:
     """What publication reads of a user's certificates (der, status, profile, usage, not_after,
     issued_at), as plain rows."""
     return list(connection_of(session_or_connection).execute(_CERTIFICATES_OF, {"dn": user_dn}).all())
-
-
-def issued_since(session, email: str, profile: str, since: datetime) -> int:
-    return session.execute(
-        select(func.count()).select_from(Certificate)
-        .where(func.lower(Certificate.email) == email.lower(), Certificate.profile == profile,
-               Certificate.issued_at >= since)).scalar_one()
 
 
 _SUCCESSOR = Certificate.__table__.alias("successor")

@@ -40,7 +40,7 @@ def gunicorn_options(settings: Settings) -> dict:
         "workers": settings.workers,
         "threads": settings.threads,
         # gthread, but the TLS handshake and the request's arrival happen in the worker's poller, with a
-        # deadline: idle and slow connections never hold the threads that serve agents (issue 12.4).
+        # deadline: idle and slow connections never hold the threads that serve agents.
         "worker_class": worker_class(body_limit=settings.max_body_bytes),
         "worker_connections": 1000,  # per worker; when full, the oldest connection still arriving goes
         "certfile": str(paths.server_cert),

@@ -3,7 +3,7 @@
 gthread hands every accepted connection to a thread at once; the thread waits up to 5 s for a first byte,
 then does the TLS handshake, reads the headers and the body, all blocking and without any deadline. So
 8 connections that send nothing hold the 8 threads of 2 workers, and 8 that send one byte a second hold
-them for as long as they like: every agent waits (issue 12.4). Here the worker's poller (its main thread)
+them for as long as they like: every agent waits. Here the worker's poller (its main thread)
 does the handshake and collects the request head and body, non-blocking, with one deadline from the
 connection's accept (or from the first byte of a kept-alive connection's next request); a thread gets
 the connection with the whole request in its parser's buffer, so it never waits on the network to read

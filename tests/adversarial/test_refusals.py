@@ -186,7 +186,7 @@ def ps256(key):
                                  hashes.SHA256())
 
 
-# --- issue 11: weak keys (item 2), a header naming another key (item 3), the signature first (item 7)
+# --- weak keys, a header naming another key, the signature checked first
 
 
 def rsa_1024_user_certificate_rs256(adv, conn):
@@ -457,7 +457,7 @@ def test_control_a_genuine_request_is_issued(adversary):
     assert base64.b64decode(reply.json()["pkcs12"])
 
 
-# --- issue 11, item 1: a body over the limit is 413 whatever its framing ---------------------------
+# --- a body over the limit is 413 whatever its framing ---------------------------
 
 LIMIT = 64 * 1024  # max_body_bytes, the default
 
@@ -504,7 +504,7 @@ def test_a_chunked_body_far_over_the_limit_is_413(adversary):
     assert_refused(adversary, before, reply, 413, "body_too_large")
 
 
-# --- issue 11, item 2: the key policy for agents' TLS certificates and officers -------------------
+# --- the key policy for agents' TLS certificates and officers -------------------
 
 
 def tls_ca(platform) -> pki.Issued:
@@ -539,7 +539,7 @@ def test_an_officer_request_signed_with_a_weak_key_is_refused(adversary):
     assert_refused(adversary, before, reply, 400, "weak_key")
 
 
-# --- issue 11, item 8: the signed url is the configured public URL, not the Host header ---------
+# --- the signed url is the configured public URL, not the Host header ---------
 
 
 def test_a_request_signed_for_the_host_header_it_sends_is_refused(adversary):
@@ -568,7 +568,7 @@ def test_the_host_header_does_not_matter_for_a_request_signed_for_the_public_url
     assert reply.status == 201, reply.body[:300]
 
 
-# --- issue 11, item 8: behind a trusted TLS-terminating proxy --------------------------------------
+# --- behind a trusted TLS-terminating proxy --------------------------------------
 
 
 def forwarded(cert_pem: bytes) -> dict:
@@ -627,7 +627,7 @@ def test_behind_the_proxy_a_bad_forwarded_certificate_is_refused(behind_proxy, h
     assert_refused(behind_proxy, before, reply, 401, code)
 
 
-# --- issue 11, item 12: a superseded signature certificate stops authenticating ---------------------
+# --- a superseded signature certificate stops authenticating ---------------------
 
 
 def test_a_renewed_signature_key_no_longer_authenticates(adversary):
@@ -672,7 +672,7 @@ def test_a_renewed_signature_key_no_longer_authenticates(adversary):
         db.dispose()
 
 
-# --- issue 11, item 14: /health and the Replay-Nonce hook -----------------------------------------------
+# --- /health and the Replay-Nonce hook -----------------------------------------------
 
 
 def test_health_tells_anonymous_callers_only_up_or_down(adversary):

@@ -562,7 +562,7 @@ def test_short_code_secret_is_a_server_bug(w, nonces):
         verify_bootstrap(w, nonces, body, secrets=lambda code_id: b"short")
 
 
-# --- only x5c names the key (issue 11, item 3) -----------------------------------------------
+# --- only x5c names the key -----------------------------------------------
 
 
 def _another_jwk() -> dict:
@@ -600,7 +600,7 @@ def test_a_bootstrap_names_its_key_by_kid_only(w, nonces, name):
     assert nonces.consumed == []
 
 
-# --- the key policy (issue 11, item 2) ---------------------------------------------------------
+# --- the key policy ---------------------------------------------------------
 
 
 def ps256_signer(key):
@@ -648,7 +648,7 @@ def test_a_weak_intermediate_in_x5c_is_refused(w, nonces):
     assert nonces.consumed == []
 
 
-# --- the signature first (issue 11, item 7) ----------------------------------------------------
+# --- the signature first ----------------------------------------------------
 
 
 def test_a_forged_signature_costs_no_revocation_lookup(w, nonces):
@@ -676,7 +676,7 @@ def test_revocation_is_asked_once_about_the_leaf_after_the_signature(w, nonces):
     assert [cert.serial_number for cert in revoked.asked] == [w.user.cert.serial_number]
 
 
-# --- a superseded certificate stops authenticating (issue 11, item 12) -------------------------
+# --- a superseded certificate stops authenticating -------------------------
 
 
 def test_a_superseded_certificate_no_longer_authenticates(w, nonces):

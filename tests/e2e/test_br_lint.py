@@ -1,7 +1,7 @@
 """Certificates out of the box pass the S/MIME Baseline Requirements lint: a platform set up as `make run`
 does it (`autoenroll init` choosing the CRL/AIA host name, then `autoenroll serve`), every profile (EC
 and RSA, signature and encryption, under an EC and an RSA CA) checked by pkilint's
-`lint_cabf_smime_cert`: no finding at WARNING or above (issue 13, item 1)."""
+`lint_cabf_smime_cert`: no finding at WARNING or above."""
 
 from __future__ import annotations
 

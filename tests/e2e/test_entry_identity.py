@@ -1,4 +1,4 @@
-"""Issue 12.2 over the real server (gunicorn with TLS, slapd, the command lines): a certificate belongs to
+"""Over the real server (gunicorn with TLS, slapd, the command lines): a certificate belongs to
 the directory entry it was issued to (entryUUID), not to a mail address. An address that moves away from
 its entry takes no certificate along: reconcile revokes and unpublishes the old address's certificates,
 and the old holder's signature certificate cannot enroll for the entry that gets the address next. An

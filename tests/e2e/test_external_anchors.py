@@ -120,7 +120,7 @@ def assert_refused(anchors, before: dict, reply, status: int, code: str) -> None
 
 
 def test_a_partner_certificate_for_alices_address_gets_nothing_of_alice(anchors):
-    """The attack of issue 11, item 4: a partner CA's certificate for ALICE@EXAMPLE.ORG."""
+    """The external-anchor attack: a partner CA's certificate for ALICE@EXAMPLE.ORG."""
     alice_email = anchors.entry()
     alice = anchors.minter.user("alice", email=alice_email)
     reply, _ = post(anchors, "enroll", alice, PAYLOAD)  # alice, with her certificate of our CA

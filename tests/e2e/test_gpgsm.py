@@ -2,7 +2,7 @@
 dirmngr from our slapd, for a user whose entry already started with another issuer's signing-only
 certificate. After the enrollment (RSA profile, legacy PKCS#12, which gpgsm 2.2 can import) our
 encryption certificate is what dirmngr hands over, gpgsm encrypts to it, and the delivered PKCS#12,
-imported into gpgsm, decrypts (issue 13, item 2)."""
+imported into gpgsm, decrypts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 4 over the real server: renewals, replacement, recovery (self and 2-of-3 officers), daemon."""
+"""The lifecycle over the real server: renewals, replacement, recovery (self and 2-of-3 officers), daemon."""
 
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def test_a_scoped_agent_is_refused_for_users_outside_its_domain(tmp_path_factory
         p.stop()
 
 
-# --- issue 12.1: an approval counts at release only while its officer still is one -------------------
+# --- an approval counts at release only while its officer still is one -------------------
 
 OFFICERS_GROUP = "cn=recovery-officers,ou=groups,dc=example,dc=org"
 

@@ -1,7 +1,7 @@
 """Revocations racing enrollments for the same users, against the real server (gunicorn with TLS, 2
 workers, slapd): once every request has been answered, no certificate of ours that the database calls
 revoked is in LDAP, and each entry shows exactly what our records say, without a worker pass or a
-reconcile; draining the outbox afterwards changes nothing (issue 12, item 3)."""
+reconcile; draining the outbox afterwards changes nothing."""
 
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ def test_two_officers_release_through_the_ra_and_the_kra_checks_their_signatures
 
 def test_an_approver_removed_from_the_officers_group_is_discounted_by_the_ra_and_by_the_kra(
         split, new_user, ldap_admin):
-    """Issue 12.1 in the split deployment: the RA refuses the release, and the KRA, given the very same
+    """Approvals count at release, in the split deployment: the RA refuses the release, and the KRA, given the very same
     signed evidence by a compromised RA, refuses it by itself; putting the officer back restores."""
     ra, group = split["ra"], "cn=recovery-officers,ou=groups,dc=example,dc=org"
     officers = [new_user(("recovery-officers",)) for _ in range(3)]
@@ -209,7 +209,7 @@ def test_an_approver_removed_from_the_officers_group_is_discounted_by_the_ra_and
     dn, email = new_user(("smime-users",))
     serial, _ = enroll(ra, email)
     ldap_admin.search(dn, "(objectClass=*)", "BASE", attributes=["entryUUID"])
-    with ra.transaction() as session:  # the CA service recorded the entry the RA found (issue 12.2)
+    with ra.transaction() as session:  # the CA service recorded the entry the RA found (entryUUID)
         assert session.get(Certificate, serial).entry_id == str(ldap_admin.response[0]["attributes"]["entryUUID"])
     request_id = officer(ra, requester, "request", "--user", email, "--reason", "hold").stdout.split()[2].rstrip(":")
     officer(ra, first, "approve", request_id)
@@ -339,7 +339,7 @@ def test_the_ca_refuses_to_start_with_the_ras_nonce_key(split):
 
 
 def test_the_kra_refuses_the_old_holder_of_an_address_the_keys_of_its_new_holder(split, new_user, ldap_admin):
-    """Issue 12.2 at the KRA: the old holder's own signed request, for the address it had, does not open
+    """Certificates belong to the entry, at the KRA too: the old holder's own signed request, for the address it had, does not open
     the keys escrowed since for the entry that holds the address now."""
     ra, kra_url = split["ra"], split["kra"].url + "/authority/v1/kra/recover"
     old_dn, email = new_user(("smime-users",))

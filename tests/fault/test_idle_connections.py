@@ -1,4 +1,4 @@
-"""Idle and slow connections cannot stall the server (issue 12.4).
+"""Idle and slow connections cannot stall the server: agents are answered while they last.
 
 Against the real gunicorn (2 workers x 4 threads, TLS, optional client certificates): hundreds of TCP
 connections that send nothing, TLS connections that finish the handshake and then send nothing, and

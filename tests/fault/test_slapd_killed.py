@@ -1,6 +1,6 @@
 """slapd dies (SIGKILL) in the middle of a batch of enrollments and comes back: nothing is lost.
 
-Default 20 enrollments; AUTOENROLL_FAULT_N=200 for the full-size run of issue 6.
+Default 20 enrollments; AUTOENROLL_FAULT_N=200 for the full-size run.
 """
 
 from __future__ import annotations
