@@ -1,8 +1,7 @@
 """Key generation, with a small pool of pre-generated RSA keys.
 
-RSA keys are slow to generate (≈ 43 ms for 2048 bits, ≈ 155 ms for 3072 on one core); a background thread
-keeps up to `size` keys per RSA type ready so that a request does not pay for it. EC P-256 keys take
-microseconds and are always generated inline.
+RSA keys are slow to generate (PERFORMANCE.md); a background thread keeps up to `size` keys per RSA type
+ready so that a request does not pay for it. EC P-256 keys are cheap and always generated inline.
 
 Forking (gunicorn workers): a thread does not survive `fork()`, and keys inherited from the parent would be
 handed out by every child — the same private key to several users. So the pool is started lazily, by the
@@ -12,8 +11,7 @@ starts its own thread. Starting the pool in the gunicorn master is harmless but 
 
 Refilling waits for a lull: no key is generated until `refill_pause` seconds after the last `take()`.
 Generating in the background costs the same CPU as generating inline, but during a burst it competed
-with the requests the pool was meant to speed up (measured, RSA-3072, 8 agents, pool of 32 per worker:
-p99 1.6 s with immediate refill). Under sustained load the pool runs dry and requests generate inline,
+with the requests the pool was meant to speed up (PERFORMANCE.md). Under sustained load the pool runs dry and requests generate inline,
 which is no slower than before; the pool fills again as soon as the load pauses.
 """
 

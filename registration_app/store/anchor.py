@@ -15,9 +15,7 @@ Design (this runs on the enrollment's hot path):
   database still holds its row with its hash: after a wipe the anchor stays where it was, so the
   deletion keeps being reported instead of being forgotten once new rows pass the old count;
 - cheap: one fixed-size record rewritten in place (pwrite at offset 0 of a file kept open, under the
-  flock), no fsync, no rename: measured 60 µs a commit on these machines (read, check and write the
-  MACed record), where a write to a temporary file and a rename over the old one cost 1.1 ms (ext4
-  flushes the data of a file renamed over another), as much as the fsync'd commit itself. Readers take the flock too, so they never see half a record; after a crash the record is the
+  flock), no fsync, no rename, which would cost as much as the fsync'd commit itself (PERFORMANCE.md). Readers take the flock too, so they never see half a record; after a crash the record is the
   old or the new one (it lies in one sector), at worst one commit behind: a lag, not an alarm.
 
 Each data folder has its own checkpoint: in a split deployment each host anchors what it appended.

@@ -5,9 +5,9 @@ BEGIN IMMEDIATE: writers queue on the database lock instead of failing later wit
 when a read transaction tries to upgrade. PostgreSQL works by URL.
 
 Writers of one SQLite file queue on a lock file (flock) taken before BEGIN IMMEDIATE and released after
-COMMIT, and on a lock per process for its threads. SQLite's own busy handler polls with sleeps of up to
-100 ms, so under two gunicorn workers with four threads each most waiting was sleeping (measured: 1.1 of
-2 cores used, p99 over 1 s); a blocked flock wakes as soon as the holder commits. The kernel drops the
+COMMIT, and on a lock per process for its threads. SQLite's own busy handler polls with sleeps, so
+under several workers most waiting was sleeping (PERFORMANCE.md); a blocked flock wakes as soon as the
+holder commits. The kernel drops the
 flock of a process that dies, so a killed worker cannot wedge the others. busy_timeout stays as the
 fence for writers that do not take the lock (the sqlite3 CLI, another program).
 """
@@ -62,7 +62,7 @@ def make_engine(url: str, **options) -> Engine:
 
 # The newest revision in migrations/versions (a test holds the two together). Every command migrates
 # before it works; when the database is already there, one SELECT answers without importing Alembic
-# (about 0.35 s of a short command such as an incremental reconcile).
+# (slow to import: PERFORMANCE.md).
 SCHEMA_HEAD = "0006"
 
 
@@ -193,8 +193,8 @@ class Database:
         self.engine.update_execution_options(**options)
         # On SQLite the hot paths (an enrollment's reads and its one transaction) keep a connection
         # per thread instead of checking one out of the pool per statement group: the check-out,
-        # return, reset and BEGIN/COMMIT statements cost several times the SQL they wrap (measured:
-        # 200 us against 33 us for a one-row SELECT). NullPool: these connections are never returned,
+        # return, reset and BEGIN/COMMIT statements cost several times the SQL they wrap (PERFORMANCE.md).
+        # NullPool: these connections are never returned,
         # so they must not take the pool's slots. A server database keeps its pooled, pre-pinged
         # connections: a long-lived one could have been dropped by the server in between.
         is_sqlite = self.engine.dialect.name == "sqlite"

@@ -2,7 +2,7 @@
 
 Every enrollment reads the user's history with `lower(email) = ? AND profile = ?`; the index on
 `email` cannot serve a case-insensitive match, so without this one the query scanned the whole
-certificates table (0.5 ms at 400 rows, growing with every certificate issued).
+certificates table, a cost growing with every certificate issued (PERFORMANCE.md).
 
 Revision ID: 0003
 Revises: 0002
