@@ -137,6 +137,7 @@ def _init_database(settings: Settings) -> list[str]:
     """The database with private modes, the server secrets beside it (created if missing), and what an
     older database still held of them moved out (store/upgrade.py)."""
     from .authorities.pki_files import create_server_keys, read_server_keys
+    from .core.files import write_file
     from .store.db import Database, migrate, sqlite_files
     from .store.keys import KEY_FILES
     from .core.errors import ConfigError
@@ -144,7 +145,7 @@ def _init_database(settings: Settings) -> list[str]:
 
     files = sqlite_files(settings.db_url)
     if files and not files[0].exists():
-        os.close(os.open(files[0], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # SQLite's -wal, -shm follow
+        write_file(files[0], b"", mode=0o600)  # empty and private before SQLite opens it; -wal, -shm follow
     for path in files:
         make_private(path)
     migrate(settings.db_url)
