@@ -1,1 +1,1 @@
-"""Pure domain: no Flask, no SQLAlchemy, no ldap3 (STYLE.md)."""
+"""Pure domain: no Flask, no SQLAlchemy, no LDAP library (STYLE.md)."""
