@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from directory_sync.config import AttributeMap
 from directory_sync.ldap import LdapDirectory
 from directory_sync.plan import Wanted
 from registration_app.core.errors import AmbiguousUser, BadRequest, DirectoryUnavailable, UserNotFound
@@ -227,6 +229,24 @@ def test_publish_ca_creates_then_replaces(slapd, directory, ldap_admin):
     raw = ldap_admin.response[0]["raw_attributes"]
     assert raw["cACertificate;binary"] == [second]
     assert raw["certificateRevocationList;binary"] == [revocations]
+
+
+def test_another_directorys_attribute_names_are_configuration(slapd, ldap_admin, new_user):
+    """With an attribute map of other names, publication writes and lookups read those names only."""
+    names = AttributeMap(certificate="userSMIMECertificate", common_name="sn")
+    settings = dataclasses.replace(slapd.settings(), bind_dn=slapd.admin_dn, password=slapd.admin_password,
+                                   attributes=names)  # the service account may write only userCertificate
+    dn, email = new_user()
+    enc = cert("Autoenroll CA", email, encryption=True)
+    directory = LdapDirectory(settings)
+    try:
+        directory.publish(dn, Wanted(first=(enc,)))
+        user = directory.find_user(email)
+    finally:
+        directory.close()
+    assert ldap_admin.values(dn, "userSMIMECertificate") == [enc]
+    assert ldap_admin.values(dn, "userCertificate;binary") == []
+    assert user.certificates == (enc,) and user.common_name == "Test"
 
 
 # --- failures --------------------------------------------------------------------------------------
