@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import ldap
+from ldap.controls import LDAPControl
 
 MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE = "MODIFY_ADD", "MODIFY_DELETE", "MODIFY_REPLACE"
 BASE, LEVEL, SUBTREE = "BASE", "LEVEL", "SUBTREE"
@@ -73,8 +74,10 @@ class LdapAdmin:
                    for attribute, operations in changes.items() for operation, vals in operations]
         return self._do(lambda: self.conn.modify_ext_s(dn, modlist))
 
-    def delete(self, dn: str) -> bool:
-        return self._do(lambda: self.conn.delete_ext_s(dn))
+    def delete(self, dn: str, controls: list[tuple] | None = None) -> bool:
+        """`controls`: [(oid, criticality, value bytes or None)], e.g. ManageDsaIT to delete a referral."""
+        serverctrls = [LDAPControl(oid, critical, value) for oid, critical, value in controls or ()]
+        return self._do(lambda: self.conn.delete_ext_s(dn, serverctrls=serverctrls or None))
 
     def modify_dn(self, dn: str, new_rdn: str, new_superior: str | None = None) -> bool:
         return self._do(lambda: self.conn.rename_s(dn, new_rdn, new_superior, delold=1))
