@@ -8,9 +8,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from ldap3 import MODIFY_DELETE, Connection, Server
+import ldap
 
-from directory_sync.ldap import CERT_ATTR
+from directory_sync.config import AttributeMap
 
 from .world import GROUP_DN, user_dn
 
@@ -102,22 +102,29 @@ def reconcile(platform, *, incremental: bool, entries: int) -> CommandResult:
 
 def leave_group(slapd, uids: list[str]) -> None:
     """Take users out of the entitling group over LDAP (the memberOf overlay updates their entries)."""
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    conn = _admin(slapd)
     try:
         for uid in uids:
-            if not conn.modify(GROUP_DN, {"member": [(MODIFY_DELETE, [user_dn(uid)])]}):
-                raise RuntimeError(f"cannot remove {uid} from the group: {conn.result}")
+            conn.modify_ext_s(GROUP_DN, [(ldap.MOD_DELETE, "member", [user_dn(uid).encode()])])
     finally:
-        conn.unbind()
+        conn.unbind_ext_s()
 
 
 def clear_certificates(slapd, dns: tuple[str, ...]) -> None:
     """Remove every userCertificate;binary value of these entries (what the bare pipeline wrote)."""
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    conn = _admin(slapd)
     try:
         for dn in dns:
-            if not conn.modify(dn, {CERT_ATTR: [(MODIFY_DELETE, [])]}) and \
-                    conn.result["description"] != "noSuchAttribute":
-                raise RuntimeError(f"cannot clear the certificates of {dn}: {conn.result}")
+            try:
+                conn.modify_ext_s(dn, [(ldap.MOD_DELETE, AttributeMap.openldap().certificate, None)])
+            except ldap.NO_SUCH_ATTRIBUTE:
+                pass  # nothing to clear
     finally:
-        conn.unbind()
+        conn.unbind_ext_s()
+
+
+def _admin(slapd):
+    """python-ldap bound as cn=admin of the benchmark's slapd."""
+    conn = ldap.initialize(slapd.url)
+    conn.simple_bind_s(slapd.admin_dn, slapd.admin_password)
+    return conn

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The service password of the private dev/demo/test slapd built from ldap_schema/ (see base.ldif).
 # Named as what it is: only a private slapd on loopback may use it.
 DEV_SERVICE_PASSWORD = "autoenroll-dev-insecure"
 
 SUFFIX = "dc=example,dc=org"
+
+
+@dataclass(frozen=True)
+class AttributeMap:
+    """The attribute and object-class names directory_sync reads and writes (besides `mail_attribute`,
+    `entry_id_attribute` and `group_member_attribute` of LdapSettings). The defaults are OpenLDAP's
+    (`AttributeMap.openldap()`); `[ldap.attributes]` in the TOML file overrides them one by one."""
+
+    certificate: str = "userCertificate;binary"  # plain "userCertificate" on Active Directory
+    common_name: str = "cn"
+    member_of: str = "memberOf"
+    version: str = "entryCSN"  # the entry's change stamp (UserEntry.version): asserted by publish
+    modify_timestamp: str = "modifyTimestamp"  # "whenChanged" on Active Directory
+    ca_certificate: str = "cACertificate;binary"
+    crl: str = "certificateRevocationList;binary"
+    ca_object_classes: frozenset[str] = frozenset({"applicationProcess", "pkiCA"})  # of a CA entry we create
+
+    @classmethod
+    def openldap(cls) -> AttributeMap:
+        return cls()
 
 
 @dataclass(frozen=True)
@@ -31,3 +51,4 @@ class LdapSettings:
     nested_groups: bool = False  # follow groups that are members of groups
     timeout_seconds: float = 5.0  # connect and per-operation timeout: a dead slapd must fail fast
     pool_size: int = 4  # idle connections kept per process (gthread workers share them)
+    attributes: AttributeMap = field(default_factory=AttributeMap.openldap)

@@ -1,22 +1,35 @@
-"""The escaping helpers: every LDAP filter value built from input goes through here; DNs go through
-registration_app/core/dn.py (the one normaliser), group names through resolve_group_dn."""
+"""The escaping helpers, on python-ldap's own: every LDAP filter value built from input goes through
+`filter_value`, every DN value through `dn_value` / `first_rdn`; DNs are compared through
+registration_app/core/dn.py (the one normaliser), group names resolved through resolve_group_dn."""
 
 from __future__ import annotations
+
+import ldap.dn
+import ldap.filter
 
 from registration_app.core.dn import InvalidDn, group_dn
 from registration_app.core.errors import BadRequest
 
-# RFC 4515 section 3: these must be escaped in an assertion value.
-_FILTER_SPECIAL = {0x00: "\\00", 0x28: "\\28", 0x29: "\\29", 0x2A: "\\2a", 0x5C: "\\5c"}
-
 
 def filter_value(value: str) -> str:
-    """Escape `value` for use as an assertion value in a search filter (RFC 4515).
+    """Escape `value` for use as an assertion value in a search filter (RFC 4515 section 3:
+    NUL, `(`, `)`, `*` and `\\` become \\00, \\28, \\29, \\2a and \\5c)."""
+    return ldap.filter.escape_filter_chars(value)
 
-    Written out instead of ldap3.utils.conv.escape_filter_chars so that the rule is visible here and
-    does not depend on ldap3's encoding guesses.
-    """
-    return "".join(_FILTER_SPECIAL.get(ord(ch), ch) for ch in value)
+
+def dn_value(value: str) -> str:
+    """Escape `value` for use as an attribute value in a DN (RFC 4514)."""
+    return ldap.dn.escape_dn_chars(value)
+
+
+def first_rdn(dn: str) -> tuple[str, str]:
+    """The attribute and (unescaped) value of the first RDN of `dn`: ("cn", "Autoenroll CA") for
+    "cn=Autoenroll CA,ou=services,...". BadRequest if `dn` is not a DN."""
+    try:
+        attribute, value, _ = ldap.dn.str2dn(dn)[0][0]
+        return attribute, value
+    except (ldap.DECODING_ERROR, IndexError) as exc:
+        raise BadRequest(f"{dn[:200]!r} is not a distinguished name") from exc
 
 
 def resolve_group_dn(group: str, groups_base: str) -> str:

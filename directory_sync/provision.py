@@ -34,9 +34,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from directory_sync.bulk import BulkDirectory, values
+from directory_sync.bulk import BulkDirectory
+from directory_sync.connection import values
 from directory_sync.escape import filter_value
-from directory_sync.ldap import CERT_ATTR, entry_id_text
+from directory_sync.ldap import entry_id_text
 from directory_sync.plan import wanted_values
 from directory_sync.reconcile import Entitlement, LdapUser, dn_key
 from registration_app.authorities.ca import ToRecord, serial_hex
@@ -116,9 +117,11 @@ class Provisioner:
         """Members of `group` (DN or bare cn) that are entitled to `profile` come later; here: everyone."""
         directory = self.services.directory
         group_dn = directory.group_dn(group)
-        attrs = [self.ldap.mail_attribute, "cn", "memberOf", CERT_ATTR, self.ldap.entry_id_attribute]
+        names = self.ldap.attributes
+        attrs = [self.ldap.mail_attribute, names.common_name, names.member_of, names.certificate,
+                 self.ldap.entry_id_attribute]
         if self.ldap.use_memberof and not self.ldap.nested_groups:
-            flt = f"(&({self.ldap.mail_attribute}=*)(memberOf={filter_value(group_dn)}))"
+            flt = f"(&({self.ldap.mail_attribute}=*)({names.member_of}={filter_value(group_dn)}))"
             entries = list(bulk.scan(self.ldap.users_base, flt, attrs))
         else:
             wanted = {dn_key(m) for m in directory.group_members(group_dn)}
@@ -128,9 +131,10 @@ class Provisioner:
         out = []
         for dn, a in entries:
             mails = values(a, self.ldap.mail_attribute)
-            names = values(a, "cn")
-            out.append(_Member(dn=dn, email=mails[0].decode(), common_name=names[0].decode() if names else "",
-                               certificates=tuple(values(a, CERT_ATTR)),
+            common_names = values(a, names.common_name)
+            out.append(_Member(dn=dn, email=mails[0].decode(),
+                               common_name=common_names[0].decode() if common_names else "",
+                               certificates=tuple(values(a, names.certificate)),
                                entry_id=entry_id_text(values(a, self.ldap.entry_id_attribute))))
         return out
 
@@ -140,7 +144,7 @@ class Provisioner:
         for m in members:
             a = self._entries[dn_key(m.dn)]
             user = LdapUser(dn=m.dn, mails=(m.email.lower(),),
-                            groups=frozenset(dn_key(v.decode()) for v in values(a, "memberOf")),
+                            groups=frozenset(dn_key(v.decode()) for v in values(a, self.ldap.attributes.member_of)),
                             certificates=m.certificates)
             if entitlement(user, profile):
                 out.append(m)

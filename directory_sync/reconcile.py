@@ -38,9 +38,10 @@ from datetime import datetime, timedelta, timezone
 from cryptography import x509
 from sqlalchemy import or_, select, update
 
-from directory_sync.bulk import BulkDirectory, values
+from directory_sync.bulk import BulkDirectory
+from directory_sync.connection import values
 from directory_sync.escape import filter_value
-from directory_sync.ldap import CERT_ATTR, entry_id_text
+from directory_sync.ldap import entry_id_text
 from directory_sync.plan import Wanted, plan_values, wanted_values
 from directory_sync.publisher import USER_GONE
 from registration_app.core.dn import dn_key  # the one DN normaliser; also the dict key on 100,000 users
@@ -223,16 +224,18 @@ class Reconciler:
         self.profiles = dict(profiles)
         self.actor = actor
         self.settings = directory.settings
+        self.names = directory.settings.attributes
         self._group_keys: dict[bytes, str] = {}
 
     # -- reading LDAP --
     def _attributes(self) -> list[str]:
-        return [self.settings.mail_attribute, "memberOf", CERT_ATTR, self.settings.entry_id_attribute]
+        return [self.settings.mail_attribute, self.names.member_of, self.names.certificate,
+                self.settings.entry_id_attribute]
 
     def _user(self, dn: str, attrs: dict[str, list[bytes]]) -> LdapUser:
         keys = self._group_keys  # 100,000 users share a handful of groups: normalise each once
         groups = []
-        for value in values(attrs, "memberOf"):
+        for value in values(attrs, self.names.member_of):
             key = keys.get(value)
             if key is None:
                 key = keys[value] = dn_key(value.decode())
@@ -241,14 +244,14 @@ class Reconciler:
             dn=dn,
             mails=tuple(v.decode().lower() for v in values(attrs, self.settings.mail_attribute)),
             groups=frozenset(groups),
-            certificates=tuple(values(attrs, CERT_ATTR)),
+            certificates=tuple(values(attrs, self.names.certificate)),
             entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
         )
 
     def _scan_users(self, bulk: BulkDirectory, since: datetime | None = None) -> dict[str, LdapUser]:
         flt = f"({self.settings.mail_attribute}=*)"
         if since is not None:
-            flt = f"(&{flt}(modifyTimestamp>={_generalized(since)}))"
+            flt = f"(&{flt}({self.names.modify_timestamp}>={_generalized(since)}))"
         return {dn_key(dn): self._user(dn, attrs)
                 for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes())}
 
@@ -319,7 +322,7 @@ class Reconciler:
                 dns.add(dn)
         # Groups that changed: their former members show nothing on their own entries.
         changed_groups = {dn_key(dn) for dn, _ in bulk.scan(
-            self.settings.groups_base, f"(modifyTimestamp>={_generalized(since)})", ["1.1"])}
+            self.settings.groups_base, f"({self.names.modify_timestamp}>={_generalized(since)})", ["1.1"])}
         affected = [name for name, p in self.profiles.items()
                     if self.settings.nested_groups and changed_groups
                     or changed_groups & entitled.group_keys(p, self.directory)]

@@ -6,20 +6,12 @@ Use from tests/conftest.py:  from tests.conftest_slapd import *
 from __future__ import annotations
 
 import uuid
-import warnings
 
 import pytest
 
-with warnings.catch_warnings():
-    # ldap3 2.9.1 reads pyasn1 0.6's deprecated tagMap/typeMap once, at import: not ours to fix. Importing
-    # it here keeps `pytest -W error` usable, since a command-line -W overrides ini filterwarnings.
-    warnings.filterwarnings("ignore", message="(tagMap|typeMap) is deprecated", category=DeprecationWarning)
-    import ldap3  # noqa: F401
-
-from ldap3 import Connection, Server  # noqa: E402
-
-from directory_sync.ldap import LdapDirectory  # noqa: E402
-from directory_sync.slapd import PrivateSlapd  # noqa: E402
+from directory_sync.ldap import LdapDirectory
+from directory_sync.slapd import PrivateSlapd
+from tests.ldap_admin import MODIFY_ADD, LdapAdmin
 
 __all__ = ["slapd", "directory", "ldap_admin", "new_user"]
 
@@ -46,10 +38,10 @@ def directory(slapd):
 
 @pytest.fixture
 def ldap_admin(slapd):
-    """An ldap3 connection as cn=admin (the rootdn: bypasses ACLs), for arranging test data."""
+    """A connection as cn=admin (the rootdn: bypasses ACLs), for arranging test data (tests/ldap_admin.py)."""
     if slapd.pid is None:
         slapd.start()
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    conn = LdapAdmin.for_slapd(slapd)
     yield conn
     conn.unbind()
 
@@ -69,7 +61,7 @@ def new_user(ldap_admin):
         assert ok, ldap_admin.result
         for group in groups:
             group_dn = f"cn={group},ou=groups,dc=example,dc=org"
-            assert ldap_admin.modify(group_dn, {"member": [("MODIFY_ADD", [dn])]}), ldap_admin.result
+            assert ldap_admin.modify(group_dn, {"member": [(MODIFY_ADD, [dn])]}), ldap_admin.result
         return dn, email
 
     return make

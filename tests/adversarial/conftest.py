@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from ldap3 import MODIFY_ADD, Connection, Server
 
 from bench import world
 from bench.client import AgentConnection
@@ -21,6 +20,7 @@ from bench.platform import make_platform
 from directory_sync.slapd import PrivateSlapd
 from tests import pki
 from tests.fault import records
+from tests.ldap_admin import MODIFY_ADD, LdapAdmin
 
 
 def b64url(data: bytes) -> str:
@@ -75,7 +75,7 @@ class Adversary:
 def add_user(ldap_url: str, platform, uid: str, groups: tuple[str, ...]) -> None:
     from directory_sync.slapd import ADMIN_DN
     admin_pw = platform.admin_password
-    conn = Connection(Server(ldap_url), ADMIN_DN, admin_pw, auto_bind=True)
+    conn = LdapAdmin(ldap_url, ADMIN_DN, admin_pw)
     try:
         dn = world.user_dn(uid)
         assert conn.add(dn, ["inetOrgPerson", "pkiUser"],

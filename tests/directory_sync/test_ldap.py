@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from ldap3 import MODIFY_ADD
 
+from directory_sync.config import AttributeMap
 from directory_sync.ldap import LdapDirectory
 from directory_sync.plan import Wanted
 from registration_app.core.errors import AmbiguousUser, BadRequest, DirectoryUnavailable, UserNotFound
 from tests.directory_sync.certs import cert, crl
+from tests.ldap_admin import MODIFY_ADD
 
 SMIME = "cn=smime-users,ou=groups,dc=example,dc=org"
 
@@ -33,7 +35,7 @@ def test_find_user_returns_the_entrys_stable_id_which_a_rename_keeps(directory, 
     dn, email = new_user()
     before = directory.find_user(email)
     ldap_admin.search(dn, "(objectClass=*)", "BASE", attributes=["entryUUID"])
-    assert before.entry_id == str(ldap_admin.response[0]["attributes"]["entryUUID"])
+    assert before.entry_id == ldap_admin.response[0]["attributes"]["entryUUID"][0]
     rdn = dn.split(",", 1)[0]
     assert ldap_admin.modify_dn(dn, rdn + "-renamed"), ldap_admin.result
     after = directory.find_user(email)
@@ -229,6 +231,24 @@ def test_publish_ca_creates_then_replaces(slapd, directory, ldap_admin):
     assert raw["certificateRevocationList;binary"] == [revocations]
 
 
+def test_another_directorys_attribute_names_are_configuration(slapd, ldap_admin, new_user):
+    """With an attribute map of other names, publication writes and lookups read those names only."""
+    names = AttributeMap(certificate="userSMIMECertificate", common_name="sn")
+    settings = dataclasses.replace(slapd.settings(), bind_dn=slapd.admin_dn, password=slapd.admin_password,
+                                   attributes=names)  # the service account may write only userCertificate
+    dn, email = new_user()
+    enc = cert("Autoenroll CA", email, encryption=True)
+    directory = LdapDirectory(settings)
+    try:
+        directory.publish(dn, Wanted(first=(enc,)))
+        user = directory.find_user(email)
+    finally:
+        directory.close()
+    assert ldap_admin.values(dn, "userSMIMECertificate") == [enc]
+    assert ldap_admin.values(dn, "userCertificate;binary") == []
+    assert user.certificates == (enc,) and user.common_name == "Test"
+
+
 # --- failures --------------------------------------------------------------------------------------
 def test_wrong_service_password_is_directory_unavailable(slapd):
     directory = LdapDirectory(slapd.settings(password="wrong"))
@@ -266,6 +286,6 @@ def test_threads_share_one_directory(slapd):
             found = list(pool.map(lambda i: directory.find_user(f"{('alice', 'bob', 'carol')[i % 3]}@example.org"),
                                   range(120)))
         assert {u.email for u in found} == {"alice@example.org", "bob@example.org", "carol@example.org"}
-        assert directory._idle.qsize() <= 2  # the pool keeps at most pool_size idle
+        assert directory.pool.idle_connections <= 2  # the pool keeps at most pool_size idle
     finally:
         directory.close()

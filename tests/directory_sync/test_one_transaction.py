@@ -25,8 +25,8 @@ PROFILE = "smime-encryption-ec"
 
 @pytest.fixture(scope="module")
 def group(slapd):
-    from ldap3 import Connection, Server
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    from tests.ldap_admin import LdapAdmin
+    conn = LdapAdmin.for_slapd(slapd)
     dn = add_group(conn, "one-" + uuid.uuid4().hex[:8], ["cn=admin,dc=example,dc=org"])
     conn.unbind()
     return dn
@@ -118,7 +118,7 @@ def test_inline_publication_holds_the_row_back_then_marks_it_done_in_a_batch(ser
     assert row.done_at is not None
     assert len(published) == 1 and published[0].detail["serials"] == [issued.serial]
     ldap_admin.search(user.dn, "(objectClass=*)", search_scope="BASE", attributes=["userCertificate;binary"])
-    values = ldap_admin.entries[0].entry_attributes_as_dict.get("userCertificate;binary", [])
+    values = ldap_admin.response[0]["raw_attributes"].get("userCertificate;binary", [])
     assert issued.certificate.public_bytes(Encoding.DER) in values
 
 

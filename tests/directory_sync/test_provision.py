@@ -25,11 +25,11 @@ COUNT = 240
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, slapd):
     """COUNT users in a fresh group `bulk-*` (entitled by `ent-*`), plus one member who is not entitled."""
-    from ldap3 import Connection, Server
+    from tests.ldap_admin import LdapAdmin
     tag = uuid.uuid4().hex[:8]
     ldif, dns = users_ldif(f"p{tag}-", COUNT + 1, (), with_member_of=False)
     slapd.load(ldif)
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    conn = LdapAdmin.for_slapd(slapd)
     bulk = add_group(conn, f"bulk-{tag}", dns)
     entitled = add_group(conn, f"ent-{tag}", dns[:COUNT])
     conn.unbind()
@@ -103,13 +103,13 @@ def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(w
     published, and the worker publishes the rest later."""
     import threading
 
-    from ldap3 import Connection, Server
+    from tests.ldap_admin import LdapAdmin
     services, _, _ = world
     (entitled,) = services.settings.profiles["smime-encryption-ec"].groups
     tag = uuid.uuid4().hex[:8]
     ldif, dns = users_ldif(f"q{tag}-", 24, (), with_member_of=False)
     slapd.load(ldif)
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    conn = LdapAdmin.for_slapd(slapd)
     group = add_group(conn, f"broken-{tag}", dns)
     for dn in dns:
         assert conn.modify(entitled, {"member": [("MODIFY_ADD", [dn])]}), conn.result

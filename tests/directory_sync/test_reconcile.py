@@ -8,21 +8,23 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 from sqlalchemy import select, update
 
-from directory_sync.ldap import CA_CERT_ATTR, CRL_ATTR
+from directory_sync.config import AttributeMap
 from directory_sync.reconcile import (ADDRESS_MOVED, NOT_ENTITLED, USER_NOT_IN_LDAP, CertRow, LdapUser,
                                       Reconciler, plan_user)
 from registration_app.core.model import Profile, Usage
 from registration_app.store.models import Certificate, Escrow
 from tests.directory_sync.certs import cert
 from tests.directory_sync.world import add_group, issue, make_services, profiles_for
+from tests.ldap_admin import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_REPLACE
 
 NOW = datetime.now(timezone.utc)
 ENC = Profile(name="enc", usage=Usage.ENCRYPTION, groups=frozenset({"cn=g,ou=groups,dc=example,dc=org"}))
 SIG = Profile(name="sig", usage=Usage.SIGNATURE, groups=frozenset({"cn=g,ou=groups,dc=example,dc=org"}))
 PROFILES = {"enc": ENC, "sig": SIG}
+
+CA_CERT_ATTR, CRL_ATTR = AttributeMap.openldap().ca_certificate, AttributeMap.openldap().crl
 
 
 def row(serial: str, *, profile: str = "enc", status: str = "valid", age: int = 1, dn: str = "uid=u,o=x") -> CertRow:
@@ -103,8 +105,8 @@ def test_unknown_profile_is_left_alone():
 # --- whole passes against slapd ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def group(slapd):
-    from ldap3 import Connection, Server
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    from tests.ldap_admin import LdapAdmin
+    conn = LdapAdmin.for_slapd(slapd)
     dn = add_group(conn, "rec-" + uuid.uuid4().hex[:8], ["cn=admin,dc=example,dc=org"])
     conn.unbind()
     return dn
@@ -201,7 +203,7 @@ def test_renamed_entry_is_followed_not_revoked(services, reconciler, ldap_admin,
 
 def entry_uuid(ldap_admin, dn: str) -> str:
     ldap_admin.search(dn, "(objectClass=*)", BASE, attributes=["entryUUID"])
-    return str(ldap_admin.response[0]["attributes"]["entryUUID"])
+    return ldap_admin.response[0]["attributes"]["entryUUID"][0]
 
 
 def row_of(services, serial: str) -> Certificate:

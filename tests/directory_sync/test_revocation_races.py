@@ -24,8 +24,8 @@ PROFILE = "smime-encryption-ec"
 
 @pytest.fixture(scope="module")
 def group(slapd):
-    from ldap3 import Connection, Server
-    conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+    from tests.ldap_admin import LdapAdmin
+    conn = LdapAdmin.for_slapd(slapd)
     dn = add_group(conn, "race-" + uuid.uuid4().hex[:8], ["cn=admin,dc=example,dc=org"])
     conn.unbind()
     return dn

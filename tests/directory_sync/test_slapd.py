@@ -6,10 +6,10 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ldap3 import MODIFY_ADD, MODIFY_REPLACE, Connection, Server
 
 from directory_sync.slapd import SERVICE_DN, PrivateSlapd
 from tests.directory_sync.certs import cert, crl
+from tests.ldap_admin import MODIFY_ADD, MODIFY_REPLACE, LdapAdmin
 
 
 def ldapsearch(slapd: PrivateSlapd, flt: str, *attrs: str) -> str:
@@ -18,12 +18,12 @@ def ldapsearch(slapd: PrivateSlapd, flt: str, *attrs: str) -> str:
 
 
 @contextmanager
-def bind(slapd: PrivateSlapd, dn: str, password: str) -> Iterator[Connection]:
-    conn = Connection(Server(slapd.url), dn, password, auto_bind=True)
+def bind(slapd: PrivateSlapd, dn: str, password: str) -> Iterator[LdapAdmin]:
+    conn = LdapAdmin(slapd.url, dn, password)
     try:
         yield conn
     finally:
-        conn.unbind()  # ldap3's own `with` leaves an auto-bound connection open
+        conn.unbind()
 
 
 def test_demo_users_have_memberof(slapd):

@@ -14,7 +14,6 @@ import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from ldap3 import MODIFY_ADD, MODIFY_DELETE, Connection, Server
 
 from directory_sync.slapd import PrivateSlapd
 from registration_app.services import build_services
@@ -23,6 +22,7 @@ from tests.directory_sync.certs import cert as foreign_certificate
 from tests.directory_sync.world import users_ldif
 from tests.e2e.platform import make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap
+from tests.ldap_admin import MODIFY_ADD, MODIFY_DELETE, LdapAdmin
 
 SMIME = "cn=smime-users,ou=groups,dc=example,dc=org"
 PEOPLE = "ou=people,dc=example,dc=org"
@@ -72,9 +72,9 @@ class Admin:
     """cn=admin over a fresh connection (slapd restarts in these tests)."""
 
     def __init__(self, slapd) -> None:
-        self.conn = Connection(Server(slapd.url), slapd.admin_dn, slapd.admin_password, auto_bind=True)
+        self.conn = LdapAdmin.for_slapd(slapd)
 
-    def __enter__(self) -> Connection:
+    def __enter__(self) -> LdapAdmin:
         return self.conn
 
     def __exit__(self, *exc) -> None:

@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-from ldap3 import MODIFY_ADD, MODIFY_DELETE
 from sqlalchemy import func, select
 
 from registration_app.store.models import Certificate, EnrollmentCode, Escrow
 from tests.e2e.platform import make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
+from tests.ldap_admin import MODIFY_ADD, MODIFY_DELETE
 
 ROOT = Path(__file__).resolve().parents[2]
 SMIME_USERS = "cn=smime-users,ou=groups,dc=example,dc=org"

@@ -9,13 +9,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from ldap3 import BASE, MODIFY_REPLACE
 from sqlalchemy import func, select, update
 
 from registration_app.store import audit
 from registration_app.store.models import Certificate
 from tests.e2e.platform import make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
+from tests.ldap_admin import BASE, MODIFY_REPLACE
 
 PEOPLE = "ou=people,dc=example,dc=org"
 
@@ -56,7 +56,7 @@ def rows(server, **where) -> list[Certificate]:
 
 def entry_uuid(ldap_admin, dn: str) -> str:
     ldap_admin.search(dn, "(objectClass=*)", BASE, attributes=["entryUUID"])
-    return str(ldap_admin.response[0]["attributes"]["entryUUID"])
+    return ldap_admin.response[0]["attributes"]["entryUUID"][0]
 
 
 def user_certificates(ldap_admin, dn: str) -> list[bytes]:

@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from ldap3 import MODIFY_ADD, Connection, Server
 
 from bench import world
 from bench.client import AgentConnection
@@ -19,6 +18,7 @@ from bench.platform import make_platform
 from directory_sync.slapd import ADMIN_DN, PrivateSlapd
 from tests.external_ca import CrlServer, ExternalCA, dead_url
 from tests.fault import records
+from tests.ldap_admin import MODIFY_ADD, LdapAdmin
 
 PAYLOAD = {"profile": "smime-encryption-ec", "password": "external-anchor-password"}
 PARTNER_MAX_AGE = 1  # seconds: the revocation tests wait this long for every worker's copy to go stale
@@ -62,7 +62,7 @@ revocation = "none"
         """A new entitled user (mail `email`, or uid@example.org) whose userCertificate lists `listed`."""
         uid = "x-" + uuid.uuid4().hex[:10]
         email = email or f"{uid}@example.org"
-        conn = Connection(Server(self.slapd.url), ADMIN_DN, self.slapd.admin_password, auto_bind=True)
+        conn = LdapAdmin(self.slapd.url, ADMIN_DN, self.slapd.admin_password)
         try:
             dn = world.user_dn(uid)
             attrs = {"uid": uid, "cn": f"External {uid}", "sn": "External", "mail": email}

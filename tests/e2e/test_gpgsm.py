@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from ldap3 import MODIFY_ADD
 
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
+from tests.ldap_admin import MODIFY_ADD
 
 pytestmark = pytest.mark.skipif(not (shutil.which("gpgsm") and shutil.which("dirmngr")),
                                 reason="gpgsm/dirmngr not installed (Debian gpgsm and dirmngr; `make debs` installs them)")

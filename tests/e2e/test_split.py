@@ -210,7 +210,7 @@ def test_an_approver_removed_from_the_officers_group_is_discounted_by_the_ra_and
     serial, _ = enroll(ra, email)
     ldap_admin.search(dn, "(objectClass=*)", "BASE", attributes=["entryUUID"])
     with ra.transaction() as session:  # the CA service recorded the entry the RA found (entryUUID)
-        assert session.get(Certificate, serial).entry_id == str(ldap_admin.response[0]["attributes"]["entryUUID"])
+        assert session.get(Certificate, serial).entry_id == ldap_admin.response[0]["attributes"]["entryUUID"][0]
     request_id = officer(ra, requester, "request", "--user", email, "--reason", "hold").stdout.split()[2].rstrip(":")
     officer(ra, first, "approve", request_id)
     officer(ra, third, "approve", request_id)

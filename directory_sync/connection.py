@@ -1,0 +1,219 @@
+"""The one LDAP client of the project: python-ldap (libldap) connections, a small pool of them, and the
+one translator from python-ldap's exceptions to registration_app.core.errors.
+
+Nothing outside directory_sync sees a python-ldap exception: every caller of this module either runs its
+work through `ConnectionPool.run` / `ConnectionPool.paged` (which translate), or, holding a connection
+of its own (bulk.py), passes what it catches to `translate`.
+
+Thread safety: `ConnectionPool.run` lends each bound connection to one thread at a time, so gunicorn
+gthread workers can share one pool. A pooled connection that the server dropped (slapd restarted) is
+closed and the work tried once more on a fresh one; if that fails too the caller gets
+DirectoryUnavailable within `timeout_seconds`.
+
+Entries come back as (dn, {lower-case attribute name: [bytes, ...]}); read a value with `values`.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import ldap
+from ldap.controls import SimplePagedResultsControl
+from ldap.ldapobject import LDAPObject
+
+from directory_sync.config import LdapSettings
+from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
+
+T = TypeVar("T")
+Attributes = dict[str, list[bytes]]
+Entry = tuple[str, Attributes]
+
+PAGE_SIZE = 500
+NO_SUCH_OBJECT = 32
+# Result codes that say "the server cannot serve right now", as opposed to "it refuses this":
+# operationsError, timeLimitExceeded, adminLimitExceeded, busy, unavailable, other.
+_TRANSIENT = {1, 3, 11, 51, 52, 80}
+
+
+def bind(settings: LdapSettings) -> LDAPObject:
+    """A new connection bound as the service account; python-ldap's errors are the caller's to translate."""
+    conn = ldap.initialize(settings.url)
+    conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
+    conn.set_option(ldap.OPT_REFERRALS, 0)
+    conn.set_option(ldap.OPT_NETWORK_TIMEOUT, settings.timeout_seconds)
+    conn.timeout = settings.timeout_seconds  # every synchronous (_s) operation waits at most this long
+    try:
+        conn.simple_bind_s(settings.bind_dn, settings.password)
+    except BaseException:
+        close(conn)
+        raise
+    return conn
+
+
+def close(conn: LDAPObject) -> None:
+    """Unbind and close the socket, whatever state the connection is in."""
+    try:
+        conn.unbind_ext_s()
+    except Exception:  # the peer may be gone; we only want the socket closed
+        pass
+
+
+def result_code(exc: ldap.LDAPError) -> int | None:
+    """The LDAP result code the server sent, or None for a client-side failure (no answer came)."""
+    code = getattr(exc, "errnum", None)
+    return code if isinstance(code, int) and code >= 0 else None
+
+
+def answered(exc: ldap.LDAPError) -> bool:
+    """True if the server answered (with a refusal): the connection is still good for more work."""
+    return result_code(exc) is not None and not isinstance(exc, ldap.TIMEOUT)
+
+
+def translate(exc: ldap.LDAPError) -> AutoenrollError:
+    """The project's error for a python-ldap exception (the one adapter; see the module docstring)."""
+    info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    description = info.get("desc", type(exc).__name__)
+    if isinstance(exc, ldap.INVALID_CREDENTIALS):
+        return DirectoryUnavailable("The LDAP directory refused the service account's bind")
+    code = result_code(exc)
+    if code is None:
+        if isinstance(exc, (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR)):
+            return DirectoryUnavailable(ldap_error=type(exc).__name__)
+        return AutoenrollError("LDAP client error", ldap_error=type(exc).__name__)  # a bug of ours
+    if code == NO_SUCH_OBJECT:
+        return UserNotFound("The directory entry does not exist")
+    if code in _TRANSIENT:
+        return DirectoryUnavailable(ldap_result=description)
+    # insufficientAccessRights, objectClassViolation...: a deployment problem, not the caller's; 503 so
+    # that the outbox keeps retrying until an operator fixes it.
+    return DirectoryUnavailable("The LDAP directory refused the operation", ldap_result=description)
+
+
+def values(attrs: Attributes, name: str) -> list[bytes]:
+    """The values of `name` in an entry as returned here (any case; `userCertificate;binary` too)."""
+    return attrs.get(name.lower(), [])
+
+
+def lowered(attrs: dict[str, list[bytes]]) -> Attributes:
+    return {k.lower(): list(v) for k, v in attrs.items()}
+
+
+def read(conn: LDAPObject, dn: str, attributes: list[str], timeout: float) -> Attributes | None:
+    """One entry's attributes, or None if there is no such entry."""
+    try:
+        found = conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", attributes, timeout=timeout)
+    except ldap.NO_SUCH_OBJECT:
+        return None
+    return lowered(found[0][1]) if found and found[0][0] is not None else None
+
+
+def search_pages(conn: LDAPObject, base: str, flt: str, attributes: list[str], *, timeout: float,
+                 page_size: int = PAGE_SIZE) -> Iterator[list[Entry]]:
+    """Paged subtree search (RFC 2696) on `conn`, one list of entries per page; nothing if `base` is
+    missing. Referrals (entries without a DN) are skipped. python-ldap's exceptions pass through."""
+    control = SimplePagedResultsControl(True, size=page_size, cookie=b"")
+    while True:
+        try:
+            msgid = conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, attributes, serverctrls=[control])
+            _, data, _, controls = conn.result3(msgid, timeout=timeout)
+        except ldap.NO_SUCH_OBJECT:
+            return
+        yield [(dn, lowered(attrs)) for dn, attrs in data if dn is not None]
+        cookie = next((c.cookie for c in controls if c.controlType == SimplePagedResultsControl.controlType), b"")
+        if not cookie:
+            return
+        control.cookie = cookie
+
+
+class ConnectionPool:
+    """Up to `settings.pool_size` idle bound connections, lent to one thread at a time."""
+
+    def __init__(self, settings: LdapSettings) -> None:
+        self.settings = settings
+        self._idle: queue.LifoQueue[LDAPObject] = queue.LifoQueue()
+
+    def run(self, work: Callable[[LDAPObject], T]) -> T:
+        """`work(conn)` on a pooled connection; python-ldap's errors come out translated. A stale pooled
+        connection (the server went away since) gets one retry on a fresh one."""
+        while True:
+            conn, reused = self._acquire()
+            try:
+                result = work(conn)
+            except ldap.LDAPError as exc:
+                if answered(exc):
+                    self._release(conn)  # the server answered with an error: the connection is fine
+                else:
+                    close(conn)  # the connection itself failed (or may hold an unread answer)
+                    if reused and isinstance(exc, ldap.SERVER_DOWN):
+                        continue  # e.g. slapd restarted since this connection was opened
+                raise translate(exc) from exc
+            except AutoenrollError:
+                self._release(conn)  # an LDAP answer `work` turned into an error: the connection is fine
+                raise
+            except BaseException:
+                close(conn)
+                raise
+            self._release(conn)
+            return result
+
+    def read(self, dn: str, attributes: list[str]) -> Attributes | None:
+        """One entry's attributes, or None if there is no such entry."""
+        return self.run(lambda conn: read(conn, dn, attributes, self.settings.timeout_seconds))
+
+    def paged(self, base: str, flt: str, attributes: list[str]) -> Iterator[Entry]:
+        """Every entry under `base` matching `flt` (a filter built with escape.filter_value for any
+        input), by paged search. The paging state lives on the connection, so one connection is held
+        until the generator finishes; only the first page is retried on a fresh connection."""
+        conn, reused = self._acquire()
+        started, ok = False, False
+        try:
+            while True:
+                try:
+                    for page in search_pages(conn, base, flt, attributes, timeout=self.settings.timeout_seconds):
+                        started = True
+                        yield from page
+                    break
+                except ldap.SERVER_DOWN:
+                    if started or not reused:
+                        raise
+                    close(conn)  # stale after a slapd restart: start over on another connection
+                    conn, reused = self._acquire()
+            ok = True
+        except ldap.LDAPError as exc:
+            raise translate(exc) from exc
+        finally:
+            if ok:
+                self._release(conn)
+            else:
+                close(conn)
+
+    @property
+    def idle_connections(self) -> int:
+        return self._idle.qsize()
+
+    def close(self) -> None:
+        """Close every idle connection (connections lent out are closed when they come back)."""
+        while True:
+            try:
+                close(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+    def _acquire(self) -> tuple[LDAPObject, bool]:
+        """(connection, reused): an idle pooled connection, else a new bound one."""
+        try:
+            return self._idle.get_nowait(), True
+        except queue.Empty:
+            pass
+        try:
+            return bind(self.settings), False
+        except ldap.LDAPError as exc:
+            raise translate(exc) from exc
+
+    def _release(self, conn: LDAPObject) -> None:
+        if self._idle.qsize() < self.settings.pool_size:
+            self._idle.put(conn)
+        else:
+            close(conn)
