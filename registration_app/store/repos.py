@@ -270,6 +270,12 @@ def certificates_of(session_or_connection, user_dn: str) -> list:
     return list(connection_of(session_or_connection).execute(_CERTIFICATES_OF, {"dn": user_dn}).all())
 
 
+def certificate_status(db: Database, serial: str) -> str | None:
+    """The status of our certificate `serial` (lowercase hex), None if we issued none with it."""
+    with db.transaction() as session:
+        return session.execute(select(Certificate.status).where(Certificate.serial == serial)).scalar()
+
+
 def issued_since(session, email: str, profile: str, since: datetime) -> int:
     return session.execute(
         select(func.count()).select_from(Certificate)
