@@ -270,7 +270,7 @@ def certificates_of(session_or_connection, user_dn: str) -> list:
     return list(connection_of(session_or_connection).execute(_CERTIFICATES_OF, {"dn": user_dn}).all())
 
 
-def certificate_status(db: Database, serial: str) -> str | None:
+def status_of_certificate(db: Database, serial: str) -> str | None:
     """The status of our certificate `serial` (lowercase hex), None if we issued none with it."""
     with db.transaction() as session:
         return session.execute(select(Certificate.status).where(Certificate.serial == serial)).scalar()

@@ -21,7 +21,7 @@ from ..core.errors import AutoenrollError, BadRequest, WrongContentType
 from ..core.model import Subject
 from ..core.profiles import get_profile
 from ..store import audit
-from ..store.repos import agent_revoked, certificate_status
+from ..store.repos import agent_revoked, status_of_certificate
 from .api import peer_certificate_der
 
 log = logging.getLogger("autoenroll.authority")
@@ -147,7 +147,7 @@ def refresh_crl():
 @ca_authority.get("/certificates/<serial>/status")
 def certificate_status(serial: str):
     serial = _serial(serial)
-    status = certificate_status(g.services.db, serial)
+    status = status_of_certificate(g.services.db, serial)
     return jsonify({"serial": serial, "status": status or "unknown"})
 
 
