@@ -39,6 +39,9 @@ from .service import RegistrationAuthority
 from .settings import Settings
 from .store.db import Database, migrate, sqlite_files
 
+if TYPE_CHECKING:
+    from .authorities.kra_verify import EvidenceVerifier  # role kra only: imported by _kra_services
+
 ROLES = ("all", "ra", "ca", "kra")
 # Private keys a role must not hold (tls-ca.key issues agent certificates: no server needs it at run time).
 FORBIDDEN_KEYS = {"ra": ("ca_key", "kra_key", "tls_ca_key"), "ca": ("kra_key", "tls_ca_key"),
@@ -64,7 +67,7 @@ class Services:
     agent_policy: AgentPolicy
     user_trust: UserTrust
     authority_policy: AgentPolicy | None = None  # roles ca, kra: which RAs may call
-    evidence: object | None = None  # role kra: EvidenceVerifier
+    evidence: EvidenceVerifier | None = None  # role kra
 
     @property
     def role(self) -> str:
