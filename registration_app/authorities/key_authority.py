@@ -1,13 +1,13 @@
 """The key authority: key pair (or CSR) → escrow → signature → PKCS#12.
 
-With a local CA and KRA (the server platform, `LocalKeyAuthority`), the sealed key, the certificate, its outbox row, the
-audit rows and the request's nonce are committed in ONE transaction, after the key is sealed and the
-certificate signed in memory: either all of it is durable or none, so no certificate can exist
-without its escrowed key, and an enrollment costs one commit (one fsync, one turn of the SQLite
-writer lock). With a remote KRA and CA (split deployment, `SplitKeyAuthority`) escrow comes first and is committed before
-the CA signs: a failure at any later step leaves an escrowed key for a certificate that never existed
-(harmless, audited) rather than a certificate whose key cannot be recovered. Either way nothing is
-returned to the caller before both are durable.
+With a local CA and KRA (the server platform, `LocalKeyAuthority`), the sealed key, the certificate, its
+outbox row, the audit rows and the request's nonce are committed in ONE transaction, after the key is
+sealed and the certificate signed in memory: either all of it is durable or none, so no certificate can
+exist without its escrowed key, and an enrollment costs one commit (one fsync, one turn of the SQLite
+writer lock). With a remote KRA and CA (split deployment, `SplitKeyAuthority`) escrow comes first and is
+committed before the CA signs: a failure at any later step leaves an escrowed key for a certificate that
+never existed (harmless, audited) rather than a certificate whose key cannot be recovered. Either way
+nothing is returned to the caller before both are durable.
 """
 
 from __future__ import annotations

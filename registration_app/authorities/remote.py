@@ -1,8 +1,8 @@
 """HTTP clients of a CA and a KRA that run as separate services (role "ra" of a split deployment).
 
-`RemoteCA`, `RemoteKRA` and `RemotePublisher` have the methods their in-process counterparts (LocalCA,
-LocalKRA, Publisher) are called with, so the key authority, the RA and recovery do not know which they
-talk to. The server side is registration_app/web/authority_api.py; bodies are JSON, errors RFC 9457
+`RemoteCA` and `RemoteKRA` satisfy the Protocols of core/ports.py (CertificateAuthority, RecoveryAuthority)
+as LocalCA and LocalKRA do, and `RemotePublisher` has the methods of Publisher that the RA calls, so the key
+authority, the RA and recovery do not know which they talk to. The server side is registration_app/web/authority_api.py; bodies are JSON, errors RFC 9457
 problem documents that come back here as the same AutoenrollError they were on the other side.
 
 The RA authenticates with its own TLS client certificate (clientAuth, from the TLS CA; the authorities
