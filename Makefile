@@ -59,6 +59,8 @@ POSTGRES_SUITES := tests/store tests/fault tests/directory_sync tests/cli tests/
 	tests/e2e/test_split.py tests/e2e/test_entry_identity.py tests/adversarial/test_refusals.py tests/adversarial/test_guessing.py
 
 test: install
+	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 	$(PY) -m pytest --database=postgresql $(POSTGRES_SUITES)
 

@@ -31,20 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from registration_app.core.model import Profile
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """What our records ask of one entry: our values to show, in order, and ours to remove."""
-
-    first: tuple[bytes, ...] = ()  # our encryption certificates, current first
-    last: tuple[bytes, ...] = ()  # our other certificates (signature)
-    remove: frozenset[bytes] = frozenset()
-
-    @property
-    def shown(self) -> tuple[bytes, ...]:
-        return self.first + self.last
+from registration_app.core.model import Profile, Wanted  # Wanted: the Directory Protocol names it (core/ports.py)
 
 
 @dataclass(frozen=True)

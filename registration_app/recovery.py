@@ -20,16 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from cryptography import x509
 from sqlalchemy import func, select, update
 
 from .auth.anchors import require_own_ca, user_entry
-from .authorities.kra import LocalKRA, RecoveryGrant
 from .authorities.officers import OfficerRoster, signer_certificate
 from .core.dn import dn_key
 from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotRequester,
                           RecoveryExpired, RecoveryNotReady, SelfApproval, UnknownCertificate)
-from .core.model import VerifiedRequest
+from .core.model import RecoveryGrant, VerifiedRequest
+from .core.ports import Directory, RecoveryAuthority
 from .service import check_same_entry
+from .settings import Settings
 from .store import audit
 from .store.db import Database
 from .store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
@@ -67,12 +69,12 @@ def _password(payload: dict) -> str:
 
 @dataclass
 class Recovery:
-    settings: object
+    settings: Settings
     db: Database
-    directory: object
-    kra: LocalKRA
+    directory: Directory
+    kra: RecoveryAuthority
     ca_chain: list
-    is_revoked: Callable  # the CA's revocation status of a certificate, read on every call
+    is_revoked: Callable[[x509.Certificate], bool]  # the CA's revocation status of a certificate, read on every call
 
     @property
     def roster(self) -> OfficerRoster:

@@ -12,19 +12,22 @@ import logging
 import secrets
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any, cast
 from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 
 from .auth.anchors import user_entry
 from .auth.csr import verify_csr
-from .authorities.key_authority import IssueRequest, Issued, LocalKeyAuthority
+from .authorities.key_authority import IssueRequest, Issued, SplitKeyAuthority
 from .core.dn import dn_key
 from .core.entitlement import is_entitled
 from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, EntryChanged,
                           NotEntitled, RateLimited, UnknownCertificate, UserNotFound)
 from .core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
+from .core.ports import Directory
+from .settings import Settings
 from .core.profiles import get_profile
 from .core.renewal import server_window_opens
 from .store import audit
@@ -48,7 +51,8 @@ SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged",
                            "cessationOfOperation"}
 
 
-_C = Certificate.__table__.c
+_CERTIFICATES = cast(Table, Certificate.__table__)  # a mapped class's __table__ is a Table
+_C = _CERTIFICATES.c
 _BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
 
 
@@ -71,7 +75,7 @@ def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *
     entry_id, user_dn = rows[0]
     same_dn = dn_key(user_dn) == dn_key(user.dn)
     if entry_id is None and same_dn:
-        db.run(lambda conn: conn.execute(update(Certificate.__table__).where(
+        db.run(lambda conn: conn.execute(update(_CERTIFICATES).where(
             _C.user_dn == user_dn, _C.entry_id.is_(None)).values(entry_id=user.entry_id)), core=True)
         return
     if entry_id != user.entry_id:
@@ -103,13 +107,20 @@ def _optional(payload: dict, name: str, kind: type, default=None):
     return value
 
 
+def _nonce_of(request: VerifiedRequest) -> NonceToken | None:
+    # core's VerifiedRequest cannot name the store's NonceToken; web/api.py puts one there (or None)
+    return cast("NonceToken | None", request.nonce)
+
+
 @dataclass
 class RegistrationAuthority:
-    settings: object
+    settings: Settings
     db: Database
-    directory: object
-    key_authority: LocalKeyAuthority
-    publisher: object
+    directory: Directory
+    key_authority: SplitKeyAuthority  # LocalKeyAuthority in role all
+    # directory_sync's Publisher, or RemotePublisher in role ra; untyped until publication has a Protocol
+    # (the local one also carries the one-transaction optimisation: mark_published, completions)
+    publisher: Any
 
     # -- entitlement --------------------------------------------------------------------------
     def entitled_user(self, email: str, profile: Profile, actor: str, *,
@@ -120,7 +131,7 @@ class RegistrationAuthority:
         certificate of another trust anchor must be listed by that entry (auth/anchors.py), and one of
         ours must have been issued to that entry (check_same_entry)."""
         user = self.check_entitlement(email, profile, identity=identity, actor=actor)
-        allowed = dict(event="enrollment.allowed", outcome="allowed", actor=actor, subject=email,
+        allowed: dict[str, Any] = dict(event="enrollment.allowed", outcome="allowed", actor=actor, subject=email,
                        detail={"profile": profile.name, "dn": user.dn})
         if deferred_audit is not None:
             deferred_audit.append(allowed)
@@ -253,14 +264,14 @@ class RegistrationAuthority:
         # With a local CA and KRA, enrollment.allowed and the request's nonce are committed in the
         # issuance's one transaction. Any way out before that writes them alone (a refusal's nonce is
         # recorded with its request.denied row, by the web layer).
-        in_one = getattr(self.key_authority, "records_audit_events", False)
-        deferred = [] if in_one else None
+        in_one = self.key_authority.records_audit_events
+        deferred: list[dict] | None = [] if in_one else None
         user = self.entitled_user(email, profile, actor, deferred_audit=deferred, identity=request.user)
         try:
             if renews is not None and csr is not None:
                 earlier = self._earlier_renewal(email, profile, renews, csr)
                 if earlier is not None:  # a retry after a lost answer: same key, same certificate
-                    self._audit_now(deferred or [], nonce=request.nonce)
+                    self._audit_now(deferred or [], nonce=_nonce_of(request))
                     return earlier
             replaces = self._replacement_of(email, profile, replace, renews, now, user.entry_id)
         except BaseException:
@@ -269,7 +280,7 @@ class RegistrationAuthority:
             except Exception:  # the refusal stands; its own error is what the caller must see
                 log.exception("event=audit.write_failed events=enrollment.allowed")
             raise
-        nonce = request.nonce
+        nonce = _nonce_of(request)
         if nonce is not None and not in_one:  # a remote CA or KRA: used now, before anything is issued
             self._use_nonce(nonce)
             nonce = None

@@ -13,6 +13,7 @@ documented copy ("only ca.key to the CA host, only kra.key to the KRA host") is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from datetime import timedelta
 
 from cryptography import x509
@@ -25,17 +26,21 @@ from .auth.chain import UserTrust
 from .auth.revocation import CrlChecker
 from .authorities.ca import LocalCA
 from .authorities.certs import CaUrls
-from .authorities.key_authority import LocalKeyAuthority
+from .authorities.key_authority import LocalKeyAuthority, SplitKeyAuthority
 from .authorities.keys import KeyPool
 from .authorities.kra import LocalKRA
 from .authorities.officers import OfficerRoster
-from .authorities.pki_files import (PkiPaths, check_private, read_cert, read_certs, read_private_key,
-                                    read_public_key, read_server_keys)
+from .authorities.pki_files import (PemKeyStore, PkiPaths, check_private, read_cert, read_certs, read_public_key,
+                                    read_server_keys)
 from .core.errors import ConfigError
+from .core.ports import CaStatus, CertificateAuthority, Directory, KeyStore, RecoveryAuthority
 from .recovery import Recovery
 from .service import RegistrationAuthority
 from .settings import Settings
 from .store.db import Database, migrate, sqlite_files
+
+if TYPE_CHECKING:
+    from .authorities.kra_verify import EvidenceVerifier  # role kra only: imported by _kra_services
 
 ROLES = ("all", "ra", "ca", "kra")
 # Private keys a role must not hold (tls-ca.key issues agent certificates: no server needs it at run time).
@@ -51,18 +56,18 @@ ROLE_KEYS = {"all": ("nonce", "codes", "audit"), "ra": ("nonce", "codes", "audit
 class Services:
     settings: Settings
     db: Database
-    directory: object
-    ca: object  # LocalCA | RemoteCA | CaView (role kra: certificate and revocation status only)
-    kra: object | None  # LocalKRA | RemoteKRA
+    directory: Directory
+    ca: CaStatus  # a CertificateAuthority (LocalCA, RemoteCA), except in role kra (CaView)
+    kra: RecoveryAuthority | None  # LocalKRA | RemoteKRA
     pool: KeyPool | None
-    key_authority: LocalKeyAuthority | None
-    publisher: object | None  # Publisher | RemotePublisher
+    key_authority: SplitKeyAuthority | None  # LocalKeyAuthority in role all
+    publisher: Any  # Publisher | RemotePublisher | None (service.py: no Protocol for publication yet)
     ra: RegistrationAuthority | None
     recovery: Recovery | None
     agent_policy: AgentPolicy
     user_trust: UserTrust
     authority_policy: AgentPolicy | None = None  # roles ca, kra: which RAs may call
-    evidence: object | None = None  # role kra: EvidenceVerifier
+    evidence: EvidenceVerifier | None = None  # role kra
 
     @property
     def role(self) -> str:
@@ -134,7 +139,7 @@ def check_private_files(settings: Settings) -> None:
         check_private(path)
 
 
-def build_services(settings: Settings, *, directory=None, run_migrations: bool = True) -> Services:
+def build_services(settings: Settings, *, directory: Directory | None = None, run_migrations: bool = True) -> Services:
     from directory_sync.ldap import LdapDirectory
 
     paths = PkiPaths.in_dir(settings.data_dir)
@@ -153,28 +158,34 @@ def build_services(settings: Settings, *, directory=None, run_migrations: bool =
     user_trust = build_user_trust(settings, ca_cert)
     tls_anchors = (read_cert(paths.tls_ca_cert),)
     agent_policy = AgentPolicy(anchors=tls_anchors, allowed=settings.agents_allowed, scopes=settings.agent_scopes)
-    directory = directory if directory is not None else LdapDirectory(settings.ldap)
-    common = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy, user_trust=user_trust)
+    if directory is None:
+        directory = LdapDirectory(settings.ldap)
+    keys = PemKeyStore(paths, settings.passphrase)
+    common: dict[str, Any] = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy, user_trust=user_trust)
     if settings.role == "ca":
-        ca = _local_ca(settings, paths, db, ca_cert)
-        return Services(**common, ca=ca, kra=None, pool=None, key_authority=None,
-                        publisher=_publisher(settings, db, directory, ca), ra=None, recovery=None,
+        ca_service = _local_ca(settings, keys, db, ca_cert)
+        return Services(**common, ca=ca_service, kra=None, pool=None, key_authority=None,
+                        publisher=_publisher(settings, db, directory, ca_service), ra=None, recovery=None,
                         authority_policy=AgentPolicy(anchors=tls_anchors, allowed=settings.authority_clients))
     if settings.role == "kra":
-        return _kra_services(settings, paths, db, ca_cert, common, tls_anchors)
+        return _kra_services(settings, keys, db, ca_cert, common, tls_anchors)
 
-    if settings.role == "ra":
-        ca, kra, publisher = _remote_authorities(settings, paths, ca_cert)
-    else:
-        ca = _local_ca(settings, paths, db, ca_cert)
-        passphrase = settings.passphrase()
-        kra = LocalKRA(db, read_public_key(paths.kra_public_key), lambda: read_private_key(paths.kra_key, passphrase),
-                       pkcs12_iterations=settings.pkcs12_iterations, quorum=settings.recovery_quorum,
-                       officers=OfficerRoster(directory, settings.recovery_officers_group, ca.is_revoked))
-        publisher = _publisher(settings, db, directory, ca)
     pool = KeyPool(size=settings.key_pool_size,
                    key_types={p.key_type for p in settings.profiles.values() if p.key_type.is_rsa})
-    key_authority = LocalKeyAuthority(ca, kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
+    ca: CertificateAuthority
+    kra: RecoveryAuthority
+    key_authority: SplitKeyAuthority
+    if settings.role == "ra":
+        ca, kra, publisher = _remote_authorities(settings, paths, ca_cert)
+        key_authority = SplitKeyAuthority(ca, kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
+    else:
+        local_ca = ca = _local_ca(settings, keys, db, ca_cert)
+        local_kra = kra = LocalKRA(
+            db, read_public_key(paths.kra_public_key), keys.kra_storage_key,
+            pkcs12_iterations=settings.pkcs12_iterations, quorum=settings.recovery_quorum,
+            officers=OfficerRoster(directory, settings.recovery_officers_group, ca.is_revoked))
+        publisher = _publisher(settings, db, directory, ca)
+        key_authority = LocalKeyAuthority(local_ca, local_kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
     ra = RegistrationAuthority(settings, db, directory, key_authority, publisher)
     recovery = Recovery(settings, db, directory, kra, ca.chain, ca.is_revoked)
     return Services(**common, ca=ca, kra=kra, pool=pool, key_authority=key_authority, publisher=publisher, ra=ra,
@@ -186,7 +197,8 @@ def build_user_trust(settings: Settings, ca_cert) -> UserTrust:
     with the policies of those tables (README "Other trust anchors")."""
     extra = settings.path("user-trust.pem")
     bundle = read_certs(extra) if extra.exists() else []
-    policies, claimed = [], set()
+    policies: list[AnchorPolicy] = []
+    claimed: set[bytes] = set()
     for anchor in settings.trust.anchors:
         if anchor.file:
             certificates = read_certs(settings.path(anchor.file))
@@ -218,13 +230,13 @@ def _subject_of(anchor) -> x509.Name:
         raise ConfigError(f"trust anchor {anchor.name!r}: subject {anchor.subject!r} is not an RFC 4514 name") from None
 
 
-def _local_ca(settings: Settings, paths: PkiPaths, db: Database, ca_cert) -> LocalCA:
-    return LocalCA(db, ca_cert, read_private_key(paths.ca_key, settings.passphrase()),
+def _local_ca(settings: Settings, keys: KeyStore, db: Database, ca_cert) -> LocalCA:
+    return LocalCA(db, ca_cert, keys.ca_signing_key(),
                    CaUrls(crl_url=settings.crl_url, ca_issuers_url=settings.ca_issuers_url),
                    crl_validity=timedelta(hours=settings.crl_validity_hours))
 
 
-def _publisher(settings: Settings, db: Database, directory, ca: LocalCA):
+def _publisher(settings: Settings, db: Database, directory: Directory, ca: LocalCA):
     from directory_sync.publisher import Publisher
     return Publisher(db, directory, dict(settings.profiles), ca.certificate.public_bytes(Encoding.DER), ca=ca)
 
@@ -234,7 +246,7 @@ def _remote_authorities(settings: Settings, paths: PkiPaths, ca_cert):
     cert, key = settings.path(settings.authority_client_cert), settings.path(settings.authority_client_key)
     if not (cert.exists() and key.exists()):
         raise ConfigError(f"role 'ra' needs its TLS client certificate {cert} and key {key} (README, Split deployment)")
-    options = dict(client_cert=(str(cert), str(key)), server_ca=str(paths.tls_ca_cert),
+    options: dict[str, Any] = dict(client_cert=(str(cert), str(key)), server_ca=str(paths.tls_ca_cert),
                    timeout=settings.authority_timeout_seconds, pool_size=max(4, settings.threads * 2))
     ca_client = AuthorityClient(settings.ca_url, name="CA", **options)
     ca = RemoteCA(ca_client, ca_cert)
@@ -242,9 +254,9 @@ def _remote_authorities(settings: Settings, paths: PkiPaths, ca_cert):
     return ca, kra, RemotePublisher(ca_client, timeout=settings.publish_timeout_seconds + 1.0)
 
 
-def _kra_services(settings: Settings, paths: PkiPaths, db: Database, ca_cert, common: dict, tls_anchors) -> Services:
+def _kra_services(settings: Settings, keys: KeyStore, db: Database, ca_cert, common: dict, tls_anchors) -> Services:
     from .authorities.kra_verify import CaView, EvidenceVerifier
-    storage_key = read_private_key(paths.kra_key, settings.passphrase())  # at start: a wrong passphrase fails now
+    storage_key = keys.kra_storage_key()  # at start: a wrong passphrase fails now
     kra = LocalKRA(db, storage_key.public_key(), lambda: storage_key, pkcs12_iterations=settings.pkcs12_iterations)
     ca = CaView(db, ca_cert)
     evidence = EvidenceVerifier(db=db, directory=common["directory"], trust=common["user_trust"],
@@ -253,3 +265,10 @@ def _kra_services(settings: Settings, paths: PkiPaths, db: Database, ca_cert, co
     return Services(**common, ca=ca, kra=kra, pool=None, key_authority=None, publisher=None, ra=None,
                     recovery=None, evidence=evidence,
                     authority_policy=AgentPolicy(anchors=tls_anchors, allowed=settings.authority_clients))
+
+
+if TYPE_CHECKING:  # mypy (make test) checks that directory_sync's LDAP client has the signatures of the Protocol
+    from directory_sync.ldap import LdapDirectory
+
+    def _is_directory(implementation: LdapDirectory) -> Directory:
+        return implementation

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.errors import Conflict, UnknownCertificate
@@ -23,13 +24,14 @@ from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
 
 
-_CERTIFICATES = Certificate.__table__
+# A mapped class's __table__ is a Table; SQLAlchemy types it as any FromClause.
+_CERTIFICATES = cast(Table, Certificate.__table__)
 _SUPERSEDE = update(_CERTIFICATES).where(
     _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
     status="superseded", superseded_by=bindparam("new"))
 _INSERT_CERTIFICATE = insert(_CERTIFICATES)
 _STATUS_OF = select(_CERTIFICATES.c.status).where(_CERTIFICATES.c.serial == bindparam("serial"))
-_OUTBOX = Outbox.__table__
+_OUTBOX = cast(Table, Outbox.__table__)
 _INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
 # Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
 # sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order).
@@ -95,8 +97,7 @@ class LocalCA:
 
     def record_issued(self, session, cert: x509.Certificate, profile: Profile, subject: Subject, *,
                       user_dn: str, replaces: str | None, key_source: str, actor: str, now: datetime,
-                      extra_audit: list[dict] | None = None, audit_detail: dict | None = None,
-                      deferred_audit: list[dict] | None = None, publish_after: timedelta = timedelta(0),
+                      audit_detail: dict | None = None, deferred_audit: list[dict] | None = None, publish_after: timedelta = timedelta(0),
                       entry_id: str | None = None) -> Outbox:
         """Add the certificate row, its outbox row and its audit row to `session` (a Session or a Core
         Connection; the caller commits).
@@ -109,7 +110,6 @@ class LocalCA:
         record = ToRecord(cert, profile, subject, user_dn, replaces, key_source, audit_detail, entry_id or None)
         outboxes, events = self.record_issued_many(session, [record], actor=actor, now=now,
                                                    publish_after=publish_after)
-        events = [*(extra_audit or ()), *events]
         if deferred_audit is not None:
             deferred_audit.extend(events)
         else:
@@ -152,15 +152,14 @@ class LocalCA:
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,
-             extra_audit: list[dict] | None = None, entry_id: str | None = None) -> x509.Certificate:
+             entry_id: str | None = None) -> x509.Certificate:
         """Sign and record; the previous certificate (if any) becomes superseded in the same step."""
         now = now or datetime.now(timezone.utc)
         cert = self.build_certificate(public_key, profile, subject, serial=serial, now=now)
 
         def record(session):
             self.record_issued(session, cert, profile, subject, user_dn=user_dn, replaces=replaces,
-                               key_source=key_source, actor=actor, now=now, extra_audit=extra_audit,
-                               entry_id=entry_id)
+                               key_source=key_source, actor=actor, now=now, entry_id=entry_id)
 
         try:
             self.db.run(record)
@@ -218,9 +217,11 @@ class LocalCA:
         now = now or datetime.now(timezone.utc)
         with self.db.read() as session:
             state = session.get(CrlState, 1)
-            if not self._crl_due(state, now):
+            if state is not None and state.der and not self._crl_due(state, now):
                 return x509.load_der_x509_crl(state.der)
-        return self.refresh_crl_if_due(now=now) or self.crl_now()
+        crl = self.refresh_crl_if_due(now=now) or self.crl_now()
+        assert crl is not None, "a CRL that is not due was built before"
+        return crl
 
     def crl_now(self) -> x509.CertificateRevocationList | None:
         """The CRL last built, whatever its age (None before the first)."""
@@ -272,3 +273,10 @@ class LocalCA:
             return False
         rows = self.db.query(_STATUS_OF, {"serial": serial_hex(cert.serial_number)})
         return bool(rows) and rows[0].status == "revoked"
+
+
+if TYPE_CHECKING:  # mypy (make test) checks that LocalCA has the signatures of the Protocol
+    from ..core.ports import CertificateAuthority
+
+    def _is_certificate_authority(implementation: LocalCA) -> CertificateAuthority:
+        return implementation

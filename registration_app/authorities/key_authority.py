@@ -1,13 +1,13 @@
 """The key authority: key pair (or CSR) → escrow → signature → PKCS#12.
 
-With a local CA and KRA (the server platform), the sealed key, the certificate, its outbox row, the
-audit rows and the request's nonce are committed in ONE transaction, after the key is sealed and the
-certificate signed in memory: either all of it is durable or none, so no certificate can exist
-without its escrowed key, and an enrollment costs one commit (one fsync, one turn of the SQLite
-writer lock). With a remote KRA or CA (split deployment) escrow comes first and is committed before
-the CA signs: a failure at any later step leaves an escrowed key for a certificate that never existed
-(harmless, audited) rather than a certificate whose key cannot be recovered. Either way nothing is
-returned to the caller before both are durable.
+With a local CA and KRA (the server platform, `LocalKeyAuthority`), the sealed key, the certificate, its
+outbox row, the audit rows and the request's nonce are committed in ONE transaction, after the key is
+sealed and the certificate signed in memory: either all of it is durable or none, so no certificate can
+exist without its escrowed key, and an enrollment costs one commit (one fsync, one turn of the SQLite
+writer lock). With a remote KRA and CA (split deployment, `SplitKeyAuthority`) escrow comes first and is
+committed before the CA signs: a failure at any later step leaves an escrowed key for a certificate that
+never existed (harmless, audited) rather than a certificate whose key cannot be recovered. Either way
+nothing is returned to the caller before both are durable.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Conflict, EscrowFailed
 from ..core.model import Profile, Subject, UserEntry
+from ..core.ports import CertificateAuthority, RecoveryAuthority
 from ..store import audit
 from ..store.repos import NonceToken, certificates_of, record_nonce
 from .ca import LocalCA, lost_renewal_race, serial_hex
@@ -67,50 +68,41 @@ class Issued:
     user_certificates: list | None = None  # the user's certificate rows, read in the issuing transaction
 
 
-class LocalKeyAuthority:
-    def __init__(self, ca: LocalCA, kra: LocalKRA, pool: KeyPool, *, pkcs12_iterations: int = DEFAULT_ITERATIONS):
+class SplitKeyAuthority:
+    """The key authority of a split deployment (role ra): the CA and the KRA are reached through their
+    Protocols, so escrow is committed before the CA signs."""
+
+    # Whether `IssueRequest.audit_events` and `nonce` can ride in the issuance's transaction: only when
+    # the CA and the KRA write to this process's database (LocalKeyAuthority). A RemoteCA/RemoteKRA
+    # keeps its own audit log, so the RA appends its rows itself.
+    records_audit_events = False
+    ca: CertificateAuthority
+    kra: RecoveryAuthority
+
+    def __init__(self, ca: CertificateAuthority, kra: RecoveryAuthority, pool: KeyPool, *,
+                 pkcs12_iterations: int = DEFAULT_ITERATIONS):
         self.ca = ca
         self.kra = kra
         self.pool = pool
         self.pkcs12_iterations = pkcs12_iterations
 
-    @property
-    def records_audit_events(self) -> bool:
-        """Whether `IssueRequest.audit_events` can ride in the escrow or certificate transaction: only
-        when the CA and the KRA write to this process's database. A RemoteCA/RemoteKRA (split
-        deployment) keeps its own audit log, so the RA appends its rows itself, as before."""
-        return isinstance(self.ca, LocalCA) and isinstance(self.kra, LocalKRA) and self.kra.db is self.ca.db
-
     def issue(self, req: IssueRequest, now: datetime | None = None) -> Issued:
         now = now or datetime.now(timezone.utc)
-        if req.audit_events and not self.records_audit_events:
+        if req.audit_events:
             raise ConfigError("audit events cannot be recorded with a remote CA or KRA")
-        if req.nonce is not None and not self.records_audit_events:
+        if req.nonce is not None:
             raise ConfigError("a nonce cannot be recorded with a remote CA or KRA")
         if req.csr is None and not req.password:
-            self._audit_alone(req.audit_events, now)
             raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
-        if self.records_audit_events:
-            return self._issue_in_one_transaction(req, now)
-        events = list(req.audit_events)
-        try:
-            key, public_key, source = self._key_for(req)
-            serial = random_serial()
-            subject = Subject(email=req.user.email, common_name=req.user.common_name)
-            # The caller's rows ride in the first transaction: the escrow's (which commits before the
-            # CA signs; audit order stays allowed, escrowed, issued), else the certificate's. Only
-            # passed when there are some: a RemoteKRA/RemoteCA takes no extra_audit.
-            if req.profile.escrowed:
-                self.kra.escrow(serial_hex(serial), key, email=req.user.email, profile=req.profile.name,
-                                actor=req.actor, now=now, **({"extra_audit": events} if events else {}))
-                events = []
-            cert = self.ca.sign(public_key, req.profile, subject, user_dn=req.user.dn, serial=serial,
-                                replaces=req.replaces, key_source=source, actor=req.actor, now=now,
-                                entry_id=req.user.entry_id or None,
-                                **({"extra_audit": events} if events else {}))
-        except BaseException:
-            self._audit_alone(events, now)  # the transaction that would have carried them did not commit
-            raise
+        key, public_key, source = self._key_for(req)
+        serial = random_serial()
+        subject = Subject(email=req.user.email, common_name=req.user.common_name)
+        if req.profile.escrowed:
+            self.kra.escrow(serial_hex(serial), key, email=req.user.email, profile=req.profile.name,
+                            actor=req.actor, now=now)
+        cert = self.ca.sign(public_key, req.profile, subject, user_dn=req.user.dn, serial=serial,
+                            replaces=req.replaces, key_source=source, actor=req.actor, now=now,
+                            entry_id=req.user.entry_id or None)
         p12 = self._pkcs12(req, key, cert)
         return Issued(certificate=cert, chain=self.ca.chain, serial=serial_hex(serial), pkcs12=p12,
                       escrowed=req.profile.escrowed)
@@ -125,9 +117,31 @@ class LocalKeyAuthority:
     def _pkcs12(self, req: IssueRequest, key, cert: x509.Certificate) -> bytes | None:
         if key is None:
             return None
+        assert req.password is not None, "issue() refuses a server-generated key without a password"
         return to_pkcs12(key=key, cert=cert, chain=self.ca.chain, password=req.password,
                          friendly_name=f"{req.user.email} {req.profile.name}", legacy=req.legacy_pkcs12,
                          iterations=self.pkcs12_iterations)
+
+
+class LocalKeyAuthority(SplitKeyAuthority):
+    """The key authority of the server platform (role all): the CA and the KRA are in this process and
+    write to one database, so an issuance is ONE transaction (the module's docstring)."""
+
+    records_audit_events = True
+    ca: LocalCA
+    kra: LocalKRA
+
+    def __init__(self, ca: LocalCA, kra: LocalKRA, pool: KeyPool, *, pkcs12_iterations: int = DEFAULT_ITERATIONS):
+        if kra.db is not ca.db:
+            raise ConfigError("an in-process CA and KRA must share one database")
+        super().__init__(ca, kra, pool, pkcs12_iterations=pkcs12_iterations)
+
+    def issue(self, req: IssueRequest, now: datetime | None = None) -> Issued:
+        now = now or datetime.now(timezone.utc)
+        if req.csr is None and not req.password:
+            self._audit_alone(req.audit_events, now)
+            raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
+        return self._issue_in_one_transaction(req, now)
 
     def _issue_in_one_transaction(self, req: IssueRequest, now: datetime) -> Issued:
         key, public_key, source = self._key_for(req)

@@ -7,14 +7,15 @@ its passphrase) by `recover`, so a split deployment can keep it on the KRA host 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 from datetime import datetime, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 
 from ..core.errors import EscrowFailed, Forbidden, UnknownCertificate
+from ..core.model import RecoveryGrant
 from ..store import audit
 from ..store.db import Database
 from ..store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
@@ -23,20 +24,7 @@ from .officers import OfficerRoster, signer_certificate
 from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
 
-@dataclass(frozen=True)
-class RecoveryGrant:
-    """Why a recovery is allowed: the owner themself, or a released m-of-n officer request."""
-
-    kind: str  # "owner" | "officers"
-    email: str  # whose keys
-    actor: str  # who receives them
-    request_id: str | None = None
-    # The signed requests behind the grant (the user's own JWS; or the opening, approval and release
-    # JWSs of the officers), so that a KRA in another process can verify the grant by itself.
-    evidence: tuple[bytes, ...] = ()
-
-
-_INSERT_ESCROW = insert(Escrow.__table__)
+_INSERT_ESCROW = insert(cast(Table, Escrow.__table__))  # a mapped class's __table__ is a Table
 
 
 class LocalKRA:
@@ -55,11 +43,10 @@ class LocalKRA:
         self.pkcs12_iterations = pkcs12_iterations
 
     def escrow(self, serial: str, key, *, email: str, profile: str, actor: str,
-               now: datetime | None = None, extra_audit: list[dict] | None = None) -> int:
-        """Seal and commit; returns the escrow id. Any failure raises EscrowFailed. `extra_audit` rows
-        (e.g. the RA's enrollment.allowed) are appended before key.escrowed, in the same transaction."""
+               now: datetime | None = None) -> int:
+        """Seal and commit; returns the escrow id. Any failure raises EscrowFailed."""
         return self.store_sealed(serial, self.seal(serial, key, email=email, profile=profile), email=email,
-                                 profile=profile, actor=actor, now=now, extra_audit=extra_audit)
+                                 profile=profile, actor=actor, now=now)
 
     def seal(self, serial: str, key, *, email: str, profile: str) -> bytes:
         """The key sealed to the storage key (nothing stored yet); any failure raises EscrowFailed."""
@@ -78,7 +65,7 @@ class LocalKRA:
                     detail={"serial": serial, "profile": profile, "escrow_id": escrow_id})
 
     def store_sealed(self, serial: str, blob: bytes, *, email: str, profile: str, actor: str,
-                     now: datetime | None = None, extra_audit: list[dict] | None = None) -> int:
+                     now: datetime | None = None) -> int:
         """Commit a blob sealed by `escrow_crypto.seal_private_key` (by this object, or by an RA that holds
         only the public storage key); returns the escrow id. Any failure raises EscrowFailed."""
         now = now or datetime.now(timezone.utc)
@@ -86,7 +73,7 @@ class LocalKRA:
             def work(conn):
                 escrowed = self.insert_sealed(conn, serial, blob, email=email, profile=profile, actor=actor,
                                               now=now)
-                audit.append_many(conn, [*(extra_audit or ()), escrowed], now)
+                audit.append_many(conn, [escrowed], now)
                 return escrowed["detail"]["escrow_id"]
 
             return self.db.run(work, core=True)
@@ -157,3 +144,10 @@ class LocalKRA:
             raise Forbidden(f"the certificate {serial[:48]} does not match its escrowed key")
         return to_pkcs12(key=key, cert=cert, chain=chain, password=password, friendly_name=friendly_name,
                          legacy=legacy, iterations=self.pkcs12_iterations)
+
+
+if TYPE_CHECKING:  # mypy (make test) checks that LocalKRA has the signatures of the Protocol
+    from ..core.ports import RecoveryAuthority
+
+    def _is_recovery_authority(implementation: LocalKRA) -> RecoveryAuthority:
+        return implementation

@@ -21,6 +21,7 @@ from cryptography import x509
 
 from ..core.dn import dn_key
 from ..core.errors import AmbiguousUser
+from ..core.ports import Directory
 
 NOT_AN_OFFICER = "not an officer"
 NO_ENTRY = "no directory entry"
@@ -58,7 +59,7 @@ def signer_email(jws: bytes | None) -> str | None:
 class OfficerRoster:
     """The officers' group in LDAP and the CA's revocation status, both read on every question."""
 
-    directory: object
+    directory: Directory
     group: str
     is_revoked: Callable[[x509.Certificate], bool]
 

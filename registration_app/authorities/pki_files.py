@@ -24,13 +24,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from ..core.errors import AlreadyExists, ConfigError
@@ -159,6 +162,23 @@ class PkiPaths:
 
     def all(self) -> list[Path]:
         return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class PemKeyStore:
+    """The KeyStore of core/ports.py as the encrypted PEM files of the data folder (ca.key, kra.key), read
+    with the passphrase when a key is asked for, so a role that never asks never reads the passphrase."""
+
+    paths: PkiPaths
+    passphrase: Callable[[], bytes]
+
+    def ca_signing_key(self) -> CertificateIssuerPrivateKeyTypes:
+        # ca.key is the EC or RSA key create_pki wrote; load_pem_private_key types any private key
+        return cast(CertificateIssuerPrivateKeyTypes, read_private_key(self.paths.ca_key, self.passphrase()))
+
+    def kra_storage_key(self) -> rsa.RSAPrivateKey:
+        # kra.key is the RSA-3072 key create_pki wrote; escrow_crypto refuses any other storage key
+        return cast(rsa.RSAPrivateKey, read_private_key(self.paths.kra_key, self.passphrase()))
 
 
 def create_pki(
@@ -297,3 +317,10 @@ def make_private(path: Path) -> bool:
         os.chmod(path, mode & 0o700)
         return True
     return False
+
+
+if TYPE_CHECKING:  # mypy (make test) checks that PemKeyStore has the signatures of the Protocol
+    from ..core.ports import KeyStore
+
+    def _is_key_store(implementation: PemKeyStore) -> KeyStore:
+        return implementation

@@ -1,8 +1,8 @@
 """HTTP clients of a CA and a KRA that run as separate services (role "ra" of a split deployment).
 
-`RemoteCA`, `RemoteKRA` and `RemotePublisher` have the methods their in-process counterparts (LocalCA,
-LocalKRA, Publisher) are called with, so the key authority, the RA and recovery do not know which they
-talk to. The server side is registration_app/web/authority_api.py; bodies are JSON, errors RFC 9457
+`RemoteCA` and `RemoteKRA` satisfy the Protocols of core/ports.py (CertificateAuthority, RecoveryAuthority)
+as LocalCA and LocalKRA do, and `RemotePublisher` has the methods of Publisher that the RA calls, so the key
+authority, the RA and recovery do not know which they talk to. The server side is registration_app/web/authority_api.py; bodies are JSON, errors RFC 9457
 problem documents that come back here as the same AutoenrollError they were on the other side.
 
 The RA authenticates with its own TLS client certificate (clientAuth, from the TLS CA; the authorities
@@ -19,24 +19,25 @@ from __future__ import annotations
 import base64
 import logging
 from datetime import datetime
+from typing import TYPE_CHECKING, cast
 
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 from requests.adapters import HTTPAdapter
 
 from ..core.errors import (AutoenrollError, BadRequest, ConfigError, Conflict, EscrowFailed, Forbidden,
                            NotFound, RateLimited, Unauthenticated, Unavailable)
-from ..core.model import Profile, Subject
+from ..core.model import Profile, RecoveryGrant, Subject
 from .escrow_crypto import escrow_aad, seal_private_key
-from .kra import RecoveryGrant
 
 log = logging.getLogger("autoenroll.remote")
 
 API = "/authority/v1"
 # The authority refused *this RA* (certificate, allow-list): a deployment fault, not the user's.
 _CLIENT_AUTH_CODES = {"no_client_certificate", "bad_client_certificate", "agent_not_allowed"}
-_BY_STATUS = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict,
+_BY_STATUS: dict[int, type[AutoenrollError]] = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict,
               429: RateLimited}
 
 
@@ -136,9 +137,7 @@ class RemoteCA:
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,
-             extra_audit: list[dict] | None = None, entry_id: str | None = None) -> x509.Certificate:
-        if extra_audit:
-            raise ConfigError("extra audit rows cannot be sent to a remote CA")
+             entry_id: str | None = None) -> x509.Certificate:
         answer = self.client.call("POST", "/ca/sign", {
             "public_key": public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode(),
             "profile": profile.name, "subject": {"email": subject.email, "common_name": subject.common_name},
@@ -181,7 +180,9 @@ class RemoteCA:
 
     def _crl(self, answer: dict) -> x509.CertificateRevocationList:
         crl = x509.load_der_x509_crl(base64.b64decode(_field(answer, "crl", str, "CA")))
-        if crl.issuer != self.certificate.subject or not crl.is_signature_valid(self.certificate.public_key()):
+        # a CA certificate's key is one that signs (CertificateIssuerPublicKeyTypes); x509 types any key
+        issuer_key = cast(CertificateIssuerPublicKeyTypes, self.certificate.public_key())
+        if crl.issuer != self.certificate.subject or not crl.is_signature_valid(issuer_key):
             raise Unavailable("the CA returned a CRL that its certificate does not verify")
         return crl
 
@@ -229,7 +230,8 @@ def grant_from_json(body: object, *, max_evidence: int = 32) -> RecoveryGrant:
         raise BadRequest("field 'grant' must be an object")
     kind, email, actor = body.get("kind"), body.get("email"), body.get("actor")
     request_id, evidence = body.get("request_id"), body.get("evidence")
-    if not all(isinstance(v, str) and 0 < len(v) <= 1024 for v in (kind, email, actor)):
+    if not (isinstance(kind, str) and isinstance(email, str) and isinstance(actor, str)) or \
+            not all(0 < len(v) <= 1024 for v in (kind, email, actor)):
         raise BadRequest("a grant names its kind, email and actor")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 32):
         raise BadRequest("a grant's request_id is a short string")
@@ -283,3 +285,13 @@ def load_public_key_pem(text: str):
         return load_pem_public_key(text.encode())
     except ValueError as exc:
         raise BadRequest("the public key is not a PEM SubjectPublicKeyInfo") from exc
+
+
+if TYPE_CHECKING:  # mypy (make test) checks that the clients have the signatures of the Protocols
+    from ..core.ports import CertificateAuthority, RecoveryAuthority
+
+    def _is_certificate_authority(implementation: RemoteCA) -> CertificateAuthority:
+        return implementation
+
+    def _is_recovery_authority(implementation: RemoteKRA) -> RecoveryAuthority:
+        return implementation

@@ -76,6 +76,33 @@ class UserEntry:
 
 
 @dataclass(frozen=True)
+class Wanted:
+    """What our records ask of one directory entry: our values to show, in order, and ours to remove
+    (planned by directory_sync/plan.py, written by Directory.publish)."""
+
+    first: tuple[bytes, ...] = ()  # our encryption certificates, current first
+    last: tuple[bytes, ...] = ()  # our other certificates (signature)
+    remove: frozenset[bytes] = frozenset()
+
+    @property
+    def shown(self) -> tuple[bytes, ...]:
+        return self.first + self.last
+
+
+@dataclass(frozen=True)
+class RecoveryGrant:
+    """Why a recovery is allowed: the owner themself, or a released m-of-n officer request."""
+
+    kind: str  # "owner" | "officers"
+    email: str  # whose keys
+    actor: str  # who receives them
+    request_id: str | None = None
+    # The signed requests behind the grant (the user's own JWS; or the opening, approval and release
+    # JWSs of the officers), so that a KRA in another process can verify the grant by itself.
+    evidence: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class AgentIdentity:
     """The user server that is connected, from its verified TLS client certificate."""
 

@@ -36,10 +36,10 @@ def merge_profile_tables(built_in: Mapping[str, Mapping], overrides: Mapping[str
 
 
 def _groups(name: str, groups: object) -> frozenset[str]:
-    if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):  # type: ignore[union-attr]
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, str) for g in groups):
         raise ConfigError(f"profile {name!r}: groups must be a list of group DNs or bare names")
     out = set()
-    for group in groups:  # type: ignore[union-attr]
+    for group in groups:
         if is_bare_name(group):  # resolved under groups_base by resolve_profile_groups
             if not group.strip():
                 raise ConfigError(f"profile {name!r}: an empty group name")

@@ -270,6 +270,12 @@ def certificates_of(session_or_connection, user_dn: str) -> list:
     return list(connection_of(session_or_connection).execute(_CERTIFICATES_OF, {"dn": user_dn}).all())
 
 
+def status_of_certificate(db: Database, serial: str) -> str | None:
+    """The status of our certificate `serial` (lowercase hex), None if we issued none with it."""
+    with db.transaction() as session:
+        return session.execute(select(Certificate.status).where(Certificate.serial == serial)).scalar()
+
+
 _SUCCESSOR = Certificate.__table__.alias("successor")
 _SUPERSEDED_BY = (
     select(_SUCCESSOR.c.serial, _SUCCESSOR.c.issued_at)

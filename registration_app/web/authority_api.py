@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, g, jsonify, request
-from sqlalchemy import select
 
 from ..auth.agent import identify_agent
 from ..authorities.remote import grant_from_json, load_public_key_pem
@@ -22,8 +21,7 @@ from ..core.errors import AutoenrollError, BadRequest, WrongContentType
 from ..core.model import Subject
 from ..core.profiles import get_profile
 from ..store import audit
-from ..store.models import Certificate
-from ..store.repos import agent_revoked
+from ..store.repos import agent_revoked, status_of_certificate
 from .api import peer_certificate_der
 
 log = logging.getLogger("autoenroll.authority")
@@ -149,8 +147,7 @@ def refresh_crl():
 @ca_authority.get("/certificates/<serial>/status")
 def certificate_status(serial: str):
     serial = _serial(serial)
-    with g.services.db.transaction() as session:
-        status = session.execute(select(Certificate.status).where(Certificate.serial == serial)).scalar()
+    status = status_of_certificate(g.services.db, serial)
     return jsonify({"serial": serial, "status": status or "unknown"})
 
 
