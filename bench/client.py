@@ -19,6 +19,24 @@ from registration_app.agent.jws import sign_user_request, thumbprint
 JOSE = {"Content-Type": "application/jose+json"}
 
 
+class PeerSocket:
+    """What gunicorn puts in `environ["gunicorn.socket"]` as far as the server reads it: the TLS peer's
+    certificate. For in-process requests (Flask's test client) that go through the server's own path."""
+
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        if not binary_form:
+            raise ValueError("the server reads the peer certificate as DER only")
+        return self.der
+
+
+def peer_environ(der: bytes) -> dict:
+    """`environ_base` for Flask's test client: a request on a TLS connection with this client certificate."""
+    return {"gunicorn.socket": PeerSocket(der)}
+
+
 @dataclass
 class Reply:
     status: int

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .client import AgentConnection
+from .client import AgentConnection, peer_environ
 
 
 # Where a request's CPU goes without a profiler's distortion (cProfile inflates Python-heavy code two-
@@ -74,7 +74,7 @@ def cpu_by_phase(platform, users: list, payload: dict) -> dict:
         app = create_app(settings, services)
         client = app.test_client()
         agent_der = x509.load_pem_x509_certificate(Path(platform.agent_cert).read_bytes()).public_bytes(Encoding.DER)
-        environ = {"autoenroll.peer_certificate": agent_der}
+        environ = peer_environ(agent_der)
         url = AgentConnection(platform.url, ca=platform.tls_ca, cert=None, key=None).url("enroll")
         ok = 0
         for user in users:
@@ -105,7 +105,7 @@ def profile_enrollments(platform, users: list, payload: dict, *, top: int = 25) 
     app = create_app(settings, services)
     client = app.test_client()
     agent_der = x509.load_pem_x509_certificate(Path(platform.agent_cert).read_bytes()).public_bytes(Encoding.DER)
-    environ = {"autoenroll.peer_certificate": agent_der}
+    environ = peer_environ(agent_der)
     base = platform.url
     url = AgentConnection(platform.url, ca=platform.tls_ca, cert=None, key=None).url("enroll")
     profiler = cProfile.Profile()

@@ -41,9 +41,7 @@ def peer_certificate_der() -> bytes | None:
             raise BadClientCertificate("the forwarded client certificate cannot be parsed") from exc
     sock = request.environ.get("gunicorn.socket")
     getpeercert = getattr(sock, "getpeercert", None)
-    if getpeercert is not None:
-        return getpeercert(binary_form=True)
-    return request.environ.get("autoenroll.peer_certificate")  # set by tests' WSGI middleware
+    return getpeercert(binary_form=True) if getpeercert is not None else None
 
 
 @api.before_request

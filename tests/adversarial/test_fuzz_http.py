@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.client import peer_environ
 from tests.adversarial.conftest import es256, jws
 
 HTTP_EXAMPLES = int(os.environ.get("AUTOENROLL_FUZZ_HTTP", "150"))
@@ -114,7 +115,7 @@ def test_fuzz_in_process_never_5xx(adversary, in_process):
     client = app.test_client()
     base = adversary.platform.url
     agent_der = x509.load_pem_x509_certificate(adversary.platform.agent_cert.read_bytes()).public_bytes(Encoding.DER)
-    environ = {"autoenroll.peer_certificate": agent_der}
+    environ = peer_environ(agent_der)
     sign = _signer(adversary, lambda: issue_nonce(services.db, timedelta(minutes=5)), f"{base}/api/v1/enroll",
                    thumbprint(agent_der))
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
+from bench.client import peer_environ
 from tests import pki
 from tests.adversarial.conftest import b64std, b64url, es256, jws
 from tests.fault import records
@@ -409,7 +410,7 @@ def _in_process_enroll(adversary, in_process, agent_der: bytes, *, app=None):
                              nonce=issue_nonce(services.db, timedelta(minutes=5)), url=f"{base}/api/v1/enroll",
                              agent_thumbprint=thumbprint(agent_der))
     return app.test_client().post("/api/v1/enroll", data=body, base_url=base,
-                                  environ_base={"autoenroll.peer_certificate": agent_der},
+                                  environ_base=peer_environ(agent_der),
                                   headers={"Content-Type": "application/jose+json"})
 
 
@@ -738,7 +739,7 @@ def test_a_failing_replay_nonce_is_logged_once_and_the_answer_stands(adversary, 
     agent_der = x509.load_pem_x509_certificate(adversary.platform.agent_cert.read_bytes()).public_bytes(Encoding.DER)
     with caplog.at_level(logging.WARNING, logger="autoenroll.web"):
         response = app.test_client().post("/api/v1/enroll", data=b"{}", base_url=adversary.platform.url,
-                                          environ_base={"autoenroll.peer_certificate": agent_der},
+                                          environ_base=peer_environ(agent_der),
                                           headers={"Content-Type": "application/jose+json"})
     assert response.status_code == 400 and "Replay-Nonce" not in response.headers
     lines = [r for r in caplog.records if r.getMessage().startswith("event=replay_nonce.failed")]
@@ -774,7 +775,7 @@ def test_health_answers_down_when_the_database_does_not(adversary, in_process, t
         agent_der = x509.load_pem_x509_certificate(adversary.platform.agent_cert.read_bytes()).public_bytes(
             Encoding.DER)
         anonymous = app.test_client().get("/health")
-        agent = app.test_client().get("/health", environ_base={"autoenroll.peer_certificate": agent_der})
+        agent = app.test_client().get("/health", environ_base=peer_environ(agent_der))
     finally:
         unreachable.dispose()
     assert (anonymous.status_code, anonymous.get_json()) == (503, {"status": "down"})
