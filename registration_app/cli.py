@@ -41,9 +41,9 @@ def main(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
     logging.basicConfig(level=os.environ.get("AUTOENROLL_LOG_LEVEL", default_level),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to an operator
-    if config_path is None and DEFAULT_CONFIG.exists():
-        config_path = DEFAULT_CONFIG
-    settings = load_settings(config_path)  # a --config that names no file is an error, not the defaults
+    # Without --config, load_settings reads what `init` wrote (<data_dir>/autoenroll.toml) if it is there;
+    # a --config that names no file is an error, not the defaults.
+    settings = load_settings(config_path)
     ctx.obj = {"settings": settings, "config_path": config_path}
 
 

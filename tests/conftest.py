@@ -56,9 +56,5 @@ def postgres_server(pytestconfig):
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory, slapd):
     """`autoenroll init` + `autoenroll serve` (gunicorn, TLS, 2 workers) on the session's slapd."""
-    p = make_platform(tmp_path_factory.mktemp("platform"), slapd.url)
-    try:
-        p.start()
+    with make_platform(tmp_path_factory.mktemp("platform"), slapd.url).running() as p:
         yield p
-    finally:
-        p.stop()

@@ -108,6 +108,15 @@ class Platform:
     def stop(self) -> None:
         stop_process_group(self.process)
 
+    @contextmanager
+    def running(self, workers: int = 2):
+        """Started for the block, and stopped (master and workers) however the block ends."""
+        try:
+            self.start(workers)
+            yield self
+        finally:
+            self.stop()
+
 
 def make_platform(data: Path, ldap_url: str, *, extra: str = "") -> Platform:
     from bench.postgres import database_url_for

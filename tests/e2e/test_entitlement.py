@@ -23,12 +23,8 @@ SMIME_USERS = "cn=smime-users,ou=groups,dc=example,dc=org"
 def demo(tmp_path_factory, slapd):
     """A server of its own (its reconcile passes must not revoke what other modules' tests hold),
     configured with nothing but the built-in profiles."""
-    p = make_platform(tmp_path_factory.mktemp("entitlement"), slapd.url)
-    try:
-        p.start()
+    with make_platform(tmp_path_factory.mktemp("entitlement"), slapd.url).running() as p:
         yield p
-    finally:
-        p.stop()
 
 
 def certificates(platform, email: str, **where) -> list[Certificate]:

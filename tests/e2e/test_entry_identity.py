@@ -23,12 +23,8 @@ PEOPLE = "ou=people,dc=example,dc=org"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, slapd):
     """A platform of its own on the session's slapd: its reconcile passes touch only its own certificates."""
-    p = make_platform(tmp_path_factory.mktemp("entry-identity"), slapd.url)
-    try:
-        p.start()
+    with make_platform(tmp_path_factory.mktemp("entry-identity"), slapd.url).running() as p:
         yield p
-    finally:
-        p.stop()
 
 
 def enrolled(server, new_user) -> tuple[str, str]:

@@ -65,11 +65,8 @@ def backdate_ca(data: Path, years: int = 3) -> None:
 def life(tmp_path_factory, slapd):
     p = make_platform(tmp_path_factory.mktemp("lifecycle"), slapd.url, extra=PROFILES)
     backdate_ca(p.data)
-    try:
-        p.start()
+    with p.running():
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")
