@@ -91,17 +91,13 @@ def register(main: click.Group, sync: click.Group) -> None:
         Members collect their private key later through self-service recovery. Safe to run again:
         members who already have a current certificate of the profile are skipped.
         """
-        from directory_sync.provision import Provisioner
-
-        from .authorities.pki_files import PkiPaths, read_public_key
         from .core.profiles import get_profile
+        from .ra.provision import Provisioner
         services = _services(ctx)
         try:
             profile = get_profile(services.settings.profiles,
                                   profile_name or services.settings.default_encryption_profile)
-            provisioner = Provisioner(
-                services, kra_public_key=read_public_key(PkiPaths.in_dir(services.settings.data_dir).kra_public_key),
-                batch_size=batch_size, actor=f"provision:{_operator()}")
+            provisioner = Provisioner(services, batch_size=batch_size, actor=f"provision:{_operator()}")
             if sys.stderr.isatty() and not dry_run:
                 report = _with_progress(provisioner, group, profile)
             else:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import (CertificateIssuerPrivateKeyTypes,
                                                              CertificatePublicKeyTypes, PrivateKeyTypes)
 
+from .batch import BatchIssued, BatchOrder
 from .model import Profile, RecoveryGrant, Subject, UserEntry, Wanted
 
 
@@ -74,6 +75,16 @@ class RecoveryAuthority(Protocol):
     def recover_pkcs12(self, serial: str, grant: RecoveryGrant, password: str, legacy: bool, friendly_name: str,
                        chain: list[x509.Certificate], *, now: datetime | None = None) -> bytes:
         """The escrowed key with its certificate, wrapped under `password`: never the raw key."""
+        ...
+
+
+class KeyAuthority(Protocol):
+    """Generates keys, escrows them, has them signed and recorded (authorities/key_authority.py)."""
+
+    def issue_batch(self, order: BatchOrder, now: datetime | None = None) -> BatchIssued:
+        """generate → escrow → sign → store for every user of the order, with the invariants of one
+        enrollment: nothing signed is recorded without its escrowed key, one transaction for the batch,
+        each certificate's outbox row queued in it. Users who got a certificate meanwhile are refused."""
         ...
 
 

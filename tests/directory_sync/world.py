@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.postgres import database_url_for
-from registration_app.authorities.pki_files import PkiPaths, create_pki, create_server_keys, read_public_key
+from registration_app.authorities.pki_files import PkiPaths, create_pki, create_server_keys
 from registration_app.services import Services, build_services
 from registration_app.settings import Settings
 
@@ -30,10 +30,6 @@ def make_services(data: Path, ldap_settings, **overrides) -> Services:
     services = build_services(settings)
     services.publisher.ca = services.ca
     return services
-
-
-def kra_public_key(services: Services):
-    return read_public_key(PkiPaths.in_dir(services.settings.data_dir).kra_public_key)
 
 
 def users_ldif(prefix: str, count: int, groups: tuple[str, ...] = ("smime-users",), *,

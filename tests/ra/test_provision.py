@@ -11,13 +11,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import func, select
 
-from directory_sync.provision import Provisioner
+from directory_sync.provision import BulkPublication
 from registration_app.authorities.kra import RecoveryGrant
 from registration_app.core.errors import BadRequest
+from registration_app.ra.provision import Provisioner
 from registration_app.store import audit
 from registration_app.store.models import Certificate, Escrow
 from registration_app.store.repos import outbox_status
-from tests.directory_sync.world import add_group, kra_public_key, make_services, profiles_for, users_ldif
+from tests.directory_sync.world import add_group, make_services, profiles_for, users_ldif
 
 COUNT = 240
 
@@ -39,7 +40,7 @@ def world(tmp_path_factory, slapd):
 
 
 def provisioner(services, **kw) -> Provisioner:
-    return Provisioner(services, kra_public_key=kra_public_key(services), batch_size=64, **kw)
+    return Provisioner(services, batch_size=64, **kw)
 
 
 def test_provision_publishes_one_each_then_issues_none(world):
@@ -115,7 +116,7 @@ def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(w
         assert conn.modify(entitled, {"member": [("MODIFY_ADD", [dn])]}), conn.result
     conn.unbind()
 
-    original, calls = Provisioner.publication_jobs, []
+    original, calls = BulkPublication.publication_jobs, []
 
     def breaks_once(self, items, now):
         calls.append(len(items))
@@ -123,10 +124,10 @@ def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(w
             raise RuntimeError("database gone for a moment")
         return original(self, items, now)
 
-    monkeypatch.setattr(Provisioner, "publication_jobs", breaks_once)
+    monkeypatch.setattr(BulkPublication, "publication_jobs", breaks_once)
     reports = []
     run = threading.Thread(target=lambda: reports.append(
-        Provisioner(services, kra_public_key=kra_public_key(services), batch_size=2, workers=0).run(
+        Provisioner(services, batch_size=2, workers=0).run(
             group, services.settings.profiles["smime-encryption-ec"])), daemon=True)
     run.start()
     run.join(timeout=120)
