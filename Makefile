@@ -55,7 +55,7 @@ stop: $(STAMP)
 # private PostgreSQL server (`--database=postgresql`, bench/postgres.py). The whole suite passes there too
 # (`.venv/bin/python -m pytest --database=postgresql tests`, about 5 minutes); this part keeps `make test`
 # under 10 minutes on 2 cores: e2e's lifecycle and directory flows run in-process in directory_sync.
-POSTGRES_SUITES := tests/store tests/fault tests/directory_sync tests/cli tests/e2e/test_enrollment.py \
+POSTGRES_SUITES := tests/store tests/fault tests/directory_sync tests/ra tests/cli tests/e2e/test_enrollment.py \
 	tests/e2e/test_split.py tests/e2e/test_entry_identity.py tests/adversarial/test_refusals.py tests/adversarial/test_guessing.py
 
 test: install
