@@ -8,6 +8,9 @@ writer lock). With a remote KRA and CA (split deployment, `SplitKeyAuthority`) e
 committed before the CA signs: a failure at any later step leaves an escrowed key for a certificate that
 never existed (harmless, audited) rather than a certificate whose key cannot be recovered. Either way
 nothing is returned to the caller before both are durable.
+
+Bulk provisioning uses the same pipeline for many users at once (`LocalKeyAuthority.issue_batch`): keys,
+sealed escrows and certificates made in memory, then the whole batch in one transaction.
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Conflict, EscrowFailed
 from ..core.batch import BatchIssued, BatchOrder, IssuedInBatch
+from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Conflict, EscrowFailed
 from ..core.model import Profile, Subject, UserEntry
 from ..core.ports import CertificateAuthority, KeyAuthority, RecoveryAuthority
 from ..store import audit
