@@ -111,9 +111,13 @@ class Provisioner:
         parallel = self.workers > 0 and len(orders) > 1
         signers = multiprocessing.get_context("fork").Pool(  # forked before any thread of ours starts
             self.workers, initializer=_start_signer, initargs=(self.key_authority,)) if parallel else None
-        publication = BulkPublication(self.services.db, self.services.publisher, self.settings.ldap,
-                                      self.settings.profiles,
-                                      processes=1 if parallel else 0)
+        try:
+            publication = BulkPublication(self.services.db, self.services.publisher, self.settings.ldap,
+                                          self.settings.profiles, processes=1 if parallel else 0)
+        except BaseException:
+            if signers is not None:
+                signers.terminate()
+            raise
         publication.start()
         try:
             for order, result in zip(orders, self._issued_batches(signers, orders, now)):
