@@ -25,6 +25,8 @@ class AttributeMap:
     ca_certificate: str = "cACertificate;binary"
     crl: str = "certificateRevocationList;binary"
     ca_object_classes: frozenset[str] = frozenset({"applicationProcess", "pkiCA"})  # of a CA entry we create
+    # Added in the same modify when the entry's classes do not allow `certificate`; "" never adds one.
+    certificate_object_class: str = "pkiUser"
 
     @classmethod
     def openldap(cls) -> AttributeMap:

@@ -121,18 +121,38 @@ def answered(exc: ldap.LDAPError) -> bool:
 
 
 def translate(exc: ldap.LDAPError) -> AutoenrollError:
-    """The project's error for a python-ldap exception (the one adapter; see the module docstring)."""
+    """The project's error for a python-ldap exception (the one adapter; see the module docstring).
+    Every answer that is not the caller's fault is a 503 DirectoryUnavailable whose message says what
+    the directory did, so that an operator can tell a refused bind from a size limit or a referral."""
     info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
     description = info.get("desc", type(exc).__name__)
     if isinstance(exc, ldap.INVALID_CREDENTIALS):
         return DirectoryUnavailable("The LDAP directory refused the service account's bind")
+    if isinstance(exc, (ldap.CONFIDENTIALITY_REQUIRED, ldap.STRONG_AUTH_REQUIRED)):
+        return DirectoryUnavailable("The LDAP directory requires a protected connection for the service "
+                                    "account's bind: use ldaps:// or start_tls = true", ldap_result=description)
+    if isinstance(exc, (ldap.INAPPROPRIATE_AUTH, ldap.AUTH_METHOD_NOT_SUPPORTED)):
+        return DirectoryUnavailable("The LDAP directory refused the service account's way of binding",
+                                    ldap_result=description)
+    if isinstance(exc, ldap.TIMEOUT):
+        return DirectoryUnavailable("The LDAP directory did not answer within timeout_seconds",
+                                    ldap_error="TIMEOUT")
     code = result_code(exc)
     if code is None:
-        if isinstance(exc, (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR)):
+        if isinstance(exc, (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)):
             return DirectoryUnavailable(ldap_error=type(exc).__name__)
         return AutoenrollError("LDAP client error", ldap_error=type(exc).__name__)  # a bug of ours
     if code == NO_SUCH_OBJECT:
         return UserNotFound("The directory entry does not exist")
+    if isinstance(exc, ldap.SIZELIMIT_EXCEEDED):
+        return DirectoryUnavailable("The LDAP directory's size limit cut the search short: give the service "
+                                    "account an unlimited size limit (paged searches ask for pages of "
+                                    f"{PAGE_SIZE})", ldap_result=description)
+    if isinstance(exc, ldap.REFERRAL):
+        where = str(info.get("info", "")).replace("Referral:", "").strip()
+        return DirectoryUnavailable(f"The LDAP directory answered with a referral{f' to {where}' if where else ''}; "
+                                    "referrals are not followed: point url at the server that holds the entries",
+                                    ldap_result=description)
     if code in _TRANSIENT:
         return DirectoryUnavailable(ldap_result=description)
     # insufficientAccessRights, objectClassViolation...: a deployment problem, not the caller's; 503 so

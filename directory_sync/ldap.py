@@ -21,7 +21,7 @@ from directory_sync.connection import Attributes, ConnectionPool, Entry, values
 from directory_sync.escape import check_email, filter_value, first_rdn, resolve_group_dn
 from directory_sync.plan import Plan, Wanted, plan_values
 from registration_app.core.dn import dn_key  # lenient: DNs read back from LDAP are compared, never refused
-from registration_app.core.errors import AmbiguousUser, DirectoryUnavailable
+from registration_app.core.errors import AmbiguousUser, DirectoryUnavailable, SchemaRefused
 from registration_app.core.model import UserEntry
 
 
@@ -170,10 +170,13 @@ class LdapDirectory:
             entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
         )
 
-    def modify_operations(self, plan: Plan) -> list[tuple]:
-        """python-ldap's modlist for one plan: the deletes, then the adds in order, in one modify."""
+    def modify_operations(self, plan: Plan, *, add_class: bool = False) -> list[tuple]:
+        """python-ldap's modlist for one plan: the deletes, then the adds in order, in one modify;
+        `add_class`: the auxiliary class that allows the attribute (pkiUser) is added in it too."""
         attribute = self.attributes.certificate
-        return ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
+        auxiliary = self.attributes.certificate_object_class
+        return ([(ldap.MOD_ADD, "objectClass", [auxiliary.encode()])] if add_class and plan.adds else []) + \
+               ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
                ([(ldap.MOD_ADD, attribute, list(plan.adds))] if plan.adds else [])
 
     # --- helpers -------------------------------------------------------------------------------
@@ -218,9 +221,9 @@ class LdapDirectory:
         the same modify without it: deleting by value still refuses to apply over a concurrent removal.
         """
         names = self.attributes
-        asserting, fresh = True, seen is None
+        asserting, fresh, add_class = True, seen is None, False
         current, version = (list(seen.certificates), seen.version) if seen is not None else (None, None)
-        for _ in range(4):
+        for _ in range(5):
             if current is None:
                 fresh = True
                 found = conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", [names.certificate, names.version],
@@ -237,14 +240,34 @@ class LdapDirectory:
             controls = [AssertionControl(True, f"({names.version}={filter_value(version)})")] \
                 if asserting and version else None
             try:
-                conn.modify_ext_s(dn, self.modify_operations(plan), serverctrls=controls)
+                conn.modify_ext_s(dn, self.modify_operations(plan, add_class=add_class), serverctrls=controls)
                 return
+            except ldap.OBJECT_CLASS_VIOLATION as exc:
+                # The entry's classes do not allow the attribute: the same modify again with the
+                # auxiliary class added, once; refused with it (or without one to add): for good.
+                if add_class or not names.certificate_object_class or not plan.adds:
+                    raise self._schema_refused(dn, exc) from exc
+                add_class = True
+                continue
+            except (ldap.INVALID_SYNTAX, ldap.UNDEFINED_TYPE, ldap.INSUFFICIENT_ACCESS) as exc:
+                if add_class:  # the directory does not know the auxiliary class, or we may not add it
+                    raise self._schema_refused(dn, exc) from exc
+                raise
+            except (ldap.CONSTRAINT_VIOLATION, ldap.SIZELIMIT_EXCEEDED, ldap.ADMINLIMIT_EXCEEDED) as exc:
+                raise self._schema_refused(dn, exc) from exc  # e.g. a value larger than the attribute takes
             except ldap.UNAVAILABLE_CRITICAL_EXTENSION:
                 asserting = False  # no assertions on this server: plan again, modify without
             except (ldap.ASSERTION_FAILED, ldap.TYPE_OR_VALUE_EXISTS, ldap.NO_SUCH_ATTRIBUTE):
                 pass  # another writer changed the entry since it was read
             current = None
         raise DirectoryUnavailable("The directory entry keeps changing; try again later")
+
+
+    def _schema_refused(self, dn: str, exc: ldap.LDAPError) -> SchemaRefused:
+        info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        said = "; ".join(str(info[k]) for k in ("desc", "info") if info.get(k)) or type(exc).__name__
+        return SchemaRefused(f"The directory refused {self.attributes.certificate} on {dn}: {said}",
+                             ldap_result=str(info.get("desc", type(exc).__name__)), dn=dn)
 
 
 def entry_id_text(raw: list[bytes]) -> str:
