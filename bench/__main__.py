@@ -321,6 +321,47 @@ class Run:
         self.rows.append(("    bare pipeline, no PKCS#12, 2 procs (this slapd)", f"{fmt(result.rate)}/s", "", "-"))
         return result.summary()["rate_per_s"]
 
+    # --- (8): (4) and (5) over LDAPS against plain LDAP, in the same run --------------------------------
+    def directory_tls_benchmark(self) -> None:
+        """Bulk provisioning and a full reconcile on a fresh slapd each over ldap:// and over ldaps://
+        (verified against the CA this run issued slapd's certificate with), and the ratio of the two."""
+        from tests.ldap_tls import issue_ldap_tls
+        s = self.sizes
+        tls = issue_ldap_tls(self.workdir / "ldap-tls")
+        out: dict = {}
+        for transport in ("ldap", "ldaps"):
+            slapd = PrivateSlapd(self.workdir / f"slapd-{transport}", tls=tls.slapd)
+            slapd.start()
+            try:
+                uids = world.new_uids(s.reconcile, prefix="t" + transport)
+                members = uids[:s.provision]
+                slapd.bulk_load(world.users_ldif(uids, group_members=members))
+                ldaps = transport == "ldaps"
+                platform = make_platform(self.workdir / f"server-{transport}", slapd.ldaps_url if ldaps else slapd.url,
+                                         ldap={"ca_file": str(tls.ca_file)} if ldaps else None)
+                log(f"(8) over {transport}: provision --group ({len(members)}), reconcile ({len(uids)})")
+                prov = directory.provision(platform, expected=len(members))
+                full = directory.reconcile(platform, incremental=False, entries=len(uids))
+                if not (prov.available and full.available):
+                    out[transport] = directory.NOT_AVAILABLE
+                    continue
+                out[transport] = {"provision_users_per_s": round(prov.rate, 1), "provision_issued": prov.items,
+                                  "reconcile_full_seconds": round(full.seconds, 2),
+                                  "reconcile_entries_per_s": round(len(uids) / full.seconds, 1)}
+            finally:
+                slapd.stop()
+        plain, tls_run = out.get("ldap"), out.get("ldaps")
+        if isinstance(plain, dict) and isinstance(tls_run, dict):
+            out["ldaps_over_ldap"] = {
+                "provision": ratio(tls_run["provision_users_per_s"], plain["provision_users_per_s"]),
+                "reconcile": ratio(plain["reconcile_full_seconds"], tls_run["reconcile_full_seconds"])}
+            for name, unit in (("provision", "users/s"), ("reconcile", "entries/s")):
+                key = "provision_users_per_s" if name == "provision" else "reconcile_entries_per_s"
+                self.rows.append((f"(8) {name} over LDAPS / plain LDAP",
+                                  f"{fmt(tls_run[key])} / {fmt(plain[key])} {unit}",
+                                  f"ratio {fmt(out['ldaps_over_ldap'][name], digits=2)}", ">= 0.8"))
+        self.results["directory_tls"] = out
+
     # --- output ------------------------------------------------------------------------------------
     # --- (7): the same enrollments with the database on PostgreSQL ---------------------------------
     def postgres_benchmark(self) -> None:
@@ -401,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             run.postgres_benchmark()
         if only is None or "directory" in only:
             run.directory_benchmarks()
+            run.directory_tls_benchmark()
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
