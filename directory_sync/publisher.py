@@ -172,6 +172,17 @@ class Publisher:
         self.ca = ca  # a LocalCA: lets the worker rebuild the CRL before nextUpdate
         self._crl_checked = float("-inf")
         self.completions = Completions(self)
+        self.targets: list = []  # directory_sync/targets.py TargetPublisher: [targets.NAME], each on its own
+
+    def drain_targets(self) -> int:
+        """One pass over every extra publication target; one that fails does not stop the others."""
+        done = 0
+        for target in self.targets:
+            try:
+                done += target.drain()
+            except Exception:  # its rows stay due there; the next pass tries again
+                log.exception("event=publish.target_error target=%r", target.name)
+        return done
 
     # -- one user --------------------------------------------------------------------------
     def sync_user(self, user_dn: str, now: datetime | None = None, *, certs: list | None = None,
@@ -412,6 +423,8 @@ class Publisher:
             try:
                 self.refresh_crl_if_due()
                 while self.drain() and not stop.is_set():
+                    pass
+                while self.drain_targets() and not stop.is_set():
                     pass
             except Exception:  # a worker that dies silently would lose nothing but delay everything
                 log.exception("event=publish.worker_error")

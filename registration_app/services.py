@@ -94,7 +94,7 @@ class Services:
         if outbox is not None:
             outbox[1].set()
             outbox[0].join(timeout=5)
-        for part in (self.directory, self.ca, self.kra):
+        for part in (self.directory, self.ca, self.kra, *getattr(self.publisher, "targets", ())):
             close = getattr(part, "close", None)
             if close is not None:
                 close()
@@ -245,7 +245,12 @@ def _local_ca(settings: Settings, keys: KeyStore, db: Database, ca_cert) -> Loca
 
 def _publisher(settings: Settings, db: Database, directory: Directory, ca: LocalCA):
     from directory_sync.publisher import Publisher
-    return Publisher(db, directory, dict(settings.profiles), ca.certificate.public_bytes(Encoding.DER), ca=ca)
+    from directory_sync.targets import TargetPublisher
+    ca_der = ca.certificate.public_bytes(Encoding.DER)
+    publisher = Publisher(db, directory, dict(settings.profiles), ca_der, ca=ca)
+    publisher.targets = [TargetPublisher.from_settings(name, target, db, settings.profiles, ca_der)
+                         for name, target in settings.targets.items()]
+    return publisher
 
 
 def _remote_authorities(settings: Settings, paths: PkiPaths, ca_cert):

@@ -112,6 +112,9 @@ class Settings:
     authority_client_key: str = "ra-client.key"
     authority_timeout_seconds: float = 10.0
     ldap: LdapSettings = field(default_factory=LdapSettings)
+    # More directories that get the same certificates (`[targets.NAME]`, each an [ldap]-shaped table with
+    # its own attribute map); users and groups are read from [ldap] only. directory_sync/targets.py.
+    targets: Mapping[str, LdapSettings] = field(default_factory=dict)
     trust: TrustSettings = field(default_factory=TrustSettings)
     profiles: Mapping[str, Profile] = field(default_factory=lambda: parse_profiles(DEFAULT_PROFILES))
 
@@ -253,7 +256,10 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
             raise ConfigError(f"{config}: {exc}") from exc
         profiles = data.pop("profiles", None)
         trust = data.pop("trust", None)
+        targets = data.pop("targets", None)
         settings = _apply(settings, data, "")
+        if targets is not None:
+            settings = dataclasses.replace(settings, targets=parse_targets(targets))
         if trust is not None:
             settings = dataclasses.replace(settings, trust=parse_trust(trust))
         if profiles is not None:
@@ -269,6 +275,20 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
     if trust_env is not None:  # AUTOENROLL_TRUST__ANCHORS__<NAME>__<KEY>: merged over the TOML tables
         settings = dataclasses.replace(settings, trust=parse_trust(_merge(_trust_table(settings.trust), trust_env)))
     return resolve_groups(_apply(settings, env, "AUTOENROLL_", env=True))
+
+
+def parse_targets(table: Mapping) -> dict[str, LdapSettings]:
+    """`[targets.NAME]` tables: each an [ldap]-shaped table (url, bind, TLS, `[targets.NAME.attributes]`)."""
+    if not isinstance(table, Mapping):
+        raise ConfigError("setting targets must be a table of tables ([targets.<name>])")
+    parsed = {}
+    for name, values in table.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"setting targets.{name} must be a table")
+        if len(name) > 64:
+            raise ConfigError(f"setting targets.{name}: the name is longer than 64 characters")
+        parsed[name] = _apply(LdapSettings(), values, f"targets.{name}.")
+    return parsed
 
 
 def parse_trust(table: Mapping) -> TrustSettings:
@@ -359,6 +379,8 @@ def _plain(name: str, value: object) -> object:
         return sorted(value)
     if isinstance(value, (tuple, list)):
         return [_plain(name, item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(name, item) for key, item in value.items()}
     return value
 
 
