@@ -289,12 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True, help="instance folder, e.g. var/slapd")
     parser.add_argument("--port", type=int, help="loopback port (default: the previous one, else 3890)")
     parser.add_argument("--demo", action="store_true", help="load ldap_schema/demo.ldif on first start")
+    parser.add_argument("--service-password-file", type=Path,
+                        help="the service account's password (first line) instead of the development one")
     args = parser.parse_args(argv)
 
     args.dir.mkdir(parents=True, exist_ok=True)
     fresh = not (args.dir / "config").exists()
     port = args.port or (None if (args.dir / "port").exists() else 3890)
-    slapd = PrivateSlapd(args.dir, port=port)
+    password = (args.service_password_file.read_text().splitlines() or [""])[0] \
+        if args.service_password_file else DEV_SERVICE_PASSWORD
+    slapd = PrivateSlapd(args.dir, port=port, service_password=password)
     if args.action == "stop":
         slapd.stop()
         print(f"slapd stopped ({args.dir})")
@@ -305,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     slapd.start(detach=True)
     if fresh and args.demo:
         slapd.load_demo()
-    print(f"slapd running: {slapd.url} ldapi={slapd.ldapi_url} pid={slapd.pid} "
-          f"bind_dn={SERVICE_DN} (dev password: directory_sync.config.DEV_SERVICE_PASSWORD)")
+    which = f"password in {args.service_password_file}" if args.service_password_file else \
+        "dev password: directory_sync.config.DEV_SERVICE_PASSWORD"
+    print(f"slapd running: {slapd.url} ldapi={slapd.ldapi_url} pid={slapd.pid} bind_dn={SERVICE_DN} ({which})")
     return 0
 
 
