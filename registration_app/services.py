@@ -128,10 +128,16 @@ def check_role(settings: Settings) -> None:
 
 
 def check_directory(settings: Settings) -> None:
-    """The LDAP settings (plaintext, password file, development password) and the TLS set-up, checked
-    once before the server starts (directory_sync/connection.py check_directory)."""
+    """The LDAP settings (plaintext, password file, development password) and the TLS set-up of [ldap]
+    and of every [targets.NAME], checked once before the server starts (directory_sync/connection.py)."""
     from directory_sync.connection import check_directory as check
+    from .core.errors import AutoenrollError
     check(settings.ldap)
+    for name, target in settings.targets.items():
+        try:
+            check(target)
+        except AutoenrollError as exc:
+            raise type(exc)(f"publication target {name!r}: {exc.detail}", **exc.extra) from exc
 
 
 def check_private_files(settings: Settings) -> None:
