@@ -13,6 +13,8 @@ TRANSPORTS = ["ldap", "ldaps", "starttls"]
 @pytest.fixture(scope="session", params=TRANSPORTS)
 def platform_over(request, tmp_path_factory, slapd, ldap_tls):
     """A running platform whose directory connection is `request.param` (one server per transport)."""
+    if slapd.pid is None:  # a test before may have stopped it
+        slapd.start()
     if request.param == "ldap":
         yield request.getfixturevalue("platform")
         return

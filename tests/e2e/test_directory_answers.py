@@ -22,6 +22,8 @@ def bootstrapped(tmp_path_factory, slapd):
     """A platform on the session's slapd and a user with a signature certificate (the directory worked)."""
     from tests.ldap_admin import LdapAdmin
     import uuid
+    if slapd.pid is None:  # a test before may have stopped it
+        slapd.start()
     admin = LdapAdmin.for_slapd(slapd)
     uid = "answers-" + uuid.uuid4().hex[:8]
     dn, email = f"uid={uid},ou=people,dc=example,dc=org", f"{uid}@example.org"
