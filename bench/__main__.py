@@ -417,7 +417,7 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: every benchmark runs, in < 60 s")
-    parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory", "postgres"],
+    parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory", "directory-tls", "postgres"],
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--profile", action="store_true", help="also profile the request path (cProfile)")
     parser.add_argument("--py-spy", action="store_true", help="sample the gunicorn workers with py-spy during (1)")
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             run.postgres_benchmark()
         if only is None or "directory" in only:
             run.directory_benchmarks()
+        if only is None or only & {"directory", "directory-tls"}:  # (8) alone: --only directory-tls
             run.directory_tls_benchmark()
     finally:
         if not args.keep:
