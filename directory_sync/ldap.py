@@ -54,6 +54,10 @@ class LdapDirectory:
         if isinstance(user, UserEntry) and self.settings.use_memberof and not self.settings.nested_groups:
             return user.member_of  # read with the entry by find_user, in the same live search
         dn = user.dn if isinstance(user, UserEntry) else user
+        rule = self.attributes.in_chain_rule
+        if self.settings.nested_groups and rule:  # the server walks the nesting: one search
+            flt = f"({self.settings.group_member_attribute}:{rule}:={filter_value(dn)})"
+            return frozenset(dn_key(group) for group, _ in self.pool.paged(self.settings.groups_base, flt, ["1.1"]))
         found: set[str] = set()
         todo = self._parents(dn)
         while todo:
@@ -73,8 +77,8 @@ class LdapDirectory:
     def members_of_group(self, group: str) -> Iterator[UserEntry]:
         """Every user of a group (DN or bare cn), by paged searches."""
         group_dn = self._group_dn(group)
-        if self.settings.use_memberof and not self.settings.nested_groups:
-            flt = f"(&({self.settings.mail_attribute}=*)({self.attributes.member_of}={filter_value(group_dn)}))"
+        if self.settings.use_memberof and (not self.settings.nested_groups or self.attributes.in_chain_rule):
+            flt = f"(&({self.settings.mail_attribute}=*)({self._member_of_filter(group_dn)}))"
             for entry in self.pool.paged(self.settings.users_base, flt, self.user_attributes()):
                 yield self.user_entry(entry)
             return
@@ -91,8 +95,13 @@ class LdapDirectory:
 
     def group_members(self, group: str) -> set[str]:
         """Normalised DNs of a group's members from its member attribute (nested ones too when
-        nested_groups): one paged search of the groups, whatever the size of the group."""
-        return self._expanded_members(self._group_dn(group))
+        nested_groups): one paged search of the groups, whatever the size of the group; with the
+        in-chain matching rule, one paged search of the users and groups that the server says are in it."""
+        group_dn = self._group_dn(group)
+        if self.settings.nested_groups and self.attributes.in_chain_rule:
+            flt = f"({self._member_of_filter(group_dn)})"
+            return {dn_key(dn) for dn, _ in self.pool.paged(self.settings.base_dn, flt, ["1.1"])}
+        return self._expanded_members(group_dn)
 
     def iter_users(self, since: datetime | None = None) -> Iterator[UserEntry]:
         """Every user with a mail address; with `since`, only entries modified at or after it (UTC if naive)."""
@@ -119,10 +128,12 @@ class LdapDirectory:
     def publish_ca(self, ca_cert_der: bytes, crl_der: bytes | None = None) -> None:
         """Replace the CA entry's certificate (and CRL, if given); create the entry if it is missing."""
         names = self.attributes
-        dn = self.settings.ca_entry_dn
+        dn = self.settings.ca_dn
         replace = {names.ca_certificate: [ca_cert_der]}
         if crl_der is not None:
             replace[names.crl] = [crl_der]
+            if names.authority_crl:
+                replace[names.authority_crl] = [crl_der]
         naming_attribute, name = first_rdn(dn)
         entry = {"objectClass": sorted(c.encode() for c in names.ca_object_classes),
                  naming_attribute: [name.encode()], **replace}
@@ -179,6 +190,11 @@ class LdapDirectory:
     # --- helpers -------------------------------------------------------------------------------
     def _group_dn(self, group: str) -> str:
         return resolve_group_dn(group, self.settings.groups_base)
+
+    def _member_of_filter(self, group_dn: str) -> str:
+        """memberOf=<group>, or memberOf:<in-chain rule>:=<group> when nesting on a server that has it."""
+        rule = self.attributes.in_chain_rule if self.settings.nested_groups else ""
+        return f"{self.attributes.member_of}{f':{rule}:' if rule else ''}={filter_value(group_dn)}"
 
     def _parents(self, dn: str) -> set[str]:
         """Groups that list `dn` as a direct member."""

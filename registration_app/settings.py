@@ -240,6 +240,7 @@ def generated_config(environ: Mapping[str, str]) -> Path | None:
 def load_settings(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     settings = Settings()
+    env = _env_tree(environ)
     config = config or (Path(environ["AUTOENROLL_CONFIG"]) if environ.get("AUTOENROLL_CONFIG") else None) \
         or generated_config(environ)
     if config is not None:
@@ -253,6 +254,7 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
             raise ConfigError(f"{config}: {exc}") from exc
         profiles = data.pop("profiles", None)
         trust = data.pop("trust", None)
+        settings = _ldap_preset(settings, data, env)
         settings = _apply(settings, data, "")
         if trust is not None:
             settings = dataclasses.replace(settings, trust=parse_trust(trust))
@@ -263,12 +265,26 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
                 settings, profiles=parse_profiles(merge_profile_tables(DEFAULT_PROFILES, profiles)))
         if "data_dir" in data and not Path(data["data_dir"]).is_absolute():
             settings = dataclasses.replace(settings, data_dir=(config.parent / data["data_dir"]).resolve())
-    env = _env_tree(environ)
+    if config is None:
+        settings = _ldap_preset(settings, {}, env)
     env.pop("profiles", None)
     trust_env = env.pop("trust", None)
     if trust_env is not None:  # AUTOENROLL_TRUST__ANCHORS__<NAME>__<KEY>: merged over the TOML tables
         settings = dataclasses.replace(settings, trust=parse_trust(_merge(_trust_table(settings.trust), trust_env)))
     return resolve_groups(_apply(settings, env, "AUTOENROLL_", env=True))
+
+
+def _ldap_preset(settings: Settings, data: dict, env: dict) -> Settings:
+    """Start [ldap] from the defaults of `ldap.preset` (the environment's, else the file's), which the
+    rest of [ldap] and of AUTOENROLL_LDAP__* then override key by key; `preset` is taken out of both."""
+    tables = [t for t in (env.get("ldap"), data.get("ldap")) if isinstance(t, dict)]
+    names = [t.pop("preset") for t in tables if "preset" in t]
+    if not names:
+        return settings
+    try:
+        return dataclasses.replace(settings, ldap=LdapSettings.for_preset(str(names[0]).strip().lower()))
+    except ValueError as exc:
+        raise ConfigError(f"setting ldap.preset: {exc}") from exc
 
 
 def parse_trust(table: Mapping) -> TrustSettings:
