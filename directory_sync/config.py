@@ -57,9 +57,22 @@ class AttributeMap:
 class LdapSettings:
     """Where the directory is and how it is shaped. Defaults match the demo DIT of `make run`."""
 
+    # One URL, or several separated by spaces: libldap tries them in order (a replica takes over when the
+    # first does not answer within timeout_seconds). ldap://, ldaps:// or ldapi://.
     url: str = "ldap://127.0.0.1:3890"
     bind_dn: str = f"cn=autoenroll,ou=services,{SUFFIX}"
-    password: str = DEV_SERVICE_PASSWORD
+    password: str = field(default=DEV_SERVICE_PASSWORD, repr=False)  # only the private slapd's, on loopback
+    password_file: str = ""  # the service password's file (mode 0600, first line), read once at start
+    # Transport (directory_sync/transport.py, checked at start): ldaps:// in url, or StartTLS on ldap://.
+    # The server's certificate is verified against ca_file (empty: the system store), host name included.
+    start_tls: bool = False
+    ca_file: str = ""
+    # "" (simple bind as bind_dn) or "EXTERNAL" (SASL: the directory maps the TLS client certificate).
+    sasl_mechanism: str = ""
+    client_cert_file: str = ""  # a TLS client certificate (PEM) and its key, for EXTERNAL (or mutual TLS)
+    client_key_file: str = ""
+    # A simple bind over plaintext to anything but loopback is refused at start unless this is true.
+    insecure_plaintext: bool = False
     base_dn: str = SUFFIX
     users_base: str = f"ou=people,{SUFFIX}"
     groups_base: str = f"ou=groups,{SUFFIX}"

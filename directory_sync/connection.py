@@ -23,8 +23,10 @@ import ldap
 from ldap.controls import SimplePagedResultsControl
 from ldap.ldapobject import LDAPObject
 
+from directory_sync import transport
 from directory_sync.config import LdapSettings
-from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
+from directory_sync.transport import Credentials
+from registration_app.core.errors import AutoenrollError, DirectoryTlsFailed, DirectoryUnavailable, UserNotFound
 
 T = TypeVar("T")
 Attributes = dict[str, list[bytes]]
@@ -37,19 +39,66 @@ NO_SUCH_OBJECT = 32
 _TRANSIENT = {1, 3, 11, 51, 52, 80}
 
 
-def bind(settings: LdapSettings) -> LDAPObject:
-    """A new connection bound as the service account; python-ldap's errors are the caller's to translate."""
-    conn = ldap.initialize(settings.url)
+def bind(settings: LdapSettings, credentials: Credentials | None = None) -> LDAPObject:
+    """A new connection bound as the service account (TLS as configured, verified); python-ldap's errors
+    are the caller's to translate, except a failed TLS set-up: DirectoryTlsFailed names its cause.
+    `credentials` as checked at start (transport.check_settings, which runs when they are not given)."""
+    credentials = credentials or transport.check_settings(settings)
+    servers = transport.servers(settings.url)
+    conn = ldap.initialize(" ".join(s.url for s in servers))
     conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
     conn.set_option(ldap.OPT_REFERRALS, 0)
     conn.set_option(ldap.OPT_NETWORK_TIMEOUT, settings.timeout_seconds)
     conn.timeout = settings.timeout_seconds  # every synchronous (_s) operation waits at most this long
+    tls = transport.uses_tls(settings)
+    if tls:
+        conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)  # also checks the host name
+        conn.set_option(ldap.OPT_X_TLS_CACERTFILE, transport.ca_file(settings))
+        if settings.client_cert_file:
+            conn.set_option(ldap.OPT_X_TLS_CERTFILE, settings.client_cert_file)
+            conn.set_option(ldap.OPT_X_TLS_KEYFILE, settings.client_key_file)
+        conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)  # last: the TLS context is built from the options above
     try:
-        conn.simple_bind_s(settings.bind_dn, settings.password)
+        if settings.start_tls:
+            try:
+                conn.start_tls_s()
+            except ldap.LDAPError as exc:
+                if answered(exc):
+                    raise DirectoryTlsFailed(f"The LDAP server refused StartTLS ({_info(exc)})",
+                                             cause="starttls_refused") from exc
+                raise
+        if credentials.mechanism == "EXTERNAL":
+            conn.sasl_non_interactive_bind_s("EXTERNAL")
+        else:
+            conn.simple_bind_s(credentials.bind_dn, credentials.password)
+    except (ldap.SERVER_DOWN, ldap.CONNECT_ERROR) as exc:
+        close(conn)
+        failure = transport.tls_failure(settings, settings.timeout_seconds) if tls else None
+        if failure is not None:
+            raise failure from exc
+        raise
     except BaseException:
         close(conn)
         raise
     return conn
+
+
+def _info(exc: ldap.LDAPError) -> str:
+    info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return str(info.get("info") or info.get("desc") or type(exc).__name__)
+
+
+def check_directory(settings: LdapSettings) -> None:
+    """At start-up, before serving: the settings (ConfigError), then one bind, so that a TLS set-up an
+    operator must fix (DirectoryTlsFailed: certificate not verified, name mismatch, StartTLS refused)
+    stops the server with its cause. A directory that is merely down is no reason not to start."""
+    credentials = transport.check_settings(settings)
+    try:
+        close(bind(settings, credentials))
+    except DirectoryTlsFailed:
+        raise
+    except ldap.LDAPError:
+        pass  # unreachable now: requests answer 503 and the outbox retries until it answers
 
 
 def close(conn: LDAPObject) -> None:
@@ -132,6 +181,7 @@ class ConnectionPool:
 
     def __init__(self, settings: LdapSettings) -> None:
         self.settings = settings
+        self.credentials = transport.check_settings(settings)  # at start: ConfigError names what is wrong
         self._idle: queue.LifoQueue[LDAPObject] = queue.LifoQueue()
 
     def run(self, work: Callable[[LDAPObject], T]) -> T:
@@ -208,7 +258,7 @@ class ConnectionPool:
         except queue.Empty:
             pass
         try:
-            return bind(self.settings), False
+            return bind(self.settings, self.credentials), False
         except ldap.LDAPError as exc:
             raise translate(exc) from exc
 

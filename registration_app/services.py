@@ -127,6 +127,13 @@ def check_role(settings: Settings) -> None:
             raise ConfigError("authority_clients cannot be '*': name the RA certificates, or agents could call")
 
 
+def check_directory(settings: Settings) -> None:
+    """The LDAP settings (plaintext, password file, development password) and the TLS set-up, checked
+    once before the server starts (directory_sync/connection.py check_directory)."""
+    from directory_sync.connection import check_directory as check
+    check(settings.ldap)
+
+
 def check_private_files(settings: Settings) -> None:
     """The data folder 0700; the database, its -wal and -shm, keys and secrets 0600 (as ssh demands of
     its private files): refused at start otherwise. `autoenroll init` creates them so."""

@@ -204,6 +204,13 @@ class DirectoryUnavailable(Unavailable):
     code, title = "directory_unavailable", "The LDAP directory is unavailable"
 
 
+class DirectoryTlsFailed(DirectoryUnavailable):
+    """The TLS connection to the directory failed for a reason an operator must fix (certificate not
+    verified, name mismatch, StartTLS refused): `autoenroll serve` refuses to start on it."""
+
+    code, title = "directory_tls_failed", "The TLS connection to the LDAP directory failed"
+
+
 class DatabaseUnavailable(Unavailable):
     code, title = "database_unavailable", "The database is unavailable"
 
