@@ -55,7 +55,9 @@ def ad(samba_dc, tmp_path_factory):
     network namespace (the platform, python-ldap, requests, ldapsearch, gpgsm)."""
     with samba_dc.namespace.entered():
         data = tmp_path_factory.mktemp("ad-platform")
-        (data / "ldap.pass").write_text(SERVICE_PASSWORD)
+        password_file = data / "ldap.pass"
+        password_file.touch(mode=0o600)
+        password_file.write_text(SERVICE_PASSWORD + "\n")
         port, http_port = free_port(), free_port()
         config = data / "autoenroll.toml"
         config.write_text(f"""
@@ -72,7 +74,8 @@ recovery_officers_group = "smime-users"
 preset = "ad"
 url = "{samba_dc.url}"
 bind_dn = "{SERVICE_DN}"
-password = "{SERVICE_PASSWORD}"
+password_file = "{password_file}"
+ca_file = "{samba_dc.ca_file}"
 base_dn = "{BASE}"
 users_base = "{PEOPLE}"
 groups_base = "{GROUPS}"
@@ -87,17 +90,9 @@ groups = ["smime-users"]
 """)
         platform = Platform(data=data, config=config, url=f"https://localhost:{port}",
                             http_url=f"http://127.0.0.1:{http_port}", ldap_url=samba_dc.url)
-        saved = os.environ.get("LDAPTLS_CACERT")
-        os.environ["LDAPTLS_CACERT"] = str(samba_dc.ca_file)  # libldap of our processes: verify the DC
-        try:
-            platform.autoenroll("init")
-            with platform.running():
-                yield platform
-        finally:
-            if saved is None:
-                os.environ.pop("LDAPTLS_CACERT", None)
-            else:
-                os.environ["LDAPTLS_CACERT"] = saved
+        platform.autoenroll("init")
+        with platform.running():
+            yield platform
 
 
 @pytest.fixture
@@ -157,7 +152,9 @@ def test_alice_two_groups_deep_enrolls_and_gpgsm_finds_encrypts_to_and_decrypts_
     p12, cert = delivered(ad, email, "smime-encryption")
     assert dc_certificates(samba_dc, email)[0] == der(cert)  # byte for byte, first, over verified LDAPS
 
-    gpgsm = Gpgsm(tmp_path / "gnupg", "ldap://unused")
+    # dirmngr asks the DC as the service account (AD has no anonymous reads) over TLS (`ldaptls`),
+    # verifying it with libldap's TLS_CACERT.
+    gpgsm = Gpgsm(tmp_path / "gnupg", "ldap://unused", env={"LDAPTLS_CACERT": str(samba_dc.ca_file)})
     (gpgsm.home / "dirmngr.conf").write_text(
         f"ldapserver 127.0.0.1:636:{SERVICE_DN}:{SERVICE_PASSWORD}:{PEOPLE}:ldaptls\n")
     try:
