@@ -18,7 +18,7 @@ from ldap.ldapobject import LDAPObject
 
 from directory_sync.config import LdapSettings
 from directory_sync.connection import Attributes, ConnectionPool, Entry, values
-from directory_sync.escape import check_email, filter_value, first_rdn, resolve_group_dn
+from directory_sync.escape import check_email, filter_value, first_rdn, generalized_time, resolve_group_dn
 from directory_sync.plan import Plan, Wanted, plan_values
 from registration_app.core.dn import dn_key  # lenient: DNs read back from LDAP are compared, never refused
 from registration_app.core.errors import AmbiguousUser, DirectoryUnavailable
@@ -37,7 +37,7 @@ class LdapDirectory:
     def find_user(self, email: str) -> UserEntry | None:
         """The single entry under users_base whose mail is `email`; None if none; AmbiguousUser if several."""
         check_email(email)
-        flt = f"({self.settings.mail_attribute}={filter_value(email)})"
+        flt = address_filter(self.settings, email)
         entries = self.pool.run(lambda conn: _search_two(conn, self.settings.users_base, flt,
                                                          self.user_attributes(), self.settings.timeout_seconds))
         if len(entries) > 1:
@@ -107,8 +107,8 @@ class LdapDirectory:
         """Every user with a mail address; with `since`, only entries modified at or after it (UTC if naive)."""
         flt = f"({self.settings.mail_attribute}=*)"
         if since is not None:
-            when = (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-            flt = f"(&{flt}({self.attributes.modify_timestamp}>={when:%Y%m%d%H%M%SZ}))"
+            when = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+            flt = f"(&{flt}({self.attributes.modify_timestamp}>={generalized_time(when)}))"
         for entry in self.pool.paged(self.settings.users_base, flt, self.user_attributes()):
             yield self.user_entry(entry)
 
@@ -160,8 +160,8 @@ class LdapDirectory:
     def user_attributes(self) -> list[str]:
         """The attributes `user_entry` reads (memberOf only where the overlay maintains it)."""
         names = self.attributes
-        attrs = [self.settings.mail_attribute, names.common_name, names.certificate, names.version,
-                 self.settings.entry_id_attribute]
+        attrs = [self.settings.mail_attribute, *sorted(self.settings.also_find_by), names.common_name,
+                 names.certificate, names.version, self.settings.entry_id_attribute]
         return attrs + ([names.member_of] if self.settings.use_memberof else [])
 
     def user_entry(self, entry: Entry, email: str | None = None) -> UserEntry:
@@ -169,7 +169,7 @@ class LdapDirectory:
         dn, attrs = entry
         names = self.attributes
         mails = [v.decode() for v in values(attrs, self.settings.mail_attribute)]
-        matching = [m for m in mails if email is not None and m.lower() == email.lower()]
+        matching = [m for m in addresses(self.settings, attrs) if email is not None and m.lower() == email.lower()]
         common_names = [v.decode() for v in values(attrs, names.common_name)]
         return UserEntry(
             dn=dn,
@@ -261,6 +261,37 @@ class LdapDirectory:
                 pass  # another writer changed the entry since it was read
             current = None
         raise DirectoryUnavailable("The directory entry keeps changing; try again later")
+
+
+PROXY_ADDRESSES = "proxyaddresses"
+_SMTP = ("smtp:", "SMTP:")  # SMTP: the primary address, smtp: the aliases (Exchange)
+
+
+def address_filter(settings: LdapSettings, email: str) -> str:
+    """The filter that finds the entry of `email`: mail_attribute, or any of `also_find_by` too
+    (proxyAddresses by its smtp:/SMTP: values, any other attribute by the address itself)."""
+    value = filter_value(email)
+    terms = [f"({settings.mail_attribute}={value})"]
+    for name in sorted(settings.also_find_by):
+        if name.lower() == PROXY_ADDRESSES:
+            terms += [f"({name}={prefix}{value})" for prefix in _SMTP]
+        else:
+            terms.append(f"({name}={value})")
+    return terms[0] if len(terms) == 1 else f"(|{''.join(terms)})"
+
+
+def addresses(settings: LdapSettings, attrs: Attributes) -> list[str]:
+    """Every address the entry answers to: its mail values, then those of `also_find_by` (proxyAddresses
+    values without their smtp: prefix; X400: and other types are not mail addresses)."""
+    found = [v.decode() for v in values(attrs, settings.mail_attribute)]
+    for name in sorted(settings.also_find_by):
+        for raw in values(attrs, name):
+            text = raw.decode("utf-8", "replace")
+            if name.lower() != PROXY_ADDRESSES:
+                found.append(text)
+            elif text[:5].lower() == "smtp:":
+                found.append(text[5:])
+    return found
 
 
 def entry_id_text(raw: list[bytes]) -> str:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import func, select
 
+from directory_sync.slapd import free_port
 from registration_app.store.models import Certificate
 from tests.e2e.platform import Platform
 from tests.e2e.test_enrollment import invite_and_bootstrap
@@ -26,27 +27,10 @@ from tests.e2e.test_gpgsm import Gpgsm
 from tests.ldap_admin import BASE as SCOPE_BASE
 from tests.ldap_admin import MODIFY_ADD, MODIFY_DELETE, LdapAdmin
 from tests.samba_dc import (ADMIN_PASSWORD, BASE, CA_CONTAINER, GROUPS, PEOPLE, SERVICE_DN, SERVICE_PASSWORD,
-                            NetworkNamespace, SambaDC, available)
-from directory_sync.slapd import free_port
+                            SambaDC)
 
-pytestmark = pytest.mark.skipif(not available(), reason="needs Debian samba (make debs installs it) and root "
-                                                        "(a private network namespace)")
 ADMIN_DN = f"CN=Administrator,CN=Users,{BASE}"
 CA_DN = f"CN=Autoenroll CA,{CA_CONTAINER}"
-
-
-@pytest.fixture(scope="session")
-def samba_dc(tmp_path_factory):
-    """One provisioned DC for the session (provisioning ~8 s, start ~1 s), in its own network namespace."""
-    namespace = NetworkNamespace()
-    dc = SambaDC(tmp_path_factory.mktemp("samba"), namespace)
-    try:
-        dc.provision()
-        dc.start()
-        yield dc
-    finally:
-        dc.stop()
-        namespace.close()
 
 
 @pytest.fixture(scope="module")
