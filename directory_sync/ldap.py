@@ -96,11 +96,11 @@ class LdapDirectory:
     def group_members(self, group: str) -> set[str]:
         """Normalised DNs of a group's members from its member attribute (nested ones too when
         nested_groups): one paged search of the groups, whatever the size of the group; with the
-        in-chain matching rule, one paged search of the users and groups that the server says are in it."""
+        in-chain matching rule, one paged search of the entries under users_base that the server says are in it."""
         group_dn = self._group_dn(group)
         if self.settings.nested_groups and self.attributes.in_chain_rule:
             flt = f"({self._member_of_filter(group_dn)})"
-            return {dn_key(dn) for dn, _ in self.pool.paged(self.settings.base_dn, flt, ["1.1"])}
+            return {dn_key(dn) for dn, _ in self.pool.paged(self.settings.users_base, flt, ["1.1"])}
         return self._expanded_members(group_dn)
 
     def iter_users(self, since: datetime | None = None) -> Iterator[UserEntry]:
