@@ -126,8 +126,8 @@ def test_the_ca_is_published_where_windows_clients_look_for_enterprise_roots(ad,
     assert crl.issuer == ca.subject and entry["authorityRevocationList"] == entry["certificateRevocationList"]
 
 
-def test_alice_two_groups_deep_enrolls_and_gpgsm_finds_encrypts_to_and_decrypts_with_her_certificate(
-        ad, samba_dc, tmp_path):
+def test_alice_two_groups_deep_enrolls_gpgsm_reads_her_certificate_and_leaving_the_inner_group_revokes(
+        ad, samba_dc, admin, tmp_path):
     email = "alice@autoenroll.test"
     invite_and_bootstrap(ad, email)
     out = ad.agent("enroll", "--email", email, "--profile", "smime-encryption", "--legacy").stdout
@@ -161,9 +161,27 @@ def test_alice_two_groups_deep_enrolls_and_gpgsm_finds_encrypts_to_and_decrypts_
     published = dc_certificates(samba_dc, email)
     assert published[0] == der(renewed) and der(old) not in published
 
-    # Revocation by the operator: off the entry, on the CRL.
+    # Revocation by the operator: off the entry, and on the CRL in the CA's object.
     ad.autoenroll("revoke", f"{renewed.serial_number:x}", "--reason", "keyCompromise")
     assert der(renewed) not in dc_certificates(samba_dc, email)
+    ad.autoenroll("sync", "drain")
+    crl = x509.load_der_x509_crl(admin.values(CA_DN, "certificateRevocationList")[0])
+    assert crl.get_revoked_certificate_by_serial_number(renewed.serial_number) is not None
+
+    # alice leaves platform-team (two levels under smime-users): reconcile revokes and unpublishes the rest.
+    (signature,) = rows(ad, email, status="valid")
+    assert dc_certificates(samba_dc, email) == [signature.der]
+    platform_team = f"CN=platform-team,{GROUPS}"
+    alice = f"CN=Alice Liddell,{PEOPLE}"
+    assert admin.modify(platform_team, {"member": [(MODIFY_DELETE, [alice])]}), admin.result
+    try:
+        out = ad.autoenroll("sync", "reconcile").stdout
+        assert f"revoke {signature.serial}" in out and "not entitled" in out, out
+        assert rows(ad, email, status="valid") == []
+        assert [r.revocation_reason for r in rows(ad, email, serial=signature.serial)] == ["affiliationChanged"]
+        assert dc_certificates(samba_dc, email) == []
+    finally:
+        assert admin.modify(platform_team, {"member": [(MODIFY_ADD, [alice])]}), admin.result
 
 
 def test_bob_in_no_group_is_refused_with_403_and_the_dc_is_unchanged(ad, admin):
@@ -191,7 +209,7 @@ def test_bob_in_no_group_is_refused_with_403_and_the_dc_is_unchanged(ad, admin):
     assert [d["code"] for d in denied] == ["not_entitled"], denied
 
 
-def test_leaving_the_inner_group_and_reconciling_revokes_and_unpublishes(ad, samba_dc, admin):
+def test_moving_between_nested_groups_keeps_the_certificate_and_leaving_them_revokes_it(ad, samba_dc, admin):
     email = "carol@autoenroll.test"
     carol = f"CN=Carol Danvers,{PEOPLE}"
     # carol moves from smime-users itself into platform-team, two levels under it: still entitled.
