@@ -78,7 +78,7 @@ class LdapDirectory:
         """Every user of a group (DN or bare cn), by paged searches."""
         group_dn = self._group_dn(group)
         if self.settings.use_memberof and (not self.settings.nested_groups or self.attributes.in_chain_rule):
-            flt = f"(&({self.settings.mail_attribute}=*)({self._member_of_filter(group_dn)}))"
+            flt = f"(&({self.settings.mail_attribute}=*)({self.member_of_filter(group_dn)}))"
             for entry in self.pool.paged(self.settings.users_base, flt, self.user_attributes()):
                 yield self.user_entry(entry)
             return
@@ -99,7 +99,7 @@ class LdapDirectory:
         in-chain matching rule, one paged search of the entries under users_base that the server says are in it."""
         group_dn = self._group_dn(group)
         if self.settings.nested_groups and self.attributes.in_chain_rule:
-            flt = f"({self._member_of_filter(group_dn)})"
+            flt = f"({self.member_of_filter(group_dn)})"
             return {dn_key(dn) for dn, _ in self.pool.paged(self.settings.users_base, flt, ["1.1"])}
         return self._expanded_members(group_dn)
 
@@ -191,8 +191,8 @@ class LdapDirectory:
     def _group_dn(self, group: str) -> str:
         return resolve_group_dn(group, self.settings.groups_base)
 
-    def _member_of_filter(self, group_dn: str) -> str:
-        """memberOf=<group>, or memberOf:<in-chain rule>:=<group> when nesting on a server that has it."""
+    def member_of_filter(self, group_dn: str) -> str:
+        """The filter item (without parentheses) for members of `group_dn`: memberOf=<group>, or memberOf:<in-chain rule>:=<group> when nesting on a server that has it."""
         rule = self.attributes.in_chain_rule if self.settings.nested_groups else ""
         return f"{self.attributes.member_of}{f':{rule}:' if rule else ''}={filter_value(group_dn)}"
 

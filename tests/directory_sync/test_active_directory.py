@@ -12,7 +12,7 @@ import pytest
 
 from directory_sync import connection
 from directory_sync.config import AttributeMap, LdapSettings
-from directory_sync.ldap import LdapDirectory
+from directory_sync.ldap import LdapDirectory, address_filter, addresses
 from registration_app.core.dn import dn_key
 from registration_app.core.errors import DirectoryUnavailable
 from registration_app.core.model import Wanted
@@ -134,3 +134,14 @@ def test_incremental_passes_select_users_by_when_changed(directory, admin):
     recent = {dn_key(u.dn) for u in directory.iter_users(since=datetime.now(timezone.utc) - timedelta(minutes=5))}
     assert dn_key(BOB) in recent
     assert list(directory.iter_users(since=datetime.now(timezone.utc) + timedelta(hours=1))) == []
+
+
+def test_the_address_filter_asks_proxy_addresses_by_their_smtp_values_and_escapes_the_address():
+    settings = LdapSettings.for_preset("ad")
+    assert address_filter(settings, "a*b@x.test") == r"(mail=a\2ab@x.test)"
+    settings = dataclasses.replace(settings, also_find_by=frozenset({"proxyAddresses", "userPrincipalName"}))
+    assert address_filter(settings, "a(b@x.test") == (r"(|(mail=a\28b@x.test)(proxyAddresses=smtp:a\28b@x.test)"
+                                                     r"(proxyAddresses=SMTP:a\28b@x.test)(userPrincipalName=a\28b@x.test))")
+    attrs = {"mail": [b"a@x.test"], "proxyaddresses": [b"SMTP:a@x.test", b"smtp:alias@x.test", b"X400:c=US"],
+             "userprincipalname": [b"upn@x.test"]}
+    assert addresses(settings, attrs) == ["a@x.test", "a@x.test", "alias@x.test", "upn@x.test"]

@@ -51,6 +51,7 @@ bind = "127.0.0.1:{port}"
 http_bind = "127.0.0.1:{http_port}"
 pkcs12_iterations = 2048
 outbox_interval_seconds = 0.5
+publish_timeout_seconds = 10.0
 recovery_officers_group = "smime-users"
 
 [ldap]
