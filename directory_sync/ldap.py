@@ -192,7 +192,8 @@ class LdapDirectory:
         return resolve_group_dn(group, self.settings.groups_base)
 
     def member_of_filter(self, group_dn: str) -> str:
-        """The filter item (without parentheses) for members of `group_dn`: memberOf=<group>, or memberOf:<in-chain rule>:=<group> when nesting on a server that has it."""
+        """The filter item (without parentheses) for members of `group_dn`: memberOf=<group>, or
+        memberOf:<in-chain rule>:=<group> when nesting on a server that has the rule."""
         rule = self.attributes.in_chain_rule if self.settings.nested_groups else ""
         return f"{self.attributes.member_of}{f':{rule}:' if rule else ''}={filter_value(group_dn)}"
 
