@@ -40,8 +40,8 @@ from sqlalchemy import or_, select, update
 
 from directory_sync.bulk import BulkDirectory
 from directory_sync.connection import values
-from directory_sync.escape import filter_value
-from directory_sync.ldap import entry_id_text
+from directory_sync.escape import filter_value, generalized_time
+from directory_sync.ldap import addresses, entry_id_text
 from directory_sync.plan import Wanted, plan_values, wanted_values
 from directory_sync.publisher import USER_GONE
 from registration_app.core.dn import dn_key  # the one DN normaliser; also the dict key on 100,000 users
@@ -229,8 +229,8 @@ class Reconciler:
 
     # -- reading LDAP --
     def _attributes(self) -> list[str]:
-        return [self.settings.mail_attribute, self.names.member_of, self.names.certificate,
-                self.settings.entry_id_attribute]
+        return [self.settings.mail_attribute, *sorted(self.settings.also_find_by), self.names.member_of,
+                self.names.certificate, self.settings.entry_id_attribute]
 
     def _user(self, dn: str, attrs: dict[str, list[bytes]]) -> LdapUser:
         keys = self._group_keys  # 100,000 users share a handful of groups: normalise each once
@@ -242,7 +242,7 @@ class Reconciler:
             groups.append(key)
         return LdapUser(
             dn=dn,
-            mails=tuple(v.decode().lower() for v in values(attrs, self.settings.mail_attribute)),
+            mails=tuple(m.lower() for m in addresses(self.settings, attrs)),
             groups=frozenset(groups),
             certificates=tuple(values(attrs, self.names.certificate)),
             entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
@@ -585,7 +585,7 @@ def run_periodically(reconciler: Reconciler, every: float, *, incremental: bool,
 
 
 def _generalized(when: datetime) -> str:
-    return when.astimezone(timezone.utc).strftime("%Y%m%d%H%M%SZ")
+    return generalized_time(when)
 
 
 def _aware(when: datetime | None, utc) -> datetime | None:

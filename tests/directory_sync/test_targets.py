@@ -147,6 +147,26 @@ certificate = "userSMIMECertificate"
     assert shown["password"] == "********" and shown["attributes"]["certificate"] == "userSMIMECertificate"
 
 
+def test_a_target_takes_a_preset_of_its_own(tmp_path):
+    from registration_app.core.errors import ConfigError
+    from registration_app.settings import load_settings
+    config = tmp_path / "autoenroll.toml"
+    config.write_text('''
+[targets.outlook]
+preset = "ad"
+url = "ldaps://dc1.corp.example.org"
+base_dn = "DC=corp,DC=example,DC=org"
+''')
+    settings = load_settings(config, environ={})
+    outlook = settings.targets["outlook"]
+    assert outlook.attributes.certificate == "userCertificate" and outlook.entry_id_attribute == "objectGUID"
+    assert outlook.base_dn == "DC=corp,DC=example,DC=org"
+    assert settings.ldap.attributes.certificate == "userCertificate;binary"  # the primary keeps its own
+    config.write_text('[targets.book]\npreset = "novell"\n')
+    with pytest.raises(ConfigError, match="targets.book.preset: unknown LDAP preset 'novell'"):
+        load_settings(config, environ={})
+
+
 def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running):
     import time
     services, group = world
