@@ -345,15 +345,18 @@ class Run:
                                     "incremental": ({"seconds": round(inc.seconds, 2), "changes": s.changes,
                                                      **inc.extra}
                                                     if inc.available else inc.output or directory.NOT_AVAILABLE)}
-                self.rows.append((f"(5) reconcile full, {len(uids):,} users (pass; whole command)",
+                self.rows.append((f"(5) reconcile full, {len(uids):,} users (pass; whole command; peak RSS)",
                                   f"{fmt(full.seconds, ' s', 2)}; {full.extra.get('command_seconds', '-')} s "
-                                  f"({fmt(len(uids) / full.seconds, '/s', 0)} entries)",
+                                  f"({fmt(len(uids) / full.seconds, '/s', 0)} entries); "
+                                  f"{fmt(full.extra.get('peak_rss_mb'), ' MB', 0)}",
                                   f"incremental/full {fmt(ratio(inc.seconds, full.seconds), digits=3)}"
-                                  if inc.available else "-", "<= 20 s"))
+                                  if inc.available else "-",
+                                  "<= 20 s at 100,000, <= 15 s at 1,000,000; RSS flat"))
                 self.rows.append((f"    reconcile incremental, {s.changes} changes (pass; whole command)",
                                   f"{fmt(inc.seconds, ' s', 2)}; {inc.extra.get('command_seconds', '-')} s"
                                   if inc.available else directory.NOT_AVAILABLE,
-                                  "-", "<= 1 s"))
+                                  f"peak RSS {fmt(inc.extra.get('peak_rss_mb'), ' MB', 0)}" if inc.available else "-",
+                                  "<= 1 s"))
             else:
                 out["reconcile"] = directory.NOT_AVAILABLE
                 self.rows.append(("(5) reconcile full / incremental", directory.NOT_AVAILABLE, "-", "<= 20 s / <= 1 s"))

@@ -4,7 +4,10 @@ checkout), the benchmark says "not available yet" instead of failing."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +15,7 @@ import ldap
 
 from directory_sync.config import AttributeMap
 
+from .platform import BIN, server_environment
 from .world import GROUP_DN, user_dn
 
 NOT_AVAILABLE = "not available yet"
@@ -72,6 +76,20 @@ def _issued_certificates(platform, profile: str) -> int:
         db.dispose()
 
 
+def _run_with_peak_rss(platform, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """`autoenroll ARGS` as platform.autoenroll runs it, and the peak RSS (MB) of that process alone
+    (wait4's rusage: not the benchmark's, not slapd's)."""
+    command = [str(BIN / "autoenroll"), "--config", str(platform.config), *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=server_environment(platform.env))
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, process.returncode, out.read().decode(), err.read().decode())
+    return result, usage.ru_maxrss / 1024  # KiB on Linux
+
+
 def reconcile(platform, *, incremental: bool, entries: int) -> CommandResult:
     help_text = command_help(platform, "sync", "reconcile")
     if help_text is None:
@@ -87,11 +105,11 @@ def reconcile(platform, *, incremental: bool, entries: int) -> CommandResult:
     if "--json" in help_text:
         args.append("--json")
     started = time.perf_counter()
-    result = platform.autoenroll(*args, check=False, timeout=3600)
+    result, peak_rss_mb = _run_with_peak_rss(platform, args)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"autoenroll {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    extra = {"command_seconds": round(seconds, 2)}
+    extra = {"command_seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb, 1)}
     try:  # the pass's own duration, without the command's start-up (imports, settings, migrations)
         import json
         seconds = float(json.loads(result.stdout)["duration_seconds"]) or seconds

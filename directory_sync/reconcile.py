@@ -16,8 +16,9 @@ One pass compares what LDAP shows with what the database knows, in memory, in di
   need (current encryption certificate first, see plan.py);
 - values from other issuers are never touched; escrowed keys are never deleted.
 
-A full pass reads every user with mail, memberOf and userCertificate;binary in one paged search
-(python-ldap, see bulk.py) and every certificate row in one query. An incremental pass reads only
+A full pass reads every certificate row in one query, then every user with mail, memberOf and
+userCertificate;binary in one paged search (python-ldap, see bulk.py), keeping only the users those rows
+or our certificates concern: its memory follows the number of certificates, not the directory's size. An incremental pass reads only
 entries modified since the last run (`sync_state` row `reconcile.last_run`), the members of profile
 groups that changed (the memberOf overlay does not touch a user's modifyTimestamp when a group drops
 them, and refint removes deleted users from groups), and the users whose certificates were issued,
@@ -287,13 +288,14 @@ class Reconciler:
         entitled = Entitlement(self.directory, self.profiles)
         with BulkDirectory(self.directory) as bulk:
             if since is None:
-                users, rows, known = self._full_inputs(bulk)
+                users, rows, known, scanned = self._full_inputs(bulk)
             else:
                 users, rows, known = self._incremental_inputs(bulk, entitled, since - SINCE_MARGIN, now)
+                scanned = len(users or ())
                 if users is None:  # too much changed: a full pass is cheaper than lookups
                     report.mode = "full"
-                    users, rows, known = self._full_inputs(bulk)
-            report.users_scanned, report.certificates_checked = len(users), len(rows)
+                    users, rows, known, scanned = self._full_inputs(bulk)
+            report.users_scanned, report.certificates_checked = scanned, len(rows)
             self._reconcile(bulk, users, rows, known, entitled, report, now, dry_run)
         report.duration_seconds = round(time.monotonic() - clock, 3)
         if not dry_run:
@@ -305,11 +307,32 @@ class Reconciler:
         return report
 
     def _full_inputs(self, bulk):
-        users = self._scan_users(bulk)
         with self.db.transaction() as session:
             rows = self._rows(session)
         known = {r.der: dn_key(r.user_dn) for r in rows}
-        return users, rows, known
+        users, scanned = self._scan_concerned(bulk, rows, known)
+        return users, rows, known, scanned
+
+    def _scan_concerned(self, bulk, rows: list[CertRow], known: dict[bytes, str]) -> tuple[dict[str, LdapUser], int]:
+        """Every user with mail, a page at a time, and how many; kept are only the users a row names (by
+        DN, entry id or address: a row's entry may have moved) and those holding a certificate of ours.
+        Every other user has nothing of ours to check (plan_user would have nothing to do)."""
+        keys = {dn_key(r.user_dn) for r in rows}
+        ids = {r.entry_id for r in rows if r.entry_id}
+        mails = {r.email.lower() for r in rows}
+        mail, certificate, entry_id = (self.settings.mail_attribute.lower(), self.names.certificate.lower(),
+                                       self.settings.entry_id_attribute.lower())
+        users: dict[str, LdapUser] = {}
+        scanned = 0
+        for dn, attrs in bulk.scan(self.settings.users_base, f"({self.settings.mail_attribute}=*)",
+                                   self._attributes()):
+            scanned += 1
+            key = dn_key(dn)
+            if (key in keys or any(v in known for v in attrs.get(certificate, ()))
+                    or (ids and entry_id_text(attrs.get(entry_id, [])) in ids)
+                    or any(v.decode("utf-8", "replace").lower() in mails for v in attrs.get(mail, ()))):
+                users[key] = self._user(dn, attrs)
+        return users, scanned
 
     def _incremental_inputs(self, bulk, entitled: Entitlement, since: datetime, now: datetime):
         users = self._scan_users(bulk, since)

@@ -332,3 +332,18 @@ def test_reconcile_keeps_the_recovery_officers_signature_certificates_with_the_b
         assert status(services, kept.serial) == "valid"
     finally:
         services.close()
+
+
+def test_a_full_pass_counts_every_user_and_still_finds_our_certificate_on_an_entry_we_never_issued_to(
+        services, reconciler, ldap_admin, new_user, group):
+    dn, _, issued = enrolled(services, ldap_admin, new_user, group)
+    bystander, _ = new_user()
+    ours = issued.certificate.public_bytes(Encoding.DER)
+    assert ldap_admin.modify(bystander, {"userCertificate;binary": [(MODIFY_ADD, [ours])]})
+    ldap_admin.search(services.settings.ldap.users_base, "(mail=*)", attributes=["1.1"])
+    everyone = len(ldap_admin.response)
+
+    report = reconciler.run()
+    assert report.users_scanned == everyone  # counted, though only the users our rows concern are kept
+    assert report.republished == [bystander] and values(ldap_admin, bystander) == []
+    assert values(ldap_admin, dn) == [ours] and status(services, issued.serial) == "valid"
