@@ -345,10 +345,10 @@ class Run:
                                     "incremental": ({"seconds": round(inc.seconds, 2), "changes": s.changes,
                                                      **inc.extra}
                                                     if inc.available else inc.output or directory.NOT_AVAILABLE)}
-                self.rows.append((f"(5) reconcile full, {len(uids):,} users (pass; whole command; peak RSS)",
+                self.rows.append((f"(5) reconcile full, {len(uids):,} users (pass; whole command; its peak RSS, CPU)",
                                   f"{fmt(full.seconds, ' s', 2)}; {full.extra.get('command_seconds', '-')} s "
                                   f"({fmt(len(uids) / full.seconds, '/s', 0)} entries); "
-                                  f"{fmt(full.extra.get('peak_rss_mb'), ' MB', 0)}",
+                                  f"{fmt(full.extra.get('peak_rss_mb'), ' MB', 0)}, CPU {fmt(full.extra.get('command_cpu_s'), ' s')}",
                                   f"incremental/full {fmt(ratio(inc.seconds, full.seconds), digits=3)}"
                                   if inc.available else "-",
                                   "<= 20 s at 100,000, <= 15 s at 1,000,000; RSS flat"))

@@ -334,16 +334,18 @@ def test_reconcile_keeps_the_recovery_officers_signature_certificates_with_the_b
         services.close()
 
 
-def test_a_full_pass_counts_every_user_and_still_finds_our_certificate_on_an_entry_we_never_issued_to(
+def test_a_full_pass_finds_our_certificate_on_an_entry_we_never_issued_to_and_an_entry_that_lost_its_values(
         services, reconciler, ldap_admin, new_user, group):
     dn, _, issued = enrolled(services, ldap_admin, new_user, group)
+    emptied_dn, _, emptied = enrolled(services, ldap_admin, new_user, group)
     bystander, _ = new_user()
     ours = issued.certificate.public_bytes(Encoding.DER)
     assert ldap_admin.modify(bystander, {"userCertificate;binary": [(MODIFY_ADD, [ours])]})
-    ldap_admin.search(services.settings.ldap.users_base, "(mail=*)", attributes=["1.1"])
-    everyone = len(ldap_admin.response)
+    assert ldap_admin.modify(emptied_dn, {"userCertificate;binary": [(MODIFY_REPLACE, [])]})
 
     report = reconciler.run()
-    assert report.users_scanned == everyone  # counted, though only the users our rows concern are kept
-    assert report.republished == [bystander] and values(ldap_admin, bystander) == []
+    assert report.mode == "full" and sorted(report.republished) == sorted([bystander, emptied_dn])
+    assert values(ldap_admin, bystander) == []  # found among the holders of certificates
+    assert values(ldap_admin, emptied_dn) == [emptied.certificate.public_bytes(Encoding.DER)]  # read at its DN
     assert values(ldap_admin, dn) == [ours] and status(services, issued.serial) == "valid"
+    assert not reconciler.run().changed
