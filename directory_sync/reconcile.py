@@ -318,7 +318,9 @@ class Reconciler:
         known = {r.der: dn_key(r.user_dn) for r in rows}
         holders = f"(&({self.settings.mail_attribute}=*)({self.names.certificate.split(';')[0]}=*))"
         users, scanned = self._scan_concerned(bulk, rows, known, holders)
-        unmet = list(dict.fromkeys(r.user_dn for r in rows if dn_key(r.user_dn) not in users))
+        base = dn_key(self.settings.users_base)
+        unmet = list(dict.fromkeys(r.user_dn for r in rows if dn_key(r.user_dn) not in users
+                                   and _under(dn_key(r.user_dn), base)))
         if len(unmet) > MAX_INCREMENTAL_LOOKUPS:  # e.g. the directory lost its values: read everyone
             users, scanned = self._scan_concerned(bulk, rows, known, f"({self.settings.mail_attribute}=*)")
             return users, rows, known, scanned, False
@@ -537,7 +539,7 @@ class Reconciler:
         for key, rows in missing:
             email = rows[0].email.lower()
             found = by_mail.get(email)
-            if found is None and partial:  # only a part of LDAP was read
+            if partial:  # only a part of LDAP was read: every entry with the address, to see duplicates
                 found = []
                 flt = f"({self.settings.mail_attribute}={filter_value(email)})"
                 for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes()):
@@ -625,6 +627,11 @@ def run_periodically(reconciler: Reconciler, every: float, *, incremental: bool,
         except AutoenrollError as exc:
             echo(f"reconcile failed: {exc.detail}; trying again in {every:g} s")
         stop.wait(max(0.0, every - (time.monotonic() - started)))
+
+
+def _under(key: str, base: str) -> bool:
+    """Whether the entry named by dn_key `key` is `base` or below it (what a subtree search reads)."""
+    return key == base or key.endswith("," + base)
 
 
 def _generalized(when: datetime) -> str:

@@ -349,3 +349,21 @@ def test_a_full_pass_finds_our_certificate_on_an_entry_we_never_issued_to_and_an
     assert values(ldap_admin, emptied_dn) == [emptied.certificate.public_bytes(Encoding.DER)]  # read at its DN
     assert values(ldap_admin, dn) == [ours] and status(services, issued.serial) == "valid"
     assert not reconciler.run().changed
+
+
+def test_a_full_pass_sees_an_address_on_two_entries_though_only_one_holds_a_certificate(
+        services, reconciler, ldap_admin, new_user, group):
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    with services.db.transaction() as session:  # a row older than entry ids: followed by its address
+        session.execute(update(Certificate).where(Certificate.serial == issued.serial).values(entry_id=None))
+    holder, _ = new_user()
+    bare, _ = new_user()
+    for other in (holder, bare):
+        assert ldap_admin.modify(other, {"mail": [(MODIFY_REPLACE, [email])]}), ldap_admin.result
+    assert ldap_admin.modify(holder, {"userCertificate;binary": [(MODIFY_ADD, [cert("Other CA", email, encryption=True)])]})
+    assert ldap_admin.delete(dn), ldap_admin.result
+
+    report = reconciler.run()
+    assert report.mode == "full" and not report.revoked and not report.moved
+    assert [why for _, why in report.skipped] == [f"{email} is on 2 entries: not guessing"]
+    assert status(services, issued.serial) == "valid"
