@@ -70,7 +70,7 @@ def ratio(a, b) -> float | None:
 
 class Run:
     def __init__(self, sizes: Sizes, workdir: Path, only: set[str] | None, do_profile: bool,
-                 py_spy: bool = False):
+                 py_spy: str | None = None):
         self.sizes, self.workdir, self.only, self.do_profile = sizes, workdir, only, do_profile
         self.py_spy = py_spy
         self.results: dict = {}
@@ -227,14 +227,16 @@ class Run:
                           f"default ({default:,})/this {fmt(speedup, digits=2)}x", ">= 2.5x"))
 
     def _start_py_spy(self, platform) -> list:
-        """Sample every worker (wall clock, all threads) for the length of (1): bench/results/py-spy-*.txt,
-        folded stacks (flamegraph.pl or speedscope read them)."""
+        """Sample every worker (all threads) for the length of (1): bench/results/py-spy-*.txt, folded
+        stacks (flamegraph.pl or speedscope read them). `--py-spy wall` keeps the samples of threads
+        that wait (on slapd, on the SQLite writer lock), `cpu` only those on a CPU."""
         import shutil as _shutil
         import subprocess
         exe = _shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         seconds = max(2, int(self.sizes.enroll / 40) + 2)
         return [subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw",
-                                  "--nonblocking", "-o", str(RESULTS / f"py-spy-worker{i}.txt")],
+                                  "--nonblocking", *(["--idle"] if self.py_spy == "wall" else []),
+                                  "-o", str(RESULTS / f"py-spy-worker{i}.txt")],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for i, pid in enumerate(platform.worker_pids())]
 
@@ -437,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory", "postgres"],
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--profile", action="store_true", help="also profile the request path (cProfile)")
-    parser.add_argument("--py-spy", action="store_true", help="sample the gunicorn workers with py-spy during (1)")
+    parser.add_argument("--py-spy", nargs="?", const="cpu", choices=["cpu", "wall"],
+                        help="sample the gunicorn workers with py-spy during (1): on-CPU samples, or wall clock")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     for field in Sizes.__dataclass_fields__:
