@@ -25,7 +25,7 @@ class ChunkedBodyLimit:
     reads a chunked body only up to the limit and stops there without a word: a signed request padded
     past the limit was acted on truncated. So a chunked body is read here, from the server's stream
     (gunicorn ends it where the body ends), up to one byte past the limit; one that long is handed on
-    with that length, and werkzeug refuses it with 413 like any other, in the error handler that audits
+    with that length (the rest read and thrown away, up to DISCARDED_BYTES), and werkzeug refuses it with 413 like any other, in the error handler that audits
     the refusal (errors.py). A truncated body never reaches a route; nor does a malformed one (a bad
     chunk size, say): it is refused with 400 before any route runs."""
 
@@ -46,11 +46,31 @@ class ChunkedBodyLimit:
             except Exception as exc:  # the server's chunk parser refused the framing
                 environ[MALFORMED_BODY] = type(exc).__name__
                 parts, size = [], 0
+            if size > self.limit:
+                discard(stream, DISCARDED_BYTES)
             environ.update({"wsgi.input": io.BytesIO(b"".join(parts)), "CONTENT_LENGTH": str(size)})
         return self.wsgi_app(environ, start_response)
 
 
 MALFORMED_BODY = "autoenroll.malformed_body"
+# Of a chunked body refused as too large, this much more is read and thrown away before the 413: a client
+# that writes its whole body before reading (most do) has then sent it and reads its answer. Closing on a
+# body still arriving makes the kernel answer with a reset, which destroys the 413 in the client's buffer.
+# Past this the connection is closed (gunicorn's graceful close) and such a client may see only the reset.
+DISCARDED_BYTES = 1 << 20
+
+
+def discard(stream, budget: int) -> None:
+    """Read and drop up to `budget` bytes; bad framing in what is dropped ends it (the body is refused
+    with 413 whatever follows)."""
+    try:
+        while budget > 0:
+            part = stream.read(min(budget, 64 * 1024))
+            if not part:
+                return
+            budget -= len(part)
+    except Exception:  # noqa: BLE001 - any parse error of a body already refused ends the drain
+        return
 
 
 def create_app(settings: Settings, services=None, *, with_api: bool = True) -> Flask:
