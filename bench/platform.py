@@ -8,6 +8,7 @@ everything not named). Also: the process tree of the server (master, workers) fo
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from directory_sync.slapd import free_port
-from tests.e2e.platform import stop_process_group
 
 from .postgres import database_url_for
 
@@ -23,6 +23,17 @@ BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Knobs of the test suites, not settings: the server refuses AUTOENROLL_* names it does not know.
 SUITE_VARIABLES = {"AUTOENROLL_FAULT_N", "AUTOENROLL_FUZZ_HTTP", "AUTOENROLL_FUZZ_APP"}
+
+
+def stop_process_group(process: subprocess.Popen | None) -> None:
+    """SIGTERM the server's process group (master and workers), SIGKILL it if it lingers."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def server_environment(extra: dict | None = None) -> dict:

@@ -4,7 +4,6 @@ client certificates) against a private slapd, driven through the real command li
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import requests
 
+from bench.platform import stop_process_group
 from directory_sync.slapd import free_port
 
 BIN = Path(sys.executable).parent
@@ -37,17 +37,6 @@ def transaction(db_url: str):
             yield session
     finally:
         database.dispose()
-
-
-def stop_process_group(process: subprocess.Popen | None) -> None:
-    """SIGTERM the server's process group (master and workers), SIGKILL it if it lingers."""
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @dataclass

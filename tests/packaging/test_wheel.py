@@ -92,7 +92,7 @@ def test_the_installed_wheel_runs_slapd_init_and_serve_outside_the_source_tree(t
         assert health is not None and health.status_code == 200, (work / "server.log").read_text()
         assert requests.get(f"http://127.0.0.1:{http_port}/ca.crt", timeout=2).status_code == 200
     finally:
-        from tests.e2e.platform import stop_process_group
+        from bench.platform import stop_process_group
         stop_process_group(server)
         stopped = run(python, "-m", "directory_sync.slapd", "stop", "--dir", "slapd", cwd=work, env=env)
     assert "slapd stopped" in stopped.stdout
