@@ -54,7 +54,32 @@ def postgres_server(pytestconfig):
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory, slapd):
-    """`autoenroll init` + `autoenroll serve` (gunicorn, TLS, 2 workers) on the session's slapd."""
-    with make_platform(tmp_path_factory.mktemp("platform"), slapd.url).running() as p:
+def softhsm(tmp_path_factory):
+    """A private SoftHSM2 token folder for the session (SOFTHSM2_CONF set for the servers started)."""
+    from tests.softhsm import SoftHsm
+    previous = os.environ.get("SOFTHSM2_CONF")
+    hsm = SoftHsm(tmp_path_factory.mktemp("softhsm"))
+    hsm.start()
+    yield hsm
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous
+
+
+def key_store_params(request, data, label: str) -> tuple[str, ...]:
+    """init's options for a fixture parametrised with "files" (the default) or "softhsm" (every key in a
+    token of its own: tests/softhsm.py)."""
+    if getattr(request, "param", "files") != "softhsm":
+        return ()
+    from tests.softhsm import key_store_options
+    return tuple(key_store_options(request.getfixturevalue("softhsm"), label, data))
+
+
+@pytest.fixture(scope="session")
+def platform(request, tmp_path_factory, slapd):
+    """`autoenroll init` + `autoenroll serve` (gunicorn, TLS, 2 workers) on the session's slapd; with
+    `indirect` parametrisation "softhsm", with the CA, TLS CA and KRA keys in a SoftHSM2 token."""
+    data = tmp_path_factory.mktemp("platform")
+    with make_platform(data, slapd.url, init_options=key_store_params(request, data, "platform")).running() as p:
         yield p

@@ -118,7 +118,8 @@ class Platform:
             self.stop()
 
 
-def make_platform(data: Path, ldap_url: str, *, extra: str = "") -> Platform:
+def make_platform(data: Path, ldap_url: str, *, extra: str = "", init_options: tuple[str, ...] = ()) -> Platform:
+    """`init_options`: more options of `autoenroll init`, e.g. the token of tests/softhsm.py key_store_options."""
     from bench.postgres import database_url_for
     port, http_port = free_port(), free_port()
     database_url = database_url_for()
@@ -139,5 +140,5 @@ timeout_seconds = 2.0
 """)
     platform = Platform(data=data, config=config, url=f"https://localhost:{port}",
                         http_url=f"http://127.0.0.1:{http_port}", ldap_url=ldap_url)
-    platform.autoenroll("init")
+    platform.autoenroll("init", *init_options)
     return platform

@@ -8,10 +8,16 @@ import subprocess
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+import pytest
+
 from registration_app.authorities.escrow_crypto import escrow_aad, open_private_key
-from registration_app.authorities.pki_files import read_private_key
+from registration_app.services import key_store
+from registration_app.settings import load_settings
 from registration_app.store.models import Certificate, Escrow
 from sqlalchemy import func, select
+
+# Every test here runs twice: keys in the data folder's files, and every key in a SoftHSM2 token.
+KEY_STORES = pytest.mark.parametrize("platform", ["files", "softhsm"], indirect=True, scope="session")
 
 
 def ldap_certificates(platform, email: str) -> list[bytes]:
@@ -30,6 +36,7 @@ def invite_and_bootstrap(platform, email: str) -> None:
     assert "signature certificate for" in out
 
 
+@KEY_STORES
 def test_encryption_certificate_end_to_end(platform, tmp_path):
     email = "alice@example.org"
     invite_and_bootstrap(platform, email)
@@ -63,8 +70,7 @@ def test_encryption_certificate_end_to_end(platform, tmp_path):
     serial = format(delivered.serial_number, "x")
     with platform.transaction() as session:
         row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one()
-    passphrase = (platform.data / "passphrase").read_bytes().strip()
-    kra_key = read_private_key(platform.data / "kra.key", passphrase)
+    kra_key = key_store(load_settings(platform.config)).kra_storage_key()  # the file, or the token's unwrap
     escrowed = open_private_key(row.blob, kra_key, escrow_aad(delivered.serial_number, email, "smime-encryption"))
     spki = PublicFormat.SubjectPublicKeyInfo
     assert escrowed.public_key().public_bytes(Encoding.DER, spki) == \
@@ -78,6 +84,7 @@ def test_encryption_certificate_end_to_end(platform, tmp_path):
     assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
 
 
+@KEY_STORES
 def test_user_not_entitled_gets_403_and_nothing_is_issued(platform, ldap_admin, new_user):
     """A user who was entitled when invited and bootstrapped, and then left the group (bob, in no
     group, is refused earlier: at invite, tests/e2e/test_entitlement.py)."""
