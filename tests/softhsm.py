@@ -64,6 +64,17 @@ def private_key_blocks(listing: str) -> dict[str, str]:
     return {label: "\n".join(lines) for label, lines in blocks.items()}
 
 
+def access_of(block: str) -> set[str]:
+    """The `Access:` flags of one key object of the listing (sensitive, never extractable, local...)."""
+    line = next(line for line in block.splitlines() if line.strip().startswith("Access:"))
+    return {flag.strip() for flag in line.split(":", 1)[1].split(",")}
+
+
+def usage_of(block: str) -> set[str]:
+    line = next(line for line in block.splitlines() if line.strip().startswith("Usage:"))
+    return {flag.strip() for flag in line.split(":", 1)[1].split(",")}
+
+
 def key_store_options(hsm: SoftHsm, label: str, data: Path, *file_keys: str) -> list[str]:
     """`autoenroll init` options that generate the keys in a new token `label` (except `file_keys`)."""
     hsm.new_token(label, data / "token.pin")

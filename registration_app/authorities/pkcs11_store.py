@@ -238,16 +238,17 @@ class Token:
         return self.key(name, public_key)
 
     def import_key(self, name: str, private_key) -> None:
-        """Create key `name` in the token from a private key read from its file: marked sensitive and
-        never extractable there. Refused if the token already holds a key of that label."""
+        """Create key `name` in the token from a private key read from its file: sensitive and not
+        extractable there (PKCS#11 marks it CKA_NEVER_EXTRACTABLE false: it was outside a token once,
+        which is why the file copy must be destroyed). Refused if the token already holds that label."""
         from pkcs11 import Attribute, ObjectClass
         from pkcs11.util.ec import decode_ec_private_key
         from pkcs11.util.rsa import decode_rsa_private_key
-        from pkcs11.util.x509 import decode_x509_public_key
         label = key_label(name)
         der = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
                                         serialization.NoEncryption())
-        usage = ({Attribute.SIGN: True} if _CAN_SIGN[name] else {Attribute.DECRYPT: True, Attribute.UNWRAP: True})
+        usage = ({Attribute.SIGN: True, Attribute.DECRYPT: False, Attribute.UNWRAP: False} if _CAN_SIGN[name]
+                 else {Attribute.SIGN: False, Attribute.DECRYPT: True, Attribute.UNWRAP: True})
         if isinstance(private_key, rsa.RSAPrivateKey):
             attrs = decode_rsa_private_key(der)
         elif isinstance(private_key, ec.EllipticCurvePrivateKey):
@@ -257,10 +258,7 @@ class Token:
         key_id = _key_id(private_key.public_key())
         attrs.update({Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id,
                       Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True, **usage})
-        attrs.pop(Attribute.SIGN if not _CAN_SIGN[name] else Attribute.DECRYPT, None)
-        spki = private_key.public_key().public_bytes(serialization.Encoding.DER,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
-        public = decode_x509_public_key(spki)
+        public = _public_attributes(private_key.public_key())
         public.update({Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id,
                        Attribute.CLASS: ObjectClass.PUBLIC_KEY})
         with self.session(for_admin=True) as entry:
@@ -274,6 +272,27 @@ class Token:
         if list(session.get_objects({Attribute.LABEL: label})):
             raise AlreadyExists(f"token {self.label!r} already holds a key labelled {label!r}; refusing to "
                                 "make a second one", present=[label])
+
+
+def _public_attributes(public_key) -> dict:
+    """The attributes of a public key object for `import_key` (the private half's twin, for the operator)."""
+    from pkcs11 import Attribute, KeyType as P11KeyType
+    from pkcs11.util import biginteger
+    from pkcs11.util.ec import encode_named_curve_parameters
+    if isinstance(public_key, rsa.RSAPublicKey):
+        numbers = public_key.public_numbers()
+        return {Attribute.KEY_TYPE: P11KeyType.RSA, Attribute.MODULUS: biginteger(numbers.n),
+                Attribute.PUBLIC_EXPONENT: biginteger(numbers.e)}
+    point = public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return {Attribute.KEY_TYPE: P11KeyType.EC, Attribute.EC_PARAMS: encode_named_curve_parameters(public_key.curve.name),
+            Attribute.EC_POINT: b"\x04" + _der_length(len(point)) + point}  # a DER OCTET STRING
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
 
 
 def _public_key_of(pub):
