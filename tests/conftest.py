@@ -14,6 +14,7 @@ import pytest
 from bench import postgres
 from tests.conftest_slapd import *  # noqa: F401,F403
 from tests.e2e.platform import make_platform
+from tests.softhsm import key_store_params
 
 
 def pytest_addoption(parser):
@@ -65,15 +66,6 @@ def softhsm(tmp_path_factory):
         os.environ.pop("SOFTHSM2_CONF", None)
     else:
         os.environ["SOFTHSM2_CONF"] = previous
-
-
-def key_store_params(request, data, label: str) -> tuple[str, ...]:
-    """init's options for a fixture parametrised with "files" (the default) or "softhsm" (every key in a
-    token of its own: tests/softhsm.py)."""
-    if getattr(request, "param", "files") != "softhsm":
-        return ()
-    from tests.softhsm import key_store_options
-    return tuple(key_store_options(request.getfixturevalue("softhsm"), label, data))
 
 
 @pytest.fixture(scope="session")

@@ -80,3 +80,11 @@ def key_store_options(hsm: SoftHsm, label: str, data: Path, *file_keys: str) -> 
     hsm.new_token(label, data / "token.pin")
     return ["--key-store", "pkcs11", "--module", MODULE, "--token", label, "--pin-file", "token.pin",
             *(option for name in file_keys for option in ("--file-key", name))]
+
+
+def key_store_params(request, data, label: str) -> tuple[str, ...]:
+    """init's options for a fixture parametrised with "files" (the default) or "softhsm" (every key in a
+    token of its own: tests/softhsm.py)."""
+    if getattr(request, "param", "files") != "softhsm":
+        return ()
+    return tuple(key_store_options(request.getfixturevalue("softhsm"), label, data))
