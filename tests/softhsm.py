@@ -34,12 +34,14 @@ class SoftHsm:
         os.environ["SOFTHSM2_CONF"] = str(self.conf)  # the servers the tests start inherit it
 
     def new_token(self, label: str, pin_file: Path) -> str:
-        """Initialise a token labelled `label`, its user PIN written to `pin_file` (mode 0600)."""
-        pin = secrets.token_hex(8)
+        """Initialise a token labelled `label`, its user PIN written to `pin_file` (mode 0600; an existing
+        file's PIN is used)."""
+        pin = pin_file.read_text().strip() if pin_file.exists() else secrets.token_hex(8)
         subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", SO_PIN,
                         "--pin", pin], check=True, capture_output=True)
-        pin_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_file(pin_file, pin.encode() + b"\n", mode=0o600)
+        if not pin_file.exists():
+            pin_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_file(pin_file, pin.encode() + b"\n", mode=0o600)
         return label
 
     def list_objects(self, label: str, pin_file: Path) -> str:

@@ -87,6 +87,7 @@ class Token:
         self._lib: Any = None
         self._lib_pid: int | None = None
         self.oaep_sha256: bool | None = None  # whether the module does CKM_RSA_PKCS_OAEP with SHA-256
+        self._stale = False  # a failure was seen: initialise the module again before the next session
 
     def __repr__(self) -> str:  # never the PIN
         return f"Token(module={self.module!r}, label={self.label!r})"
@@ -101,9 +102,13 @@ class Token:
             except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:
                 raise ConfigError(f"cannot load the PKCS#11 module {self.module}: {exc}") from None
             self._lib_pid = os.getpid()
-        elif self._lib_pid != os.getpid():  # forked: a child initialises the module again (PKCS#11 §6.7.7)
-            self._lib.reinitialize()
-            self._lib_pid = os.getpid()
+        elif self._lib_pid != os.getpid() or self._stale:
+            # forked: a child initialises the module again (PKCS#11 §6.7.7); after a failure too, so that
+            # the module looks for its tokens afresh (SoftHSM keeps a removed token's slot broken until then)
+            with self._lock:
+                if self._lib_pid != os.getpid() or self._stale:
+                    self._lib.reinitialize()
+                    self._lib_pid, self._stale = os.getpid(), False
         return self._lib
 
     def _open(self):
@@ -168,6 +173,7 @@ class Token:
     def _discard(self, entry) -> None:
         with self._lock:
             stale, self._pool = self._pool.sessions, _Pool(pid=os.getpid())
+            self._stale = True
         for session, _keys in [*stale, *([entry] if entry is not None else [])]:
             try:
                 session.close()
