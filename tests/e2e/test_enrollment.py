@@ -107,3 +107,49 @@ def test_user_not_entitled_gets_403_and_nothing_is_issued(platform, ldap_admin, 
             AuditEvent.subject == email, AuditEvent.event == "request.denied")).scalars().all()
     assert any(d["code"] == "not_entitled" for d in denied)
     assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
+
+
+@pytest.mark.parametrize("platform", ["softhsm"], indirect=True, scope="session")
+def test_keys_in_the_token_sign_what_openssl_verifies_and_never_leave_it(platform, softhsm, new_user, tmp_path):
+    """Every key in SoftHSM2: openssl verifies the user's chain, the CRL after a revocation (signed in the
+    token) and a TLS client certificate from the token's TLS CA; pkcs11-tool shows the keys sensitive and
+    never extractable; the data folder holds no CA, TLS CA or KRA key file."""
+    from tests.softhsm import access_of, private_key_blocks, usage_of
+    _, email = new_user(groups=("smime-users",))
+    invite_and_bootstrap(platform, email)
+    platform.agent("enroll", "--email", email, "--profile", "smime-encryption")
+    with platform.transaction() as session:
+        serial, der = session.execute(select(Certificate.serial, Certificate.der).where(
+            Certificate.email == email, Certificate.profile == "smime-encryption")).one()
+    cert = tmp_path / "user.pem"
+    cert.write_bytes(x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM))
+    ca = str(platform.data / "ca.pem")
+    verified = subprocess.run(["openssl", "verify", "-CAfile", ca, "-purpose", "smimeencrypt", cert],
+                              capture_output=True, text=True)
+    assert verified.returncode == 0 and "OK" in verified.stdout
+
+    platform.autoenroll("revoke", serial, "--reason", "keyCompromise")
+    import requests
+    (tmp_path / "ca.crl").write_bytes(requests.get(platform.http_url + "/crl/ca.crl", timeout=10).content)
+    crl = subprocess.run(["openssl", "crl", "-inform", "DER", "-in", tmp_path / "ca.crl", "-CAfile", ca, "-noout",
+                          "-text"], capture_output=True, text=True)
+    assert crl.returncode == 0 and "verify OK" in crl.stderr + crl.stdout
+    assert serial.upper().lstrip("0") in crl.stdout.replace(":", "").upper()
+    subprocess.run(["openssl", "crl", "-inform", "DER", "-in", tmp_path / "ca.crl", "-out", tmp_path / "crl.pem"],
+                   check=True)
+    revoked = subprocess.run(["openssl", "verify", "-crl_check", "-CRLfile", tmp_path / "crl.pem", "-CAfile", ca,
+                              cert], capture_output=True, text=True)
+    assert revoked.returncode != 0 and "certificate revoked" in revoked.stdout + revoked.stderr
+
+    platform.autoenroll("client-cert", "agent2.example.org", "--out", str(tmp_path))
+    tls = subprocess.run(["openssl", "verify", "-CAfile", platform.data / "tls-ca.pem", "-purpose", "sslclient",
+                          tmp_path / "agent2.example.org.pem"], capture_output=True, text=True)
+    assert tls.returncode == 0 and "OK" in tls.stdout
+
+    keys = private_key_blocks(softhsm.list_objects("platform", platform.data / "token.pin"))
+    assert sorted(keys) == ["autoenroll-ca", "autoenroll-kra", "autoenroll-tls-ca"]
+    for label, block in keys.items():
+        assert {"sensitive", "always sensitive", "never extractable", "local"} <= access_of(block), label
+        assert "extractable" not in access_of(block)
+    assert usage_of(keys["autoenroll-kra"]) == {"decrypt", "unwrap"}
+    assert not [p.name for p in platform.data.rglob("*.key") if p.name in ("ca.key", "kra.key", "tls-ca.key")]
