@@ -71,7 +71,14 @@ def read_pin(path: Path) -> str:
 @dataclass
 class _Pool:
     pid: int
+    generation: int = 0  # of the module's initialisation (_INITIALISED) the sessions belong to
     sessions: list = field(default_factory=list)  # (session, {label: private key object})
+
+
+# How many times each module was initialised in this process: python-pkcs11 loads a module once per
+# process, so every Token of that module shares its initialisation, and a re-initialisation by one ends
+# the sessions of all.
+_INITIALISED: dict[str, int] = {}
 
 
 class Token:
@@ -94,7 +101,7 @@ class Token:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    def _library(self):
+    def _library(self, *, rescan: bool = False):
         import pkcs11
         if self._lib is None:
             try:
@@ -102,22 +109,27 @@ class Token:
             except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:
                 raise ConfigError(f"cannot load the PKCS#11 module {self.module}: {exc}") from None
             self._lib_pid = os.getpid()
-        elif self._lib_pid != os.getpid() or self._stale:
-            # forked: a child initialises the module again (PKCS#11 §6.7.7); after a failure too, so that
-            # the module looks for its tokens afresh (SoftHSM keeps a removed token's slot broken until then)
+            _INITIALISED.setdefault(self.module, 0)
+        elif self._lib_pid != os.getpid() or self._stale or rescan:
+            # forked: a child initialises the module again (PKCS#11 §6.7.7); after a failure too, and when
+            # a token is not found, so that the module looks for its tokens afresh (SoftHSM sees only the
+            # tokens that existed when it was initialised, and keeps a removed token's slot broken)
             with self._lock:
-                if self._lib_pid != os.getpid() or self._stale:
+                if self._lib_pid != os.getpid() or self._stale or rescan:
                     self._lib.reinitialize()
                     self._lib_pid, self._stale = os.getpid(), False
+                    _INITIALISED[self.module] = _INITIALISED.get(self.module, 0) + 1
         return self._lib
 
     def _open(self):
         import pkcs11
-        lib = self._library()
         try:
-            token = lib.get_token(token_label=self.label)
+            token = self._library().get_token(token_label=self.label)
         except pkcs11.NoSuchToken:
-            raise ConfigError(f"no PKCS#11 token labelled {self.label!r} in {self.module}") from None
+            try:
+                token = self._library(rescan=True).get_token(token_label=self.label)
+            except pkcs11.NoSuchToken:
+                raise ConfigError(f"no PKCS#11 token labelled {self.label!r} in {self.module}") from None
         try:
             return token.open(user_pin=read_pin(self.pin_file), rw=True)
         except pkcs11.UserAlreadyLoggedIn:  # the login is the process's: a further session shares it
@@ -159,20 +171,22 @@ class Token:
 
     def _take(self):
         with self._lock:
-            if self._pool.pid != os.getpid():  # sessions of the parent are no use in a child
-                self._pool = _Pool(pid=os.getpid())
+            generation = _INITIALISED.get(self.module, 0)
+            if self._pool.pid != os.getpid() or self._pool.generation != generation:
+                # sessions of the parent are no use in a child, nor any after the module was initialised again
+                self._pool = _Pool(pid=os.getpid(), generation=generation)
             return self._pool.sessions.pop() if self._pool.sessions else None
 
     def _give_back(self, entry) -> None:
         if entry is None:
             return
         with self._lock:
-            if self._pool.pid == os.getpid():
+            if self._pool.pid == os.getpid() and self._pool.generation == _INITIALISED.get(self.module, 0):
                 self._pool.sessions.append(entry)
 
     def _discard(self, entry) -> None:
         with self._lock:
-            stale, self._pool = self._pool.sessions, _Pool(pid=os.getpid())
+            stale, self._pool = self._pool.sessions, _Pool(pid=os.getpid(), generation=_INITIALISED.get(self.module, 0))
             self._stale = True
         for session, _keys in [*stale, *([entry] if entry is not None else [])]:
             try:
@@ -388,6 +402,8 @@ class TokenRsaKey(rsa.RSAPrivateKey):
 
     def sign(self, data, padding_, algorithm) -> bytes:
         from pkcs11 import Mechanism
+        if not _CAN_SIGN[self._name]:
+            raise TypeError("the KRA storage key only unwraps; it signs nothing")
         if not isinstance(padding_, padding.PKCS1v15) or isinstance(algorithm, utils.Prehashed) \
                 or algorithm.name not in self._SIGN:
             raise TypeError("a token RSA key signs with PKCS#1 v1.5 and SHA-256, -384 or -512 only")
