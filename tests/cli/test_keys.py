@@ -44,3 +44,20 @@ def test_import_to_token_moves_the_key_once_and_serve_refuses_while_the_file_cop
         imported = session.execute(select(AuditEvent.detail).where(AuditEvent.event == "key.imported_to_token")).scalars().all()
     assert [row["token"] for row in imported] == ["import"]  # one row: the refused second run added none
     assert "audit log intact" in cli("autoenroll", "--config", str(config), "audit", "verify").stdout
+
+
+def test_init_reads_the_key_store_from_the_toml_and_keeps_the_other_keys_in_files(tmp_path, softhsm):
+    """The issue's example of a per-key choice: the KRA key in the token, the CA and TLS CA in files."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    softhsm.new_token("toml-kra", data / "token.pin")
+    config = data / "autoenroll.toml"
+    config.write_text(f'data_dir = "."\nhttp_url = "http://127.0.0.1:1"\n[key_store]\nin_token = ["kra"]\n'
+                      f'module = "{MODULE}"\ntoken = "toml-kra"\npin_file = "token.pin"\n')
+    cli("autoenroll", "--config", str(config), "init")
+    assert (data / "ca.key").exists() and (data / "tls-ca.key").exists() and not (data / "kra.key").exists()
+    keys = private_key_blocks(softhsm.list_objects("toml-kra", data / "token.pin"))
+    assert list(keys) == ["autoenroll-kra"] and "never extractable" in access_of(keys["autoenroll-kra"])
+    again = cli("autoenroll", "--config", str(config), "init")  # a second init changes nothing
+    assert "already initialised" in again.stdout
+    assert list(private_key_blocks(softhsm.list_objects("toml-kra", data / "token.pin"))) == ["autoenroll-kra"]
