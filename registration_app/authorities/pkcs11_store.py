@@ -79,6 +79,8 @@ class _Pool:
 # process, so every Token of that module shares its initialisation, and a re-initialisation by one ends
 # the sessions of all.
 _INITIALISED: dict[str, int] = {}
+_INITIALISED_IN: dict[str, int] = {}  # the process (pid) that initialised each module last
+_REINITIALISING = threading.Lock()
 
 
 class Token:
@@ -92,7 +94,6 @@ class Token:
         self._lock = threading.Lock()
         self._pool = _Pool(pid=os.getpid())
         self._lib: Any = None
-        self._lib_pid: int | None = None
         self.oaep_sha256: bool | None = None  # whether the module does CKM_RSA_PKCS_OAEP with SHA-256
         self._stale = False  # a failure was seen: initialise the module again before the next session
 
@@ -105,20 +106,20 @@ class Token:
         import pkcs11
         if self._lib is None:
             try:
-                self._lib = pkcs11.lib(self.module)
+                self._lib = pkcs11.lib(self.module)  # one per process and module, maybe loaded before a fork
             except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:
                 raise ConfigError(f"cannot load the PKCS#11 module {self.module}: {exc}") from None
-            self._lib_pid = os.getpid()
-            _INITIALISED.setdefault(self.module, 0)
-        elif self._lib_pid != os.getpid() or self._stale or rescan:
+            _INITIALISED_IN.setdefault(self.module, os.getpid())
+        if _INITIALISED_IN[self.module] != os.getpid() or self._stale or rescan:
             # forked: a child initialises the module again (PKCS#11 §6.7.7); after a failure too, and when
             # a token is not found, so that the module looks for its tokens afresh (SoftHSM sees only the
             # tokens that existed when it was initialised, and keeps a removed token's slot broken)
-            with self._lock:
-                if self._lib_pid != os.getpid() or self._stale or rescan:
+            with _REINITIALISING:
+                if _INITIALISED_IN[self.module] != os.getpid() or self._stale or rescan:
                     self._lib.reinitialize()
-                    self._lib_pid, self._stale = os.getpid(), False
+                    _INITIALISED_IN[self.module] = os.getpid()
                     _INITIALISED[self.module] = _INITIALISED.get(self.module, 0) + 1
+                    self._stale = False
         return self._lib
 
     def _open(self):
