@@ -110,12 +110,12 @@ class Token:
             except (pkcs11.PKCS11Error, OSError, RuntimeError) as exc:
                 raise ConfigError(f"cannot load the PKCS#11 module {self.module}: {exc}") from None
             _INITIALISED_IN.setdefault(self.module, os.getpid())
-        if _INITIALISED_IN[self.module] != os.getpid() or self._stale or rescan:
-            # forked: a child initialises the module again (PKCS#11 §6.7.7); after a failure too, and when
-            # a token is not found, so that the module looks for its tokens afresh (SoftHSM sees only the
-            # tokens that existed when it was initialised, and keeps a removed token's slot broken)
+        if self._stale or rescan:
+            # after a failure, when a token is not found, and in a forked child whose first session failed
+            # (_open): the module looks for its tokens afresh (SoftHSM sees only the tokens that existed
+            # when it was initialised, and keeps a removed token's slot broken until then)
             with _REINITIALISING:
-                if _INITIALISED_IN[self.module] != os.getpid() or self._stale or rescan:
+                if self._stale or rescan:
                     self._lib.reinitialize()
                     _INITIALISED_IN[self.module] = os.getpid()
                     _INITIALISED[self.module] = _INITIALISED.get(self.module, 0) + 1
@@ -123,6 +123,20 @@ class Token:
         return self._lib
 
     def _open(self):
+        """A new session, logged in. In a forked child the module inherited from the parent is tried first
+        (SoftHSM carries on across fork; a child that initialises it again sees the token list of an
+        older initialisation) and initialised again if that fails (PKCS#11 §6.7.7 asks it of a child)."""
+        import pkcs11
+        if _INITIALISED_IN.get(self.module, os.getpid()) != os.getpid():
+            try:
+                return self._open_once()
+            except (pkcs11.PKCS11Error, ConfigError) as exc:
+                if isinstance(exc, ConfigError) and "PIN" in exc.detail:
+                    raise
+                self._library(rescan=True)
+        return self._open_once()
+
+    def _open_once(self):
         import pkcs11
         try:
             token = self._library().get_token(token_label=self.label)
