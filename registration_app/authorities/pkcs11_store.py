@@ -8,10 +8,11 @@ the token; cryptography's builders accept such a key as it is (the "custom signe
 certificate and CRL code does not know where the key is.
 
 Sessions: a PKCS#11 session does not survive fork, so each process opens its own on first use
-(`Token.session`): the gunicorn master may have used the token before it forked its workers, and each
-worker then initialises the module again. Sessions are pooled per process (a thread takes one for one
-operation); any token failure throws the whole pool away, so the first request after the token comes
-back opens fresh sessions instead of tripping over dead ones.
+(`Token.session`): the gunicorn master (or the provisioning parent) may have used the token before it
+forked its workers; a worker opens its sessions through the module it inherited, and initialises the module
+again if that fails. Sessions are pooled per process (a thread takes one for one operation); any token
+failure throws the whole pool away and initialises the module again, so the first request after the token
+comes back opens fresh sessions instead of tripping over dead ones.
 
 Failures: at start (`Token.check`) a wrong PIN, a missing token, a module that does not load or a key
 label not found is a ConfigError that names it; at run time any token failure is KeyStoreUnavailable
