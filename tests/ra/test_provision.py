@@ -179,7 +179,7 @@ def test_forked_provisioning_workers_sign_with_the_keys_in_a_token(tmp_path, sla
     services = make_services(data, slapd.settings(), profiles=profiles_for(entitled), key_store=keys)
     try:
         assert not [p for p in data.iterdir() if p.name in ("ca.key", "kra.key", "tls-ca.key")]
-        report = Provisioner(services, kra_public_key=kra_public_key(services), batch_size=4, workers=2).run(
+        report = Provisioner(services, batch_size=4, workers=2).run(
             group, services.settings.profiles["smime-encryption-ec"])
         assert report.issued == 12 and not report.failed
         with services.db.transaction() as session:
