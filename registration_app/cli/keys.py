@@ -27,7 +27,7 @@ def keys() -> None:
 @click.option("--pin-file", default=None, help="The user PIN's file (default: key_store.pin_file).")
 @click.pass_context
 def import_to_token(ctx, name: str, module: str | None, token_label: str | None, pin_file: str | None) -> None:
-    """Move the file key NAME (ca, tls_ca or kra) into the token, marked sensitive and never extractable
+    """Move the file key NAME (ca, tls_ca or kra) into the token, marked sensitive and not extractable
     there; refused when the token already holds it. The file copy must then be destroyed."""
     from ..authorities.pkcs11_store import Token, key_fingerprint, key_label
     from ..authorities.pki_files import PkiPaths, read_private_key
