@@ -5,6 +5,8 @@ checkout), the benchmark says "not available yet" instead of failing."""
 from __future__ import annotations
 
 import re
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +14,7 @@ import ldap
 
 from directory_sync.config import AttributeMap
 
+from .platform import BIN, server_environment
 from .world import GROUP_DN, user_dn
 
 NOT_AVAILABLE = "not available yet"
@@ -72,6 +75,33 @@ def _issued_certificates(platform, profile: str) -> int:
         db.dispose()
 
 
+# `autoenroll` with its peak RSS written at exit: the kernel's VmHWM of the new program alone. (wait4's
+# ru_maxrss would count the benchmark's own memory too: it covers the child before exec, which shares it.)
+_MEASURED = """import atexit, resource, sys
+_to = sys.argv.pop(1)
+def _peak():
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    with open("/proc/self/status") as status, open(_to, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+        out.write(f" {cpu.ru_utime + cpu.ru_stime:.2f}")
+atexit.register(_peak)
+from registration_app.cli import main
+sys.argv[0] = "autoenroll"
+main()
+"""
+
+
+def _run_measured(platform, args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """`autoenroll ARGS` as platform.autoenroll runs it, the peak RSS (MB) and the CPU seconds of that
+    process."""
+    with tempfile.NamedTemporaryFile(suffix=".rss") as peak:
+        command = [str(BIN / "python"), "-c", _MEASURED, peak.name, "--config", str(platform.config), *args]
+        result = subprocess.run(command, capture_output=True, text=True, env=server_environment(platform.env),
+                                timeout=3600)
+        text = open(peak.name).read().split()
+    return result, int(text[0]) / 1024 if text else 0.0, float(text[1]) if text else 0.0  # VmHWM is in kB
+
+
 def reconcile(platform, *, incremental: bool, entries: int) -> CommandResult:
     help_text = command_help(platform, "sync", "reconcile")
     if help_text is None:
@@ -87,11 +117,11 @@ def reconcile(platform, *, incremental: bool, entries: int) -> CommandResult:
     if "--json" in help_text:
         args.append("--json")
     started = time.perf_counter()
-    result = platform.autoenroll(*args, check=False, timeout=3600)
+    result, peak_rss_mb, cpu = _run_measured(platform, args)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"autoenroll {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    extra = {"command_seconds": round(seconds, 2)}
+    extra = {"command_seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb, 1), "command_cpu_s": round(cpu, 2)}
     try:  # the pass's own duration, without the command's start-up (imports, settings, migrations)
         import json
         seconds = float(json.loads(result.stdout)["duration_seconds"]) or seconds

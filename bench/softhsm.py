@@ -1,6 +1,6 @@
 """A private SoftHSM2 (Debian `softhsm2`): one token folder, a token per server (or per service of a split
 deployment), driven through softhsm2-util and inspected with pkcs11-tool (Debian `opensc`), as an operator
-would. The benchmark of keys in a token (bench/__main__.py, (8)) and the tests (tests/softhsm.py) use it."""
+would. The benchmark of keys in a token (bench/__main__.py, (10)) and the tests (tests/softhsm.py) use it."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class Minter:
         self.ca_cert = read_cert(data_dir / "ca.pem")
         if (data_dir / "ca.key").exists():
             self.ca_key = read_private_key(data_dir / "ca.key", passphrase)
-        else:  # the CA key is in a token (bench (8)): it signs the users' certificates there
+        else:  # the CA key is in a token (bench (10)): it signs the users' certificates there
             from registration_app.services import key_store
             from registration_app.settings import load_settings
             self.ca_key = key_store(load_settings(data_dir / "autoenroll.toml")).ca_signing_key()

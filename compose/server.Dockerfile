@@ -13,7 +13,7 @@ COPY directory_sync ./directory_sync
 COPY ldap_schema ./ldap_schema
 RUN pip install --no-cache-dir ".[postgresql]"
 COPY compose/server-entrypoint.sh /usr/local/bin/server-entrypoint
-RUN useradd --system --home /var/lib/autoenroll autoenroll && mkdir -p /var/lib/autoenroll \
+RUN useradd --system --uid 10001 --home /var/lib/autoenroll autoenroll && mkdir -p /var/lib/autoenroll \
  && chown autoenroll /var/lib/autoenroll
 USER autoenroll
 ENV AUTOENROLL_DATA_DIR=/var/lib/autoenroll \

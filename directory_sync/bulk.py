@@ -184,7 +184,7 @@ class BulkDirectory:
         if self._conn is not None:
             return self._conn
         try:
-            conn = connection.bind(self.settings)
+            conn = connection.bind(self.settings, self.directory.pool.credentials)
         except ldap.LDAPError as exc:
             raise connection.translate(exc) from exc
         self._conn = conn

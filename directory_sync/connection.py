@@ -23,8 +23,10 @@ import ldap
 from ldap.controls import SimplePagedResultsControl
 from ldap.ldapobject import LDAPObject
 
+from directory_sync import transport
 from directory_sync.config import LdapSettings
-from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
+from directory_sync.transport import Credentials
+from registration_app.core.errors import AutoenrollError, DirectoryTlsFailed, DirectoryUnavailable, UserNotFound
 
 T = TypeVar("T")
 Attributes = dict[str, list[bytes]]
@@ -37,19 +39,66 @@ NO_SUCH_OBJECT = 32
 _TRANSIENT = {1, 3, 11, 51, 52, 80}
 
 
-def bind(settings: LdapSettings) -> LDAPObject:
-    """A new connection bound as the service account; python-ldap's errors are the caller's to translate."""
-    conn = ldap.initialize(settings.url)
+def bind(settings: LdapSettings, credentials: Credentials | None = None) -> LDAPObject:
+    """A new connection bound as the service account (TLS as configured, verified); python-ldap's errors
+    are the caller's to translate, except a failed TLS set-up: DirectoryTlsFailed names its cause.
+    `credentials` as checked at start (transport.check_settings, which runs when they are not given)."""
+    credentials = credentials or transport.check_settings(settings)
+    servers = transport.servers(settings.url)
+    conn = ldap.initialize(" ".join(s.url for s in servers))
     conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
     conn.set_option(ldap.OPT_REFERRALS, 0)
     conn.set_option(ldap.OPT_NETWORK_TIMEOUT, settings.timeout_seconds)
     conn.timeout = settings.timeout_seconds  # every synchronous (_s) operation waits at most this long
+    tls = transport.uses_tls(settings)
+    if tls:
+        conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)  # also checks the host name
+        conn.set_option(ldap.OPT_X_TLS_CACERTFILE, transport.ca_file(settings))
+        if settings.client_cert_file:
+            conn.set_option(ldap.OPT_X_TLS_CERTFILE, settings.client_cert_file)
+            conn.set_option(ldap.OPT_X_TLS_KEYFILE, settings.client_key_file)
+        conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)  # last: the TLS context is built from the options above
     try:
-        conn.simple_bind_s(settings.bind_dn, settings.password)
+        if settings.start_tls:
+            try:
+                conn.start_tls_s()
+            except ldap.LDAPError as exc:
+                if answered(exc):
+                    raise DirectoryTlsFailed(f"The LDAP server refused StartTLS ({_info(exc)})",
+                                             cause="starttls_refused") from exc
+                raise
+        if credentials.mechanism == "EXTERNAL":
+            conn.sasl_non_interactive_bind_s("EXTERNAL")
+        else:
+            conn.simple_bind_s(credentials.bind_dn, credentials.password)
+    except (ldap.SERVER_DOWN, ldap.CONNECT_ERROR) as exc:
+        close(conn)
+        failure = transport.tls_failure(settings, settings.timeout_seconds) if tls else None
+        if failure is not None:
+            raise failure from exc
+        raise
     except BaseException:
         close(conn)
         raise
     return conn
+
+
+def _info(exc: ldap.LDAPError) -> str:
+    info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return str(info.get("info") or info.get("desc") or type(exc).__name__)
+
+
+def check_directory(settings: LdapSettings) -> None:
+    """At start-up, before serving: the settings (ConfigError), then one bind, so that a TLS set-up an
+    operator must fix (DirectoryTlsFailed: certificate not verified, name mismatch, StartTLS refused)
+    stops the server with its cause. A directory that is merely down is no reason not to start."""
+    credentials = transport.check_settings(settings)
+    try:
+        close(bind(settings, credentials))
+    except DirectoryTlsFailed:
+        raise
+    except ldap.LDAPError:
+        pass  # unreachable now: requests answer 503 and the outbox retries until it answers
 
 
 def close(conn: LDAPObject) -> None:
@@ -72,18 +121,38 @@ def answered(exc: ldap.LDAPError) -> bool:
 
 
 def translate(exc: ldap.LDAPError) -> AutoenrollError:
-    """The project's error for a python-ldap exception (the one adapter; see the module docstring)."""
+    """The project's error for a python-ldap exception (the one adapter; see the module docstring).
+    Every answer that is not the caller's fault is a 503 DirectoryUnavailable whose message says what
+    the directory did, so that an operator can tell a refused bind from a size limit or a referral."""
     info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
     description = info.get("desc", type(exc).__name__)
     if isinstance(exc, ldap.INVALID_CREDENTIALS):
         return DirectoryUnavailable("The LDAP directory refused the service account's bind")
+    if isinstance(exc, (ldap.CONFIDENTIALITY_REQUIRED, ldap.STRONG_AUTH_REQUIRED)):
+        return DirectoryUnavailable("The LDAP directory requires a protected connection for the service "
+                                    "account's bind: use ldaps:// or start_tls = true", ldap_result=description)
+    if isinstance(exc, (ldap.INAPPROPRIATE_AUTH, ldap.AUTH_METHOD_NOT_SUPPORTED)):
+        return DirectoryUnavailable("The LDAP directory refused the service account's way of binding",
+                                    ldap_result=description)
+    if isinstance(exc, ldap.TIMEOUT):
+        return DirectoryUnavailable("The LDAP directory did not answer within timeout_seconds",
+                                    ldap_error="TIMEOUT")
     code = result_code(exc)
     if code is None:
-        if isinstance(exc, (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR)):
+        if isinstance(exc, (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)):
             return DirectoryUnavailable(ldap_error=type(exc).__name__)
         return AutoenrollError("LDAP client error", ldap_error=type(exc).__name__)  # a bug of ours
     if code == NO_SUCH_OBJECT:
         return UserNotFound("The directory entry does not exist")
+    if isinstance(exc, ldap.SIZELIMIT_EXCEEDED):
+        return DirectoryUnavailable("The LDAP directory's size limit cut the search short: give the service "
+                                    "account an unlimited size limit (paged searches ask for pages of "
+                                    f"{PAGE_SIZE})", ldap_result=description)
+    if isinstance(exc, ldap.REFERRAL):
+        where = str(info.get("info", "")).replace("Referral:", "").strip()
+        return DirectoryUnavailable(f"The LDAP directory answered with a referral{f' to {where}' if where else ''}; "
+                                    "referrals are not followed: point url at the server that holds the entries",
+                                    ldap_result=description)
     if code in _TRANSIENT:
         return DirectoryUnavailable(ldap_result=description)
     # insufficientAccessRights, objectClassViolation...: a deployment problem, not the caller's; 503 so
@@ -112,19 +181,31 @@ def read(conn: LDAPObject, dn: str, attributes: list[str], timeout: float) -> At
 def search_pages(conn: LDAPObject, base: str, flt: str, attributes: list[str], *, timeout: float,
                  page_size: int = PAGE_SIZE) -> Iterator[list[Entry]]:
     """Paged subtree search (RFC 2696) on `conn`, one list of entries per page; nothing if `base` is
-    missing. Referrals (entries without a DN) are skipped. python-ldap's exceptions pass through."""
+    missing. Referrals (entries without a DN) are skipped. python-ldap's exceptions pass through.
+
+    The next page is asked for before this one is handed out, so that the server prepares it while
+    the caller works through this one (on a million entries the two took turns otherwise)."""
     control = SimplePagedResultsControl(True, size=page_size, cookie=b"")
-    while True:
-        try:
-            msgid = conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, attributes, serverctrls=[control])
-            _, data, _, controls = conn.result3(msgid, timeout=timeout)
-        except ldap.NO_SUCH_OBJECT:
-            return
-        yield [(dn, lowered(attrs)) for dn, attrs in data if dn is not None]
-        cookie = next((c.cookie for c in controls if c.controlType == SimplePagedResultsControl.controlType), b"")
-        if not cookie:
-            return
-        control.cookie = cookie
+    pending: int | None = conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, attributes, serverctrls=[control])
+    try:
+        while pending is not None:
+            try:
+                _, data, _, controls = conn.result3(pending, timeout=timeout)
+            except ldap.NO_SUCH_OBJECT:
+                pending = None
+                return
+            pending = None
+            cookie = next((c.cookie for c in controls if c.controlType == SimplePagedResultsControl.controlType), b"")
+            if cookie:
+                control.cookie = cookie
+                pending = conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, attributes, serverctrls=[control])
+            yield [(dn, lowered(attrs)) for dn, attrs in data if dn is not None]
+    finally:
+        if pending is not None:  # the caller stopped early: the server need not finish the page
+            try:
+                conn.abandon_ext(pending)
+            except ldap.LDAPError:
+                pass
 
 
 class ConnectionPool:
@@ -132,6 +213,7 @@ class ConnectionPool:
 
     def __init__(self, settings: LdapSettings) -> None:
         self.settings = settings
+        self.credentials = transport.check_settings(settings)  # at start: ConfigError names what is wrong
         self._idle: queue.LifoQueue[LDAPObject] = queue.LifoQueue()
 
     def run(self, work: Callable[[LDAPObject], T]) -> T:
@@ -208,7 +290,7 @@ class ConnectionPool:
         except queue.Empty:
             pass
         try:
-            return bind(self.settings), False
+            return bind(self.settings, self.credentials), False
         except ldap.LDAPError as exc:
             raise translate(exc) from exc
 

@@ -4,6 +4,8 @@ registration_app/core/dn.py (the one normaliser), group names resolved through r
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import ldap.dn
 import ldap.filter
 
@@ -47,3 +49,10 @@ def check_email(email: str) -> str:
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in email):
         raise BadRequest("Not a valid email address")
     return email
+
+
+def generalized_time(when: datetime) -> str:
+    """A filter value for a GeneralizedTime attribute (modifyTimestamp, whenChanged), in UTC. With the
+    fraction ".0": Active Directory (Samba at least) matches `YYYYMMDDHHMMSSZ` against every entry, and
+    OpenLDAP takes either form."""
+    return when.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S.0Z")

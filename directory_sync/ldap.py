@@ -18,10 +18,10 @@ from ldap.ldapobject import LDAPObject
 
 from directory_sync.config import LdapSettings
 from directory_sync.connection import Attributes, ConnectionPool, Entry, values
-from directory_sync.escape import check_email, filter_value, first_rdn, resolve_group_dn
+from directory_sync.escape import check_email, filter_value, first_rdn, generalized_time, resolve_group_dn
 from directory_sync.plan import Plan, Wanted, plan_values
 from registration_app.core.dn import dn_key  # lenient: DNs read back from LDAP are compared, never refused
-from registration_app.core.errors import AmbiguousUser, DirectoryUnavailable
+from registration_app.core.errors import AmbiguousUser, DirectoryUnavailable, SchemaRefused
 from registration_app.core.model import UserEntry
 
 
@@ -37,7 +37,7 @@ class LdapDirectory:
     def find_user(self, email: str) -> UserEntry | None:
         """The single entry under users_base whose mail is `email`; None if none; AmbiguousUser if several."""
         check_email(email)
-        flt = f"({self.settings.mail_attribute}={filter_value(email)})"
+        flt = address_filter(self.settings, email)
         entries = self.pool.run(lambda conn: _search_two(conn, self.settings.users_base, flt,
                                                          self.user_attributes(), self.settings.timeout_seconds))
         if len(entries) > 1:
@@ -54,6 +54,10 @@ class LdapDirectory:
         if isinstance(user, UserEntry) and self.settings.use_memberof and not self.settings.nested_groups:
             return user.member_of  # read with the entry by find_user, in the same live search
         dn = user.dn if isinstance(user, UserEntry) else user
+        rule = self.attributes.in_chain_rule
+        if self.settings.nested_groups and rule:  # the server walks the nesting: one search
+            flt = f"({self.settings.group_member_attribute}:{rule}:={filter_value(dn)})"
+            return frozenset(dn_key(group) for group, _ in self.pool.paged(self.settings.groups_base, flt, ["1.1"]))
         found: set[str] = set()
         todo = self._parents(dn)
         while todo:
@@ -73,8 +77,8 @@ class LdapDirectory:
     def members_of_group(self, group: str) -> Iterator[UserEntry]:
         """Every user of a group (DN or bare cn), by paged searches."""
         group_dn = self._group_dn(group)
-        if self.settings.use_memberof and not self.settings.nested_groups:
-            flt = f"(&({self.settings.mail_attribute}=*)({self.attributes.member_of}={filter_value(group_dn)}))"
+        if self.settings.use_memberof and (not self.settings.nested_groups or self.attributes.in_chain_rule):
+            flt = f"(&({self.settings.mail_attribute}=*)({self.member_of_filter(group_dn)}))"
             for entry in self.pool.paged(self.settings.users_base, flt, self.user_attributes()):
                 yield self.user_entry(entry)
             return
@@ -91,15 +95,20 @@ class LdapDirectory:
 
     def group_members(self, group: str) -> set[str]:
         """Normalised DNs of a group's members from its member attribute (nested ones too when
-        nested_groups): one paged search of the groups, whatever the size of the group."""
-        return self._expanded_members(self._group_dn(group))
+        nested_groups): one paged search of the groups, whatever the size of the group; with the
+        in-chain matching rule, one paged search of the entries under users_base that the server says are in it."""
+        group_dn = self._group_dn(group)
+        if self.settings.nested_groups and self.attributes.in_chain_rule:
+            flt = f"({self.member_of_filter(group_dn)})"
+            return {dn_key(dn) for dn, _ in self.pool.paged(self.settings.users_base, flt, ["1.1"])}
+        return self._expanded_members(group_dn)
 
     def iter_users(self, since: datetime | None = None) -> Iterator[UserEntry]:
         """Every user with a mail address; with `since`, only entries modified at or after it (UTC if naive)."""
         flt = f"({self.settings.mail_attribute}=*)"
         if since is not None:
-            when = (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
-            flt = f"(&{flt}({self.attributes.modify_timestamp}>={when:%Y%m%d%H%M%SZ}))"
+            when = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+            flt = f"(&{flt}({self.attributes.modify_timestamp}>={generalized_time(when)}))"
         for entry in self.pool.paged(self.settings.users_base, flt, self.user_attributes()):
             yield self.user_entry(entry)
 
@@ -119,10 +128,12 @@ class LdapDirectory:
     def publish_ca(self, ca_cert_der: bytes, crl_der: bytes | None = None) -> None:
         """Replace the CA entry's certificate (and CRL, if given); create the entry if it is missing."""
         names = self.attributes
-        dn = self.settings.ca_entry_dn
+        dn = self.settings.ca_dn
         replace = {names.ca_certificate: [ca_cert_der]}
         if crl_der is not None:
             replace[names.crl] = [crl_der]
+            if names.authority_crl:
+                replace[names.authority_crl] = [crl_der]
         naming_attribute, name = first_rdn(dn)
         entry = {"objectClass": sorted(c.encode() for c in names.ca_object_classes),
                  naming_attribute: [name.encode()], **replace}
@@ -149,8 +160,8 @@ class LdapDirectory:
     def user_attributes(self) -> list[str]:
         """The attributes `user_entry` reads (memberOf only where the overlay maintains it)."""
         names = self.attributes
-        attrs = [self.settings.mail_attribute, names.common_name, names.certificate, names.version,
-                 self.settings.entry_id_attribute]
+        attrs = [self.settings.mail_attribute, *sorted(self.settings.also_find_by), names.common_name,
+                 names.certificate, names.version, self.settings.entry_id_attribute]
         return attrs + ([names.member_of] if self.settings.use_memberof else [])
 
     def user_entry(self, entry: Entry, email: str | None = None) -> UserEntry:
@@ -158,7 +169,7 @@ class LdapDirectory:
         dn, attrs = entry
         names = self.attributes
         mails = [v.decode() for v in values(attrs, self.settings.mail_attribute)]
-        matching = [m for m in mails if email is not None and m.lower() == email.lower()]
+        matching = [m for m in addresses(self.settings, attrs) if email is not None and m.lower() == email.lower()]
         common_names = [v.decode() for v in values(attrs, names.common_name)]
         return UserEntry(
             dn=dn,
@@ -170,15 +181,24 @@ class LdapDirectory:
             entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
         )
 
-    def modify_operations(self, plan: Plan) -> list[tuple]:
-        """python-ldap's modlist for one plan: the deletes, then the adds in order, in one modify."""
+    def modify_operations(self, plan: Plan, *, add_class: bool = False) -> list[tuple]:
+        """python-ldap's modlist for one plan: the deletes, then the adds in order, in one modify;
+        `add_class`: the auxiliary class that allows the attribute (pkiUser) is added in it too."""
         attribute = self.attributes.certificate
-        return ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
+        auxiliary = self.attributes.certificate_object_class
+        return ([(ldap.MOD_ADD, "objectClass", [auxiliary.encode()])] if add_class and plan.adds else []) + \
+               ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
                ([(ldap.MOD_ADD, attribute, list(plan.adds))] if plan.adds else [])
 
     # --- helpers -------------------------------------------------------------------------------
     def _group_dn(self, group: str) -> str:
         return resolve_group_dn(group, self.settings.groups_base)
+
+    def member_of_filter(self, group_dn: str) -> str:
+        """The filter item (without parentheses) for members of `group_dn`: memberOf=<group>, or
+        memberOf:<in-chain rule>:=<group> when nesting on a server that has the rule."""
+        rule = self.attributes.in_chain_rule if self.settings.nested_groups else ""
+        return f"{self.attributes.member_of}{f':{rule}:' if rule else ''}={filter_value(group_dn)}"
 
     def _parents(self, dn: str) -> set[str]:
         """Groups that list `dn` as a direct member."""
@@ -218,9 +238,9 @@ class LdapDirectory:
         the same modify without it: deleting by value still refuses to apply over a concurrent removal.
         """
         names = self.attributes
-        asserting, fresh = True, seen is None
+        asserting, fresh, add_class = True, seen is None, False
         current, version = (list(seen.certificates), seen.version) if seen is not None else (None, None)
-        for _ in range(4):
+        for _ in range(5):
             if current is None:
                 fresh = True
                 found = conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", [names.certificate, names.version],
@@ -237,14 +257,65 @@ class LdapDirectory:
             controls = [AssertionControl(True, f"({names.version}={filter_value(version)})")] \
                 if asserting and version else None
             try:
-                conn.modify_ext_s(dn, self.modify_operations(plan), serverctrls=controls)
+                conn.modify_ext_s(dn, self.modify_operations(plan, add_class=add_class), serverctrls=controls)
                 return
+            except ldap.OBJECT_CLASS_VIOLATION as exc:
+                # The entry's classes do not allow the attribute: the same modify again with the
+                # auxiliary class added, once; refused with it (or without one to add): for good.
+                if add_class or not names.certificate_object_class or not plan.adds:
+                    raise self._schema_refused(dn, exc) from exc
+                add_class = True
+                continue
+            except (ldap.INVALID_SYNTAX, ldap.UNDEFINED_TYPE, ldap.INSUFFICIENT_ACCESS) as exc:
+                if add_class:  # the directory does not know the auxiliary class, or we may not add it
+                    raise self._schema_refused(dn, exc) from exc
+                raise
+            except (ldap.CONSTRAINT_VIOLATION, ldap.SIZELIMIT_EXCEEDED, ldap.ADMINLIMIT_EXCEEDED) as exc:
+                raise self._schema_refused(dn, exc) from exc  # e.g. a value larger than the attribute takes
             except ldap.UNAVAILABLE_CRITICAL_EXTENSION:
                 asserting = False  # no assertions on this server: plan again, modify without
             except (ldap.ASSERTION_FAILED, ldap.TYPE_OR_VALUE_EXISTS, ldap.NO_SUCH_ATTRIBUTE):
                 pass  # another writer changed the entry since it was read
             current = None
         raise DirectoryUnavailable("The directory entry keeps changing; try again later")
+
+
+    def _schema_refused(self, dn: str, exc: ldap.LDAPError) -> SchemaRefused:
+        info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        said = "; ".join(str(info[k]) for k in ("desc", "info") if info.get(k)) or type(exc).__name__
+        return SchemaRefused(f"The directory refused {self.attributes.certificate} on {dn}: {said}",
+                             ldap_result=str(info.get("desc", type(exc).__name__)), dn=dn)
+
+
+PROXY_ADDRESSES = "proxyaddresses"
+_SMTP = ("smtp:", "SMTP:")  # SMTP: the primary address, smtp: the aliases (Exchange)
+
+
+def address_filter(settings: LdapSettings, email: str) -> str:
+    """The filter that finds the entry of `email`: mail_attribute, or any of `also_find_by` too
+    (proxyAddresses by its smtp:/SMTP: values, any other attribute by the address itself)."""
+    value = filter_value(email)
+    terms = [f"({settings.mail_attribute}={value})"]
+    for name in sorted(settings.also_find_by):
+        if name.lower() == PROXY_ADDRESSES:
+            terms += [f"({name}={prefix}{value})" for prefix in _SMTP]
+        else:
+            terms.append(f"({name}={value})")
+    return terms[0] if len(terms) == 1 else f"(|{''.join(terms)})"
+
+
+def addresses(settings: LdapSettings, attrs: Attributes) -> list[str]:
+    """Every address the entry answers to: its mail values, then those of `also_find_by` (proxyAddresses
+    values without their smtp: prefix; X400: and other types are not mail addresses)."""
+    found = [v.decode() for v in values(attrs, settings.mail_attribute)]
+    for name in sorted(settings.also_find_by):
+        for raw in values(attrs, name):
+            text = raw.decode("utf-8", "replace")
+            if name.lower() != PROXY_ADDRESSES:
+                found.append(text)
+            elif text[:5].lower() == "smtp:":
+                found.append(text[5:])
+    return found
 
 
 def entry_id_text(raw: list[bytes]) -> str:

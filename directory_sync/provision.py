@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from directory_sync.bulk import BulkDirectory
 from directory_sync.config import LdapSettings
 from directory_sync.connection import values
-from directory_sync.escape import filter_value
 from directory_sync.ldap import LdapDirectory, entry_id_text
 from directory_sync.plan import wanted_values
 from directory_sync.reconcile import Entitlement, LdapUser, dn_key
@@ -41,8 +40,8 @@ def group_members(directory: LdapDirectory, group: str, profile: Profile) -> tup
     group_dn = directory.group_dn(group)
     attrs = [ldap.mail_attribute, names.common_name, names.member_of, names.certificate, ldap.entry_id_attribute]
     with BulkDirectory(directory) as bulk:
-        if ldap.use_memberof and not ldap.nested_groups:
-            flt = f"(&({ldap.mail_attribute}=*)({names.member_of}={filter_value(group_dn)}))"
+        if ldap.use_memberof and (not ldap.nested_groups or names.in_chain_rule):
+            flt = f"(&({ldap.mail_attribute}=*)({directory.member_of_filter(group_dn)}))"
             entries = list(bulk.scan(ldap.users_base, flt, attrs))
         else:
             wanted = {dn_key(m) for m in directory.group_members(group_dn)}

@@ -7,7 +7,11 @@ reordered or processed twice without harm, and nothing is dropped while LDAP is 
 stays queued with exponential back-off and jitter.
 
 A user whose entry no longer exists (noSuchObject) is not retried forever: the rows are marked done
-with last_error 'user gone' and an audit row `publish.user_gone`. Their certificates are not
+with last_error 'user gone' and an audit row `publish.user_gone`. Nor is one whose entry the directory's
+schema refuses the certificate for good (SchemaRefused: its classes do not allow it even with pkiUser
+added in the same modify, or the value is too large): the rows end in the `schema_refused` state
+(done, last_error 'schema_refused: <the directory's message>', shown by `autoenroll sync status`) with
+an audit row `publish.schema_refused`; once the entry is fixed, reconcile publishes it. Their certificates are not
 revoked here, because a missing entry can also be a rename: reconcile decides (a user found again by
 mail under another DN is followed; one found nowhere is revoked with affiliationChanged).
 
@@ -30,7 +34,8 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from directory_sync.plan import Wanted, wanted_values
-from registration_app.core.errors import AutoenrollError, DatabaseUnavailable, DirectoryUnavailable, UserNotFound
+from registration_app.core.errors import (AutoenrollError, DatabaseUnavailable, DirectoryUnavailable, SchemaRefused,
+                                          UserNotFound)
 from registration_app.core.model import Profile, UserEntry
 from registration_app.core.retry import backoff_delay
 from registration_app.store import audit
@@ -44,6 +49,7 @@ CLAIM = timedelta(seconds=60)
 MAX_BACKOFF = 300.0
 CRL_CHECK_SECONDS = 60.0
 USER_GONE = "user gone"
+SCHEMA_REFUSED = "schema_refused"  # last_error of rows refused for good: "schema_refused: <message>"
 # Publications of one user in a row, each planned from a newer read of our records, before the rows are
 # left to the worker (see Publisher.sync_user).
 CONVERGE_ROUNDS = 5
@@ -166,6 +172,17 @@ class Publisher:
         self.ca = ca  # a LocalCA: lets the worker rebuild the CRL before nextUpdate
         self._crl_checked = float("-inf")
         self.completions = Completions(self)
+        self.targets: list = []  # directory_sync/targets.py TargetPublisher: [targets.NAME], each on its own
+
+    def drain_targets(self) -> int:
+        """One pass over every extra publication target; one that fails does not stop the others."""
+        done = 0
+        for target in self.targets:
+            try:
+                done += target.drain()
+            except Exception:  # its rows stay due there; the next pass tries again
+                log.exception("event=publish.target_error target=%r", target.name)
+        return done
 
     # -- one user --------------------------------------------------------------------------
     def sync_user(self, user_dn: str, now: datetime | None = None, *, certs: list | None = None,
@@ -273,6 +290,15 @@ class Publisher:
                     s, event="publish.user_gone", outcome="failed", actor="outbox", subject=g[0].email,
                     detail={"dn": t, "rows": len(g), "serials": [r.serial for r in g if r.serial]}))
                 log.warning("event=publish.user_gone target=%r rows=%d", target, len(ids))
+                done += len(ids)
+                continue
+            except SchemaRefused as exc:
+                self.complete(ids, note=f"{SCHEMA_REFUSED}: {exc.detail}"[:500])
+                self.db.run(lambda s, t=target, g=group, e=exc: audit.append(
+                    s, event="publish.schema_refused", outcome="failed", actor="outbox", subject=g[0].email,
+                    detail={"dn": t, "rows": len(g), "serials": [r.serial for r in g if r.serial],
+                            "directory_said": e.detail}))
+                log.warning("event=publish.schema_refused target=%r rows=%d error=%r", target, len(ids), exc.detail)
                 done += len(ids)
                 continue
             except AutoenrollError as exc:
@@ -397,6 +423,8 @@ class Publisher:
             try:
                 self.refresh_crl_if_due()
                 while self.drain() and not stop.is_set():
+                    pass
+                while self.drain_targets() and not stop.is_set():
                     pass
             except Exception:  # a worker that dies silently would lose nothing but delay everything
                 log.exception("event=publish.worker_error")

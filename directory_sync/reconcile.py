@@ -16,8 +16,12 @@ One pass compares what LDAP shows with what the database knows, in memory, in di
   need (current encryption certificate first, see plan.py);
 - values from other issuers are never touched; escrowed keys are never deleted.
 
-A full pass reads every user with mail, memberOf and userCertificate;binary in one paged search
-(python-ldap, see bulk.py) and every certificate row in one query. An incremental pass reads only
+A full pass reads every certificate row in one query, then, in one paged search (python-ldap, see
+bulk.py), every user with mail who holds any certificate value, and reads the entries of the rows that
+search did not meet (at their DN, by entry id, by address, as an incremental pass does); above
+MAX_INCREMENTAL_LOOKUPS such rows it reads every user with mail instead. A user who holds no certificate
+and has no row of ours has nothing to reconcile. Only the users the rows or our certificates concern
+are kept: the pass's memory follows the number of certificates, not the directory's size. An incremental pass reads only
 entries modified since the last run (`sync_state` row `reconcile.last_run`), the members of profile
 groups that changed (the memberOf overlay does not touch a user's modifyTimestamp when a group drops
 them, and refint removes deleted users from groups), and the users whose certificates were issued,
@@ -40,8 +44,8 @@ from sqlalchemy import or_, select, update
 
 from directory_sync.bulk import BulkDirectory
 from directory_sync.connection import values
-from directory_sync.escape import filter_value
-from directory_sync.ldap import entry_id_text
+from directory_sync.escape import filter_value, generalized_time
+from directory_sync.ldap import addresses, entry_id_text
 from directory_sync.plan import Wanted, plan_values, wanted_values
 from directory_sync.publisher import USER_GONE
 from registration_app.core.dn import dn_key  # the one DN normaliser; also the dict key on 100,000 users
@@ -229,8 +233,8 @@ class Reconciler:
 
     # -- reading LDAP --
     def _attributes(self) -> list[str]:
-        return [self.settings.mail_attribute, self.names.member_of, self.names.certificate,
-                self.settings.entry_id_attribute]
+        return [self.settings.mail_attribute, *sorted(self.settings.also_find_by), self.names.member_of,
+                self.names.certificate, self.settings.entry_id_attribute]
 
     def _user(self, dn: str, attrs: dict[str, list[bytes]]) -> LdapUser:
         keys = self._group_keys  # 100,000 users share a handful of groups: normalise each once
@@ -242,7 +246,7 @@ class Reconciler:
             groups.append(key)
         return LdapUser(
             dn=dn,
-            mails=tuple(v.decode().lower() for v in values(attrs, self.settings.mail_attribute)),
+            mails=tuple(m.lower() for m in addresses(self.settings, attrs)),
             groups=frozenset(groups),
             certificates=tuple(values(attrs, self.names.certificate)),
             entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
@@ -286,15 +290,17 @@ class Reconciler:
                                  started_at=now)
         entitled = Entitlement(self.directory, self.profiles)
         with BulkDirectory(self.directory) as bulk:
+            partial = True  # only a part of LDAP was read: a row's entry not met is looked up
             if since is None:
-                users, rows, known = self._full_inputs(bulk)
+                users, rows, known, scanned, partial = self._full_inputs(bulk)
             else:
                 users, rows, known = self._incremental_inputs(bulk, entitled, since - SINCE_MARGIN, now)
+                scanned = len(users or ())
                 if users is None:  # too much changed: a full pass is cheaper than lookups
                     report.mode = "full"
-                    users, rows, known = self._full_inputs(bulk)
-            report.users_scanned, report.certificates_checked = len(users), len(rows)
-            self._reconcile(bulk, users, rows, known, entitled, report, now, dry_run)
+                    users, rows, known, scanned, partial = self._full_inputs(bulk)
+            report.users_scanned, report.certificates_checked = scanned, len(rows)
+            self._reconcile(bulk, users, rows, known, entitled, report, now, dry_run, partial=partial)
         report.duration_seconds = round(time.monotonic() - clock, 3)
         if not dry_run:
             self._remember(report)
@@ -305,11 +311,47 @@ class Reconciler:
         return report
 
     def _full_inputs(self, bulk):
-        users = self._scan_users(bulk)
+        """(users, rows, known, users read, partial): partial when only the holders of certificates
+        and the entries at the rows' DNs were read (the rest of a row's lookups happen in the pass)."""
         with self.db.transaction() as session:
             rows = self._rows(session)
         known = {r.der: dn_key(r.user_dn) for r in rows}
-        return users, rows, known
+        holders = f"(&({self.settings.mail_attribute}=*)({self.names.certificate.split(';')[0]}=*))"
+        users, scanned = self._scan_concerned(bulk, rows, known, holders)
+        base = dn_key(self.settings.users_base)
+        unmet = list(dict.fromkeys(r.user_dn for r in rows if dn_key(r.user_dn) not in users
+                                   and _under(dn_key(r.user_dn), base)))
+        if len(unmet) > MAX_INCREMENTAL_LOOKUPS:  # e.g. the directory lost its values: read everyone
+            users, scanned = self._scan_concerned(bulk, rows, known, f"({self.settings.mail_attribute}=*)")
+            return users, rows, known, scanned, False
+        mail = self.settings.mail_attribute
+        for dn in unmet:
+            attrs = bulk.read(dn, self._attributes())
+            if attrs is not None and values(attrs, mail):  # a user as the search would have found them
+                users[dn_key(dn)] = self._user(dn, attrs)
+                scanned += 1
+        return users, rows, known, scanned, True
+
+    def _scan_concerned(self, bulk, rows: list[CertRow], known: dict[bytes, str],
+                        flt: str) -> tuple[dict[str, LdapUser], int]:
+        """The users `flt` finds, a page at a time, and how many; kept are only the users a row names
+        (by DN, entry id or address: a row's entry may have moved) and those holding a certificate of
+        ours. Every other user has nothing of ours to check (plan_user would have nothing to do)."""
+        keys = {dn_key(r.user_dn) for r in rows}
+        ids = {r.entry_id for r in rows if r.entry_id}
+        mails = {r.email.lower() for r in rows}
+        mail, certificate, entry_id = (self.settings.mail_attribute.lower(), self.names.certificate.lower(),
+                                       self.settings.entry_id_attribute.lower())
+        users: dict[str, LdapUser] = {}
+        scanned = 0
+        for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes()):
+            scanned += 1
+            key = dn_key(dn)
+            if (key in keys or any(v in known for v in attrs.get(certificate, ()))
+                    or (ids and entry_id_text(attrs.get(entry_id, [])) in ids)
+                    or any(v.decode("utf-8", "replace").lower() in mails for v in attrs.get(mail, ()))):
+                users[key] = self._user(dn, attrs)
+        return users, scanned
 
     def _incremental_inputs(self, bulk, entitled: Entitlement, since: datetime, now: datetime):
         users = self._scan_users(bulk, since)
@@ -360,9 +402,10 @@ class Reconciler:
         return members
 
     def _reconcile(self, bulk, users: dict[str, LdapUser], rows: list[CertRow], known: dict[bytes, str],
-                   entitled: Entitlement, report: ReconcileReport, now: datetime, dry_run: bool) -> None:
-        by_dn, bound = self._by_entry(bulk, users, rows, now, report)
-        moves = self._follow_renames(bulk, users, by_dn, now, report)
+                   entitled: Entitlement, report: ReconcileReport, now: datetime, dry_run: bool, *,
+                   partial: bool) -> None:
+        by_dn, bound = self._by_entry(bulk, users, rows, now, report, partial=partial)
+        moves = self._follow_renames(bulk, users, by_dn, now, report, partial=partial)
         if (moves or bound) and not dry_run:
             self._apply_moves(moves, bound)
         plans: dict[str, UserPlan] = {}
@@ -438,7 +481,8 @@ class Reconciler:
         return out
 
     def _by_entry(self, bulk, users: dict[str, LdapUser], rows: list[CertRow], now: datetime,
-                  report: ReconcileReport) -> tuple[dict[str, list[CertRow]], list[tuple[CertRow, str]]]:
+                  report: ReconcileReport, *, partial: bool
+                  ) -> tuple[dict[str, list[CertRow]], list[tuple[CertRow, str]]]:
         """The rows by the dn_key of the entry they belong to, and (row, its DN before) for each row
         whose DN or entry id changes now.
 
@@ -458,7 +502,7 @@ class Reconciler:
                     bound.append((r, r.user_dn))
                 by_dn.setdefault(key, []).append(r)
                 continue
-            if r.entry_id not in by_id and report.mode == "incremental":  # only a part of LDAP was read
+            if r.entry_id not in by_id and partial:  # only a part of LDAP was read
                 by_id[r.entry_id] = None  # one search per entry id, found or not
                 flt = f"({self.settings.entry_id_attribute}={filter_value(r.entry_id)})"
                 for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes()):
@@ -479,7 +523,8 @@ class Reconciler:
         return by_dn, bound
 
     def _follow_renames(self, bulk, users: dict[str, LdapUser], by_dn: dict[str, list[CertRow]],
-                        now: datetime, report: ReconcileReport) -> list[tuple[str, str, list[CertRow], str | None]]:
+                        now: datetime, report: ReconcileReport, *, partial: bool
+                        ) -> list[tuple[str, str, list[CertRow], str | None]]:
         """DNs with live certificates older than entry ids that LDAP no longer has, whose mail is on
         exactly one other entry (the rows then take that entry's id)."""
         missing = [(key, rows) for key, rows in by_dn.items() if key not in users and not key.startswith("gone:")
@@ -494,7 +539,7 @@ class Reconciler:
         for key, rows in missing:
             email = rows[0].email.lower()
             found = by_mail.get(email)
-            if found is None and report.mode == "incremental":  # only a part of LDAP was read
+            if partial:  # only a part of LDAP was read: every entry with the address, to see duplicates
                 found = []
                 flt = f"({self.settings.mail_attribute}={filter_value(email)})"
                 for dn, attrs in bulk.scan(self.settings.users_base, flt, self._attributes()):
@@ -584,8 +629,13 @@ def run_periodically(reconciler: Reconciler, every: float, *, incremental: bool,
         stop.wait(max(0.0, every - (time.monotonic() - started)))
 
 
+def _under(key: str, base: str) -> bool:
+    """Whether the entry named by dn_key `key` is `base` or below it (what a subtree search reads)."""
+    return key == base or key.endswith("," + base)
+
+
 def _generalized(when: datetime) -> str:
-    return when.astimezone(timezone.utc).strftime("%Y%m%d%H%M%SZ")
+    return generalized_time(when)
 
 
 def _aware(when: datetime | None, utc) -> datetime | None:

@@ -1,7 +1,11 @@
 """A private slapd in a folder, built from ldap_schema/: for `make run`, the tests and the benchmarks.
 
 Layout of the folder: config/ (cn=config, slapd.d), db/ (mdb), ldapi (socket), slapd.pid, slapd.log,
-port (kept so that a restart reuses it), admin.pw (cn=admin's password, mode 0600).
+port and ldaps-port (kept so that a restart reuses them), admin.pw (cn=admin's password, mode 0600).
+
+With `tls=SlapdTls(...)` the instance also serves ldaps:// on a second loopback port and StartTLS on the
+ldap:// one, with the certificate and key given (the tests issue them), and accepts TLS client
+certificates issued by `client_ca_file` for SASL EXTERNAL (the identity is the certificate's subject DN).
 
     python -m directory_sync.slapd start --dir var/slapd [--port 3890] [--demo]
     python -m directory_sync.slapd stop --dir var/slapd
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -61,21 +66,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class SlapdTls:
+    """The server certificate (PEM, with any intermediates after it) and key slapd presents, and the CA
+    whose client certificates it accepts (SASL EXTERNAL)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+
+
 class PrivateSlapd:
     def __init__(self, workdir: Path, port: int | None = None,
-                 service_password: str = DEV_SERVICE_PASSWORD) -> None:
+                 service_password: str = DEV_SERVICE_PASSWORD, tls: SlapdTls | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.service_password = service_password
-        port_file = self.workdir / "port"
-        if port is None and port_file.exists():
-            port = int(port_file.read_text())
-        self.port = port or free_port()
+        self.tls = tls
+        self.port = port or _kept_port(self.workdir / "port")
+        self.ldaps_port = (_kept_port(self.workdir / "ldaps-port") if tls else None)
         self._proc: subprocess.Popen | None = None
 
     # --- addresses ------------------------------------------------------------------------------
     @property
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        """ldaps:// by the address the test certificate names (127.0.0.1: libldap checks a URL naming
+        `localhost` against the machine's own host name instead); only with `tls`."""
+        if self.ldaps_port is None:
+            raise SlapdError("this slapd was started without TLS")
+        return f"ldaps://127.0.0.1:{self.ldaps_port}"
 
     @property
     def ldapi_url(self) -> str:
@@ -115,9 +137,13 @@ class PrivateSlapd:
         if created:
             self._create()
         (self.workdir / "port").write_text(str(self.port))
+        listeners = [f"{self.url}/", self.ldapi_url]
+        if self.ldaps_port is not None:
+            (self.workdir / "ldaps-port").write_text(str(self.ldaps_port))
+            listeners.append(f"ldaps://127.0.0.1:{self.ldaps_port}/")
         log = open(self.workdir / "slapd.log", "ab")
         # -d 0: stay in the foreground (no fork) so that we own the process; logging stays off.
-        cmd = [SLAPD, "-d", "0", "-h", f"{self.url}/ {self.ldapi_url}", "-F", str(self.workdir / "config")]
+        cmd = [SLAPD, "-d", "0", "-h", " ".join(listeners), "-F", str(self.workdir / "config")]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                       start_new_session=detach)
         log.close()
@@ -177,6 +203,8 @@ class PrivateSlapd:
         peercred = f"gidNumber={os.getgid()}+uidNumber={os.getuid()},cn=peercred,cn=external,cn=auth"
         config = self._render(SCHEMA_DIR / "config.ldif.in", ROOTPW=ssha(self.admin_password),
                               PEERCRED=peercred, DATADIR=str(self.workdir))
+        if self.tls is not None:
+            config = config.replace("# @TLS@\n", _tls_config(self.tls))
         config_file = self.workdir / "config.ldif"
         config_file.write_text(config)
         self._run([SLAPADD, "-n0", "-F", str(self.workdir / "config"), "-l", str(config_file)])
@@ -230,6 +258,19 @@ class PrivateSlapd:
             raise SlapdError(f"{Path(cmd[0]).name} failed ({result.returncode}): {result.stderr.strip()}")
 
 
+def _kept_port(port_file: Path) -> int:
+    """The port an earlier start of this instance used (a restart keeps its URL), else a free one."""
+    return int(port_file.read_text()) if port_file.exists() else free_port()
+
+
+def _tls_config(tls: SlapdTls) -> str:
+    """The cn=config attributes of TLS: our certificate, and client certificates verified when sent."""
+    return (f"olcTLSCertificateFile: {Path(tls.cert_file).resolve()}\n"
+            f"olcTLSCertificateKeyFile: {Path(tls.key_file).resolve()}\n"
+            f"olcTLSCACertificateFile: {Path(tls.client_ca_file).resolve()}\n"
+            "olcTLSVerifyClient: try\n")
+
+
 def _alive(pid: int) -> bool:
     """True if pid is a running (not zombie) slapd: pid files outlive crashes and pids get reused."""
     try:
@@ -248,12 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True, help="instance folder, e.g. var/slapd")
     parser.add_argument("--port", type=int, help="loopback port (default: the previous one, else 3890)")
     parser.add_argument("--demo", action="store_true", help="load ldap_schema/demo.ldif on first start")
+    parser.add_argument("--service-password-file", type=Path,
+                        help="the service account's password (first line) instead of the development one")
     args = parser.parse_args(argv)
 
     args.dir.mkdir(parents=True, exist_ok=True)
     fresh = not (args.dir / "config").exists()
     port = args.port or (None if (args.dir / "port").exists() else 3890)
-    slapd = PrivateSlapd(args.dir, port=port)
+    password = (args.service_password_file.read_text().splitlines() or [""])[0] \
+        if args.service_password_file else DEV_SERVICE_PASSWORD
+    slapd = PrivateSlapd(args.dir, port=port, service_password=password)
     if args.action == "stop":
         slapd.stop()
         print(f"slapd stopped ({args.dir})")
@@ -264,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     slapd.start(detach=True)
     if fresh and args.demo:
         slapd.load_demo()
-    print(f"slapd running: {slapd.url} ldapi={slapd.ldapi_url} pid={slapd.pid} "
-          f"bind_dn={SERVICE_DN} (dev password: directory_sync.config.DEV_SERVICE_PASSWORD)")
+    which = f"password in {args.service_password_file}" if args.service_password_file else \
+        "dev password: directory_sync.config.DEV_SERVICE_PASSWORD"
+    print(f"slapd running: {slapd.url} ldapi={slapd.ldapi_url} pid={slapd.pid} bind_dn={SERVICE_DN} ({which})")
     return 0
 
 

@@ -97,7 +97,7 @@ class Services:
         if outbox is not None:
             outbox[1].set()
             outbox[0].join(timeout=5)
-        for part in (self.directory, self.ca, self.kra):
+        for part in (self.directory, self.ca, self.kra, *getattr(self.publisher, "targets", ())):
             close = getattr(part, "close", None)
             if close is not None:
                 close()
@@ -129,6 +129,19 @@ def check_role(settings: Settings) -> None:
                               "certificates it accepts")
         if ANY_AGENT in settings.authority_clients:
             raise ConfigError("authority_clients cannot be '*': name the RA certificates, or agents could call")
+
+
+def check_directory(settings: Settings) -> None:
+    """The LDAP settings (plaintext, password file, development password) and the TLS set-up of [ldap]
+    and of every [targets.NAME], checked once before the server starts (directory_sync/connection.py)."""
+    from directory_sync.connection import check_directory as check
+    from .core.errors import AutoenrollError
+    check(settings.ldap)
+    for name, target in settings.targets.items():
+        try:
+            check(target)
+        except AutoenrollError as exc:
+            raise type(exc)(f"publication target {name!r}: {exc.detail}", **exc.extra) from exc
 
 
 def key_store(settings: Settings) -> KeyStore:
@@ -288,7 +301,12 @@ def _local_ca(settings: Settings, keys: KeyStore, db: Database, ca_cert) -> Loca
 
 def _publisher(settings: Settings, db: Database, directory: Directory, ca: LocalCA):
     from directory_sync.publisher import Publisher
-    return Publisher(db, directory, dict(settings.profiles), ca.certificate.public_bytes(Encoding.DER), ca=ca)
+    from directory_sync.targets import TargetPublisher
+    ca_der = ca.certificate.public_bytes(Encoding.DER)
+    publisher = Publisher(db, directory, dict(settings.profiles), ca_der, ca=ca)
+    publisher.targets = [TargetPublisher.from_settings(name, target, db, settings.profiles, ca_der)
+                         for name, target in settings.targets.items()]
+    return publisher
 
 
 def _remote_authorities(settings: Settings, paths: PkiPaths, ca_cert):

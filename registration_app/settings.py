@@ -124,6 +124,9 @@ class Settings:
     authority_client_key: str = "ra-client.key"
     authority_timeout_seconds: float = 10.0
     ldap: LdapSettings = field(default_factory=LdapSettings)
+    # More directories that get the same certificates (`[targets.NAME]`, each an [ldap]-shaped table with
+    # its own attribute map); users and groups are read from [ldap] only. directory_sync/targets.py.
+    targets: Mapping[str, LdapSettings] = field(default_factory=dict)
     trust: TrustSettings = field(default_factory=TrustSettings)
     key_store: KeyStoreSettings = field(default_factory=KeyStoreSettings)
     profiles: Mapping[str, Profile] = field(default_factory=lambda: parse_profiles(DEFAULT_PROFILES))
@@ -253,6 +256,7 @@ def generated_config(environ: Mapping[str, str]) -> Path | None:
 def load_settings(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     settings = Settings()
+    env = _env_tree(environ)
     config = config or (Path(environ["AUTOENROLL_CONFIG"]) if environ.get("AUTOENROLL_CONFIG") else None) \
         or generated_config(environ)
     if config is not None:
@@ -266,7 +270,11 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
             raise ConfigError(f"{config}: {exc}") from exc
         profiles = data.pop("profiles", None)
         trust = data.pop("trust", None)
+        targets = data.pop("targets", None)
+        settings = _ldap_preset(settings, data, env)
         settings = _apply(settings, data, "")
+        if targets is not None:
+            settings = dataclasses.replace(settings, targets=parse_targets(targets))
         if trust is not None:
             settings = dataclasses.replace(settings, trust=parse_trust(trust))
         if profiles is not None:
@@ -276,12 +284,45 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
                 settings, profiles=parse_profiles(merge_profile_tables(DEFAULT_PROFILES, profiles)))
         if "data_dir" in data and not Path(data["data_dir"]).is_absolute():
             settings = dataclasses.replace(settings, data_dir=(config.parent / data["data_dir"]).resolve())
-    env = _env_tree(environ)
+    if config is None:
+        settings = _ldap_preset(settings, {}, env)
     env.pop("profiles", None)
     trust_env = env.pop("trust", None)
     if trust_env is not None:  # AUTOENROLL_TRUST__ANCHORS__<NAME>__<KEY>: merged over the TOML tables
         settings = dataclasses.replace(settings, trust=parse_trust(_merge(_trust_table(settings.trust), trust_env)))
     return resolve_groups(_apply(settings, env, "AUTOENROLL_", env=True))
+
+
+def parse_targets(table: Mapping) -> dict[str, LdapSettings]:
+    """`[targets.NAME]` tables: each an [ldap]-shaped table (url, bind, TLS, `preset`,
+    `[targets.NAME.attributes]`): for example Active Directory for Outlook beside an OpenLDAP address book."""
+    if not isinstance(table, Mapping):
+        raise ConfigError("setting targets must be a table of tables ([targets.<name>])")
+    parsed = {}
+    for name, values in table.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"setting targets.{name} must be a table")
+        if len(name) > 64:
+            raise ConfigError(f"setting targets.{name}: the name is longer than 64 characters")
+        values = dict(values)
+        preset = str(values.pop("preset", "openldap")).strip().lower()
+        try:
+            base = LdapSettings.for_preset(preset)
+        except ValueError as exc:
+            raise ConfigError(f"setting targets.{name}.preset: {exc}") from exc
+        parsed[name] = _apply(base, values, f"targets.{name}.")
+    return parsed
+def _ldap_preset(settings: Settings, data: dict, env: dict) -> Settings:
+    """Start [ldap] from the defaults of `ldap.preset` (the environment's, else the file's), which the
+    rest of [ldap] and of AUTOENROLL_LDAP__* then override key by key; `preset` is taken out of both."""
+    tables = [t for t in (env.get("ldap"), data.get("ldap")) if isinstance(t, dict)]
+    names = [t.pop("preset") for t in tables if "preset" in t]
+    if not names:
+        return settings
+    try:
+        return dataclasses.replace(settings, ldap=LdapSettings.for_preset(str(names[0]).strip().lower()))
+    except ValueError as exc:
+        raise ConfigError(f"setting ldap.preset: {exc}") from exc
 
 
 def parse_trust(table: Mapping) -> TrustSettings:
@@ -372,6 +413,8 @@ def _plain(name: str, value: object) -> object:
         return sorted(value)
     if isinstance(value, (tuple, list)):
         return [_plain(name, item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(name, item) for key, item in value.items()}
     return value
 
 

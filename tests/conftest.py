@@ -14,6 +14,7 @@ import pytest
 from bench import postgres
 from tests.conftest_slapd import *  # noqa: F401,F403
 from tests.e2e.platform import make_platform
+from tests.samba_dc import samba_dc  # noqa: F401 (a Samba AD DC, session-scoped)
 from tests.softhsm import key_store_params
 
 

@@ -12,14 +12,22 @@ import pytest
 from directory_sync.ldap import LdapDirectory
 from directory_sync.slapd import PrivateSlapd
 from tests.ldap_admin import MODIFY_ADD, LdapAdmin
+from tests.ldap_tls import issue_ldap_tls
 
-__all__ = ["slapd", "directory", "ldap_admin", "new_user"]
+__all__ = ["ldap_tls", "slapd", "directory", "ldap_admin", "new_user"]
 
 
 @pytest.fixture(scope="session")
-def slapd(tmp_path_factory):
-    """One private slapd with base + demo entries for the whole session (started in ~0.3 s)."""
-    instance = PrivateSlapd(tmp_path_factory.mktemp("slapd"))
+def ldap_tls(tmp_path_factory):
+    """The TLS material of the session's slapd (tests/ldap_tls.py): its CA, certificate, a client certificate."""
+    return issue_ldap_tls(tmp_path_factory.mktemp("ldap-tls"))
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory, ldap_tls):
+    """One private slapd with base + demo entries for the whole session (started in ~0.3 s): ldap:// with
+    StartTLS on `url`, ldaps:// on `ldaps_url`, with a certificate the test issued (`ldap_tls`)."""
+    instance = PrivateSlapd(tmp_path_factory.mktemp("slapd"), tls=ldap_tls.slapd)
     instance.start()
     instance.load_demo()
     yield instance

@@ -50,10 +50,15 @@ class Attributes(dict):
 class LdapAdmin:
     """A connection bound as `dn` (cn=admin, the rootdn, bypasses ACLs)."""
 
-    def __init__(self, url: str, dn: str, password: str) -> None:
+    def __init__(self, url: str, dn: str, password: str, *, ca_file: str | None = None) -> None:
+        """`ca_file`: verify an ldaps:// server against this CA (and its name), for this connection only."""
         self.conn = ldap.initialize(url)
         self.conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
         self.conn.set_option(ldap.OPT_REFERRALS, 0)
+        if ca_file is not None:
+            self.conn.set_option(ldap.OPT_X_TLS_CACERTFILE, ca_file)
+            self.conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+            self.conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
         self.conn.simple_bind_s(dn, password)
         self.result: dict = {}
         self.response: list[dict] = []

@@ -12,11 +12,17 @@ Revocation: a certificate of our CA is looked up by the caller's `is_revoked` (o
 another trust anchor is checked by CRL (revocation.py), fail closed, unless that anchor is configured
 with the insecure `revocation = "none"`. Its anchor's mail domains are enforced here; which entry it
 may authenticate is decided by anchors.py `user_entry`.
+
+A chain that verified is remembered per exact `x5c` (`VerifiedChains`, one per `UserTrust`): its next
+request skips parsing and path building, but validity (of every certificate of the path) and
+revocation are checked again on every request.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,13 +53,55 @@ from .anchors import AnchorPolicy
 from .keypolicy import check_certificate_key
 from .revocation import CrlChecker
 
-__all__ = ["UserTrust", "verify_user_chain", "MAX_CHAIN_LENGTH"]
+__all__ = ["UserTrust", "VerifiedChains", "verify_user_chain", "MAX_CHAIN_LENGTH"]
 
 MAX_CHAIN_LENGTH = 5  # certificates in x5c, leaf included
+VERIFIED_CHAINS_KEPT = 2048  # per process: a few MB (PERFORMANCE.md, "Authentication")
 
 _EMAIL_PROTECTION = ExtendedKeyUsageOID.EMAIL_PROTECTION
 _ANY_EKU = ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE
 _BOOTSTRAP_HINT = "ask an administrator for an enrollment code and bootstrap a new certificate"
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What verifying one `x5c` found, valid for any `now` within [valid_from, valid_until]."""
+
+    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # the verified path, leaf first, anchor last
+    email: str
+    ours: bool
+    policy: AnchorPolicy | None
+    valid_from: datetime  # the latest notBefore of the path
+    valid_until: datetime  # the earliest notAfter of the path
+
+
+class VerifiedChains:
+    """The chains that verified, by their exact DER (leaf and intermediates), least recently used out
+    first. Only what depends on nothing but the certificates and the trust anchors is kept; the caller
+    checks the time window and revocation on every request."""
+
+    def __init__(self, kept: int = VERIFIED_CHAINS_KEPT) -> None:
+        self._kept = kept
+        self._entries: OrderedDict[tuple[bytes, ...], _Verified] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[bytes, ...]) -> _Verified | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[bytes, ...], verified: _Verified) -> None:
+        with self._lock:
+            self._entries[key] = verified
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._kept:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(frozen=True)
@@ -67,6 +115,7 @@ class UserTrust:
     our_issuers: tuple[x509.Certificate, ...] = ()
     external: tuple[AnchorPolicy, ...] = ()
     revocation: CrlChecker = field(default_factory=CrlChecker, compare=False)
+    verified: VerifiedChains = field(default_factory=VerifiedChains, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.anchors:
@@ -101,11 +150,39 @@ def verify_user_chain(
         raise MalformedJWS("x5c must contain at least the user's certificate")
     if len(x5c) > MAX_CHAIN_LENGTH:
         raise MalformedJWS(f"x5c has {len(x5c)} certificates; at most {MAX_CHAIN_LENGTH} are accepted")
+    now = _as_utc(now)
+    key = tuple(bytes(der) for der in x5c)
+    found = trust.verified.get(key)
+    if found is None or not found.valid_from <= now <= found.valid_until:
+        found = _verify_path(key, trust, now)
+        trust.verified.put(key, found)
+
+    leaf, policy = found.leaf, found.policy
+    if policy is not None:
+        _check_external_revocation(list(found.chain), policy, trust.revocation, now)
+    elif is_revoked(leaf):
+        raise CertificateRevoked(
+            f"the user certificate (serial {leaf.serial_number:x}) has been revoked and can no longer "
+            f"authenticate; {_BOOTSTRAP_HINT}"
+        )
+
+    return UserIdentity(
+        email=found.email,
+        certificate_der=key[0],
+        serial=leaf.serial_number,
+        not_after=leaf.not_valid_after_utc,
+        issuer_is_ours=found.ours,
+        anchor=policy.name if policy is not None else "",
+        match_attribute=policy.match_attribute if policy is not None else "",
+    )
+
+
+def _verify_path(x5c: tuple[bytes, ...], trust: UserTrust, now: datetime) -> _Verified:
+    """Parse and verify the chain at `now`: everything but revocation."""
     certs = [_load_certificate(der, index) for index, der in enumerate(x5c)]
     for index, cert in enumerate(certs):  # WeakKey before the verifier builds anything
         check_certificate_key(cert, f"the key of x5c[{index}]" if index else "the user certificate's key")
     leaf, intermediates = certs[0], certs[1:]
-    now = _as_utc(now)
 
     _check_validity(leaf, now)
     _check_leaf_usage(leaf)
@@ -130,21 +207,11 @@ def verify_user_chain(
     policy = None if ours else trust.policy_for(verified.chain[-1])
     if policy is not None:
         policy.check_email(email)
-        _check_external_revocation(verified.chain, policy, trust.revocation, now)
-    elif is_revoked(leaf):
-        raise CertificateRevoked(
-            f"the user certificate (serial {leaf.serial_number:x}) has been revoked and can no longer "
-            f"authenticate; {_BOOTSTRAP_HINT}"
-        )
-
-    return UserIdentity(
-        email=email,
-        certificate_der=bytes(x5c[0]),
-        serial=leaf.serial_number,
-        not_after=leaf.not_valid_after_utc,
-        issuer_is_ours=ours,
-        anchor=policy.name if policy is not None else "",
-        match_attribute=policy.match_attribute if policy is not None else "",
+    path = tuple(verified.chain)
+    return _Verified(
+        leaf=leaf, chain=path, email=email, ours=ours, policy=policy,
+        valid_from=max(cert.not_valid_before_utc for cert in path),
+        valid_until=min(cert.not_valid_after_utc for cert in path),
     )
 
 

@@ -33,7 +33,8 @@ def sync_status(ctx) -> None:
     """Outbox depth and oldest age, the last reconcile pass and the CRL."""
     from ..ra.operators import directory_status
     from ..store.db import Database
-    click.echo(json.dumps(directory_status(Database(_settings(ctx).db_url)), indent=2, default=str))
+    settings = _settings(ctx)
+    click.echo(json.dumps(directory_status(Database(settings.db_url), targets=settings.targets), indent=2, default=str))
 
 
 @sync.command("drain")
@@ -43,6 +44,8 @@ def sync_drain(ctx) -> None:
     services = _services(ctx)
     done = services.publisher.drain(limit=100000)
     click.echo(f"published {done} outbox rows")
+    for target in services.publisher.targets:
+        click.echo(f"target {target.name}: published {target.drain(limit=100000)} outbox rows")
 
 
 @sync.command("reconcile")

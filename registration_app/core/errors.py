@@ -204,6 +204,21 @@ class DirectoryUnavailable(Unavailable):
     code, title = "directory_unavailable", "The LDAP directory is unavailable"
 
 
+class DirectoryTlsFailed(DirectoryUnavailable):
+    """The TLS connection to the directory failed for a reason an operator must fix (certificate not
+    verified, name mismatch, StartTLS refused): `autoenroll serve` refuses to start on it."""
+
+    code, title = "directory_tls_failed", "The TLS connection to the LDAP directory failed"
+
+
+class SchemaRefused(DirectoryUnavailable):
+    """The directory refuses the certificate attribute on this entry for good (its object classes do not
+    allow it and the auxiliary class could not be added, or the value is too large): the outbox row
+    ends in the `schema_refused` state with the directory's message instead of being retried."""
+
+    code, title = "schema_refused", "The directory's schema refuses the certificate on this entry"
+
+
 class DatabaseUnavailable(Unavailable):
     code, title = "database_unavailable", "The database is unavailable"
 

@@ -75,14 +75,18 @@ def revoke_agent(settings: Settings, cert_pem: bytes, *, reason: str, operator: 
     return RevokedAgent(subject=subject, serial=serial, added=added)
 
 
-def directory_status(db) -> dict:
-    """What `autoenroll sync status` shows: the outbox (depth, oldest age, failing), the last reconcile
-    pass and the CRL (number, nextUpdate)."""
+def directory_status(db, targets=()) -> dict:
+    """What `autoenroll sync status` shows: the outbox (depth, oldest age, failing, the rows the
+    directory's schema refused and what it said), the last reconcile pass and the CRL (number, nextUpdate)."""
     from directory_sync.reconcile import last_report
 
-    from ..store.repos import outbox_status
+    from ..store.repos import outbox_status, schema_refusals
     from ..store.status import crl_summary
     body = dict(outbox_status(db))
+    body["schema_refused_rows"] = schema_refusals(db)
+    if targets:  # [targets.NAME]: each target's own state of the outbox rows (directory_sync/targets.py)
+        from directory_sync.targets import target_status
+        body["targets"] = {name: target_status(db, name) for name in targets}
     body["reconcile"] = last_report(db)
     body["crl"] = crl_summary(db)
     return body

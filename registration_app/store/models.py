@@ -217,3 +217,19 @@ class RevokedAgent(Base):
     serial: Mapped[str] = mapped_column(String(48))
     revoked_at: Mapped[datetime] = mapped_column(UTCDateTime)
     reason: Mapped[str] = mapped_column(String(256))
+
+
+class TargetOutbox(Base):
+    """An outbox row's state at one extra publication target (`[targets.NAME]`, directory_sync/targets.py):
+    written when that target has published the row's user (done_at), or failed to (attempts, back-off,
+    last_error). An outbox row without a state row for a target is due there; the primary directory's
+    state stays in the outbox row itself."""
+
+    __tablename__ = "target_outbox"
+
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -299,10 +299,27 @@ def outbox_status(db: Database, now: datetime | None = None) -> dict:
             select(func.count(), func.min(Outbox.created_at)).where(Outbox.done_at.is_(None))).one()
         failing = session.execute(select(func.count()).where(Outbox.done_at.is_(None),
                                                              Outbox.attempts > 0)).scalar_one()
+        refused = session.execute(select(func.count()).where(
+            Outbox.done_at.is_not(None), Outbox.last_error.like(_SCHEMA_REFUSED))).scalar_one()
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=timezone.utc)
     return {"depth": depth, "failing": failing,
-            "oldest_age_seconds": round((now - oldest).total_seconds(), 1) if oldest else 0.0}
+            "oldest_age_seconds": round((now - oldest).total_seconds(), 1) if oldest else 0.0,
+            "schema_refused": refused}
+
+
+_SCHEMA_REFUSED = "schema_refused:%"  # last_error of rows the directory's schema refused (publisher.py)
+
+
+def schema_refusals(db: Database, limit: int = 20) -> list[dict]:
+    """The newest outbox rows the directory's schema refused for good, with what the directory said."""
+    with db.read() as session:
+        rows = session.execute(
+            select(Outbox.user_dn, Outbox.email, Outbox.serial, Outbox.last_error, Outbox.done_at)
+            .where(Outbox.done_at.is_not(None), Outbox.last_error.like(_SCHEMA_REFUSED))
+            .order_by(Outbox.id.desc()).limit(limit)).all()
+    return [{"dn": r.user_dn, "email": r.email, "serial": r.serial,
+             "directory_said": (r.last_error or "").partition(": ")[2], "at": r.done_at.isoformat()} for r in rows]
 
 
 _REVOKED_AGENTS = RevokedAgent.__table__

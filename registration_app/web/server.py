@@ -77,11 +77,12 @@ def start_plain_http(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    from ..services import check_role
+    from ..services import check_directory, check_role
     from ..store.db import migrate
     from ..core.errors import AutoenrollError
     try:
         check_role(settings)  # before gunicorn forks: a misconfigured role stops here with its reason
+        check_directory(settings)  # and so do LDAP settings that are unsafe or a TLS set-up that fails
     except AutoenrollError as exc:
         raise SystemExit(f"autoenroll serve: {exc.detail}") from None
     migrate(settings.db_url)

@@ -273,3 +273,37 @@ def test_an_encryption_certificate_is_refused_for_its_key_usage_not_for_its_chai
         verify([user, issuing], trust)
     assert refused.value.code == "wrong_key_usage" and refused.value.status == 401
     assert "chain" not in refused.value.title and "key usage" in refused.value.title
+
+
+# --- chains remembered between requests ------------------------------------------------------
+
+
+def test_a_remembered_chain_is_checked_for_revocation_on_every_request(root, issuing):
+    trust = UserTrust(anchors=(root.cert,), our_issuers=(issuing.cert,))
+    user = pki.make_user_cert(issuing, "alice@example.org")
+    first = verify([user, issuing], trust)
+    again = verify([user, issuing], trust)
+    assert again == first and len(trust.verified) == 1  # the second request found the verified chain
+    asked = []
+    with pytest.raises(CertificateRevoked):
+        verify([user, issuing], trust, is_revoked=lambda cert: asked.append(cert.serial_number) or True)
+    assert asked == [user.cert.serial_number]
+
+
+def test_a_remembered_chain_expires_with_its_shortest_lived_certificate(root):
+    short = pki.make_intermediate(root, "Short-lived CA", not_after=pki.NOW + 10 * pki.DAY)
+    trust = UserTrust(anchors=(root.cert,), our_issuers=(short.cert,))
+    user = pki.make_user_cert(short, "alice@example.org")  # valid for a year, longer than its CA
+    assert verify([user, short], trust).email == "alice@example.org"
+    with pytest.raises(UntrustedChain):
+        verify([user, short], trust, now=pki.NOW + 20 * pki.DAY)
+    with pytest.raises(CertificateExpired):
+        verify([user, short], trust, now=pki.NOW + 400 * pki.DAY)
+
+
+def test_another_chain_for_the_same_leaf_is_verified_on_its_own(root, issuing):
+    trust = UserTrust(anchors=(root.cert,), our_issuers=(issuing.cert,))
+    user = pki.make_user_cert(issuing, "alice@example.org")
+    verify([user, issuing], trust)
+    with pytest.raises(UntrustedChain):
+        verify([user], trust)  # without its intermediate the leaf does not chain, remembered or not

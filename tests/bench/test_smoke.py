@@ -31,3 +31,5 @@ def test_smoke_benchmarks_produce_figures_and_json(tmp_path):
     directory = r["directory"]
     assert directory["provision"] == "not available yet" or directory["provision"]["users_per_s"] > 0
     assert directory["reconcile"] == "not available yet" or directory["reconcile"]["full_seconds"] > 0
+    tls = r["directory_tls"]
+    assert tls["ldaps_over_ldap"]["provision"] > 0 and tls["ldaps_over_ldap"]["reconcile"] > 0

@@ -36,3 +36,22 @@ def test_an_unknown_attribute_name_setting_is_refused(tmp_path):
     config.write_text('[ldap.attributes]\ncertificat = "userCertificate"\n')
     with pytest.raises(ConfigError, match="unknown setting ldap.attributes.certificat"):
         load_settings(config, environ={})
+
+
+def test_the_ad_preset_is_chosen_in_toml_and_the_rest_of_ldap_overrides_it(tmp_path):
+    config = tmp_path / "a.toml"
+    config.write_text('[ldap]\npreset = "ad"\nbase_dn = "DC=corp,DC=example"\nentry_id_attribute = "entryUUID"\n'
+                      'also_find_by = ["proxyAddresses"]\n[ldap.attributes]\nmodify_timestamp = "modifyTimeStamp"\n')
+    ldap = load_settings(config, environ={}).ldap
+    assert ldap.preset == "ad" and ldap.attributes.certificate == "userCertificate" and ldap.nested_groups
+    assert (ldap.entry_id_attribute, ldap.attributes.modify_timestamp) == ("entryUUID", "modifyTimeStamp")
+    assert ldap.also_find_by == {"proxyAddresses"}
+    assert ldap.ca_dn.startswith("CN=Autoenroll CA,CN=Certification Authorities,") and ldap.ca_dn.endswith(
+        ",CN=Configuration,DC=corp,DC=example")
+
+
+def test_the_preset_comes_from_the_environment_too_and_an_unknown_one_is_refused(tmp_path):
+    ldap = load_settings(None, environ={"AUTOENROLL_LDAP__PRESET": "ad"}).ldap
+    assert ldap.attributes == AttributeMap.ad() and ldap.entry_id_attribute == "objectGUID"
+    with pytest.raises(ConfigError, match="setting ldap.preset: unknown LDAP preset 'novell'"):
+        load_settings(None, environ={"AUTOENROLL_LDAP__PRESET": "novell"})

@@ -53,3 +53,23 @@ def test_entries_read_with_attribute_names_in_any_case(pool):
     attrs = pool.read(ALICE, ["MAIL", "memberOf"])
     assert attrs["mail"] == [b"alice@example.org"]
     assert b"cn=smime-users,ou=groups,dc=example,dc=org" in attrs["memberof"]
+
+
+def test_a_paged_search_asks_for_the_next_page_early_and_stops_cleanly_when_left(pool):
+    from directory_sync.connection import search_pages
+    people = "ou=people,dc=example,dc=org"
+
+    def pages(conn, keep: int | None) -> list[list[str]]:
+        out = []
+        for page in search_pages(conn, people, "(mail=*)", ["mail"], timeout=10, page_size=1):
+            out.append([dn for dn, _ in page])
+            if keep is not None and len(out) == keep:
+                break  # the generator is closed here, with the next page already asked for
+        return out
+
+    every = pool.run(lambda conn: pages(conn, None))
+    assert len(every) >= 2 and all(len(page) == 1 for page in every)
+    assert pool.run(lambda conn: pages(conn, 1)) == every[:1]
+    # the same connection, after a search left with a page outstanding, still answers
+    assert pool.idle_connections == 1
+    assert pool.run(lambda conn: pages(conn, None)) == every

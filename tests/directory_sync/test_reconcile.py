@@ -332,3 +332,38 @@ def test_reconcile_keeps_the_recovery_officers_signature_certificates_with_the_b
         assert status(services, kept.serial) == "valid"
     finally:
         services.close()
+
+
+def test_a_full_pass_finds_our_certificate_on_an_entry_we_never_issued_to_and_an_entry_that_lost_its_values(
+        services, reconciler, ldap_admin, new_user, group):
+    dn, _, issued = enrolled(services, ldap_admin, new_user, group)
+    emptied_dn, _, emptied = enrolled(services, ldap_admin, new_user, group)
+    bystander, _ = new_user()
+    ours = issued.certificate.public_bytes(Encoding.DER)
+    assert ldap_admin.modify(bystander, {"userCertificate;binary": [(MODIFY_ADD, [ours])]})
+    assert ldap_admin.modify(emptied_dn, {"userCertificate;binary": [(MODIFY_REPLACE, [])]})
+
+    report = reconciler.run()
+    assert report.mode == "full" and sorted(report.republished) == sorted([bystander, emptied_dn])
+    assert values(ldap_admin, bystander) == []  # found among the holders of certificates
+    assert values(ldap_admin, emptied_dn) == [emptied.certificate.public_bytes(Encoding.DER)]  # read at its DN
+    assert values(ldap_admin, dn) == [ours] and status(services, issued.serial) == "valid"
+    assert not reconciler.run().changed
+
+
+def test_a_full_pass_sees_an_address_on_two_entries_though_only_one_holds_a_certificate(
+        services, reconciler, ldap_admin, new_user, group):
+    dn, email, issued = enrolled(services, ldap_admin, new_user, group)
+    with services.db.transaction() as session:  # a row older than entry ids: followed by its address
+        session.execute(update(Certificate).where(Certificate.serial == issued.serial).values(entry_id=None))
+    holder, _ = new_user()
+    bare, _ = new_user()
+    for other in (holder, bare):
+        assert ldap_admin.modify(other, {"mail": [(MODIFY_REPLACE, [email])]}), ldap_admin.result
+    assert ldap_admin.modify(holder, {"userCertificate;binary": [(MODIFY_ADD, [cert("Other CA", email, encryption=True)])]})
+    assert ldap_admin.delete(dn), ldap_admin.result
+
+    report = reconciler.run()
+    assert report.mode == "full" and not report.revoked and not report.moved
+    assert [why for _, why in report.skipped] == [f"{email} is on 2 entries: not guessing"]
+    assert status(services, issued.serial) == "valid"

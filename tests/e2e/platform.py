@@ -59,6 +59,16 @@ class Platform:
     ldap_url: str
     process: subprocess.Popen | None = None
     log: Path | None = None
+    ldap_ca_file: str = ""  # the CA that verifies slapd's certificate, when ldap_url is TLS
+    ldap_start_tls: bool = False
+
+    def ldapsearch(self, *args: str) -> str:
+        """ldapsearch (a mail client's view, anonymous) over the transport the server uses."""
+        command = ["ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H", self.ldap_url,
+                   *(["-ZZ"] if self.ldap_start_tls else []), *args]
+        env = {**os.environ, "LDAPTLS_CACERT": self.ldap_ca_file, "LDAPTLS_REQCERT": "demand"} \
+            if self.ldap_ca_file else None
+        return subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
 
     @property
     def agent_config(self) -> Path:
@@ -118,7 +128,8 @@ class Platform:
             self.stop()
 
 
-def make_platform(data: Path, ldap_url: str, *, extra: str = "", init_options: tuple[str, ...] = ()) -> Platform:
+def make_platform(data: Path, ldap_url: str, *, extra: str = "", ldap_ca_file: str = "",
+                  ldap_start_tls: bool = False, init_options: tuple[str, ...] = ()) -> Platform:
     """`init_options`: more options of `autoenroll init`, e.g. the token of tests/softhsm.py key_store_options."""
     from bench.postgres import database_url_for
     port, http_port = free_port(), free_port()
@@ -137,8 +148,11 @@ outbox_interval_seconds = 0.5
 [ldap]
 url = "{ldap_url}"
 timeout_seconds = 2.0
+{f'ca_file = "{ldap_ca_file}"' if ldap_ca_file else ""}
+{"start_tls = true" if ldap_start_tls else ""}
 """)
     platform = Platform(data=data, config=config, url=f"https://localhost:{port}",
-                        http_url=f"http://127.0.0.1:{http_port}", ldap_url=ldap_url)
+                        http_url=f"http://127.0.0.1:{http_port}", ldap_url=ldap_url,
+                        ldap_ca_file=ldap_ca_file, ldap_start_tls=ldap_start_tls)
     platform.autoenroll("init", *init_options)
     return platform

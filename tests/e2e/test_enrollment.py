@@ -21,10 +21,9 @@ KEY_STORES = pytest.mark.parametrize("platform", ["files", "softhsm"], indirect=
 
 
 def ldap_certificates(platform, email: str) -> list[bytes]:
-    """What a mail client sees: an anonymous search by mail (ldapsearch, not our code)."""
-    out = subprocess.run(["ldapsearch", "-x", "-LLL", "-o", "ldif-wrap=no", "-H", platform.ldap_url,
-                          "-b", "ou=people,dc=example,dc=org", f"(mail={email})", "userCertificate;binary"],
-                         capture_output=True, text=True, check=True).stdout
+    """What a mail client sees: an anonymous search by mail (ldapsearch, not our code), over the
+    platform's own transport to slapd."""
+    out = platform.ldapsearch("-b", "ou=people,dc=example,dc=org", f"(mail={email})", "userCertificate;binary")
     return [base64.b64decode(line.split(":: ", 1)[1]) for line in out.splitlines()
             if line.lower().startswith("usercertificate;binary::")]
 
@@ -36,9 +35,12 @@ def invite_and_bootstrap(platform, email: str) -> None:
     assert "signature certificate for" in out
 
 
-@KEY_STORES
-def test_encryption_certificate_end_to_end(platform, tmp_path):
-    email = "alice@example.org"
+def test_encryption_certificate_end_to_end(platform_over, new_user, tmp_path):
+    """The same path over each transport to slapd (tests/e2e/conftest.py): ldap:// on loopback, ldaps://
+    and StartTLS, each verified against the CA that issued slapd's certificate; and with every key in a
+    SoftHSM2 token."""
+    platform = platform_over
+    _, email = new_user(groups=("smime-users",))
     invite_and_bootstrap(platform, email)
     out = platform.agent("enroll", "--email", email, "--profile", "smime-encryption").stdout
     assert "published in the directory" in out

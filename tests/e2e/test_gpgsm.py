@@ -46,8 +46,9 @@ def foreign_signing_certificate(email: str) -> bytes:
 class Gpgsm:
     """gpgsm with a private GNUPGHOME whose dirmngr asks our slapd (anonymously) for certificates."""
 
-    def __init__(self, home, ldap_url: str) -> None:
+    def __init__(self, home, ldap_url: str, env: dict[str, str] | None = None) -> None:
         self.home = home
+        self.env = {**os.environ, **(env or {}), "GNUPGHOME": str(home)}  # dirmngr inherits it
         home.mkdir(mode=0o700)
         host_port = ldap_url.split("//", 1)[1].rstrip("/")
         (home / "dirmngr.conf").write_text(f"ldapserver {host_port}:::{PEOPLE}\n")
@@ -57,7 +58,7 @@ class Gpgsm:
 
     def __call__(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(["gpgsm", "--batch", *args], input=stdin, capture_output=True, text=True,
-                                env={**os.environ, "GNUPGHOME": str(self.home)}, timeout=120)
+                                env=self.env, timeout=120)
         if check:
             assert result.returncode == 0, (args, result.stdout, result.stderr)
         return result

@@ -1,0 +1,197 @@
+"""Several publication targets ([targets.NAME]) against real slapds: the primary directory and an
+address book, each with its own attribute map and its own state of the outbox rows. One that is down
+holds back neither the other nor anything for itself: after it comes back, each has every value,
+exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from directory_sync.config import AttributeMap
+from directory_sync.slapd import PrivateSlapd
+from registration_app.ra.operators import directory_status
+from tests.directory_sync.world import add_group, issue, make_services, profiles_for
+from tests.fault import records
+from tests.ldap_admin import LdapAdmin
+
+# The address book keeps certificates in another attribute: each target writes with its own map.
+BOOK_MAP = dataclasses.replace(AttributeMap.openldap(), certificate="userSMIMECertificate")
+LATER = timedelta(minutes=10)  # past any back-off
+
+
+@pytest.fixture(scope="module")
+def directories(tmp_path_factory):
+    """(primary, book): two private slapds, each with the demo entries; each test may stop either."""
+    primary = PrivateSlapd(tmp_path_factory.mktemp("primary"))
+    book = PrivateSlapd(tmp_path_factory.mktemp("book"))
+    for instance in (primary, book):
+        instance.start()
+        instance.load_demo()
+    yield primary, book
+    primary.stop()
+    book.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, directories):
+    primary, book = directories
+    with LdapAdmin.for_slapd(primary) as admin:
+        group = add_group(admin, "targets-" + uuid.uuid4().hex[:6], ["cn=admin,dc=example,dc=org"])
+    services = make_services(tmp_path_factory.mktemp("targets"), primary.settings(), profiles=profiles_for(group),
+                             targets={"book": book.settings(attributes=BOOK_MAP)})
+    yield services, group
+    services.close()
+
+
+@pytest.fixture
+def running(directories):
+    yield directories
+    for instance in directories:
+        if instance.pid is None:
+            instance.start()
+
+
+def new_person(directories, group: str) -> tuple[str, str]:
+    """The same person in both directories (by mail), entitled in the primary."""
+    uid = "tg-" + uuid.uuid4().hex[:10]
+    dn, email = f"uid={uid},ou=people,dc=example,dc=org", f"{uid}@example.org"
+    for instance in directories:
+        with LdapAdmin.for_slapd(instance) as admin:
+            assert admin.add(dn, ["inetOrgPerson", "pkiUser"], {"uid": uid, "cn": uid, "sn": "T", "mail": email})
+    with LdapAdmin.for_slapd(directories[0]) as admin:
+        assert admin.modify(group, {"member": [("MODIFY_ADD", [dn])]}), admin.result
+    return dn, email
+
+
+def values(instance, dn: str, attribute: str) -> list[bytes]:
+    with LdapAdmin.for_slapd(instance) as admin:
+        return admin.values(dn, attribute)
+
+
+def test_a_target_that_is_down_holds_back_nothing_and_catches_up_exactly_once(world, running):
+    services, group = world
+    primary, book = running
+    target = services.publisher.targets[0]
+    dn, email = new_person(running, group)
+    book.stop()
+    first = issue(services, email).certificate.public_bytes(Encoding.DER)
+    assert services.publisher.drain(user_dn=dn) == 1
+    assert values(primary, dn, "userCertificate;binary") == [first]  # at once, whatever the book does
+    assert services.publisher.drain_targets() == 0
+    status = directory_status(services.db, targets=["book"])["targets"]["book"]
+    assert status["depth"] >= 1 and status["failing"] >= 1
+
+    book.start()
+    second = issue(services, email, profile="smime-signature").certificate.public_bytes(Encoding.DER)  # meanwhile
+    assert services.publisher.drain(user_dn=dn) == 1
+    assert target.drain(now=datetime.now(timezone.utc) + LATER) >= 2  # both rows, in order
+    assert values(book, dn, "userSMIMECertificate") == [first, second]  # the book's own attribute, each once
+    assert values(book, dn, "userCertificate;binary") == []
+    assert values(primary, dn, "userCertificate;binary") == [first, second]
+    assert target.drain(now=datetime.now(timezone.utc) + LATER) == 0  # nothing due any more
+    assert directory_status(services.db, targets=["book"])["targets"]["book"]["depth"] == 0
+
+
+def test_the_primary_down_does_not_hold_back_the_target(world, running):
+    services, group = world
+    primary, book = running
+    dn, email = new_person(running, group)
+    issued = issue(services, email).certificate.public_bytes(Encoding.DER)
+    primary.stop()
+    assert services.publisher.drain(user_dn=dn) == 0  # the primary's row backs off
+    assert services.publisher.drain_targets() >= 1
+    assert values(book, dn, "userSMIMECertificate") == [issued]
+    primary.start()
+    assert services.publisher.drain(user_dn=dn, now=datetime.now(timezone.utc) + LATER) == 1
+    assert values(primary, dn, "userCertificate;binary") == [issued]
+    assert values(book, dn, "userSMIMECertificate") == [issued]
+
+
+def test_a_person_missing_from_the_target_is_done_there_not_retried(world, running):
+    services, group = world
+    primary, _ = running
+    uid = "only-" + uuid.uuid4().hex[:8]
+    dn, email = f"uid={uid},ou=people,dc=example,dc=org", f"{uid}@example.org"
+    with LdapAdmin.for_slapd(primary) as admin:
+        assert admin.add(dn, ["inetOrgPerson"], {"uid": uid, "cn": uid, "sn": "O", "mail": email})
+        assert admin.modify(group, {"member": [("MODIFY_ADD", [dn])]})
+    issue(services, email)
+    services.publisher.drain(user_dn=dn)
+    target = services.publisher.targets[0]
+    assert target.drain() >= 1
+    assert target.drain(now=datetime.now(timezone.utc) + LATER) == 0
+
+
+def test_targets_are_read_from_their_own_tables_with_their_own_attribute_map(tmp_path):
+    from registration_app.settings import effective_configuration, load_settings
+    config = tmp_path / "autoenroll.toml"
+    config.write_text('''
+[targets.book]
+url = "ldaps://book.corp.example.org"
+bind_dn = "cn=publisher,dc=book"
+password = "book-secret"
+
+[targets.book.attributes]
+certificate = "userSMIMECertificate"
+''')
+    settings = load_settings(config, environ={})
+    book = settings.targets["book"]
+    assert book.url == "ldaps://book.corp.example.org" and book.attributes.certificate == "userSMIMECertificate"
+    assert settings.ldap.attributes.certificate == "userCertificate;binary"  # the primary keeps its own
+    shown = effective_configuration(settings)["targets"]["book"]
+    assert shown["password"] == "********" and shown["attributes"]["certificate"] == "userSMIMECertificate"
+
+
+def test_a_target_takes_a_preset_of_its_own(tmp_path):
+    from registration_app.core.errors import ConfigError
+    from registration_app.settings import load_settings
+    config = tmp_path / "autoenroll.toml"
+    config.write_text('''
+[targets.outlook]
+preset = "ad"
+url = "ldaps://dc1.corp.example.org"
+base_dn = "DC=corp,DC=example,DC=org"
+''')
+    settings = load_settings(config, environ={})
+    outlook = settings.targets["outlook"]
+    assert outlook.attributes.certificate == "userCertificate" and outlook.entry_id_attribute == "objectGUID"
+    assert outlook.base_dn == "DC=corp,DC=example,DC=org"
+    assert settings.ldap.attributes.certificate == "userCertificate;binary"  # the primary keeps its own
+    config.write_text('[targets.book]\npreset = "novell"\n')
+    with pytest.raises(ConfigError, match="targets.book.preset: unknown LDAP preset 'novell'"):
+        load_settings(config, environ={})
+
+
+def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running):
+    import time
+    services, group = world
+    _, book = running
+    dn, email = new_person(running, group)
+    book.stop()
+    issued = issue(services, email).certificate.public_bytes(Encoding.DER)
+    thread, stop = services.publisher.start_thread(interval=0.1)
+    try:
+        records.wait_for(lambda: not services.publisher.pending(dn), 30, "the primary's publication")
+        assert services.publisher.targets[0].status()["failing"] >= 1  # tried while the book was down
+        book.start()
+        records.wait_for(lambda: values(book, dn, "userSMIMECertificate") == [issued], 60,
+                         "the book to catch up after its back-off")
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def test_a_target_with_unsafe_settings_stops_the_server_naming_the_target():
+    from directory_sync.config import LdapSettings
+    from registration_app.core.errors import ConfigError
+    from registration_app.services import check_directory
+    from registration_app.settings import Settings
+    settings = dataclasses.replace(Settings(), targets={
+        "book": LdapSettings(url="ldap://book.corp.example.org", password="s3rvice")})
+    with pytest.raises(ConfigError, match="publication target 'book': refusing a simple bind in plaintext"):
+        check_directory(settings)
