@@ -15,9 +15,9 @@ help:
 	@echo "make stop   stop the private slapd of make run"
 
 debs:
-	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null || [ ! -f /usr/include/ldap.h ] || [ ! -f /usr/include/sasl/sasl.h ] || ! command -v cfssl >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v gpgsm >/dev/null || ! command -v dirmngr >/dev/null || [ ! -x /usr/sbin/samba ] || ! command -v samba-tool >/dev/null; then \
-	  echo "installing Debian packages slapd ldap-utils openssl libldap2-dev libsasl2-dev (python-ldap builds against them) golang-cfssl (a peer in the benchmarks) postgresql (the suites' second database) gpgsm dirmngr (a mail client reading LDAP, in the tests) samba samba-ad-dc (an Active Directory domain controller, in the tests)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev golang-cfssl postgresql gpgsm dirmngr samba samba-ad-dc >/dev/null; \
+	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null || ! command -v openssl >/dev/null || [ ! -f /usr/include/ldap.h ] || [ ! -f /usr/include/sasl/sasl.h ] || ! command -v cfssl >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v gpgsm >/dev/null || ! command -v dirmngr >/dev/null || [ ! -x /usr/sbin/samba ] || ! command -v samba-tool >/dev/null || [ ! -f /usr/lib/softhsm/libsofthsm2.so ] || ! command -v pkcs11-tool >/dev/null; then \
+	  echo "installing Debian packages slapd ldap-utils openssl libldap2-dev libsasl2-dev (python-ldap builds against them) golang-cfssl (a peer in the benchmarks) postgresql (the suites' second database) gpgsm dirmngr (a mail client reading LDAP, in the tests) samba samba-ad-dc (an Active Directory domain controller, in the tests) softhsm2 opensc (an HSM and pkcs11-tool, in the tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd ldap-utils openssl libldap2-dev libsasl2-dev golang-cfssl postgresql gpgsm dirmngr samba samba-ad-dc softhsm2 opensc >/dev/null; \
 	fi
 
 # pip's progress goes to .venv/install.log, shown only if the install fails.

@@ -46,10 +46,11 @@ class Sizes:
     changes: int = 100  # group exits before the incremental reconcile
     profile: int = 150  # enrollments under cProfile
     postgres: int = 300  # enrollments in (7), on PostgreSQL
+    hsm: int = 300  # enrollments per key store in (10)
 
 
 SMOKE = Sizes(enroll=16, agents=4, strong=8, one_agent=4, many_agents=8, crowded=16, rsa=4, bare_seconds=0.5, cfssl=40, openssl=2, provision=20, reconcile=200,
-              changes=5, profile=4, postgres=8)
+              changes=5, profile=4, postgres=8, hsm=8)
 
 
 def log(message: str) -> None:
@@ -225,6 +226,68 @@ class Run:
                           f"{fmt(strong.rate)}/s, p50 {fmt(strong.p50_ms)} ms, p99 {fmt(strong.p99_ms)} ms; "
                           f"server CPU {fmt(1000 * strong.server_cpu / strong.ok if strong.ok else None, ' ms', 2)}",
                           f"default ({default:,})/this {fmt(speedup, digits=2)}x", ">= 2.5x"))
+
+    # --- (10): the same enrollments with every key in SoftHSM2 and with file keys, in one run ---------
+    def hsm_benchmark(self) -> None:
+        """Two platforms on one slapd, one with the CA, TLS CA and KRA keys in a SoftHSM2 token; each gets
+        a warm-up then the same load, alternating twice so that neither has the quieter half of the run."""
+        import os
+
+        from .softhsm import SoftHsm, init_options
+        s = self.sizes
+        hsm = SoftHsm(self.workdir / "softhsm")
+        previous = os.environ.get("SOFTHSM2_CONF")
+        hsm.start()
+        slapd = PrivateSlapd(self.workdir / "slapd-hsm")
+        slapd.start()
+        warmup = s.agents * 2
+        half = max(1, s.hsm // 2)
+        uids = world.new_uids(2 * (warmup + 2 * half))
+        slapd.bulk_load(world.users_ldif(uids))
+        platforms = {}
+        try:
+            for i, kind in enumerate(("files", "softhsm")):
+                data = self.workdir / f"server-{kind}"
+                data.mkdir(mode=0o700)
+                options = tuple(init_options(hsm, "bench", data)) if kind == "softhsm" else ()
+                platforms[kind] = make_platform(data, slapd.url, init_options=options)
+            payload = {"profile": EC_PROFILE, "password": "bench-password-0123"}
+            users = {}
+            for i, (kind, platform) in enumerate(platforms.items()):
+                mine = uids[i * (warmup + 2 * half):(i + 1) * (warmup + 2 * half)]
+                users[kind] = world.Minter(platform.data, platform.passphrase).users(mine)
+            for platform in platforms.values():
+                platform.start()
+            log(f"(10) keys in SoftHSM2 over file keys: {2 * half} enrollments each, {s.agents} agents, {EC_PROFILE}")
+            for kind, platform in platforms.items():
+                load.run_load(platform, users[kind][:warmup], payload, agents=s.agents)
+            done = {kind: 0 for kind in platforms}
+            seconds = {kind: 0.0 for kind in platforms}
+            for round_ in range(2):
+                for kind in (("files", "softhsm") if round_ == 0 else ("softhsm", "files")):
+                    load.wait_idle(platforms[kind])
+                    batch = users[kind][warmup + round_ * half:warmup + (round_ + 1) * half]
+                    result = load.run_load(platforms[kind], batch, payload, agents=s.agents)
+                    if result.ok != len(batch):
+                        raise RuntimeError(f"(10) {kind}: enrollments failed: {result.statuses}; "
+                                           f"see {platforms[kind].log}")
+                    done[kind] += result.ok
+                    seconds[kind] += result.wall
+        finally:
+            for platform in platforms.values():
+                platform.stop()
+            slapd.stop()
+            if previous is None:
+                os.environ.pop("SOFTHSM2_CONF", None)
+            else:
+                os.environ["SOFTHSM2_CONF"] = previous
+        rates = {kind: done[kind] / seconds[kind] if seconds[kind] else None for kind in platforms}
+        r = ratio(rates["softhsm"], rates["files"])
+        self.results["hsm"] = {"enrollments_per_second": rates, "softhsm_over_files": r,
+                               "keys_in_token": ["ca", "tls_ca", "kra"], "module": "SoftHSM2"}
+        self.rows.append(("(10) enroll EC, every key in SoftHSM2 / file keys",
+                          f"{fmt(rates['softhsm'])}/s / {fmt(rates['files'])}/s",
+                          f"softhsm/files {fmt(r, digits=2)}", ">= 0.9"))
 
     def _start_py_spy(self, platform) -> list:
         """Sample every worker (all threads) for the length of (1): bench/results/py-spy-*.txt, folded
@@ -477,7 +540,7 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: every benchmark runs, in < 60 s")
-    parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory", "directory-tls", "postgres"],
+    parser.add_argument("--only", action="append", choices=["server", "rsa", "peers", "directory", "directory-tls", "postgres", "hsm"],
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--profile", action="store_true", help="also profile the request path (cProfile)")
     parser.add_argument("--py-spy", nargs="?", const="cpu", choices=["cpu", "wall"],
@@ -505,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             run.directory_benchmarks()
         if only is None or only & {"directory", "directory-tls"}:  # (9) alone: --only directory-tls
             run.directory_tls_benchmark()
+        if only is None or "hsm" in only:
+            run.hsm_benchmark()
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

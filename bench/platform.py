@@ -213,8 +213,10 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def make_platform(data: Path, ldap_url: str, *, env: dict | None = None, **settings: object) -> ServerPlatform:
-    """Write the TOML (production defaults unless named in `settings`), run `autoenroll init`."""
+def make_platform(data: Path, ldap_url: str, *, env: dict | None = None, init_options: tuple[str, ...] = (),
+                  **settings: object) -> ServerPlatform:
+    """Write the TOML (production defaults unless named in `settings`), run `autoenroll init` (with
+    `init_options`, e.g. bench/softhsm.py init_options)."""
     data.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
     database_url = settings.pop("database_url", None) or database_url_for()
@@ -234,5 +236,5 @@ def make_platform(data: Path, ldap_url: str, *, env: dict | None = None, **setti
     config.write_text("\n".join(lines) + "\n")
     platform = ServerPlatform(data=data, config=config, url=f"https://localhost:{port}",
                               http_url=f"http://127.0.0.1:{http_port}", ldap_url=ldap_url, env=dict(env or {}))
-    platform.autoenroll("init")
+    platform.autoenroll("init", *init_options)
     return platform

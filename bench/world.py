@@ -65,7 +65,12 @@ class Minter:
         from registration_app.settings import DEFAULT_PROFILES
         from registration_app.core.profiles import parse_profiles
         self.ca_cert = read_cert(data_dir / "ca.pem")
-        self.ca_key = read_private_key(data_dir / "ca.key", passphrase)
+        if (data_dir / "ca.key").exists():
+            self.ca_key = read_private_key(data_dir / "ca.key", passphrase)
+        else:  # the CA key is in a token (bench (10)): it signs the users' certificates there
+            from registration_app.services import key_store
+            from registration_app.settings import load_settings
+            self.ca_key = key_store(load_settings(data_dir / "autoenroll.toml")).ca_signing_key()
         self.urls = CaUrls(crl_url="http://127.0.0.1/crl/ca.crl", ca_issuers_url="http://127.0.0.1/ca.crt")
         self.profile = parse_profiles(DEFAULT_PROFILES)["smime-signature"]
 

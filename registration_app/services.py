@@ -48,6 +48,9 @@ FORBIDDEN_KEYS = {"ra": ("ca_key", "kra_key", "tls_ca_key"), "ca": ("kra_key", "
                   "kra": ("ca_key", "tls_ca_key")}
 # The server secrets (store/keys.py) each role reads at start: the RA checks nonces and enrollment codes;
 # every role appends audit rows. README, Split deployment, lists the files to copy.
+# The CA, TLS CA and KRA keys (by their key_store names) each role signs or unwraps with at run time.
+ROLE_USES = {"all": ("ca", "kra"), "ra": (), "ca": ("ca",), "kra": ("kra",)}
+_KEY_FILE = {"ca": "ca_key", "tls_ca": "tls_ca_key", "kra": "kra_key"}
 ROLE_KEYS = {"all": ("nonce", "codes", "audit"), "ra": ("nonce", "codes", "audit"), "ca": ("audit",),
              "kra": ("audit",)}
 
@@ -117,6 +120,7 @@ def check_role(settings: Settings) -> None:
     if held:
         raise ConfigError(f"role {settings.role!r} must not hold {', '.join(held)} in {settings.data_dir}: "
                           "move it to the host of the authority that uses it (README, Split deployment)")
+    check_token_keys(settings)
     if settings.role == "ra" and not (settings.ca_url and settings.kra_url):
         raise ConfigError("role 'ra' needs ca_url and kra_url (the CA and KRA services)")
     if settings.role in ("ca", "kra"):
@@ -140,6 +144,52 @@ def check_directory(settings: Settings) -> None:
             raise type(exc)(f"publication target {name!r}: {exc.detail}", **exc.extra) from exc
 
 
+def key_store(settings: Settings) -> KeyStore:
+    """The files of the data folder, or the token of `[key_store]` for the keys it names."""
+    from .authorities.pkcs11_store import KEY_NAMES, Pkcs11KeyStore, Token
+    files = PemKeyStore(PkiPaths.in_dir(settings.data_dir), settings.passphrase)
+    wanted = settings.key_store.in_token
+    if not wanted:
+        return files
+    if wanted - set(KEY_NAMES):
+        raise ConfigError(f"key_store.in_token names {', '.join(sorted(wanted - set(KEY_NAMES)))}: the keys are "
+                          f"{', '.join(KEY_NAMES)}")
+    token = Token(settings.key_store.module, settings.key_store.token, settings.path(settings.key_store.pin_file))
+    return Pkcs11KeyStore(token, wanted, files)
+
+
+def check_token_keys(settings: Settings) -> None:
+    """The token's part of check_role: a role keeps in its token only the keys it uses (as in its data
+    folder), a key moved into the token has no file copy left, and every token key the role uses answers
+    now (module, token, PIN, label, the right key): a ConfigError naming what is wrong, before serving."""
+    from .authorities.pkcs11_store import KEY_NAMES, Pkcs11KeyStore, key_label
+    store = key_store(settings)
+    if not isinstance(store, Pkcs11KeyStore):
+        return
+    paths = PkiPaths.in_dir(settings.data_dir)
+    left = [getattr(paths, _KEY_FILE[name]).name for name in sorted(store.in_token)
+            if getattr(paths, _KEY_FILE[name]).exists()]
+    if left:
+        raise ConfigError(f"{', '.join(left)} still in {settings.data_dir} although key_store.in_token says the "
+                          "key is in the token: destroy the file copy (shred -u), it is a second copy of the key")
+    if settings.role == "all":
+        return store.check(ROLE_USES["all"])
+    uses = ROLE_USES.get(settings.role, ())
+    configured = sorted(name for name in store.in_token if name not in uses)
+    if configured:
+        raise ConfigError(f"role {settings.role!r} must not use {', '.join(configured)} (key_store.in_token): "
+                          "that key belongs to another authority's token (README, Keys in an HSM)")
+    if not uses:
+        return
+    labels = store.token.labels()
+    foreign = [key_label(name) for name in KEY_NAMES if name not in uses and key_label(name) in labels]
+    if foreign:
+        raise ConfigError(f"role {settings.role!r} must not hold {', '.join(foreign)} in token "
+                          f"{store.token.label!r}: each authority's keys go in a token (or slot) of their own "
+                          "(README, Keys in an HSM)")
+    store.check(uses)
+
+
 def check_private_files(settings: Settings) -> None:
     """The data folder 0700; the database, its -wal and -shm, keys and secrets 0600 (as ssh demands of
     its private files): refused at start otherwise. `autoenroll init` creates them so."""
@@ -147,7 +197,7 @@ def check_private_files(settings: Settings) -> None:
     paths = PkiPaths.in_dir(settings.data_dir)
     private = [settings.data_dir, *sqlite_files(settings.db_url), settings.path("passphrase"),
                *(settings.path(name) for name in (*KEY_FILES.values(), CHECKPOINT_FILE)),
-               *(p for p in paths.all() if p.suffix == ".key")]
+               *(p for p in paths.all() if p.suffix == ".key"), settings.path(settings.key_store.pin_file)]
     for path in private:
         check_private(path)
 
@@ -173,7 +223,7 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     agent_policy = AgentPolicy(anchors=tls_anchors, allowed=settings.agents_allowed, scopes=settings.agent_scopes)
     if directory is None:
         directory = LdapDirectory(settings.ldap)
-    keys = PemKeyStore(paths, settings.passphrase)
+    keys = key_store(settings)
     common: dict[str, Any] = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy, user_trust=user_trust)
     if settings.role == "ca":
         ca_service = _local_ca(settings, keys, db, ca_cert)

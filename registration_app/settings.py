@@ -65,6 +65,18 @@ class TrustSettings:
 
 
 @dataclass(frozen=True)
+class KeyStoreSettings:
+    """Where the CA, TLS CA and KRA private keys are (README, Keys in an HSM): the keys named in
+    `in_token` ("ca", "tls_ca", "kra") in the PKCS#11 token labelled `token`, the others in encrypted PEM
+    files of the data folder (the default: every key in a file)."""
+
+    in_token: frozenset[str] = frozenset()
+    module: str = ""  # the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so
+    token: str = ""  # the token's label (one token, or slot, per service in a split deployment)
+    pin_file: str = "token.pin"  # the user PIN, mode 0600; relative to data_dir
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("var")
     database_url: str = ""  # empty: sqlite file in data_dir
@@ -116,6 +128,7 @@ class Settings:
     # its own attribute map); users and groups are read from [ldap] only. directory_sync/targets.py.
     targets: Mapping[str, LdapSettings] = field(default_factory=dict)
     trust: TrustSettings = field(default_factory=TrustSettings)
+    key_store: KeyStoreSettings = field(default_factory=KeyStoreSettings)
     profiles: Mapping[str, Profile] = field(default_factory=lambda: parse_profiles(DEFAULT_PROFILES))
 
     @property

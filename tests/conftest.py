@@ -15,6 +15,7 @@ from bench import postgres
 from tests.conftest_slapd import *  # noqa: F401,F403
 from tests.e2e.platform import make_platform
 from tests.samba_dc import samba_dc  # noqa: F401 (a Samba AD DC, session-scoped)
+from tests.softhsm import key_store_params
 
 
 def pytest_addoption(parser):
@@ -55,7 +56,23 @@ def postgres_server(pytestconfig):
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory, slapd):
-    """`autoenroll init` + `autoenroll serve` (gunicorn, TLS, 2 workers) on the session's slapd."""
-    with make_platform(tmp_path_factory.mktemp("platform"), slapd.url).running() as p:
+def softhsm(tmp_path_factory):
+    """A private SoftHSM2 token folder for the session (SOFTHSM2_CONF set for the servers started)."""
+    from tests.softhsm import SoftHsm
+    previous = os.environ.get("SOFTHSM2_CONF")
+    hsm = SoftHsm(tmp_path_factory.mktemp("softhsm"))
+    hsm.start()
+    yield hsm
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous
+
+
+@pytest.fixture(scope="session")
+def platform(request, tmp_path_factory, slapd):
+    """`autoenroll init` + `autoenroll serve` (gunicorn, TLS, 2 workers) on the session's slapd; with
+    `indirect` parametrisation "softhsm", with the CA, TLS CA and KRA keys in a SoftHSM2 token."""
+    data = tmp_path_factory.mktemp("platform")
+    with make_platform(data, slapd.url, init_options=key_store_params(request, data, "platform")).running() as p:
         yield p

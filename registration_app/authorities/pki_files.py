@@ -176,6 +176,9 @@ class PemKeyStore:
         # ca.key is the EC or RSA key create_pki wrote; load_pem_private_key types any private key
         return cast(CertificateIssuerPrivateKeyTypes, read_private_key(self.paths.ca_key, self.passphrase()))
 
+    def tls_ca_signing_key(self) -> CertificateIssuerPrivateKeyTypes:
+        return cast(CertificateIssuerPrivateKeyTypes, read_private_key(self.paths.tls_ca_key, self.passphrase()))
+
     def kra_storage_key(self) -> rsa.RSAPrivateKey:
         # kra.key is the RSA-3072 key create_pki wrote; escrow_crypto refuses any other storage key
         return cast(rsa.RSAPrivateKey, read_private_key(self.paths.kra_key, self.passphrase()))
@@ -191,6 +194,8 @@ def create_pki(
     agent_names: Iterable[str] = ("agent.example.org",),
     passphrase: bytes,
     now: datetime,
+    token: Token | None = None,
+    in_token: frozenset[str] = frozenset(),
 ) -> PkiPaths:
     """Create the S/MIME CA, the KRA storage key, the TLS CA, a server and an agent certificate.
 
@@ -198,13 +203,18 @@ def create_pki(
     names them: keys are never overwritten, and a half-made PKI is for a person to look at.
     The CA, TLS CA and KRA keys are encrypted with `passphrase`; server.key and agent.key are not
     (gunicorn and the agent read them unattended) but are mode 0600.
+    The keys named in `in_token` ("ca", "tls_ca", "kra") are generated in `token` instead and have no file.
     """
     paths = PkiPaths.in_dir(datadir)
-    present = [p for p in paths.all() if p.exists()]
-    if len(present) == len(paths.all()):
+    in_files = {"ca": "ca" not in in_token, "tls_ca": "tls_ca" not in in_token, "kra": "kra" not in in_token}
+    expected = [p for p in paths.all() if not (
+        (p == paths.ca_key and not in_files["ca"]) or (p == paths.tls_ca_key and not in_files["tls_ca"])
+        or (p == paths.kra_key and not in_files["kra"]))]
+    present = [p for p in expected if p.exists()]
+    if len(present) == len(expected):
         return paths
     if present:
-        missing = [p.name for p in paths.all() if not p.exists()]
+        missing = [p.name for p in expected if not p.exists()]
         raise AlreadyExists(
             f"{Path(datadir).name}: {', '.join(p.name for p in present)} already exist but "
             f"{', '.join(missing)} do not; refusing to overwrite or mix key material",
@@ -216,11 +226,24 @@ def create_pki(
     if not server_names or not agent_names:
         raise ConfigError("the server and the agent each need at least one name")
 
-    # Generate everything before writing anything: a failure here leaves no file behind.
-    ca_key = generate_private_key(ca_key_type)
+    if in_token and token is None:
+        raise ConfigError("keys in a token need the token (key_store.module, key_store.token)")
+    if token is not None and in_token:  # refuse before making anything, not after the first key
+        from .pkcs11_store import key_label
+        taken = sorted({key_label(name) for name in in_token} & token.labels())
+        if taken:
+            raise AlreadyExists(f"token {token.label!r} already holds {', '.join(taken)}; refusing to make a "
+                                "second CA or KRA key (a half-made PKI is for a person to look at)", present=taken)
+
+    def new_key(name: str, key_type: KeyType):
+        return token.generate(name, key_type) if token is not None and name in in_token \
+            else generate_private_key(key_type)
+
+    # Generate everything before writing any file: a failure here leaves no file behind.
+    ca_key = new_key("ca", ca_key_type)
     ca_cert = build_ca_certificate(ca_key, _name(ca_name, org), now)
-    kra_key = generate_private_key(KeyType.RSA_3072)
-    tls_ca_key = generate_private_key(KeyType.EC_P256)
+    kra_key = new_key("kra", KeyType.RSA_3072)
+    tls_ca_key = new_key("tls_ca", KeyType.EC_P256)
     tls_ca_cert = build_ca_certificate(tls_ca_key, _name(f"{ca_name} TLS", org), now)
     server_key = generate_private_key(KeyType.EC_P256)
     server_cert = _tls_cert(tls_ca_cert, tls_ca_key, server_key, server_names, now, server=True)
@@ -229,11 +252,14 @@ def create_pki(
 
     Path(datadir).mkdir(mode=0o700, parents=True, exist_ok=True)
     # Keys first, each followed by its certificate, so that an interrupted run is visible as such.
-    write_private_key(paths.ca_key, ca_key, passphrase)
+    if in_files["ca"]:
+        write_private_key(paths.ca_key, ca_key, passphrase)
     write_cert(paths.ca_cert, ca_cert)
-    write_private_key(paths.kra_key, kra_key, passphrase)
+    if in_files["kra"]:
+        write_private_key(paths.kra_key, kra_key, passphrase)
     write_public_key(paths.kra_public_key, kra_key.public_key())
-    write_private_key(paths.tls_ca_key, tls_ca_key, passphrase)
+    if in_files["tls_ca"]:
+        write_private_key(paths.tls_ca_key, tls_ca_key, passphrase)
     write_cert(paths.tls_ca_cert, tls_ca_cert)
     write_unencrypted_private_key(paths.server_key, server_key)
     write_cert(paths.server_cert, server_cert)
@@ -318,6 +344,9 @@ def make_private(path: Path) -> bool:
         return True
     return False
 
+
+if TYPE_CHECKING:
+    from .pkcs11_store import Token
 
 if TYPE_CHECKING:  # mypy (make test) checks that PemKeyStore has the signatures of the Protocol
     from ..core.ports import KeyStore

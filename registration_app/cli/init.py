@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import secrets
 import socket
@@ -24,6 +26,75 @@ store = "agent-store"
 """
 
 
+_KEY_CHOICE = click.Choice(["ca", "tls_ca", "kra"])
+
+
+def key_store_options(command):
+    """`--key-store pkcs11 --module PATH --token LABEL --pin-file FILE [--file-key NAME ...]` for init."""
+    @click.option("--key-store", "key_store", type=click.Choice(["files", "pkcs11"]), default=None,
+                  help="Where the CA, TLS CA and KRA keys are generated (default: [key_store] of the "
+                       "configuration, else files).")
+    @click.option("--module", default=None, help="The PKCS#11 module (with --key-store pkcs11).")
+    @click.option("--token", default=None, help="The label of the token (with --key-store pkcs11).")
+    @click.option("--pin-file", default=None, help="The file holding the token's user PIN, mode 0600.")
+    @click.option("--file-key", "file_keys", multiple=True, type=_KEY_CHOICE,
+                  help="With --key-store pkcs11: keep this key in a file all the same (repeatable).")
+    @functools.wraps(command)
+    def wrapper(*args, key_store, module, token, pin_file, file_keys, **kwargs):
+        choice = dict(key_store=key_store, module=module, token=token, pin_file=pin_file, file_keys=file_keys)
+        return command(*args, key_store_choice=choice, **kwargs)
+    return wrapper
+
+
+def apply_key_store_choice(settings: Settings, choice: dict) -> tuple[Settings, str | None]:
+    """The settings with init's key-store options over the configuration's [key_store], and the TOML
+    table to record (None when the options change nothing)."""
+    current = settings.key_store
+    if choice["key_store"] is None:
+        if any(choice[k] for k in ("module", "token", "pin_file", "file_keys")):
+            raise click.UsageError("--module, --token, --pin-file and --file-key go with --key-store pkcs11")
+        return settings, None
+    if choice["key_store"] == "files":
+        return dataclasses.replace(settings, key_store=dataclasses.replace(current, in_token=frozenset())), None
+    wanted = dataclasses.replace(
+        current, in_token=frozenset({"ca", "tls_ca", "kra"} - set(choice["file_keys"])),
+        module=choice["module"] or current.module, token=choice["token"] or current.token,
+        pin_file=choice["pin_file"] or current.pin_file)
+    if not wanted.module or not wanted.token:
+        raise click.UsageError("--key-store pkcs11 needs --module and --token (or key_store.module and .token)")
+    if wanted == current:
+        return settings, None
+    table = ("\n[key_store]  # autoenroll init --key-store pkcs11 (README, Keys in an HSM)\n"
+             f"in_token = {json.dumps(sorted(wanted.in_token))}\nmodule = {json.dumps(wanted.module)}\n"
+             f"token = {json.dumps(wanted.token)}\npin_file = {json.dumps(wanted.pin_file)}\n")
+    return dataclasses.replace(settings, key_store=wanted), table
+
+
+def token_of(settings: Settings):
+    """The Token of `[key_store]`, or None when every key is in a file."""
+    from ..authorities.pkcs11_store import Token
+    ks = settings.key_store
+    if not ks.in_token:
+        return None
+    return Token(ks.module, ks.token, settings.path(ks.pin_file))
+
+
+def record_key_store(ctx, settings: Settings, table: str) -> None:
+    """Append init's [key_store] table to the configuration (the --config file, else
+    <data_dir>/autoenroll.toml), so that `serve` and every later command find the token."""
+    from ..settings import GENERATED_CONFIG
+    config_path = ctx.obj.get("config_path")
+    target = config_path if config_path is not None and config_path.exists() else settings.path(GENERATED_CONFIG)
+    text = target.read_text() if target.exists() else ""
+    if "[key_store]" in text:
+        click.echo(f"warning: {target} has a [key_store] table already; make it say what init did:{table}",
+                   err=True)
+        return
+    target.write_text(text + table)
+    click.echo(f"  keys in token {settings.key_store.token!r}: {', '.join(sorted(settings.key_store.in_token))} "
+               f"([key_store] in {target})")
+
+
 @main.command()
 @click.option("--ca-key-type", type=click.Choice(["ec-p256", "rsa-3072"]), default="ec-p256", show_default=True)
 @click.option("--ca-name", default="Autoenroll CA", show_default=True)
@@ -32,14 +103,16 @@ store = "agent-store"
 @click.option("--http-host", default=None,
               help="Public host name of the plain-HTTP CRL and CA certificate URLs written into every "
                    "certificate (default: this machine's fully qualified name); recorded as http_url.")
+@key_store_options
 @click.pass_context
-def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host) -> None:
+def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host, key_store_choice) -> None:
     """Create the CA, the KRA storage key, TLS certificates, the server secrets, the database and the
-    agent config; on an existing data folder, make it private and move secrets out of an older database."""
+    agent config; on an existing data folder, make it private and move secrets out of an older database.
+    With --key-store pkcs11 the CA, TLS CA and KRA keys are generated in the token (README, Keys in an HSM)."""
     from ..authorities.pki_files import PkiPaths, create_pki, write_secret
     from ..core.model import KeyType
 
-    settings = _settings(ctx)
+    settings, key_store_table = apply_key_store_choice(_settings(ctx), key_store_choice)
     data = settings.data_dir
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     if make_private(data):
@@ -49,7 +122,8 @@ def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host) -> Non
         write_secret(settings.path("passphrase"), secrets.token_urlsafe(32).encode())
     try:
         create_pki(data, ca_key_type=KeyType(ca_key_type), ca_name=ca_name, server_names=server_names,
-                   agent_names=agent_names, passphrase=settings.passphrase(), now=datetime.now(timezone.utc))
+                   agent_names=agent_names, passphrase=settings.passphrase(), now=datetime.now(timezone.utc),
+                   token=token_of(settings), in_token=settings.key_store.in_token)
     except AutoenrollError as exc:
         raise click.ClickException(exc.detail) from exc
     try:
@@ -67,6 +141,8 @@ def init(ctx, ca_key_type, ca_name, server_names, agent_names, http_host) -> Non
     if ctx.obj["config_path"] is None and settings.data_dir == DEFAULT_CONFIG.parent:
         _record_configuration(settings)
     _record_http_url(ctx, settings, http_host)
+    if key_store_table:
+        record_key_store(ctx, settings, key_store_table)
 
 
 def _record_http_url(ctx, settings: Settings, http_host: str | None) -> None:
@@ -141,19 +217,19 @@ def client_cert(ctx, name: str, out_dir: Path | None, days: int) -> None:
     certificate for a split deployment. NAME goes into the CN and the DNS SAN, the allow-list name."""
     from ..authorities.certs import build_tls_certificate
     from ..authorities.keys import generate_private_key
-    from ..authorities.pki_files import (PkiPaths, read_cert, read_private_key, write_cert,
-                                        write_unencrypted_private_key)
+    from ..authorities.pki_files import PkiPaths, read_cert, write_cert, write_unencrypted_private_key
     from ..core.model import KeyType
+    from ..services import key_store
     settings = _settings(ctx)
     paths = PkiPaths.in_dir(settings.data_dir)
-    if not paths.tls_ca_key.exists():
+    if not paths.tls_ca_key.exists() and "tls_ca" not in settings.key_store.in_token:
         raise click.ClickException(f"no TLS CA key in {settings.data_dir}: issue client certificates where "
                                    "`autoenroll init` ran (tls-ca.key stays on that host)")
     out = out_dir or settings.data_dir
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
     try:
-        ca_key = read_private_key(paths.tls_ca_key, settings.passphrase())
+        ca_key = key_store(settings).tls_ca_signing_key()  # a file, or the token
         key = generate_private_key(KeyType.EC_P256)
         cert = build_tls_certificate(read_cert(paths.tls_ca_cert), ca_key, key.public_key(), dns_names=[name],
                                      common_name=name, client=True, server=False,

@@ -231,6 +231,15 @@ class RevocationUnavailable(Unavailable):
         self.retry_after = retry_after
 
 
+class KeyStoreUnavailable(Unavailable):
+    """The token (HSM) holding a CA or KRA key failed: nothing was signed, unwrapped or recorded."""
+    code, title = "key_store_unavailable", "The key store (HSM) is unavailable; nothing was issued"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 10, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
 class EscrowFailed(Unavailable):
     code, title = "escrow_failed", "The key could not be escrowed; nothing was issued"
 

@@ -106,10 +106,15 @@ class Directory(Protocol):
 
 class KeyStore(Protocol):
     """Where the authorities' private keys are held: the seam for keys that never leave a token.
-    The default is the encrypted PEM files of the data folder (authorities/pki_files.py PemKeyStore)."""
+    The default is the encrypted PEM files of the data folder (authorities/pki_files.py PemKeyStore); the
+other is a PKCS#11 token (authorities/pkcs11_store.py Pkcs11KeyStore), chosen per key."""
 
     def ca_signing_key(self) -> CertificateIssuerPrivateKeyTypes:
         """The key that signs users' certificates and the CRL."""
+        ...
+
+    def tls_ca_signing_key(self) -> CertificateIssuerPrivateKeyTypes:
+        """The key that signs TLS certificates (agents, the RA's client certificate)."""
         ...
 
     def kra_storage_key(self) -> rsa.RSAPrivateKey:

@@ -8,7 +8,7 @@ from flask import Flask, g, jsonify, request
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from ..core.errors import AutoenrollError, DatabaseUnavailable
+from ..core.errors import AutoenrollError, DatabaseUnavailable, KeyStoreUnavailable
 from ..store import audit
 from ..store.repos import record_nonce
 
@@ -49,12 +49,32 @@ def _record_denial(error: AutoenrollError) -> None:
         log.exception("event=audit.write_failed request_id=%s", getattr(g, "request_id", None))
 
 
+def _record_key_store_failure(error: KeyStoreUnavailable) -> None:
+    """A request the key store (HSM) failed, in any role: one audit row saying what happened; nothing was
+    signed, unwrapped or recorded before it (authorities/pkcs11_store.py)."""
+    services = getattr(g, "services", None)
+    if services is None:
+        return
+    agent = getattr(g, "agent", None)
+    try:
+        services.db.run(lambda conn: audit.append(
+            conn, event="key_store.unavailable", outcome="failed",
+            actor=agent.subject if agent else f"peer:{request.remote_addr}",
+            subject=getattr(g, "user_email", None) or "",
+            detail={"path": request.path, "code": error.code, "reason": error.detail[:300],
+                    "request_id": g.get("request_id")}), core=True)
+    except Exception:
+        log.exception("event=audit.write_failed request_id=%s", g.get("request_id"))
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(AutoenrollError)
     def _autoenroll(error: AutoenrollError):
         if error.status >= 500:
             log.error("event=request.error request_id=%s code=%s detail=%r", g.get("request_id"),
                       error.code, error.detail, exc_info=error.status == 500)
+            if isinstance(error, KeyStoreUnavailable):
+                _record_key_store_failure(error)
         else:
             log.info("event=request.refused request_id=%s code=%s detail=%r", g.get("request_id"),
                      error.code, error.detail)

@@ -20,8 +20,14 @@ PASSPHRASE = b"test-passphrase-not-secret"
 def make_services(data: Path, ldap_settings, **overrides) -> Services:
     """CA + KRA + sqlite in `data`, LDAP from `ldap_settings` (PrivateSlapd.settings())."""
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_store = overrides.get("key_store")
     if not PkiPaths.in_dir(data).ca_cert.exists():
-        create_pki(data, passphrase=PASSPHRASE, now=datetime.now(timezone.utc))
+        token = None
+        if key_store is not None and key_store.in_token:  # keys generated in a token (tests/softhsm.py)
+            from registration_app.authorities.pkcs11_store import Token
+            token = Token(key_store.module, key_store.token, data / key_store.pin_file)
+        create_pki(data, passphrase=PASSPHRASE, now=datetime.now(timezone.utc), token=token,
+                   in_token=key_store.in_token if key_store is not None else frozenset())
     create_server_keys(data)
     if "database_url" not in overrides:
         overrides["database_url"] = database_url_for() or ""

@@ -7,7 +7,8 @@ import pytest
 
 from tests.e2e.platform import make_platform
 
-TRANSPORTS = ["ldap", "ldaps", "starttls"]
+# The last: plain LDAP, with the CA, TLS CA and KRA keys in a SoftHSM2 token (tests/softhsm.py).
+TRANSPORTS = ["ldap", "ldaps", "starttls", "softhsm"]
 
 
 @pytest.fixture(scope="session", params=TRANSPORTS)
@@ -17,6 +18,13 @@ def platform_over(request, tmp_path_factory, slapd, ldap_tls):
         slapd.start()
     if request.param == "ldap":
         yield request.getfixturevalue("platform")
+        return
+    if request.param == "softhsm":
+        from tests.softhsm import key_store_options
+        data = tmp_path_factory.mktemp("platform-softhsm")
+        options = tuple(key_store_options(request.getfixturevalue("softhsm"), "platform-over", data))
+        with make_platform(data, slapd.url, init_options=options).running() as running:
+            yield running
         return
     url = slapd.ldaps_url if request.param == "ldaps" else slapd.url
     data = tmp_path_factory.mktemp(f"platform-{request.param}")

@@ -118,7 +118,8 @@ class Platform:
 
 
 def make_platform(data: Path, ldap_url: str, *, extra: str = "", ldap_ca_file: str = "",
-                  ldap_start_tls: bool = False) -> Platform:
+                  ldap_start_tls: bool = False, init_options: tuple[str, ...] = ()) -> Platform:
+    """`init_options`: more options of `autoenroll init`, e.g. the token of tests/softhsm.py key_store_options."""
     from bench.postgres import database_url_for
     port, http_port = free_port(), free_port()
     database_url = database_url_for()
@@ -142,5 +143,5 @@ timeout_seconds = 2.0
     platform = Platform(data=data, config=config, url=f"https://localhost:{port}",
                         http_url=f"http://127.0.0.1:{http_port}", ldap_url=ldap_url,
                         ldap_ca_file=ldap_ca_file, ldap_start_tls=ldap_start_tls)
-    platform.autoenroll("init")
+    platform.autoenroll("init", *init_options)
     return platform

@@ -52,18 +52,28 @@ def backdate_ca(data: Path, years: int = 3) -> None:
     from registration_app.authorities.keys import generate_private_key
     from registration_app.authorities.pki_files import write_cert, write_private_key
     from registration_app.core.model import KeyType
-    key = generate_private_key(KeyType.EC_P256)
+    from registration_app.services import key_store
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Autoenroll CA")])
-    cert = build_ca_certificate(key, name, datetime.now(timezone.utc) - timedelta(days=365 * years))
+    born = datetime.now(timezone.utc) - timedelta(days=365 * years)
+    if not (data / "ca.key").exists():  # the key is in the token: the same key, a certificate born earlier
+        cert = build_ca_certificate(key_store(load_settings(data / "autoenroll.toml")).ca_signing_key(), name, born)
+        (data / "ca.pem").unlink()
+        write_cert(data / "ca.pem", cert)
+        return
+    key = generate_private_key(KeyType.EC_P256)
+    cert = build_ca_certificate(key, name, born)
     for file in ("ca.key", "ca.pem"):
         (data / file).unlink()
     write_private_key(data / "ca.key", key, (data / "passphrase").read_bytes().strip())
     write_cert(data / "ca.pem", cert)
 
 
-@pytest.fixture(scope="module")
-def life(tmp_path_factory, slapd):
-    p = make_platform(tmp_path_factory.mktemp("lifecycle"), slapd.url, extra=PROFILES)
+@pytest.fixture(scope="module", params=["files", "softhsm"])
+def life(request, tmp_path_factory, slapd):
+    """Run twice: keys in files, then every key (CA, TLS CA, KRA) in a SoftHSM2 token."""
+    from tests.softhsm import key_store_params
+    data = tmp_path_factory.mktemp("lifecycle")
+    p = make_platform(data, slapd.url, extra=PROFILES, init_options=key_store_params(request, data, data.name))
     backdate_ca(p.data)
     with p.running():
         yield p

@@ -23,7 +23,12 @@ from registration_app.agent.jws import sign_user_request
 from registration_app.agent.store import AgentStore
 from registration_app.store import audit
 from registration_app.store.models import Certificate, RecoveryApproval, RecoveryRequest
+from registration_app.authorities.keys import generate_private_key
+from registration_app.authorities.pki_files import write_private_key
+from registration_app.core.model import KeyType
+from registration_app.settings import load_settings
 from tests.e2e.platform import Platform, cli
+from tests.softhsm import MODULE, access_of, key_store_options, private_key_blocks, usage_of
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 
 RA_CLIENT = "ra.internal"
@@ -57,16 +62,41 @@ def issue_ra_client_certificate(data: Path) -> None:
     (data / "ra-client.key").chmod(0o600)
 
 
-@pytest.fixture(scope="module")
-def split(tmp_path_factory, slapd):
+def move_keys_into_tokens(hsm, init: Path) -> dict[str, str]:
+    """The softhsm variant: init made the CA key in the CA's token; the KRA key and the TLS CA key go
+    into tokens of their own with `autoenroll keys import-to-token`, and their files are destroyed (as
+    the command says). Returns each role's [key_store] table."""
+    config = str(init / "autoenroll.toml")
+    for name, label in (("kra", "split-kra"), ("tls_ca", "split-tls")):
+        hsm.new_token(label, init / f"{label}.pin")
+        out = cli("autoenroll", "--config", config, "keys", "import-to-token", name, "--token", label,
+                  "--pin-file", f"{label}.pin")
+        assert "DESTROY THE FILE COPY" in out.stderr
+        (init / {"kra": "kra.key", "tls_ca": "tls-ca.key"}[name]).unlink()
+    table = '[key_store]\nin_token = ["{key}"]\nmodule = "{module}"\ntoken = "{token}"\npin_file = "token.pin"\n'
+    return {"ca": table.format(key="ca", module=MODULE, token="split-ca"),
+            "kra": table.format(key="kra", module=MODULE, token="split-kra"), "ra": ""}
+
+
+@pytest.fixture(scope="module", params=["files", "softhsm"])
+def split(request, tmp_path_factory, slapd):
+    """Run twice: keys in files, then each authority's key in a SoftHSM2 token of its own."""
     root = tmp_path_factory.mktemp("split")
     init = root / "init"
-    init.mkdir()
+    init.mkdir(mode=0o700)
     database_url = database_url_for() or f"sqlite:///{init / 'autoenroll.db'}"  # one database for all three
     (init / "autoenroll.toml").write_text(f'data_dir = "."\ndatabase_url = "{database_url}"\n'
                                           f'[ldap]\nurl = "{slapd.url}"\n')
-    cli("autoenroll", "--config", str(init / "autoenroll.toml"), "init")
+    in_tokens = request.param == "softhsm"
+    hsm = request.getfixturevalue("softhsm") if in_tokens else None
+    options = key_store_options(hsm, "split-ca", init, "kra", "tls_ca") if hsm else []
+    cli("autoenroll", "--config", str(init / "autoenroll.toml"), "init", *options)
     issue_ra_client_certificate(init)
+    key_store_tables = move_keys_into_tokens(hsm, init) if hsm else {"ca": "", "kra": "", "ra": ""}
+    layout = {role: [name for name in files if (init / name).exists()] for role, files in LAYOUT.items()}
+    if hsm:
+        layout["ca"].append("token.pin")
+        (init / "split-kra.pin").rename(init / "kra-token.pin")
     ports = {role: free_port() for role in LAYOUT}
     ca_http = free_port()
     urls = {role: f"https://localhost:{port}" for role, port in ports.items()}
@@ -76,11 +106,13 @@ def split(tmp_path_factory, slapd):
         "ra": f'role = "ra"\nhttp_bind = ""\nca_url = "{urls["ca"]}"\nkra_url = "{urls["kra"]}"\n',
     }
     platforms = {}
-    for role, files in LAYOUT.items():
+    for role, files in layout.items():
         data = root / role
         data.mkdir(mode=0o700)
         for name in files:
             shutil.copy2(init / name, data / name)
+        if hsm and role == "kra":
+            shutil.copy2(init / "kra-token.pin", data / "token.pin")
         config = data / "autoenroll.toml"
         config.write_text(f"""
 data_dir = "."
@@ -94,7 +126,7 @@ outbox_interval_seconds = 0.5
 [ldap]
 url = "{slapd.url}"
 timeout_seconds = 2.0
-""")
+{key_store_tables[role]}""")
         platforms[role] = Platform(data=data, config=config, url=urls[role], http_url=f"http://127.0.0.1:{ca_http}",
                                    ldap_url=slapd.url)
     (root / "ra" / "agent.toml").write_text(f'server = "{urls["ra"]}"\ncert = "agent.pem"\nkey = "agent.key"\n'
@@ -319,12 +351,50 @@ def test_the_ra_runs_without_authority_keys_and_refuses_to_start_with_one(split)
     assert not any((ra.data / name).exists() for name in ("ca.key", "kra.key", "tls-ca.key"))
     with split["ra"].transaction() as session:
         assert session.execute(select(Certificate.serial).limit(1)).first() is not None  # it did issue
-    shutil.copy2(ra.data.parent / "init" / "ca.key", ra.data / "ca.key")
+    if (ra.data.parent / "init" / "ca.key").exists():
+        shutil.copy2(ra.data.parent / "init" / "ca.key", ra.data / "ca.key")
+    else:  # the softhsm variant: the CA key is in a token; a CA key file is refused all the same
+        write_private_key(ra.data / "ca.key", generate_private_key(KeyType.EC_P256), b"any passphrase")
     try:
         result = ra.autoenroll("serve", check=False)
     finally:
         (ra.data / "ca.key").unlink()
     assert result.returncode != 0 and "must not hold ca.key" in result.stderr
+
+
+def test_no_authority_key_is_a_file_and_the_tokens_show_them_sensitive_never_extractable(split, softhsm):
+    if not load_settings(split["ca"].config).key_store.in_token:
+        pytest.skip("the files variant: keys in files (test above)")
+    for data in (split["ca"].data, split["kra"].data, split["ra"].data, split["ca"].data.parent / "init"):
+        assert not [p.name for p in data.iterdir() if p.name in ("ca.key", "kra.key", "tls-ca.key")]
+    for role, label, holds in (("ca", "split-ca", "autoenroll-ca"), ("kra", "split-kra", "autoenroll-kra")):
+        keys = private_key_blocks(softhsm.list_objects(label, split[role].data / "token.pin"))
+        assert list(keys) == [holds]  # each token holds its authority's key only
+        access = access_of(keys[holds])
+        assert "sensitive" in access and "extractable" not in access
+    # Generated in its token, the CA key never was extractable; the KRA key was imported from its file.
+    ca_keys = private_key_blocks(softhsm.list_objects("split-ca", split["ca"].data / "token.pin"))
+    assert {"never extractable", "local"} <= access_of(ca_keys["autoenroll-ca"])
+    kra_keys = private_key_blocks(softhsm.list_objects("split-kra", split["kra"].data / "token.pin"))
+    assert usage_of(kra_keys["autoenroll-kra"]) == {"decrypt", "unwrap"}  # it signs nothing
+
+
+def test_the_ca_refuses_to_start_with_the_kras_key_in_its_token(split, softhsm):
+    """The "holds no key it does not use" check covers tokens: a key labelled as the KRA's in the CA's token."""
+    ca = split["ca"]
+    if not load_settings(ca.config).key_store.in_token:
+        pytest.skip("the files variant: keys in files (test above)")
+    pin = (ca.data / "token.pin").read_text().strip()
+    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", "split-ca", "--login", "--pin", pin]
+    subprocess.run([*tool, "--keypairgen", "--key-type", "rsa:2048", "--label", "autoenroll-kra"],
+                   check=True, capture_output=True)
+    try:
+        result = ca.autoenroll("serve", check=False)
+    finally:
+        for kind in ("privkey", "pubkey"):
+            subprocess.run([*tool, "--delete-object", "--type", kind, "--label", "autoenroll-kra"],
+                           check=True, capture_output=True)
+    assert result.returncode != 0 and "must not hold autoenroll-kra in token 'split-ca'" in result.stderr
 
 
 def test_the_ca_refuses_to_start_with_the_ras_nonce_key(split):

@@ -158,3 +158,38 @@ def test_a_member_with_a_current_encryption_certificate_of_another_profile_is_no
         assert ec == [bare]
     finally:
         services.close()
+
+
+def test_forked_provisioning_workers_sign_with_the_keys_in_a_token(tmp_path, slapd, softhsm):
+    """Every key in SoftHSM2: the forked builders open sessions of their own (a PKCS#11 session does not
+    survive fork), and what they sign verifies against the CA and recovers through the token's KRA key."""
+    from registration_app.settings import KeyStoreSettings
+    from tests.ldap_admin import LdapAdmin
+    from tests.softhsm import MODULE
+    tag = uuid.uuid4().hex[:8]
+    ldif, dns = users_ldif(f"t{tag}-", 12, (), with_member_of=False)
+    slapd.load(ldif)
+    conn = LdapAdmin.for_slapd(slapd)
+    group = add_group(conn, f"tbulk-{tag}", dns)
+    entitled = add_group(conn, f"tent-{tag}", dns)
+    conn.unbind()
+    data = tmp_path / "data"
+    softhsm.new_token(f"prov-{tag}", data / "token.pin")
+    keys = KeyStoreSettings(in_token=frozenset({"ca", "kra", "tls_ca"}), module=MODULE, token=f"prov-{tag}")
+    services = make_services(data, slapd.settings(), profiles=profiles_for(entitled), key_store=keys)
+    try:
+        assert not [p for p in data.iterdir() if p.name in ("ca.key", "kra.key", "tls-ca.key")]
+        report = Provisioner(services, batch_size=4, workers=2).run(
+            group, services.settings.profiles["smime-encryption-ec"])
+        assert report.issued == 12 and not report.failed
+        with services.db.transaction() as session:
+            rows = session.execute(select(Certificate).where(Certificate.user_dn.in_(dns))).scalars().all()
+        assert len(rows) == 12
+        for row in rows:  # signed in the forked builders, through the token
+            x509.load_der_x509_certificate(row.der).verify_directly_issued_by(services.ca.certificate)
+        key = services.kra.recover(rows[0].serial, RecoveryGrant(kind="owner", email=rows[0].email, actor="test"))
+        spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        assert key.public_key().public_bytes(*spki) == \
+            x509.load_der_x509_certificate(rows[0].der).public_key().public_bytes(*spki)
+    finally:
+        services.close()
