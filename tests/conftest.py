@@ -72,7 +72,8 @@ def softhsm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def platform(request, tmp_path_factory, slapd):
     """`autoenroll init` + `autoenroll serve` (gunicorn, TLS, 2 workers) on the session's slapd; with
-    `indirect` parametrisation "softhsm", with the CA, TLS CA and KRA keys in a SoftHSM2 token."""
+    `indirect` parametrisation "softhsm", with the CA, TLS CA and KRA keys in a SoftHSM2 token named after
+    its data folder (pytest may build a parametrised session fixture more than once: one label each)."""
     data = tmp_path_factory.mktemp("platform")
-    with make_platform(data, slapd.url, init_options=key_store_params(request, data, "platform")).running() as p:
+    with make_platform(data, slapd.url, init_options=key_store_params(request, data, data.name)).running() as p:
         yield p

@@ -146,6 +146,9 @@ class Token:
                 token = self._library(rescan=True).get_token(token_label=self.label)
             except pkcs11.NoSuchToken:
                 raise ConfigError(f"no PKCS#11 token labelled {self.label!r} in {self.module}") from None
+        except pkcs11.MultipleTokensReturned:  # which one holds our keys is a guess: name one label once
+            raise ConfigError(f"several PKCS#11 tokens are labelled {self.label!r} in {self.module}; "
+                              "give each token a label of its own") from None
         try:
             return token.open(user_pin=read_pin(self.pin_file), rw=True)
         except pkcs11.UserAlreadyLoggedIn:  # the login is the process's: a further session shares it

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -91,3 +93,18 @@ def test_a_label_is_generated_once_and_a_missing_one_is_named(token, tmp_path):
             token.private_key_object(entry, "ca")
     with pytest.raises(ConfigError, match="not the private half"):
         token.key("tls_ca", other.public_key()).check()
+
+
+def test_two_tokens_of_one_label_are_refused_by_name_not_guessed(softhsm, tmp_path):
+    """In a fresh process, as the server starts (a module loaded earlier sees only the tokens that existed
+    then)."""
+    label = f"twice-{uuid.uuid4().hex[:8]}"
+    softhsm.new_token(label, tmp_path / "token.pin")
+    (tmp_path / "second").mkdir()
+    softhsm.new_token(label, tmp_path / "second" / "token.pin")
+    opened = subprocess.run(
+        [sys.executable, "-c", "import sys; from registration_app.authorities.pkcs11_store import Token\n"
+         "with Token(sys.argv[1], sys.argv[2], sys.argv[3]).session(for_admin=True): pass",
+         MODULE, label, str(tmp_path / "token.pin")], capture_output=True, text=True, timeout=60)
+    assert opened.returncode != 0
+    assert f"several PKCS#11 tokens are labelled '{label}'" in opened.stderr

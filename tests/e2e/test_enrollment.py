@@ -148,7 +148,7 @@ def test_keys_in_the_token_sign_what_openssl_verifies_and_never_leave_it(platfor
                           tmp_path / "agent2.example.org.pem"], capture_output=True, text=True)
     assert tls.returncode == 0 and "OK" in tls.stdout
 
-    keys = private_key_blocks(softhsm.list_objects("platform", platform.data / "token.pin"))
+    keys = private_key_blocks(softhsm.list_objects(platform.data.name, platform.data / "token.pin"))
     assert sorted(keys) == ["autoenroll-ca", "autoenroll-kra", "autoenroll-tls-ca"]
     for label, block in keys.items():
         assert {"sensitive", "always sensitive", "never extractable", "local"} <= access_of(block), label
