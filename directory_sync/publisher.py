@@ -31,17 +31,15 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import bindparam, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
 
 from directory_sync.plan import Wanted, wanted_values
-from registration_app.core.errors import (AutoenrollError, DatabaseUnavailable, DirectoryUnavailable, SchemaRefused,
-                                          UserNotFound)
+from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, SchemaRefused, UserNotFound
 from registration_app.core.model import Profile, UserEntry
 from registration_app.core.retry import backoff_delay
 from registration_app.store import audit
 from registration_app.store.db import Database
 from registration_app.store.models import Certificate, CrlState, Outbox
-from registration_app.store.repos import certificates_of
+from registration_app.store.repos import certificates_of, mark_published
 
 log = logging.getLogger("autoenroll.publisher")
 
@@ -62,7 +60,6 @@ _ROW_COLUMNS = [_CERTIFICATES.c[name] for name in ("der", "status", "profile", "
 _ROWS_OF = select(*_ROW_COLUMNS).where(_CERTIFICATES.c.user_dn == bindparam("dn"))
 _ROWS_OF_MANY = select(_CERTIFICATES.c.user_dn, *_ROW_COLUMNS).where(
     _CERTIFICATES.c.user_dn.in_(bindparam("dns", expanding=True)))
-_MARK_DONE = update(_OUTBOX).where(_OUTBOX.c.done_at.is_(None)).returning(_OUTBOX.c.id)
 
 
 class Completions:
@@ -95,7 +92,7 @@ class Completions:
             self._cond.notify_all()
 
     def take(self) -> list[tuple[str, list]]:
-        """The queued rows, for a transaction about to commit: it marks them with `mark_published`
+        """The queued rows, for a transaction about to commit: it marks them with store.repos.mark_published
         and then calls `settle(batch, requeue=...)`."""
         with self._cond:
             if self._pid != os.getpid() or not self._items:
@@ -155,7 +152,7 @@ class Completions:
                 continue
             try:
                 self.publisher.db.run(lambda conn: audit.append_many(
-                    conn, self.publisher.mark_published(conn, batch), datetime.now(timezone.utc)), core=True)
+                    conn, mark_published(conn, batch), datetime.now(timezone.utc)), core=True)
             except Exception:  # not queued again: the rows fall due for the worker by themselves
                 log.exception("event=publish.mark_failed rows=%d", sum(len(rows) for _t, rows in batch))
             finally:
@@ -329,13 +326,10 @@ class Publisher:
                     return True
                 certs = certificates_of(session, user_dn)
         try:
-            try:
-                self.sync_user(user_dn, now=now, certs=certs, entry=entry)
-            except SQLAlchemyError as exc:
-                # The check of our records after the modify could not be read (the database is down):
-                # the certificate is committed whatever happens here, so its request must not fail;
-                # the rows go to the worker, which publishes and checks again.
-                raise DatabaseUnavailable(f"our records could not be read again: {type(exc).__name__}") from exc
+            # The check of our records after the modify may fail to read (the database is down: the
+            # store's DatabaseUnavailable): the certificate is committed whatever happens here, so its
+            # request must not fail; the rows go to the worker, which publishes and checks again.
+            self.sync_user(user_dn, now=now, certs=certs, entry=entry)
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
             self._due_now([r.id for r in rows], exc)
@@ -356,31 +350,7 @@ class Publisher:
         """Mark the rows done and audit the publication, in one transaction (once, if the worker and
         the request path both published)."""
         self.db.run(lambda conn: audit.append_many(
-            conn, self.mark_published(conn, [(target, rows)]), datetime.now(timezone.utc)), core=True)
-
-    @staticmethod
-    def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
-        """In the caller's transaction: the rows of each (target, rows) not yet done become done.
-        Returns one directory.published audit event per target with rows marked, for the caller to
-        append (with its own events, in one chain step)."""
-        ids = [r.id for _target, rows in batch for r in rows]
-        now = datetime.now(timezone.utc)
-        open_ids = set()  # the rows this transaction marked (UPDATE ... RETURNING: one statement)
-        for start in range(0, len(ids), 500):
-            open_ids.update(conn.execute(_MARK_DONE.where(_OUTBOX.c.id.in_(ids[start:start + 500])), {
-                "done_at": now, "claimed_until": None, "last_error": None}).scalars())
-        if not open_ids:
-            return []
-        events = []
-        for target, rows in batch:
-            marked = [r for r in rows if r.id in open_ids]
-            if marked:
-                events.append(dict(event="directory.published", outcome="done", actor="outbox",
-                                   subject="(CA entry)" if target == "\0crl" else marked[0].email,
-                                   detail={"dn": None if target == "\0crl" else target,
-                                           "reasons": sorted({r.reason for r in marked}),
-                                           "serials": [r.serial for r in marked if r.serial]}))
-        return events
+            conn, mark_published(conn, [(target, rows)]), datetime.now(timezone.utc)), core=True)
 
     def complete(self, ids: list[int], note: str | None = None) -> None:
         """Mark outbox rows done (e.g. after reconcile or provisioning published the users directly)."""

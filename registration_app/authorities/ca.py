@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, cast
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Table, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
-from ..core.errors import Conflict, UnknownCertificate
+from ..core.errors import Conflict, DuplicateRecord, UnknownCertificate
 from ..core.model import Profile, Subject
 from ..store import audit
 from ..store.db import Database, connection_of
-from ..store.models import RENEWAL_KEY_CONSTRAINT, Certificate, CrlState, Outbox
+from ..store.errors import lost_renewal_race
+from ..store.models import Certificate, CrlState, Outbox
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
 
@@ -66,15 +66,6 @@ def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
 
-def lost_renewal_race(exc: IntegrityError) -> bool:
-    """Whether `exc` is a second issuance after the same predecessor (the certificates' unique renewal
-    key): a race the caller lost, a 409. Any other integrity error is a fault, not the client's."""
-    diag = getattr(exc.orig, "diag", None)  # psycopg names the violated constraint
-    if diag is not None and diag.constraint_name:
-        return diag.constraint_name == RENEWAL_KEY_CONSTRAINT
-    return "certificates.renewal_key" in str(exc.orig)  # SQLite: "UNIQUE constraint failed: certificates.renewal_key"
-
-
 class LocalCA:
     def __init__(self, db: Database, ca_cert: x509.Certificate, ca_key, urls: CaUrls,
                  crl_validity: timedelta = timedelta(hours=24)) -> None:
@@ -103,7 +94,7 @@ class LocalCA:
         Connection; the caller commits).
 
         The predecessor (if any) becomes superseded in the same step; `renewal_key` makes a second
-        issuance after the same predecessor fail with IntegrityError (at the certificate's INSERT). With
+        issuance after the same predecessor fail with DuplicateRecord (at the certificate's INSERT). With
         `deferred_audit` (a list), the audit events are appended to it instead, for `append_audit_chain`.
         `publish_after` holds the outbox row back from the worker while the caller publishes inline.
         """
@@ -163,7 +154,7 @@ class LocalCA:
 
         try:
             self.db.run(record)
-        except IntegrityError as exc:
+        except DuplicateRecord as exc:
             if not lost_renewal_race(exc):
                 raise
             raise Conflict("another request already replaced this certificate; "

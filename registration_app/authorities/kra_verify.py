@@ -34,11 +34,10 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from ..auth.chain import UserTrust
 from ..auth.jws import verify_user_request
-from ..core.errors import AutoenrollError, Forbidden, NotFound, UnknownCertificate
+from ..core.errors import AutoenrollError, DuplicateRecord, Forbidden, NotFound, UnknownCertificate
 from ..core.model import AgentIdentity, VerifiedRequest
 from ..store.db import Database
 from ..store.models import Certificate, CrlState, Escrow, SyncState
@@ -291,7 +290,7 @@ class EvidenceVerifier:
 
         try:
             self.db.run(work)
-        except IntegrityError as exc:  # a concurrent use of the same evidence won the race
+        except DuplicateRecord as exc:  # a concurrent use of the same evidence won the race
             raise EvidenceRefused("this signed request is being used already") from exc
 
 
