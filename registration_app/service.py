@@ -15,7 +15,6 @@ from typing import Any, cast
 from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Table, bindparam, select, update
 
 from .auth.anchors import user_entry
 from .auth.csr import verify_csr
@@ -33,9 +32,9 @@ from .core.profiles import get_profile
 from .core.renewal import server_window_opens
 from .store import audit
 from .store.db import Database
-from .store.models import Certificate
-from .store.repos import (BootstrapLimits, bootstrap_retry_after, certificate_history, current_certificate,
-                          enrollment_code, enrollment_code_key, latest_certificate, record_bootstrap_failure,
+from .store.repos import (BootstrapLimits, bind_rows_to_entry, bootstrap_retry_after, certificate_by_serial,
+                          certificate_history, current_certificate, enrollment_code, enrollment_code_key,
+                          entry_binding, latest_certificate, move_entry_rows, record_bootstrap_failure,
                           use_enrollment_code)
 
 log = logging.getLogger("autoenroll.ra")
@@ -46,11 +45,6 @@ MAX_PASSWORD = 1024
 BAD_CODE = "the enrollment code is unknown, used, expired or wrong; ask for a new one"
 SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged", "superseded",
                            "cessationOfOperation"}
-
-
-_CERTIFICATES = cast(Table, Certificate.__table__)  # a mapped class's __table__ is a Table
-_C = _CERTIFICATES.c
-_BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
 
 
 def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *, actor: str) -> None:
@@ -66,27 +60,24 @@ def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *
     if not certificate.issuer_is_ours or not user.entry_id:
         return
     serial = format(certificate.serial, "x")
-    rows = db.query(_BINDING, {"serial": serial})
-    if not rows:
+    binding = entry_binding(db, serial)
+    if binding is None:
         return
-    entry_id, user_dn = rows[0]
+    entry_id, user_dn = binding
     same_dn = dn_key(user_dn) == dn_key(user.dn)
     if entry_id is None and same_dn:
-        db.run(lambda conn: conn.execute(update(_CERTIFICATES).where(
-            _C.user_dn == user_dn, _C.entry_id.is_(None)).values(entry_id=user.entry_id)), core=True)
+        bind_rows_to_entry(db, user_dn, user.entry_id)
         return
     if entry_id != user.entry_id:
         raise EntryChanged(f"certificate {serial} was issued to another directory entry than {user.dn}, which "
                            f"now has the address {user.email}; the holder of that entry needs their own "
                            "certificate (an enrollment code)")
     if not same_dn:  # renamed (modrdn) or moved to another OU: the same entry, under its new DN
-        def follow(session):
-            serials = [s for (s,) in session.execute(select(Certificate.serial).where(
-                Certificate.entry_id == entry_id, Certificate.user_dn != user.dn))]
-            session.execute(update(Certificate).where(Certificate.serial.in_(serials)).values(user_dn=user.dn))
-            audit.append(session, event="directory.user_moved", outcome="done", actor=actor, subject=user.email,
+        def follow(conn):
+            serials = move_entry_rows(conn, entry_id, user.dn)
+            audit.append(conn, event="directory.user_moved", outcome="done", actor=actor, subject=user.email,
                          detail={"from": user_dn, "to": user.dn, "serials": serials, "entry_id": entry_id})
-        db.run(follow)
+        db.run(follow, core=True)
 
 
 def _pem(cert) -> str:
@@ -379,8 +370,7 @@ class RegistrationAuthority:
         user = user_entry(self.directory, request.user)
         check_same_entry(self.db, request.user, user, actor=request.agent.subject)
         serial = serial.lower().removeprefix("0x")
-        with self.db.read() as session:
-            cert = session.get(Certificate, serial)
+        cert = certificate_by_serial(self.db, serial)
         # Someone else's serial is answered as a serial that does not exist: the answer must not tell
         # which serials are ours to other users (an ownership oracle).
         if cert is None or cert.email.lower() != user.email.lower() or cert.user_dn != user.dn:

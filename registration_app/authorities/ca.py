@@ -8,37 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Table, bindparam, func, insert, select, update
 
 from ..core.errors import Conflict, DuplicateRecord, UnknownCertificate
 from ..core.model import Profile, Subject
 from ..store import audit
 from ..store.db import Database, connection_of
 from ..store.errors import lost_renewal_race
+from ..store.issuance import insert_issued, revoked_entries
 from ..store.models import Certificate, CrlState, Outbox
+from ..store.repos import status_of_certificate
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
-
-
-# A mapped class's __table__ is a Table; SQLAlchemy types it as any FromClause.
-_CERTIFICATES = cast(Table, Certificate.__table__)
-_SUPERSEDE = update(_CERTIFICATES).where(
-    _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
-    status="superseded", superseded_by=bindparam("new"))
-_INSERT_CERTIFICATE = insert(_CERTIFICATES)
-_STATUS_OF = select(_CERTIFICATES.c.status).where(_CERTIFICATES.c.serial == bindparam("serial"))
-_OUTBOX = cast(Table, Outbox.__table__)
-_INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
-# Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
-# sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order).
-_INSERT_OUTBOX = insert(_OUTBOX)
-_LAST_OUTBOX_ID = select(func.max(_OUTBOX.c.id))
-_OUTBOX_IDS = select(_OUTBOX.c.serial, _OUTBOX.c.id).where(
-    _OUTBOX.c.id > bindparam("after"), _OUTBOX.c.serial.in_(bindparam("serials", expanding=True)))
 
 
 @dataclass(frozen=True)
@@ -111,29 +95,18 @@ class LocalCA:
                            publish_after: timedelta = timedelta(0)) -> tuple[list[Outbox], list[dict]]:
         """`record_issued` for many certificates in a few statements (a provisioning batch): returns their
         outbox rows and their certificate.issued audit events, for the caller to append."""
-        conn = connection_of(session)
-        # Core statements on the transaction's connection (no unit-of-work flush); a second issuance
-        # after the same predecessor raises IntegrityError at the certificates' INSERT.
         supersede = [{"old": r.replaces, "new": serial_hex(r.cert.serial_number)} for r in records if r.replaces]
-        if supersede:  # one UPDATE each, not a read then a write
-            conn.execute(_SUPERSEDE, supersede)
-        conn.execute(_INSERT_CERTIFICATE, [dict(
+        certificates = [dict(
             serial=serial_hex(r.cert.serial_number), email=r.subject.email, user_dn=r.user_dn, entry_id=r.entry_id,
             profile=r.profile.name, usage=r.profile.usage.value, status="valid",
             der=r.cert.public_bytes(Encoding.DER), not_before=r.cert.not_valid_before_utc,
             not_after=r.cert.not_valid_after_utc, issued_at=now, key_source=r.key_source, replaces=r.replaces,
             renewal_key=renewal_key(r.subject.email, r.profile.name, r.replaces, r.entry_id),
-        ) for r in records])
+        ) for r in records]
         rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
                      reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)
                 for r in records]
-        if len(rows) == 1:
-            ids = list(conn.execute(_INSERT_OUTBOX_RETURNING, rows[0]).scalars())
-        else:  # the serials are new: the rows after the last id with these serials are these rows
-            after = conn.execute(_LAST_OUTBOX_ID).scalar() or 0
-            conn.execute(_INSERT_OUTBOX, rows)
-            by_serial = dict(conn.execute(_OUTBOX_IDS, {"after": after, "serials": [r["serial"] for r in rows]}).all())
-            ids = [by_serial[r["serial"]] for r in rows]
+        ids = insert_issued(session, certificates, rows, supersede)
         events = [dict(event="certificate.issued", outcome="done", actor=actor, subject=r.subject.email,
                        detail={"serial": serial_hex(r.cert.serial_number), "profile": r.profile.name,
                                "replaces": r.replaces, "not_after": r.cert.not_valid_after_utc.isoformat(),
@@ -247,9 +220,7 @@ class LocalCA:
             state = CrlState(id=1, number=0)
             session.add(state)
         session.flush()
-        revoked = session.execute(
-            select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-            .where(Certificate.status == "revoked")).all()
+        revoked = revoked_entries(session)
         state.number = (state.number or 0) + 1
         crl = build_crl(ca_cert=self.certificate, ca_key=self._key,
                         revoked=[(int(s, 16), at, x509.ReasonFlags(r) if r else None) for s, at, r in revoked],
@@ -262,8 +233,7 @@ class LocalCA:
         """Read from the database on every call (no cache), so a revocation refuses the next request."""
         if cert.issuer != self.certificate.subject:
             return False
-        rows = self.db.query(_STATUS_OF, {"serial": serial_hex(cert.serial_number)})
-        return bool(rows) and rows[0].status == "revoked"
+        return status_of_certificate(self.db, serial_hex(cert.serial_number)) == "revoked"
 
 
 if TYPE_CHECKING:  # mypy (make test) checks that LocalCA has the signatures of the Protocol
