@@ -34,7 +34,8 @@ from ..store import audit
 from ..store.batch import insert_escrows
 from ..store.db import Database
 from ..store.errors import lost_renewal_race
-from ..store.repos import certificates_of, mark_published
+from ..store.outbox import mark_published
+from ..store.repos import certificates_of
 from .ca import LocalCA, ToRecord, serial_hex
 from .certs import random_serial
 from .keys import KeyPool

@@ -220,7 +220,14 @@ class SchemaRefused(DirectoryUnavailable):
 
 
 class DatabaseUnavailable(Unavailable):
+    """`cause` is what the database driver said: for the operator's log and command line, never for a
+    caller over HTTP (it names hosts and ports)."""
+
     code, title = "database_unavailable", "The database is unavailable"
+
+    def __init__(self, detail: str | None = None, cause: str = "", **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.cause = cause
 
 
 class RevocationUnavailable(Unavailable):

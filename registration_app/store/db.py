@@ -103,7 +103,8 @@ def migrate(url: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    with database_errors():
+        command.upgrade(cfg, "head")
 
 
 class _WriterQueue:

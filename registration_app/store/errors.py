@@ -9,7 +9,6 @@ caller above the store (authorities, the RA, web, directory_sync) names SQLAlche
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,8 +20,6 @@ from .models import RENEWAL_KEY_CONSTRAINT
 # SQLite says "UNIQUE constraint failed: certificates.renewal_key": the columns, not the constraint.
 _SQLITE_COLUMNS = {"certificates.renewal_key": RENEWAL_KEY_CONSTRAINT}
 RETRY_AFTER_SECONDS = 5
-
-log = logging.getLogger("autoenroll.store")
 
 
 def constraint_of(exc: IntegrityError) -> str:
@@ -41,9 +38,8 @@ def translated(exc: BaseException) -> BaseException:
         return DuplicateRecord(f"the database refused a duplicate ({constraint or 'a constraint'})",
                                constraint=constraint)
     if isinstance(exc, DBAPIError) and (isinstance(exc, OperationalError) or exc.connection_invalidated):
-        log.error("event=database.unavailable error=%r",
-                  str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
-        return DatabaseUnavailable("the database cannot be reached; try again shortly",
+        cause = str(exc.orig).splitlines()[0] if exc.orig and str(exc.orig) else type(exc).__name__
+        return DatabaseUnavailable("the database cannot be reached; try again shortly", cause=cause,
                                    retry_after=RETRY_AFTER_SECONDS)
     return exc
 

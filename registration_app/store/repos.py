@@ -352,34 +352,6 @@ def revoke_agent(db: Database, *, thumbprint: str, subject: str, serial: str, re
     return db.run(work, core=True)
 
 
-_OUTBOX = Outbox.__table__
-_MARK_DONE = update(_OUTBOX).where(_OUTBOX.c.done_at.is_(None)).returning(_OUTBOX.c.id)
-
-
-def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
-    """In the caller's transaction: the rows of each (target, rows) not yet done become done.
-    Returns one directory.published audit event per target with rows marked, for the caller to
-    append (with its own events, in one chain step)."""
-    ids = [r.id for _target, rows in batch for r in rows]
-    now = datetime.now(timezone.utc)
-    open_ids = set()  # the rows this transaction marked (UPDATE ... RETURNING: one statement)
-    for start in range(0, len(ids), 500):
-        open_ids.update(conn.execute(_MARK_DONE.where(_OUTBOX.c.id.in_(ids[start:start + 500])), {
-            "done_at": now, "claimed_until": None, "last_error": None}).scalars())
-    if not open_ids:
-        return []
-    events = []
-    for target, rows in batch:
-        marked = [r for r in rows if r.id in open_ids]
-        if marked:
-            events.append(dict(event="directory.published", outcome="done", actor="outbox",
-                               subject="(CA entry)" if target == "\0crl" else marked[0].email,
-                               detail={"dn": None if target == "\0crl" else target,
-                                       "reasons": sorted({r.reason for r in marked}),
-                                       "serials": [r.serial for r in marked if r.serial]}))
-    return events
-
-
 # -- the binding of certificate rows to their directory entry (service.py check_same_entry) ---------
 _BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
 

@@ -53,8 +53,8 @@ def register_error_handlers(app: Flask) -> None:
     def _autoenroll(error: AutoenrollError):
         status = status_of(error)
         if status >= 500:
-            log.error("event=request.error request_id=%s code=%s detail=%r", g.get("request_id"),
-                      error.code, error.detail, exc_info=status == 500)
+            log.error("event=request.error request_id=%s code=%s detail=%r cause=%r", g.get("request_id"),
+                      error.code, error.detail, getattr(error, "cause", None), exc_info=status == 500)
             if isinstance(error, KeyStoreUnavailable):
                 _record_key_store_failure(error)
         else:
