@@ -54,7 +54,7 @@ from registration_app.core.model import Profile
 from registration_app.store import audit
 from registration_app.store import reconcile as records
 from registration_app.store.db import Database
-from registration_app.store.models import SyncState
+from registration_app.store.state import put_state, read_state
 
 log = logging.getLogger("autoenroll.reconcile")
 
@@ -564,9 +564,8 @@ class Reconciler:
 
     # -- state --
     def last_run(self) -> datetime | None:
-        with self.db.transaction() as session:
-            row = session.get(SyncState, LAST_RUN)
-            return datetime.fromisoformat(row.value) if row is not None else None
+        value = read_state(self.db, LAST_RUN)
+        return datetime.fromisoformat(value) if value is not None else None
 
     def _remember(self, report: ReconcileReport) -> None:
         summary = json.dumps({"mode": report.mode, "started_at": report.started_at.isoformat(),
@@ -576,19 +575,14 @@ class Reconciler:
 
         def work(session):
             for name, value in ((LAST_RUN, report.started_at.isoformat()), (LAST_REPORT, summary)):
-                row = session.get(SyncState, name)
-                if row is None:
-                    session.add(SyncState(name=name, value=value))
-                else:
-                    row.value = value
+                put_state(session, name, value)
         self.db.run(work)
 
 
 def last_report(db: Database) -> dict | None:
     """The summary of the last reconcile pass (for `sync status` and /health), or None."""
-    with db.transaction() as session:
-        row = session.get(SyncState, LAST_REPORT)
-    return json.loads(row.value) if row is not None else None
+    value = read_state(db, LAST_REPORT)
+    return json.loads(value) if value is not None else None
 
 
 def run_periodically(reconciler: Reconciler, every: float, *, incremental: bool, echo: Callable[[str], None],

@@ -33,9 +33,10 @@ from .service import check_same_entry
 from .settings import Settings
 from .store import audit
 from .store.db import Database
-from .store.escrow import (approval_count, approval_evidence, approval_of, approvals_of, certificates_by_serials,
-                           claim_release, escrowed_serials, own_certificates, recovery_request_ids)
-from .store.models import Certificate, RecoveryApproval, RecoveryRequest
+from .store.escrow import (add_approval, add_recovery_request, approval_count, approval_evidence, approval_of,
+                           approvals_of, certificates_by_serials, claim_release, escrowed_serials, own_certificates,
+                           recovery_request_ids, recovery_request_in)
+from .store.models import Certificate, RecoveryRequest
 
 
 def certificate_view(cert: Certificate, now: datetime, escrowed: bool) -> dict:
@@ -172,9 +173,9 @@ class Recovery:
         ttl = timedelta(hours=self.settings.recovery_request_ttl_hours)
 
         def work(session):
-            session.add(RecoveryRequest(id=request_id, requester=officer, target_email=target.lower(),
-                                        serials=wanted, reason=reason, status="pending", created_at=now,
-                                        expires_at=now + ttl, evidence=request.raw))
+            add_recovery_request(session, id=request_id, requester=officer, target_email=target.lower(),
+                                 serials=wanted, reason=reason, status="pending", created_at=now,
+                                 expires_at=now + ttl, evidence=request.raw)
             audit.append(session, event="recovery.requested", outcome="done", actor=officer, subject=target,
                          now=now, detail={"request_id": request_id, "serials": wanted, "reason": reason})
 
@@ -182,7 +183,7 @@ class Recovery:
         return self.view(request_id, now)
 
     def _load(self, session, request_id: str, now: datetime) -> RecoveryRequest:
-        row = session.get(RecoveryRequest, request_id) if isinstance(request_id, str) and len(request_id) <= 32 else None
+        row = recovery_request_in(session, request_id) if isinstance(request_id, str) and len(request_id) <= 32 else None
         if row is None:
             raise NotFound(f"no recovery request {request_id!r}")
         if row.status in ("pending", "approved") and row.expires_at <= now:
@@ -216,7 +217,7 @@ class Recovery:
             if done is not None:
                 done.at, done.evidence = now, request.raw
             else:
-                session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now, evidence=request.raw))
+                add_approval(session, request_id=request_id, officer=officer, at=now, evidence=request.raw)
             count = approval_count(session, request_id)
             if count >= self.settings.recovery_quorum:
                 row.status = "approved"

@@ -18,8 +18,9 @@ from ..core.model import Profile, Subject
 from ..store import audit
 from ..store.db import Database, connection_of
 from ..store.errors import lost_renewal_race
-from ..store.issuance import insert_issued, revoked_entries
-from ..store.models import Certificate, CrlState, Outbox
+from ..store.issuance import (crl_state, insert_issued, locked_crl_state, mark_revoked, queue_crl_publication,
+                              revoked_entries)
+from ..store.models import CrlState, Outbox
 from ..store.repos import status_of_certificate
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
@@ -153,45 +154,34 @@ class LocalCA:
         now = now or datetime.now(timezone.utc)
 
         def work(session):
-            changed = []
-            for serial_text in serials:
-                cert = session.get(Certificate, serial_text.lower())
-                if cert is None:
-                    if must_exist:
-                        raise UnknownCertificate(f"no certificate with serial {serial_text[:48]}")
-                    continue
-                if cert.status == "revoked":
-                    continue
-                cert.status, cert.revoked_at, cert.revocation_reason = "revoked", now, reason.value
-                session.add(Outbox(user_dn=cert.user_dn, email=cert.email, serial=cert.serial,
-                                   reason="revoked", created_at=now, next_attempt_at=now))
+            unknown, revoked = mark_revoked(session, serials, reason.value, now)
+            if unknown and must_exist:
+                raise UnknownCertificate(f"no certificate with serial {unknown[0][:48]}")
+            for cert in revoked:
                 audit.append(session, event="certificate.revoked", outcome="done", actor=actor,
                              subject=cert.email, now=now,
                              detail={"serial": cert.serial, "reason": reason.value,
                                      **(details or {}).get(cert.serial, {})})
-                changed.append(cert.serial)
-            if changed:
+            if revoked:
                 self._refresh_crl_in(session, now)
-            return changed
+            return [cert.serial for cert in revoked]
 
         return self.db.run(work)
 
     def crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
         """The current CRL, rebuilt when it is missing or past half its validity."""
         now = now or datetime.now(timezone.utc)
-        with self.db.read() as session:
-            state = session.get(CrlState, 1)
-            if state is not None and state.der and not self._crl_due(state, now):
-                return x509.load_der_x509_crl(state.der)
+        state = crl_state(self.db)
+        if state is not None and state.der and not self._crl_due(state, now):
+            return x509.load_der_x509_crl(state.der)
         crl = self.refresh_crl_if_due(now=now) or self.crl_now()
         assert crl is not None, "a CRL that is not due was built before"
         return crl
 
     def crl_now(self) -> x509.CertificateRevocationList | None:
         """The CRL last built, whatever its age (None before the first)."""
-        with self.db.read() as session:
-            state = session.get(CrlState, 1)
-            return x509.load_der_x509_crl(state.der) if state is not None and state.der else None
+        state = crl_state(self.db)
+        return x509.load_der_x509_crl(state.der) if state is not None and state.der else None
 
     def _crl_due(self, state: CrlState | None, now: datetime) -> bool:
         """A CRL is rebuilt at half its validity, so relying parties never hold one past nextUpdate."""
@@ -204,7 +194,7 @@ class LocalCA:
         now = now or datetime.now(timezone.utc)
 
         def work(session):
-            state = session.get(CrlState, 1, with_for_update=True)
+            state = locked_crl_state(session)
             return self._refresh_crl_in(session, now) if self._crl_due(state, now) else None
 
         return self.db.run(work)
@@ -215,18 +205,15 @@ class LocalCA:
 
     def _refresh_crl_in(self, session, now: datetime) -> x509.CertificateRevocationList:
         """Build the next CRL (number + 1) from the revoked rows and queue its publication to the CA entry."""
-        state = session.get(CrlState, 1, with_for_update=True)
-        if state is None:
-            state = CrlState(id=1, number=0)
-            session.add(state)
-        session.flush()
+        state = locked_crl_state(session, create=True)
+        assert state is not None, "created when missing"
         revoked = revoked_entries(session)
         state.number = (state.number or 0) + 1
         crl = build_crl(ca_cert=self.certificate, ca_key=self._key,
                         revoked=[(int(s, 16), at, x509.ReasonFlags(r) if r else None) for s, at, r in revoked],
                         number=state.number, now=now, next_update=now + self.crl_validity)
         state.der, state.this_update, state.next_update = crl.public_bytes(Encoding.DER), now, now + self.crl_validity
-        session.add(Outbox(user_dn="", email="", serial=None, reason="crl", created_at=now, next_attempt_at=now))
+        queue_crl_publication(session, now)
         return crl
 
     def is_revoked(self, cert: x509.Certificate) -> bool:

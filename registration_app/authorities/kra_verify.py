@@ -40,7 +40,7 @@ from ..core.errors import AutoenrollError, DuplicateRecord, Forbidden, NotFound,
 from ..core.model import AgentIdentity, VerifiedRequest
 from ..store.db import Database
 from ..store.escrow import escrow_of
-from ..store.models import SyncState
+from ..store.state import put_state, state_in
 from ..store.repos import certificate_by_serial, latest_crl_der, status_of_certificate
 from ..core.model import RecoveryGrant
 from .officers import OfficerRoster, signer_email
@@ -274,14 +274,14 @@ class EvidenceVerifier:
         def work(session):
             for jws in evidence:
                 first_name, pair_name = _hash(jws), _hash(jws, serial.encode())
-                first = session.get(SyncState, first_name)
+                first = state_in(session, first_name)
                 if first is None:
-                    session.add(SyncState(name=first_name, value=now.isoformat()))
-                elif now - datetime.fromisoformat(first.value) > window:
+                    put_state(session, first_name, now.isoformat())
+                elif now - datetime.fromisoformat(first) > window:
                     raise EvidenceRefused("this signed request was used before; sign a new one")
-                if session.get(SyncState, pair_name) is not None:
+                if state_in(session, pair_name) is not None:
                     raise EvidenceRefused("this signed request was used for this key already; sign a new one")
-                session.add(SyncState(name=pair_name, value=now.isoformat()))
+                put_state(session, pair_name, now.isoformat())
 
         try:
             self.db.run(work)

@@ -89,3 +89,17 @@ def certificates_by_serials(db: Database, serials: list[str]) -> dict[str, Certi
 def recovery_request_ids(db: Database) -> list[str]:
     with db.read() as session:
         return [i for (i,) in session.execute(select(RecoveryRequest.id).order_by(RecoveryRequest.created_at))]
+
+
+def add_recovery_request(session, **columns) -> None:
+    """A new recovery request in the caller's transaction (columns of RecoveryRequest)."""
+    session.add(RecoveryRequest(**columns))
+
+
+def recovery_request_in(session, request_id: str) -> RecoveryRequest | None:
+    """The request, attached to the caller's transaction (its status may be changed there)."""
+    return session.get(RecoveryRequest, request_id)
+
+
+def add_approval(session, *, request_id: str, officer: str, at: datetime, evidence: bytes) -> None:
+    session.add(RecoveryApproval(request_id=request_id, officer=officer, at=at, evidence=evidence))

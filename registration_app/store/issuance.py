@@ -5,12 +5,13 @@ enrollment's one transaction runs them (authorities/ca.py `LocalCA.record_issued
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
 
-from .db import connection_of
-from .models import Certificate, Outbox
+from .db import Database, connection_of
+from .models import Certificate, CrlState, Outbox
 
 # A mapped class's __table__ is a Table; SQLAlchemy types it as any FromClause.
 _CERTIFICATES = cast(Table, Certificate.__table__)
@@ -51,3 +52,43 @@ def insert_issued(session, certificates: list[dict], outbox: list[dict], superse
 def revoked_entries(session) -> list:
     """(serial, revoked_at, reason) of every revoked certificate, for the next CRL."""
     return list(connection_of(session).execute(_REVOKED).all())
+
+
+def mark_revoked(session, serials: list[str], reason: str, now: datetime) -> tuple[list[str], list[Certificate]]:
+    """In the caller's transaction (a Session): (the serials we never issued, the rows revoked now, each
+    with its outbox row queued). Rows revoked already are left as they are."""
+    unknown, changed = [], []
+    for serial in serials:
+        cert = session.get(Certificate, serial.lower())
+        if cert is None:
+            unknown.append(serial)
+            continue
+        if cert.status == "revoked":
+            continue
+        cert.status, cert.revoked_at, cert.revocation_reason = "revoked", now, reason
+        session.add(Outbox(user_dn=cert.user_dn, email=cert.email, serial=cert.serial,
+                           reason="revoked", created_at=now, next_attempt_at=now))
+        changed.append(cert)
+    return unknown, changed
+
+
+def crl_state(db: Database) -> CrlState | None:
+    """The CRL the CA last built (number, DER, this and next update), or None before the first."""
+    with db.read() as session:
+        return session.get(CrlState, 1)
+
+
+def locked_crl_state(session, *, create: bool = False) -> CrlState | None:
+    """The CRL's state row, locked for the caller's transaction (several workers build one CRL, not one
+    each); with `create`, made (number 0) if there is none yet."""
+    state = session.get(CrlState, 1, with_for_update=True)
+    if state is None and create:
+        state = CrlState(id=1, number=0)
+        session.add(state)
+        session.flush()
+    return state
+
+
+def queue_crl_publication(session, now: datetime) -> None:
+    """The outbox row that takes the new CRL to the CA entry."""
+    session.add(Outbox(user_dn="", email="", serial=None, reason="crl", created_at=now, next_attempt_at=now))
