@@ -27,7 +27,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "recovery_not_ready": 409, "recovery_expired": 409, "rate_limited": 429,
     # dependencies
     "unavailable": 503, "directory_unavailable": 503, "directory_tls_failed": 503, "schema_refused": 503, "database_unavailable": 503,
-    "revocation_unavailable": 503, "escrow_failed": 503,
+    "revocation_unavailable": 503, "escrow_failed": 503, "key_store_unavailable": 503,
     # bugs and misconfiguration
     "internal": 500, "config_error": 500, "escrow_integrity": 500, "duplicate_record": 500,
 }
