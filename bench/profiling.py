@@ -20,7 +20,7 @@ _PHASES = {
     "request (all)": None,
     "verify JWS + chain + nonce check": ("registration_app.web.api", "verify_user_request"),
     "  of which chain": ("registration_app.auth.jws", "verify_user_chain"),
-    "  of which nonce check": ("registration_app.web.api", "nonce_unused"),
+    "  of which nonce check": ("registration_app.auth.nonces", "nonce_unused"),
     "  of which is_revoked": ("registration_app.authorities.ca", "LocalCA.is_revoked"),
     "entitlement (LDAP)": ("registration_app.service", "RegistrationAuthority.entitled_user"),
     "policy read": ("registration_app.service", "RegistrationAuthority._replacement_of"),
@@ -158,7 +158,7 @@ _BUCKETS = {
     "publish inline (LDAP)": ("service.py", "publish_now"),
     "nonce issue": ("repos.py", "issue_nonce"),
     "nonce consume": ("repos.py", "consume_nonce"),
-    "denial audit": ("errors.py", "_record_denial"),
+    "denial audit": ("service.py", "refused"),
 }
 
 

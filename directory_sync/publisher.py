@@ -30,17 +30,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import bindparam, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
-
 from directory_sync.plan import Wanted, wanted_values
-from registration_app.core.errors import (AutoenrollError, DatabaseUnavailable, DirectoryUnavailable, SchemaRefused,
-                                          UserNotFound)
+from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, SchemaRefused, UserNotFound
 from registration_app.core.model import Profile, UserEntry
 from registration_app.core.retry import backoff_delay
-from registration_app.store import audit
+from registration_app.store import audit, outbox
 from registration_app.store.db import Database
-from registration_app.store.models import Certificate, CrlState, Outbox
+from registration_app.store.models import Outbox
+from registration_app.store.outbox import mark_published
 from registration_app.store.repos import certificates_of
 
 log = logging.getLogger("autoenroll.publisher")
@@ -55,14 +52,6 @@ SCHEMA_REFUSED = "schema_refused"  # last_error of rows refused for good: "schem
 CONVERGE_ROUNDS = 5
 
 
-_OUTBOX = Outbox.__table__
-_CERTIFICATES = Certificate.__table__
-# What wanted_values reads of a user's rows (the columns of repos.certificates_of), for one user or many.
-_ROW_COLUMNS = [_CERTIFICATES.c[name] for name in ("der", "status", "profile", "usage", "not_after", "issued_at")]
-_ROWS_OF = select(*_ROW_COLUMNS).where(_CERTIFICATES.c.user_dn == bindparam("dn"))
-_ROWS_OF_MANY = select(_CERTIFICATES.c.user_dn, *_ROW_COLUMNS).where(
-    _CERTIFICATES.c.user_dn.in_(bindparam("dns", expanding=True)))
-_MARK_DONE = update(_OUTBOX).where(_OUTBOX.c.done_at.is_(None)).returning(_OUTBOX.c.id)
 
 
 class Completions:
@@ -95,7 +84,7 @@ class Completions:
             self._cond.notify_all()
 
     def take(self) -> list[tuple[str, list]]:
-        """The queued rows, for a transaction about to commit: it marks them with `mark_published`
+        """The queued rows, for a transaction about to commit: it marks them with store.repos.mark_published
         and then calls `settle(batch, requeue=...)`."""
         with self._cond:
             if self._pid != os.getpid() or not self._items:
@@ -155,7 +144,7 @@ class Completions:
                 continue
             try:
                 self.publisher.db.run(lambda conn: audit.append_many(
-                    conn, self.publisher.mark_published(conn, batch), datetime.now(timezone.utc)), core=True)
+                    conn, mark_published(conn, batch), datetime.now(timezone.utc)), core=True)
             except Exception:  # not queued again: the rows fall due for the worker by themselves
                 log.exception("event=publish.mark_failed rows=%d", sum(len(rows) for _t, rows in batch))
             finally:
@@ -219,9 +208,7 @@ class Publisher:
         dns, again = list(published), 0
         for start in range(0, len(dns), 500):
             chunk = dns[start:start + 500]
-            rows: dict[str, list] = {}
-            for row in self.db.query(_ROWS_OF_MANY, {"dns": chunk}):
-                rows.setdefault(row.user_dn, []).append(row)
+            rows = outbox.planned_rows_of_many(self.db, chunk)
             for dn in chunk:
                 if wanted_values(rows.get(dn, []), self.profiles, now).shown == published[dn].shown:
                     continue
@@ -234,40 +221,18 @@ class Publisher:
 
     def _certificates_of(self, user_dn: str) -> list:
         """The user's rows as committed now (one statement, its own snapshot)."""
-        return self.db.query(_ROWS_OF, {"dn": user_dn})
+        return outbox.planned_rows_of(self.db, user_dn)
 
     def sync_ca(self) -> None:
-        with self.db.read() as session:
-            state = session.get(CrlState, 1)
-            crl = state.der if state is not None else None
-        self.directory.publish_ca(self.ca_der, crl)
+        self.directory.publish_ca(self.ca_der, outbox.crl_der(self.db))
 
     def pending(self, user_dn: str) -> bool:
         """Whether publication rows of this user still wait (LDAP refused or was unreachable)."""
-        with self.db.read() as session:
-            return session.execute(select(Outbox.id).where(
-                Outbox.user_dn == user_dn, Outbox.done_at.is_(None)).limit(1)).first() is not None
+        return outbox.pending(self.db, user_dn)
 
     # -- the queue -------------------------------------------------------------------------
     def _claim(self, now: datetime, user_dn: str | None, limit: int) -> list[Outbox]:
-        def work(session):
-            query = select(Outbox).where(
-                Outbox.done_at.is_(None), Outbox.next_attempt_at <= now,
-                or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
-            ).order_by(Outbox.id).limit(limit)
-            if user_dn is not None:
-                query = query.where(Outbox.user_dn == user_dn)
-            rows = list(session.execute(query).scalars())
-            claimed = []
-            for row in rows:
-                result = session.execute(update(Outbox).where(
-                    Outbox.id == row.id,
-                    or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
-                ).values(claimed_until=now + CLAIM))
-                if result.rowcount == 1:
-                    claimed.append(row)
-            return claimed
-        return self.db.run(work)
+        return outbox.claim(self.db, now, user_dn, limit, CLAIM)
 
     def drain(self, *, user_dn: str | None = None, limit: int = 200, now: datetime | None = None) -> int:
         """Process due rows (only this user's when given); returns how many were completed."""
@@ -322,20 +287,15 @@ class Publisher:
         worker."""
         now = now or datetime.now(timezone.utc)
         if rows is None or certs is None:
-            with self.db.read() as session:  # the rows and the records they ask for, in one snapshot
-                rows = session.execute(select(Outbox.id, Outbox.email, Outbox.reason, Outbox.serial).where(
-                    Outbox.user_dn == user_dn, Outbox.done_at.is_(None))).all()
-                if not rows:
-                    return True
-                certs = certificates_of(session, user_dn)
+            # the rows and the records they ask for, in one snapshot
+            rows, certs = outbox.open_rows_with_certificates(self.db, user_dn, certificates_of)
+            if not rows:
+                return True
         try:
-            try:
-                self.sync_user(user_dn, now=now, certs=certs, entry=entry)
-            except SQLAlchemyError as exc:
-                # The check of our records after the modify could not be read (the database is down):
-                # the certificate is committed whatever happens here, so its request must not fail;
-                # the rows go to the worker, which publishes and checks again.
-                raise DatabaseUnavailable(f"our records could not be read again: {type(exc).__name__}") from exc
+            # The check of our records after the modify may fail to read (the database is down: the
+            # store's DatabaseUnavailable): the certificate is committed whatever happens here, so its
+            # request must not fail; the rows go to the worker, which publishes and checks again.
+            self.sync_user(user_dn, now=now, certs=certs, entry=entry)
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
             self._due_now([r.id for r in rows], exc)
@@ -346,9 +306,7 @@ class Publisher:
     def _due_now(self, ids: list[int], exc: AutoenrollError) -> None:
         """Rows the request path held back for its inline attempt, handed to the worker at once."""
         try:
-            self.db.run(lambda conn: conn.execute(update(_OUTBOX).where(
-                _OUTBOX.c.id.in_(ids), _OUTBOX.c.done_at.is_(None)).values(
-                next_attempt_at=datetime.now(timezone.utc), last_error=str(exc.detail)[:500])), core=True)
+            outbox.due_now(self.db, ids, str(exc.detail))
         except Exception:  # they fall due by themselves a few seconds later
             log.exception("event=outbox.reschedule_failed rows=%d", len(ids))
 
@@ -356,44 +314,13 @@ class Publisher:
         """Mark the rows done and audit the publication, in one transaction (once, if the worker and
         the request path both published)."""
         self.db.run(lambda conn: audit.append_many(
-            conn, self.mark_published(conn, [(target, rows)]), datetime.now(timezone.utc)), core=True)
-
-    @staticmethod
-    def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
-        """In the caller's transaction: the rows of each (target, rows) not yet done become done.
-        Returns one directory.published audit event per target with rows marked, for the caller to
-        append (with its own events, in one chain step)."""
-        ids = [r.id for _target, rows in batch for r in rows]
-        now = datetime.now(timezone.utc)
-        open_ids = set()  # the rows this transaction marked (UPDATE ... RETURNING: one statement)
-        for start in range(0, len(ids), 500):
-            open_ids.update(conn.execute(_MARK_DONE.where(_OUTBOX.c.id.in_(ids[start:start + 500])), {
-                "done_at": now, "claimed_until": None, "last_error": None}).scalars())
-        if not open_ids:
-            return []
-        events = []
-        for target, rows in batch:
-            marked = [r for r in rows if r.id in open_ids]
-            if marked:
-                events.append(dict(event="directory.published", outcome="done", actor="outbox",
-                                   subject="(CA entry)" if target == "\0crl" else marked[0].email,
-                                   detail={"dn": None if target == "\0crl" else target,
-                                           "reasons": sorted({r.reason for r in marked}),
-                                           "serials": [r.serial for r in marked if r.serial]}))
-        return events
+            conn, mark_published(conn, [(target, rows)]), datetime.now(timezone.utc)), core=True)
 
     def complete(self, ids: list[int], note: str | None = None) -> None:
         """Mark outbox rows done (e.g. after reconcile or provisioning published the users directly)."""
         if not ids:
             return
-
-        def work(conn):
-            now = datetime.now(timezone.utc)
-            for start in range(0, len(ids), 500):
-                conn.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids[start:start + 500])).values(
-                    done_at=now, claimed_until=None, last_error=note))
-
-        self.db.run(work, core=True)  # one transaction, 500 ids per statement
+        outbox.mark_done(self.db, ids, note)
 
     def refresh_crl_if_due(self, *, force_check: bool = False) -> bool:
         """Rebuild the CRL when it is past half its validity (checked at most once a minute)."""
@@ -408,14 +335,12 @@ class Publisher:
         return rebuilt
 
     def _failed(self, rows: list[Outbox], exc: AutoenrollError, now: datetime) -> None:
-        def work(session):
-            for row in rows:
-                attempts = row.attempts + 1
-                delay = backoff_delay(attempts, base=2.0, cap=MAX_BACKOFF, jitter=0.5)
-                session.execute(update(Outbox).where(Outbox.id == row.id).values(
-                    attempts=attempts, next_attempt_at=now + timedelta(seconds=delay),
-                    claimed_until=None, last_error=str(exc.detail)[:500]))
-        self.db.run(work)
+        retries = []
+        for row in rows:
+            attempts = row.attempts + 1
+            delay = backoff_delay(attempts, base=2.0, cap=MAX_BACKOFF, jitter=0.5)
+            retries.append((row.id, attempts, now + timedelta(seconds=delay)))
+        outbox.retry_later(self.db, retries, str(exc.detail))
 
     def run_forever(self, stop: threading.Event, interval: float = 2.0) -> None:
         """The outbox worker: drain until stopped; any error is logged and retried later."""

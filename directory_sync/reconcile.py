@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
-from sqlalchemy import or_, select, update
 
 from directory_sync.bulk import BulkDirectory
 from directory_sync.connection import values
@@ -53,8 +52,9 @@ from registration_app.core.entitlement import is_entitled
 from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import Profile
 from registration_app.store import audit
+from registration_app.store import reconcile as records
 from registration_app.store.db import Database
-from registration_app.store.models import Certificate, Outbox, SyncState
+from registration_app.store.state import put_state, read_state
 
 log = logging.getLogger("autoenroll.reconcile")
 
@@ -261,11 +261,8 @@ class Reconciler:
 
     # -- reading the database --
     @staticmethod
-    def _rows(session, *where) -> list[CertRow]:
-        columns = (Certificate.serial, Certificate.user_dn, Certificate.email, Certificate.profile,
-                   Certificate.usage, Certificate.status, Certificate.der, Certificate.not_before,
-                   Certificate.not_after, Certificate.issued_at, Certificate.entry_id)
-        result = session.execute(select(*columns).where(*where)) if where else session.execute(select(*columns))
+    def _rows(session, **which) -> list[CertRow]:
+        result = records.certificate_rows(session, **which)
         utc = timezone.utc
         return [CertRow(s, dn, e, p, u, st, der, _aware(nb, utc), _aware(na, utc), _aware(ia, utc), eid)
                 for s, dn, e, p, u, st, der, nb, na, ia, eid in result]
@@ -275,9 +272,7 @@ class Reconciler:
         dns, entry_ids = list(dict.fromkeys(dns)), list(dict.fromkeys(entry_ids))
         out: dict[str, CertRow] = {}
         with self.db.transaction() as session:
-            for column, keys in ((Certificate.user_dn, dns), (Certificate.entry_id, entry_ids)):
-                for start in range(0, len(keys), 500):
-                    out.update((r.serial, r) for r in self._rows(session, column.in_(keys[start:start + 500])))
+            out.update((r.serial, r) for r in self._rows(session, user_dns=dns, entry_ids=entry_ids))
         return list(out.values())
 
     # -- the passes --
@@ -358,10 +353,7 @@ class Reconciler:
         dns: set[str] = set()
         # Users whose certificates changed in the database (issued, revoked) or expired since.
         with self.db.transaction() as session:
-            for (dn,) in session.execute(select(Certificate.user_dn).where(or_(
-                    Certificate.issued_at >= since, Certificate.revoked_at >= since,
-                    Certificate.not_after.between(since, now)))):
-                dns.add(dn)
+            dns |= records.dns_changed_since(session, since, now)
         # Groups that changed: their former members show nothing on their own entries.
         changed_groups = {dn_key(dn) for dn, _ in bulk.scan(
             self.settings.groups_base, f"({self.names.modify_timestamp}>={_generalized(since)})", ["1.1"])}
@@ -372,12 +364,9 @@ class Reconciler:
             # Who left shows on no user entry: compare the profile's holders with the groups' current
             # member lists (one read per group) and look up only the holders no group lists any more.
             members = self._profile_members(bulk, self.profiles[name])
-            with self.db.read() as session:
-                for (dn,) in session.execute(select(Certificate.user_dn).distinct().where(
-                        Certificate.profile == name, Certificate.status == "valid",
-                        Certificate.not_after > now)):
-                    if members is None or dn_key(dn) not in members:
-                        dns.add(dn)
+            for dn in records.current_holders(self.db, name, now):
+                if members is None or dn_key(dn) not in members:
+                    dns.add(dn)
         lookups = [dn for dn in dns if dn_key(dn) not in users]
         if len(lookups) > MAX_INCREMENTAL_LOOKUPS:
             return None, None, None
@@ -470,15 +459,7 @@ class Reconciler:
 
     def _revocation_rows(self, revoked: set[str]) -> dict[str, list[int]]:
         """serial → the open outbox rows our own revocations queued (the pass publishes those users itself)."""
-        out: dict[str, list[int]] = {}
-        serials = sorted(revoked)
-        with self.db.read() as session:
-            for start in range(0, len(serials), 500):
-                for row_id, serial in session.execute(select(Outbox.id, Outbox.serial).where(
-                        Outbox.serial.in_(serials[start:start + 500]), Outbox.reason == "revoked",
-                        Outbox.done_at.is_(None))):
-                    out.setdefault(serial, []).append(row_id)
-        return out
+        return records.open_revocation_rows(self.db, sorted(revoked))
 
     def _by_entry(self, bulk, users: dict[str, LdapUser], rows: list[CertRow], now: datetime,
                   report: ReconcileReport, *, partial: bool
@@ -575,9 +556,7 @@ class Reconciler:
 
         def work(session):
             for (dn, entry_id), serials in changes.items():
-                for start in range(0, len(serials), 500):
-                    session.execute(update(Certificate).where(Certificate.serial.in_(serials[start:start + 500]))
-                                    .values(user_dn=dn, entry_id=entry_id))
+                records.move_rows(session, serials, dn, entry_id)
             for (old, new), (email, serials) in moved.items():
                 audit.append(session, event="directory.user_moved", outcome="done", actor=self.actor,
                              subject=email, detail={"from": old, "to": new, "serials": serials})
@@ -585,9 +564,8 @@ class Reconciler:
 
     # -- state --
     def last_run(self) -> datetime | None:
-        with self.db.transaction() as session:
-            row = session.get(SyncState, LAST_RUN)
-            return datetime.fromisoformat(row.value) if row is not None else None
+        value = read_state(self.db, LAST_RUN)
+        return datetime.fromisoformat(value) if value is not None else None
 
     def _remember(self, report: ReconcileReport) -> None:
         summary = json.dumps({"mode": report.mode, "started_at": report.started_at.isoformat(),
@@ -597,19 +575,14 @@ class Reconciler:
 
         def work(session):
             for name, value in ((LAST_RUN, report.started_at.isoformat()), (LAST_REPORT, summary)):
-                row = session.get(SyncState, name)
-                if row is None:
-                    session.add(SyncState(name=name, value=value))
-                else:
-                    row.value = value
+                put_state(session, name, value)
         self.db.run(work)
 
 
 def last_report(db: Database) -> dict | None:
     """The summary of the last reconcile pass (for `sync status` and /health), or None."""
-    with db.transaction() as session:
-        row = session.get(SyncState, LAST_REPORT)
-    return json.loads(row.value) if row is not None else None
+    value = read_state(db, LAST_REPORT)
+    return json.loads(value) if value is not None else None
 
 
 def run_periodically(reconciler: Reconciler, every: float, *, incremental: bool, echo: Callable[[str], None],

@@ -2,7 +2,7 @@
 non-zero exit code, never a Python stack, unless `--debug` (or AUTOENROLL_DEBUG=1) asks for it.
 
 One place turns every error a command can meet into that line: the project's own errors (their public
-detail), an unreachable database, a file that cannot be read or written, and, for anything else, its
+detail), an unreachable database (the store's DatabaseUnavailable, with what the driver said), a file that cannot be read or written, and, for anything else, its
 type and message with a pointer to --debug. Imports stay inside the handlers: a command that succeeds
 never pays for them.
 """
@@ -22,7 +22,9 @@ def debug_requested(ctx: click.Context) -> bool:
 
 def describe(exc: BaseException, settings=None) -> str:
     """The one line an operator reads for `exc`; `settings` (the operator's) say where LDAP was sought."""
-    from .core.errors import AutoenrollError, DirectoryUnavailable
+    from .core.errors import AutoenrollError, DatabaseUnavailable, DirectoryUnavailable
+    if isinstance(exc, DatabaseUnavailable) and exc.cause:  # the store's translation of the driver's error
+        return f"the database is unavailable: {exc.cause}"
     if isinstance(exc, AutoenrollError):
         # What LDAP answered (SERVER_DOWN, Referral) is the useful part; other extras repeat the detail.
         extra = ", ".join(str(value) for key, value in exc.extra.items() if key.startswith("ldap_"))
@@ -33,9 +35,6 @@ def describe(exc: BaseException, settings=None) -> str:
                 line += "; the configuration's [ldap] url (or AUTOENROLL_LDAP__URL) says where it is"
         return line
     module = type(exc).__module__
-    if module.startswith("sqlalchemy"):
-        original = getattr(exc, "orig", None) or exc
-        return f"the database is unavailable: {str(original).splitlines()[0]}"
     if module.startswith("ldap"):
         return f"LDAP error: {type(exc).__name__}: {exc}"
     if isinstance(exc, OSError):

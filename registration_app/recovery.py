@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
-from sqlalchemy import func, select, update
 
 from .auth.anchors import require_own_ca, user_entry
 from .authorities.officers import OfficerRoster, signer_certificate
@@ -34,7 +33,10 @@ from .service import check_same_entry
 from .settings import Settings
 from .store import audit
 from .store.db import Database
-from .store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
+from .store.escrow import (add_approval, add_recovery_request, approval_count, approval_evidence, approval_of,
+                           approvals_of, certificates_by_serials, claim_release, escrowed_serials, own_certificates,
+                           recovery_request_ids, recovery_request_in)
+from .store.models import Certificate, RecoveryRequest
 
 
 def certificate_view(cert: Certificate, now: datetime, escrowed: bool) -> dict:
@@ -82,12 +84,7 @@ class Recovery:
 
     # -- listing --------------------------------------------------------------------------------
     def _own_certificates(self, email: str, user_dn: str, usage: str | None = None) -> list[tuple]:
-        with self.db.read() as session:
-            query = select(Certificate, Escrow.id).outerjoin(Escrow, Escrow.serial == Certificate.serial).where(
-                func.lower(Certificate.email) == email.lower(), Certificate.user_dn == user_dn)
-            if usage:
-                query = query.where(Certificate.usage == usage)
-            return list(session.execute(query.order_by(Certificate.issued_at)).all())
+        return own_certificates(self.db, email, user_dn, usage)
 
     def _entry(self, request: VerifiedRequest, what: str):
         # Escrowed keys (and the listing of them) need our CA's certificate: another anchor that can
@@ -155,10 +152,6 @@ class Recovery:
                 discounted.append({"officer": officer, "why": why})
         return counted, discounted
 
-    def _approvals(self, session, request_id: str) -> list[tuple[str, bytes | None]]:
-        return [(o, e) for o, e in session.execute(select(RecoveryApproval.officer, RecoveryApproval.evidence).where(
-            RecoveryApproval.request_id == request_id).order_by(RecoveryApproval.id))]
-
     def open_request(self, request: VerifiedRequest, now: datetime | None = None) -> dict:
         now = now or datetime.now(timezone.utc)
         officer = self._officer(request)
@@ -170,9 +163,7 @@ class Recovery:
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
             raise BadRequest("field 'reason' is required (why the keys are needed)")
         wanted = _serials(payload)
-        with self.db.read() as session:
-            escrowed = {s for (s,) in session.execute(select(Escrow.serial).where(
-                func.lower(Escrow.email) == target.lower()))}
+        escrowed = escrowed_serials(self.db, target)
         if wanted is None:
             wanted = sorted(escrowed)
         missing = [s for s in wanted if s not in escrowed]
@@ -182,9 +173,9 @@ class Recovery:
         ttl = timedelta(hours=self.settings.recovery_request_ttl_hours)
 
         def work(session):
-            session.add(RecoveryRequest(id=request_id, requester=officer, target_email=target.lower(),
-                                        serials=wanted, reason=reason, status="pending", created_at=now,
-                                        expires_at=now + ttl, evidence=request.raw))
+            add_recovery_request(session, id=request_id, requester=officer, target_email=target.lower(),
+                                 serials=wanted, reason=reason, status="pending", created_at=now,
+                                 expires_at=now + ttl, evidence=request.raw)
             audit.append(session, event="recovery.requested", outcome="done", actor=officer, subject=target,
                          now=now, detail={"request_id": request_id, "serials": wanted, "reason": reason})
 
@@ -192,7 +183,7 @@ class Recovery:
         return self.view(request_id, now)
 
     def _load(self, session, request_id: str, now: datetime) -> RecoveryRequest:
-        row = session.get(RecoveryRequest, request_id) if isinstance(request_id, str) and len(request_id) <= 32 else None
+        row = recovery_request_in(session, request_id) if isinstance(request_id, str) and len(request_id) <= 32 else None
         if row is None:
             raise NotFound(f"no recovery request {request_id!r}")
         if row.status in ("pending", "approved") and row.expires_at <= now:
@@ -204,11 +195,9 @@ class Recovery:
         officer = self._officer(request)
         # An approval signed with a certificate revoked or expired since no longer counts: its officer may
         # approve again (with their new certificate), which replaces it.
-        with self.db.read() as session:
-            earlier = session.execute(select(RecoveryApproval.evidence).where(
-                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).first()
+        earlier = approval_evidence(self.db, request_id, officer)
         stale = earlier is not None and \
-            self.roster.why_not_counted(officer, signer_certificate(earlier[0]), now) is not None
+            self.roster.why_not_counted(officer, signer_certificate(earlier), now) is not None
 
         def work(session):
             row = self._load(session, request_id, now)
@@ -222,17 +211,14 @@ class Recovery:
                 # An approval names what it approves, so it cannot be moved to another request.
                 return BadRequest("an approval must repeat the request's 'email' and 'serials' exactly "
                                   "(as shown by the show action)")
-            done = session.execute(select(RecoveryApproval).where(
-                RecoveryApproval.request_id == request_id, RecoveryApproval.officer == officer)).scalars().first()
+            done = approval_of(session, request_id, officer)
             if done is not None and not stale:
                 return AlreadyApproved(f"{officer} already approved request {request_id}")
             if done is not None:
                 done.at, done.evidence = now, request.raw
             else:
-                session.add(RecoveryApproval(request_id=request_id, officer=officer, at=now, evidence=request.raw))
-            session.flush()
-            count = session.execute(select(func.count()).where(
-                RecoveryApproval.request_id == request_id)).scalar_one()
+                add_approval(session, request_id=request_id, officer=officer, at=now, evidence=request.raw)
+            count = approval_count(session, request_id)
             if count >= self.settings.recovery_quorum:
                 row.status = "approved"
             audit.append(session, event="recovery.approved", outcome="done", actor=officer,
@@ -272,7 +258,7 @@ class Recovery:
         quorum = self.settings.recovery_quorum
         # Each approval is judged now, from LDAP and the CA, before the claim (no LDAP inside a transaction).
         with self.db.read() as session:
-            counted, discounted = self._standing(self._approvals(session, request_id), now)
+            counted, discounted = self._standing(approvals_of(session, request_id), now)
 
         def work(session):
             row = self._load(session, request_id, now)
@@ -288,10 +274,7 @@ class Recovery:
                 gone = "; ".join(f"{d['officer']}: {d['why']}" for d in discounted)
                 return RecoveryNotReady(f"recovery request {request_id} has {len(counted)} approvals by current "
                                         f"officers; {quorum} are needed (no longer counting: {gone})"), None
-            claimed = session.execute(update(RecoveryRequest).where(
-                RecoveryRequest.id == request_id, RecoveryRequest.status == "approved",
-                RecoveryRequest.expires_at > now).values(status="released", released_at=now)).rowcount
-            if claimed != 1:
+            if not claim_release(session, request_id, now):
                 return RecoveryNotReady(f"recovery request {request_id} is {row.status}: it needs "
                                         f"{quorum} approvals and is released once"), None
             audit.append(session, event="recovery.released", outcome="done", actor=officer,
@@ -305,9 +288,7 @@ class Recovery:
         target, serials, evidence = released
         grant = RecoveryGrant(kind="officers", email=target, actor=officer, request_id=request_id,
                               evidence=tuple(e for e in evidence if e))
-        with self.db.transaction() as session:
-            certs = {c.serial: c for c in session.execute(
-                select(Certificate).where(Certificate.serial.in_(serials))).scalars()}
+        certs = certificates_by_serials(self.db, serials)
         keys = [self._package(certs[s], grant, password, legacy, now) for s in serials if s in certs]
         return {**self.view(request_id, now), "keys": keys}
 
@@ -319,7 +300,7 @@ class Recovery:
         now = now or datetime.now(timezone.utc)
         with self.db.transaction() as session:
             row = self._load(session, request_id, now)
-            approvals = self._approvals(session, request_id)
+            approvals = approvals_of(session, request_id)
             body = {"id": row.id, "status": row.status, "requester": row.requester, "email": row.target_email,
                     "serials": row.serials, "reason": row.reason, "approvals": [o for o, _ in approvals],
                     "quorum": self.settings.recovery_quorum, "expires_at": row.expires_at.isoformat()}
@@ -328,6 +309,5 @@ class Recovery:
         return body
 
     def list_requests(self, now: datetime | None = None) -> list[dict]:
-        with self.db.transaction() as session:
-            ids = [i for (i,) in session.execute(select(RecoveryRequest.id).order_by(RecoveryRequest.created_at))]
+        ids = recovery_request_ids(self.db)
         return [self.view(i, now) for i in ids]

@@ -10,20 +10,20 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Table, bindparam, select, update
 
 from .auth.anchors import user_entry
 from .auth.csr import verify_csr
-from .authorities.key_authority import IssueRequest, Issued, SplitKeyAuthority
+from .auth import nonces
+from .auth.nonces import NonceToken
+from .authorities.key_authority import Decision, IssueRequest, Issued, SplitKeyAuthority
 from .core.dn import dn_key
 from .core.entitlement import is_entitled
-from .core.errors import (AutoenrollError, BadEnrollmentCode, BadNonce, BadRequest, Conflict, EntryChanged,
+from .core.errors import (AutoenrollError, BadEnrollmentCode, BadRequest, Conflict, EntryChanged,
                           NotEntitled, RateLimited, UnknownCertificate, UserNotFound)
 from .core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
 from .core.ports import Directory
@@ -32,28 +32,19 @@ from .core.profiles import get_profile
 from .core.renewal import server_window_opens
 from .store import audit
 from .store.db import Database
-from .store.models import Certificate
-from .store.repos import (BootstrapLimits, NonceToken, bootstrap_retry_after, certificate_history,
-                          current_certificate, enrollment_code, enrollment_code_key, latest_certificate,
-                          record_nonce, record_bootstrap_failure, use_enrollment_code)
+from .store.repos import (BootstrapLimits, bind_rows_to_entry, bootstrap_retry_after, certificate_by_serial,
+                          certificate_history, current_certificate, enrollment_code, enrollment_code_key,
+                          entry_binding, latest_certificate, move_entry_rows, record_bootstrap_failure,
+                          use_enrollment_code)
 
 log = logging.getLogger("autoenroll.ra")
 
 MAX_PASSWORD = 1024
-# An enrollment's outbox row is held back from the worker this long while the request publishes it
-# inline (and the batching thread marks it done): the two never publish the same row at once. If
-# the inline attempt fails the row is made due at once; if the process dies, it falls due by itself.
-INLINE_PUBLISH_GRACE = timedelta(seconds=5)
 # The one answer to every bad enrollment code, whatever was wrong with it: unknown id, wrong MAC, used,
 # burnt, expired. A different answer per case would tell a guesser which code ids exist.
 BAD_CODE = "the enrollment code is unknown, used, expired or wrong; ask for a new one"
 SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged", "superseded",
                            "cessationOfOperation"}
-
-
-_CERTIFICATES = cast(Table, Certificate.__table__)  # a mapped class's __table__ is a Table
-_C = _CERTIFICATES.c
-_BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
 
 
 def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *, actor: str) -> None:
@@ -69,27 +60,24 @@ def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *
     if not certificate.issuer_is_ours or not user.entry_id:
         return
     serial = format(certificate.serial, "x")
-    rows = db.query(_BINDING, {"serial": serial})
-    if not rows:
+    binding = entry_binding(db, serial)
+    if binding is None:
         return
-    entry_id, user_dn = rows[0]
+    entry_id, user_dn = binding
     same_dn = dn_key(user_dn) == dn_key(user.dn)
     if entry_id is None and same_dn:
-        db.run(lambda conn: conn.execute(update(_CERTIFICATES).where(
-            _C.user_dn == user_dn, _C.entry_id.is_(None)).values(entry_id=user.entry_id)), core=True)
+        bind_rows_to_entry(db, user_dn, user.entry_id)
         return
     if entry_id != user.entry_id:
         raise EntryChanged(f"certificate {serial} was issued to another directory entry than {user.dn}, which "
                            f"now has the address {user.email}; the holder of that entry needs their own "
                            "certificate (an enrollment code)")
     if not same_dn:  # renamed (modrdn) or moved to another OU: the same entry, under its new DN
-        def follow(session):
-            serials = [s for (s,) in session.execute(select(Certificate.serial).where(
-                Certificate.entry_id == entry_id, Certificate.user_dn != user.dn))]
-            session.execute(update(Certificate).where(Certificate.serial.in_(serials)).values(user_dn=user.dn))
-            audit.append(session, event="directory.user_moved", outcome="done", actor=actor, subject=user.email,
+        def follow(conn):
+            serials = move_entry_rows(conn, entry_id, user.dn)
+            audit.append(conn, event="directory.user_moved", outcome="done", actor=actor, subject=user.email,
                          detail={"from": user_dn, "to": user.dn, "serials": serials, "entry_id": entry_id})
-        db.run(follow)
+        db.run(follow, core=True)
 
 
 def _pem(cert) -> str:
@@ -108,8 +96,21 @@ def _optional(payload: dict, name: str, kind: type, default=None):
 
 
 def _nonce_of(request: VerifiedRequest) -> NonceToken | None:
-    # core's VerifiedRequest cannot name the store's NonceToken; web/api.py puts one there (or None)
+    # core's VerifiedRequest cannot name auth's NonceToken; web/api.py puts one there (or None)
     return cast("NonceToken | None", request.nonce)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused API request, as the web layer saw it: who asked, for whom, where, and why."""
+
+    actor: str
+    subject: str
+    path: str
+    code: str
+    reason: str
+    request_id: str | None = None
+    nonce: NonceToken | None = None
 
 
 @dataclass
@@ -119,7 +120,6 @@ class RegistrationAuthority:
     directory: Directory
     key_authority: SplitKeyAuthority  # LocalKeyAuthority in role all
     # directory_sync's Publisher, or RemotePublisher in role ra; untyped until publication has a Protocol
-    # (the local one also carries the one-transaction optimisation: mark_published, completions)
     publisher: Any
 
     # -- entitlement --------------------------------------------------------------------------
@@ -154,21 +154,23 @@ class RegistrationAuthority:
                               f"(entitled groups: {groups})", profile=profile.name)
         return user
 
-    def _audit_now(self, events: list[dict], *, nonce: NonceToken | None = None) -> None:
-        """Commit `events` (and use `nonce`) now, in one transaction."""
-        if not events and nonce is None:
-            return
-
+    def refused(self, refusal: "Refusal") -> None:
+        """Every refused API request is one audit row (who asked, what for, why refused), with the
+        request's nonce used in the same transaction (checked, not yet used: a refused request uses it
+        too): refusals by our own checks and by the HTTP layer (413 body too large, 404, 405) alike. The
+        refusal stands even when the audit store is down: then the log says so."""
         def work(conn):
-            if nonce is not None and not record_nonce(conn, nonce):
-                raise BadNonce("the nonce was used by another request meanwhile; get a new one")
-            audit.append_many(conn, events, datetime.now(timezone.utc))
+            if refusal.nonce is not None:
+                nonces.spend_if_unused(conn, refusal.nonce)  # the request it came with may have used it
+            audit.append(conn, event="request.denied", outcome="denied", actor=refusal.actor,
+                         subject=refusal.subject, detail={"path": refusal.path, "code": refusal.code,
+                                                          "reason": refusal.reason[:300],
+                                                          "request_id": refusal.request_id})
 
-        self.db.run(work, core=True)
-        events.clear()
-
-    def _use_nonce(self, nonce: NonceToken) -> None:
-        self._audit_now([], nonce=nonce)
+        try:
+            self.db.run(work, core=True)
+        except Exception:
+            log.exception("event=audit.write_failed request_id=%s", refusal.request_id)
 
     # -- policy ---------------------------------------------------------------------------------
     def _replacement_of(self, email: str, profile: Profile, replace: bool, renews: str | None,
@@ -261,38 +263,24 @@ class RegistrationAuthority:
             raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
         csr = verify_csr(csr_text, email=email) if csr_text is not None else None
 
-        # With a local CA and KRA, enrollment.allowed and the request's nonce are committed in the
-        # issuance's one transaction. Any way out before that writes them alone (a refusal's nonce is
-        # recorded with its request.denied row, by the web layer).
-        in_one = self.key_authority.records_audit_events
-        deferred: list[dict] | None = [] if in_one else None
-        user = self.entitled_user(email, profile, actor, deferred_audit=deferred, identity=request.user)
+        # enrollment.allowed and the request's nonce are the RA's decision, which the key authority
+        # commits (the local one in the issuance's one transaction). Any way out before that writes the
+        # rows alone (a refusal's nonce is used with its request.denied row: `refused`).
+        decision = Decision(nonce=_nonce_of(request), publish_inline=True)
+        user = self.entitled_user(email, profile, actor, deferred_audit=decision.audit_events, identity=request.user)
         try:
             if renews is not None and csr is not None:
                 earlier = self._earlier_renewal(email, profile, renews, csr)
                 if earlier is not None:  # a retry after a lost answer: same key, same certificate
-                    self._audit_now(deferred or [], nonce=_nonce_of(request))
+                    decision.commit(self.db, now)
                     return earlier
             replaces = self._replacement_of(email, profile, replace, renews, now, user.entry_id)
         except BaseException:
-            try:
-                self._audit_now(deferred or [])
-            except Exception:  # the refusal stands; its own error is what the caller must see
-                log.exception("event=audit.write_failed events=enrollment.allowed")
+            decision.commit_rows_only(self.db, now)
             raise
-        nonce = _nonce_of(request)
-        if nonce is not None and not in_one:  # a remote CA or KRA: used now, before anything is issued
-            self._use_nonce(nonce)
-            nonce = None
-        # The issuance's transaction also marks what earlier requests of this process published.
-        completions = getattr(self.publisher, "completions", None) if in_one else None
-        with completions.carried() if completions is not None else nullcontext([]) as carried:
-            issued = self.key_authority.issue(IssueRequest(
-                user=user, profile=profile, actor=actor, password=password, csr=csr, replaces=replaces,
-                legacy_pkcs12=legacy, audit_events=tuple(deferred or ()), nonce=nonce,
-                publish_after=INLINE_PUBLISH_GRACE if in_one else timedelta(0),
-                more_work=(lambda conn: self.publisher.mark_published(conn, carried)) if carried else None),
-                now=now)
+        issued = self.key_authority.issue(IssueRequest(
+            user=user, profile=profile, actor=actor, password=password, csr=csr, replaces=replaces,
+            legacy_pkcs12=legacy), now=now, decision=decision)
         return self._response(issued, profile, user)
 
     # -- bootstrap: enrollment codes ------------------------------------------------------------
@@ -382,8 +370,7 @@ class RegistrationAuthority:
         user = user_entry(self.directory, request.user)
         check_same_entry(self.db, request.user, user, actor=request.agent.subject)
         serial = serial.lower().removeprefix("0x")
-        with self.db.read() as session:
-            cert = session.get(Certificate, serial)
+        cert = certificate_by_serial(self.db, serial)
         # Someone else's serial is answered as a serial that does not exist: the answer must not tell
         # which serials are ours to other users (an ownership oracle).
         if cert is None or cert.email.lower() != user.email.lower() or cert.user_dn != user.dn:

@@ -240,7 +240,7 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     key_authority: SplitKeyAuthority
     if settings.role == "ra":
         ca, kra, publisher = _remote_authorities(settings, paths, ca_cert)
-        key_authority = SplitKeyAuthority(ca, kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
+        key_authority = SplitKeyAuthority(ca, kra, pool, db, pkcs12_iterations=settings.pkcs12_iterations)
     else:
         local_ca = ca = _local_ca(settings, keys, db, ca_cert)
         local_kra = kra = LocalKRA(
@@ -248,7 +248,8 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
             pkcs12_iterations=settings.pkcs12_iterations, quorum=settings.recovery_quorum,
             officers=OfficerRoster(directory, settings.recovery_officers_group, ca.is_revoked))
         publisher = _publisher(settings, db, directory, ca)
-        key_authority = LocalKeyAuthority(local_ca, local_kra, pool, pkcs12_iterations=settings.pkcs12_iterations)
+        key_authority = LocalKeyAuthority(local_ca, local_kra, pool, published=publisher.completions,
+                                          pkcs12_iterations=settings.pkcs12_iterations)
     ra = RegistrationAuthority(settings, db, directory, key_authority, publisher)
     recovery = Recovery(settings, db, directory, kra, ca.chain, ca.is_revoked)
     return Services(**common, ca=ca, kra=kra, pool=pool, key_authority=key_authority, publisher=publisher, ra=ra,

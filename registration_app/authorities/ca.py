@@ -8,37 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Table, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
-from ..core.errors import Conflict, UnknownCertificate
+from ..core.errors import Conflict, DuplicateRecord, UnknownCertificate
 from ..core.model import Profile, Subject
 from ..store import audit
 from ..store.db import Database, connection_of
-from ..store.models import RENEWAL_KEY_CONSTRAINT, Certificate, CrlState, Outbox
+from ..store.errors import lost_renewal_race
+from ..store.issuance import (crl_state, insert_issued, locked_crl_state, mark_revoked, queue_crl_publication,
+                              revoked_entries)
+from ..store.models import CrlState, Outbox
+from ..store.repos import status_of_certificate
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
-
-
-# A mapped class's __table__ is a Table; SQLAlchemy types it as any FromClause.
-_CERTIFICATES = cast(Table, Certificate.__table__)
-_SUPERSEDE = update(_CERTIFICATES).where(
-    _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
-    status="superseded", superseded_by=bindparam("new"))
-_INSERT_CERTIFICATE = insert(_CERTIFICATES)
-_STATUS_OF = select(_CERTIFICATES.c.status).where(_CERTIFICATES.c.serial == bindparam("serial"))
-_OUTBOX = cast(Table, Outbox.__table__)
-_INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
-# Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
-# sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order).
-_INSERT_OUTBOX = insert(_OUTBOX)
-_LAST_OUTBOX_ID = select(func.max(_OUTBOX.c.id))
-_OUTBOX_IDS = select(_OUTBOX.c.serial, _OUTBOX.c.id).where(
-    _OUTBOX.c.id > bindparam("after"), _OUTBOX.c.serial.in_(bindparam("serials", expanding=True)))
 
 
 @dataclass(frozen=True)
@@ -64,15 +49,6 @@ def renewal_key(email: str, profile: str, replaces: str | None, entry_id: str | 
 
 def serial_hex(serial: int) -> str:
     return format(serial, "x")
-
-
-def lost_renewal_race(exc: IntegrityError) -> bool:
-    """Whether `exc` is a second issuance after the same predecessor (the certificates' unique renewal
-    key): a race the caller lost, a 409. Any other integrity error is a fault, not the client's."""
-    diag = getattr(exc.orig, "diag", None)  # psycopg names the violated constraint
-    if diag is not None and diag.constraint_name:
-        return diag.constraint_name == RENEWAL_KEY_CONSTRAINT
-    return "certificates.renewal_key" in str(exc.orig)  # SQLite: "UNIQUE constraint failed: certificates.renewal_key"
 
 
 class LocalCA:
@@ -103,7 +79,7 @@ class LocalCA:
         Connection; the caller commits).
 
         The predecessor (if any) becomes superseded in the same step; `renewal_key` makes a second
-        issuance after the same predecessor fail with IntegrityError (at the certificate's INSERT). With
+        issuance after the same predecessor fail with DuplicateRecord (at the certificate's INSERT). With
         `deferred_audit` (a list), the audit events are appended to it instead, for `append_audit_chain`.
         `publish_after` holds the outbox row back from the worker while the caller publishes inline.
         """
@@ -120,29 +96,18 @@ class LocalCA:
                            publish_after: timedelta = timedelta(0)) -> tuple[list[Outbox], list[dict]]:
         """`record_issued` for many certificates in a few statements (a provisioning batch): returns their
         outbox rows and their certificate.issued audit events, for the caller to append."""
-        conn = connection_of(session)
-        # Core statements on the transaction's connection (no unit-of-work flush); a second issuance
-        # after the same predecessor raises IntegrityError at the certificates' INSERT.
         supersede = [{"old": r.replaces, "new": serial_hex(r.cert.serial_number)} for r in records if r.replaces]
-        if supersede:  # one UPDATE each, not a read then a write
-            conn.execute(_SUPERSEDE, supersede)
-        conn.execute(_INSERT_CERTIFICATE, [dict(
+        certificates = [dict(
             serial=serial_hex(r.cert.serial_number), email=r.subject.email, user_dn=r.user_dn, entry_id=r.entry_id,
             profile=r.profile.name, usage=r.profile.usage.value, status="valid",
             der=r.cert.public_bytes(Encoding.DER), not_before=r.cert.not_valid_before_utc,
             not_after=r.cert.not_valid_after_utc, issued_at=now, key_source=r.key_source, replaces=r.replaces,
             renewal_key=renewal_key(r.subject.email, r.profile.name, r.replaces, r.entry_id),
-        ) for r in records])
+        ) for r in records]
         rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
                      reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)
                 for r in records]
-        if len(rows) == 1:
-            ids = list(conn.execute(_INSERT_OUTBOX_RETURNING, rows[0]).scalars())
-        else:  # the serials are new: the rows after the last id with these serials are these rows
-            after = conn.execute(_LAST_OUTBOX_ID).scalar() or 0
-            conn.execute(_INSERT_OUTBOX, rows)
-            by_serial = dict(conn.execute(_OUTBOX_IDS, {"after": after, "serials": [r["serial"] for r in rows]}).all())
-            ids = [by_serial[r["serial"]] for r in rows]
+        ids = insert_issued(session, certificates, rows, supersede)
         events = [dict(event="certificate.issued", outcome="done", actor=actor, subject=r.subject.email,
                        detail={"serial": serial_hex(r.cert.serial_number), "profile": r.profile.name,
                                "replaces": r.replaces, "not_after": r.cert.not_valid_after_utc.isoformat(),
@@ -163,7 +128,7 @@ class LocalCA:
 
         try:
             self.db.run(record)
-        except IntegrityError as exc:
+        except DuplicateRecord as exc:
             if not lost_renewal_race(exc):
                 raise
             raise Conflict("another request already replaced this certificate; "
@@ -189,45 +154,34 @@ class LocalCA:
         now = now or datetime.now(timezone.utc)
 
         def work(session):
-            changed = []
-            for serial_text in serials:
-                cert = session.get(Certificate, serial_text.lower())
-                if cert is None:
-                    if must_exist:
-                        raise UnknownCertificate(f"no certificate with serial {serial_text[:48]}")
-                    continue
-                if cert.status == "revoked":
-                    continue
-                cert.status, cert.revoked_at, cert.revocation_reason = "revoked", now, reason.value
-                session.add(Outbox(user_dn=cert.user_dn, email=cert.email, serial=cert.serial,
-                                   reason="revoked", created_at=now, next_attempt_at=now))
+            unknown, revoked = mark_revoked(session, serials, reason.value, now)
+            if unknown and must_exist:
+                raise UnknownCertificate(f"no certificate with serial {unknown[0][:48]}")
+            for cert in revoked:
                 audit.append(session, event="certificate.revoked", outcome="done", actor=actor,
                              subject=cert.email, now=now,
                              detail={"serial": cert.serial, "reason": reason.value,
                                      **(details or {}).get(cert.serial, {})})
-                changed.append(cert.serial)
-            if changed:
+            if revoked:
                 self._refresh_crl_in(session, now)
-            return changed
+            return [cert.serial for cert in revoked]
 
         return self.db.run(work)
 
     def crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
         """The current CRL, rebuilt when it is missing or past half its validity."""
         now = now or datetime.now(timezone.utc)
-        with self.db.read() as session:
-            state = session.get(CrlState, 1)
-            if state is not None and state.der and not self._crl_due(state, now):
-                return x509.load_der_x509_crl(state.der)
+        state = crl_state(self.db)
+        if state is not None and state.der and not self._crl_due(state, now):
+            return x509.load_der_x509_crl(state.der)
         crl = self.refresh_crl_if_due(now=now) or self.crl_now()
         assert crl is not None, "a CRL that is not due was built before"
         return crl
 
     def crl_now(self) -> x509.CertificateRevocationList | None:
         """The CRL last built, whatever its age (None before the first)."""
-        with self.db.read() as session:
-            state = session.get(CrlState, 1)
-            return x509.load_der_x509_crl(state.der) if state is not None and state.der else None
+        state = crl_state(self.db)
+        return x509.load_der_x509_crl(state.der) if state is not None and state.der else None
 
     def _crl_due(self, state: CrlState | None, now: datetime) -> bool:
         """A CRL is rebuilt at half its validity, so relying parties never hold one past nextUpdate."""
@@ -240,7 +194,7 @@ class LocalCA:
         now = now or datetime.now(timezone.utc)
 
         def work(session):
-            state = session.get(CrlState, 1, with_for_update=True)
+            state = locked_crl_state(session)
             return self._refresh_crl_in(session, now) if self._crl_due(state, now) else None
 
         return self.db.run(work)
@@ -251,28 +205,22 @@ class LocalCA:
 
     def _refresh_crl_in(self, session, now: datetime) -> x509.CertificateRevocationList:
         """Build the next CRL (number + 1) from the revoked rows and queue its publication to the CA entry."""
-        state = session.get(CrlState, 1, with_for_update=True)
-        if state is None:
-            state = CrlState(id=1, number=0)
-            session.add(state)
-        session.flush()
-        revoked = session.execute(
-            select(Certificate.serial, Certificate.revoked_at, Certificate.revocation_reason)
-            .where(Certificate.status == "revoked")).all()
+        state = locked_crl_state(session, create=True)
+        assert state is not None, "created when missing"
+        revoked = revoked_entries(session)
         state.number = (state.number or 0) + 1
         crl = build_crl(ca_cert=self.certificate, ca_key=self._key,
                         revoked=[(int(s, 16), at, x509.ReasonFlags(r) if r else None) for s, at, r in revoked],
                         number=state.number, now=now, next_update=now + self.crl_validity)
         state.der, state.this_update, state.next_update = crl.public_bytes(Encoding.DER), now, now + self.crl_validity
-        session.add(Outbox(user_dn="", email="", serial=None, reason="crl", created_at=now, next_attempt_at=now))
+        queue_crl_publication(session, now)
         return crl
 
     def is_revoked(self, cert: x509.Certificate) -> bool:
         """Read from the database on every call (no cache), so a revocation refuses the next request."""
         if cert.issuer != self.certificate.subject:
             return False
-        rows = self.db.query(_STATUS_OF, {"serial": serial_hex(cert.serial_number)})
-        return bool(rows) and rows[0].status == "revoked"
+        return status_of_certificate(self.db, serial_hex(cert.serial_number)) == "revoked"
 
 
 if TYPE_CHECKING:  # mypy (make test) checks that LocalCA has the signatures of the Protocol

@@ -42,7 +42,7 @@ _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(
 
 
 class EscrowIntegrityError(AutoenrollError):
-    code, status, title = "escrow_integrity", 500, "The escrowed key is damaged or does not belong here"
+    code, title = "escrow_integrity", "The escrowed key is damaged or does not belong here"
 
 
 def storage_key_id(storage_public_key: rsa.RSAPublicKey) -> bytes:

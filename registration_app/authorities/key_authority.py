@@ -16,24 +16,27 @@ sealed escrows and certificates made in memory, then the whole batch in one tran
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 
+from ..auth import nonces
+from ..auth.nonces import NonceToken
 from ..core.batch import BatchIssued, BatchOrder, IssuedInBatch
-from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Conflict, EscrowFailed
+from ..core.errors import AutoenrollError, BadNonce, BadRequest, ConfigError, Conflict, DuplicateRecord, EscrowFailed
 from ..core.model import Profile, Subject, UserEntry
 from ..core.ports import CertificateAuthority, KeyAuthority, RecoveryAuthority
 from ..store import audit
 from ..store.batch import insert_escrows
-from ..store.repos import NonceToken, certificates_of, record_nonce
-from .ca import LocalCA, ToRecord, lost_renewal_race, serial_hex
+from ..store.db import Database
+from ..store.errors import lost_renewal_race
+from ..store.outbox import mark_published
+from ..store.repos import certificates_of
+from .ca import LocalCA, ToRecord, serial_hex
 from .certs import random_serial
 from .keys import KeyPool
 from .kra import LocalKRA
@@ -41,9 +44,16 @@ from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
 log = logging.getLogger("autoenroll.key_authority")
 
+# An enrollment's outbox row is held back from the worker this long while the request publishes it
+# inline (and the batching thread marks it done): the two never publish the same row at once. If
+# the inline attempt fails the row is made due at once; if the process dies, it falls due by itself.
+INLINE_PUBLISH_GRACE = timedelta(seconds=5)
+
 
 @dataclass(frozen=True)
 class IssueRequest:
+    """What issuance needs: who, which profile, for whom acting, and the key's delivery."""
+
     user: UserEntry
     profile: Profile
     actor: str  # the agent acting for the user, for the audit log
@@ -51,17 +61,56 @@ class IssueRequest:
     csr: x509.CertificateSigningRequest | None = None
     replaces: str | None = None
     legacy_pkcs12: bool = False
-    # Audit rows of the caller's decision (the RA's enrollment.allowed), committed in the first
-    # transaction of the issuance instead of one of their own; only when `records_audit_events`.
-    audit_events: tuple[dict, ...] = ()
-    # The request's nonce, checked but not yet used: recorded in the issuance's transaction (so a
-    # replay racing the original issues nothing); only when `records_audit_events`.
+
+
+@dataclass
+class Decision:
+    """What the caller (the RA) decided before it asked for the certificate, for the key authority to
+    commit: its audit rows (enrollment.allowed) and the request's nonce, checked but not yet used.
+
+    Each key authority commits it its own way (LocalKeyAuthority: in the issuance's one transaction;
+    SplitKeyAuthority: in a transaction of its own before anything is issued) and, whatever happens,
+    exactly once: `committed` says whether it has been."""
+
+    audit_events: list[dict] = field(default_factory=list)
     nonce: NonceToken | None = None
-    # Hold the outbox row back from the worker this long: the caller publishes inline right after.
-    publish_after: timedelta = timedelta(0)
-    # More of the caller's statements for the issuance's one transaction (marking outbox rows that
-    # earlier requests published); returns audit events to append with the issuance's. Local only.
-    more_work: Callable[[Connection], list[dict]] | None = None
+    publish_inline: bool = False  # the caller publishes right after: the outbox row is held back meanwhile
+    committed: bool = False
+
+    def commit(self, db: Database, now: datetime) -> None:
+        """The decision alone, in one transaction (a refusal before issuance, or a split deployment)."""
+        if self.committed or (not self.audit_events and self.nonce is None):
+            self.committed = True
+            return
+
+        def work(conn):
+            if self.nonce is not None:
+                nonces.spend(conn, self.nonce, now)
+            audit.append_many(conn, list(self.audit_events), now)
+
+        db.run(work, core=True)
+        self.committed = True
+
+    def commit_rows_only(self, db: Database, now: datetime) -> None:
+        """The audit rows alone, when the issuance failed before committing them (its nonce goes with the
+        refusal's request.denied row); the issuance's own error is what the caller sees, so a failure here
+        is only logged."""
+        if self.committed:
+            return
+        self.committed = True
+        if not self.audit_events:
+            return
+        try:
+            db.run(lambda conn: audit.append_many(conn, list(self.audit_events), now), core=True)
+        except Exception:
+            log.exception("event=audit.write_failed events=%s", ",".join(e["event"] for e in self.audit_events))
+
+
+class PublishedRows(Protocol):
+    """The publisher's rows published inline and not yet marked done (directory_sync's Completions): the
+    local key authority marks them in its issuance's transaction, which commits anyway."""
+
+    def carried(self) -> AbstractContextManager[list[tuple[str, list]]]: ...
 
 
 @dataclass(frozen=True)
@@ -77,30 +126,27 @@ class Issued:
 
 class SplitKeyAuthority:
     """The key authority of a split deployment (role ra): the CA and the KRA are reached through their
-    Protocols, so escrow is committed before the CA signs."""
+    Protocols, so escrow is committed before the CA signs. The caller's decision is committed in this
+    process's database (the RA's) before anything is issued: a remote CA or KRA keeps its own audit log."""
 
-    # Whether `IssueRequest.audit_events` and `nonce` can ride in the issuance's transaction: only when
-    # the CA and the KRA write to this process's database (LocalKeyAuthority). A RemoteCA/RemoteKRA
-    # keeps its own audit log, so the RA appends its rows itself.
-    records_audit_events = False
     ca: CertificateAuthority
     kra: RecoveryAuthority
 
-    def __init__(self, ca: CertificateAuthority, kra: RecoveryAuthority, pool: KeyPool, *,
+    def __init__(self, ca: CertificateAuthority, kra: RecoveryAuthority, pool: KeyPool, db: Database, *,
                  pkcs12_iterations: int = DEFAULT_ITERATIONS):
         self.ca = ca
         self.kra = kra
         self.pool = pool
+        self.db = db
         self.pkcs12_iterations = pkcs12_iterations
 
-    def issue(self, req: IssueRequest, now: datetime | None = None) -> Issued:
+    def issue(self, req: IssueRequest, now: datetime | None = None, *, decision: Decision | None = None) -> Issued:
         now = now or datetime.now(timezone.utc)
-        if req.audit_events:
-            raise ConfigError("audit events cannot be recorded with a remote CA or KRA")
-        if req.nonce is not None:
-            raise ConfigError("a nonce cannot be recorded with a remote CA or KRA")
+        decision = decision or Decision()
         if req.csr is None and not req.password:
+            decision.commit_rows_only(self.db, now)
             raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
+        decision.commit(self.db, now)  # the nonce used now, before anything is issued
         key, public_key, source = self._key_for(req)
         serial = random_serial()
         subject = Subject(email=req.user.email, common_name=req.user.common_name)
@@ -132,25 +178,29 @@ class SplitKeyAuthority:
 
 class LocalKeyAuthority(SplitKeyAuthority):
     """The key authority of the server platform (role all): the CA and the KRA are in this process and
-    write to one database, so an issuance is ONE transaction (the module's docstring)."""
+    write to one database, so an issuance is ONE transaction (the module's docstring), which also
+    carries the caller's decision and marks the rows the publisher published inline since the last
+    one (`published`)."""
 
-    records_audit_events = True
     ca: LocalCA
     kra: LocalKRA
 
-    def __init__(self, ca: LocalCA, kra: LocalKRA, pool: KeyPool, *, pkcs12_iterations: int = DEFAULT_ITERATIONS):
+    def __init__(self, ca: LocalCA, kra: LocalKRA, pool: KeyPool, *, published: PublishedRows | None = None,
+                 pkcs12_iterations: int = DEFAULT_ITERATIONS):
         if kra.db is not ca.db:
             raise ConfigError("an in-process CA and KRA must share one database")
-        super().__init__(ca, kra, pool, pkcs12_iterations=pkcs12_iterations)
+        super().__init__(ca, kra, pool, ca.db, pkcs12_iterations=pkcs12_iterations)
+        self.published = published
 
-    def issue(self, req: IssueRequest, now: datetime | None = None) -> Issued:
+    def issue(self, req: IssueRequest, now: datetime | None = None, *, decision: Decision | None = None) -> Issued:
         now = now or datetime.now(timezone.utc)
+        decision = decision or Decision()
         if req.csr is None and not req.password:
-            self._audit_alone(req.audit_events, now)
+            decision.commit_rows_only(self.db, now)
             raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
-        return self._issue_in_one_transaction(req, now)
+        return self._issue_in_one_transaction(req, decision, now)
 
-    def _issue_in_one_transaction(self, req: IssueRequest, now: datetime) -> Issued:
+    def _issue_in_one_transaction(self, req: IssueRequest, decision: Decision, now: datetime) -> Issued:
         key, public_key, source = self._key_for(req)
         serial = random_serial()
         serial_text = serial_hex(serial)
@@ -160,29 +210,32 @@ class LocalKeyAuthority(SplitKeyAuthority):
                 if req.profile.escrowed else None
             cert = self.ca.build_certificate(public_key, req.profile, subject, serial=serial, now=now)
         except BaseException:
-            self._audit_alone(req.audit_events, now)
+            decision.commit_rows_only(self.db, now)
             raise
+        publish_after = INLINE_PUBLISH_GRACE if decision.publish_inline else timedelta(0)
+        published = self.published.carried() if self.published is not None else nullcontext([])
 
-        def work(conn):
-            if req.nonce is not None and not record_nonce(conn, req.nonce, now, savepoint=False):
-                raise BadNonce("the nonce was used by another request meanwhile; get a new one")
-            events = list(req.audit_events)
+        def work(conn, carried: list[tuple[str, list]]):
+            if decision.nonce is not None:
+                nonces.spend(conn, decision.nonce, now, savepoint=False)
+            events = list(decision.audit_events)
             if blob is not None:
                 events.append(self.kra.insert_sealed(conn, serial_text, blob, email=req.user.email,
                                                      profile=req.profile.name, actor=req.actor, now=now))
             outbox = self.ca.record_issued(conn, cert, req.profile, subject, user_dn=req.user.dn,
                                            replaces=req.replaces, key_source=source, actor=req.actor, now=now,
-                                           deferred_audit=events, publish_after=req.publish_after,
+                                           deferred_audit=events, publish_after=publish_after,
                                            entry_id=req.user.entry_id or None)
-            if req.more_work is not None:
-                events.extend(req.more_work(conn))
+            if carried:  # what earlier requests of this process published, marked in this commit
+                events.extend(mark_published(conn, carried))
             audit.append_many(conn, events, now)
             return outbox, certificates_of(conn, req.user.dn)
 
         try:
-            outbox, user_certificates = self.ca.db.run(work, core=True)
-        except IntegrityError as exc:
-            self._audit_alone(req.audit_events, now)
+            with published as carried:
+                outbox, user_certificates = self.db.run(lambda conn: work(conn, carried), core=True)
+        except DuplicateRecord as exc:
+            decision.commit_rows_only(self.db, now)
             if lost_renewal_race(exc):
                 raise Conflict("another request already replaced this certificate; "
                                "list your certificates and try again") from exc
@@ -190,25 +243,17 @@ class LocalKeyAuthority(SplitKeyAuthority):
                 raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
             raise
         except BadNonce:
+            decision.committed = True  # the refusal's request.denied row is all that is written
             raise
         except BaseException as exc:
-            self._audit_alone(req.audit_events, now)
+            decision.commit_rows_only(self.db, now)
             if blob is not None and not isinstance(exc, AutoenrollError):
                 raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
             raise
+        decision.committed = True
         p12 = self._pkcs12(req, key, cert)
         return Issued(certificate=cert, chain=self.ca.chain, serial=serial_text, pkcs12=p12,
                       escrowed=req.profile.escrowed, outbox=outbox, user_certificates=user_certificates)
-
-    def _audit_alone(self, events, now: datetime) -> None:
-        """The caller's rows in a transaction of their own, when the issuance failed before committing
-        them; the issuance's own error is what the caller sees, so a failure here is only logged."""
-        if not events:
-            return
-        try:
-            self.ca.db.run(lambda session: audit.append_many(session, list(events), now))
-        except Exception:
-            log.exception("event=audit.write_failed events=%s", ",".join(e["event"] for e in events))
 
     # -- batch issuance (bulk provisioning) -------------------------------------------------------
     def issue_batch(self, order: BatchOrder, now: datetime | None = None) -> BatchIssued:
@@ -245,14 +290,14 @@ class LocalKeyAuthority(SplitKeyAuthority):
             outbox_ids = self.ca.db.run(lambda conn: self._record_signed(conn, order, items, now), core=True)
             return BatchIssued(tuple(IssuedInBatch(user, serial_hex(serial), cert, outbox_id)
                                      for (user, _, serial, cert, _), outbox_id in zip(items, outbox_ids)))
-        except IntegrityError:
+        except DuplicateRecord:
             pass
         issued, refused = [], []
         for item in items:
             try:
                 (outbox_id,) = self.ca.db.run(lambda conn, i=item: self._record_signed(conn, order, [i], now),
                                               core=True)
-            except IntegrityError:
+            except DuplicateRecord:
                 refused.append((item[0], "a certificate was issued meanwhile"))
                 continue
             issued.append(IssuedInBatch(item[0], serial_hex(item[2]), item[3], outbox_id))

@@ -7,24 +7,23 @@ its passphrase) by `recover`, so a split deployment can keep it on the KRA host 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 from datetime import datetime, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import Table, insert, select
 
 from ..core.errors import EscrowFailed, Forbidden, UnknownCertificate
 from ..core.model import RecoveryGrant
 from ..store import audit
 from ..store.db import Database
-from ..store.models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
+from ..store.escrow import escrow_of, insert_escrow, released_request
+from ..store.repos import certificate_by_serial
 from .escrow_crypto import escrow_aad, open_private_key, seal_private_key
 from .officers import OfficerRoster, signer_certificate
 from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
 
-_INSERT_ESCROW = insert(cast(Table, Escrow.__table__))  # a mapped class's __table__ is a Table
 
 
 class LocalKRA:
@@ -59,8 +58,7 @@ class LocalKRA:
     def insert_sealed(conn, serial: str, blob: bytes, *, email: str, profile: str, actor: str,
                       now: datetime) -> dict:
         """INSERT the escrow row in the caller's transaction; returns its key.escrowed audit event."""
-        escrow_id = conn.execute(_INSERT_ESCROW, dict(
-            serial=serial, email=email, profile=profile, blob=blob, created_at=now)).inserted_primary_key[0]
+        escrow_id = insert_escrow(conn, serial=serial, email=email, profile=profile, blob=blob, now=now)
         return dict(event="key.escrowed", outcome="done", actor=actor, subject=email,
                     detail={"serial": serial, "profile": profile, "escrow_id": escrow_id})
 
@@ -93,10 +91,7 @@ class LocalKRA:
     def _check_officer_grant(self, serial: str, grant: RecoveryGrant, now: datetime) -> None:
         """The KRA trusts no caller's word: the request must be released and name this key, and (with a
         roster) enough of its approvals must come from officers who still are officers now."""
-        with self.db.read() as session:
-            request = session.get(RecoveryRequest, grant.request_id or "")
-            approvals = list(session.execute(select(RecoveryApproval.officer, RecoveryApproval.evidence).where(
-                RecoveryApproval.request_id == (grant.request_id or ""))).all())
+        request, approvals = released_request(self.db, grant.request_id or "")
         if request is None or request.status != "released" or serial not in request.serials \
                 or request.target_email.lower() != grant.email.lower() or request.requester != grant.actor:
             raise Forbidden("no released recovery request covers this key")
@@ -110,8 +105,7 @@ class LocalKRA:
 
     def recover(self, serial: str, grant: RecoveryGrant, *, now: datetime | None = None):
         now = now or datetime.now(timezone.utc)
-        with self.db.read() as session:
-            row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one_or_none()
+        row = escrow_of(self.db, serial)
         if row is None:
             raise UnknownCertificate(f"no escrowed key for serial {serial[:48]}")
         if row.email.lower() != grant.email.lower():
@@ -132,9 +126,8 @@ class LocalKRA:
         """The escrowed key with its certificate as PKCS#12 under `password`: what a caller outside the KRA
         gets instead of the raw key (a remote KRA takes the password from the signed evidence)."""
         key = self.recover(serial, grant, now=now)
-        with self.db.read() as session:
-            row = session.get(Certificate, serial)
-            der = row.der if row is not None else None
+        row = certificate_by_serial(self.db, serial)
+        der = row.der if row is not None else None
         if der is None:
             raise UnknownCertificate(f"no certificate with serial {serial[:48]}")
         cert = x509.load_der_x509_certificate(der)

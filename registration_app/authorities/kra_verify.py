@@ -33,15 +33,15 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from ..auth.chain import UserTrust
 from ..auth.jws import verify_user_request
-from ..core.errors import AutoenrollError, Forbidden, NotFound, UnknownCertificate
+from ..core.errors import AutoenrollError, DuplicateRecord, Forbidden, NotFound, UnknownCertificate
 from ..core.model import AgentIdentity, VerifiedRequest
 from ..store.db import Database
-from ..store.models import Certificate, CrlState, Escrow, SyncState
+from ..store.escrow import escrow_of
+from ..store.state import put_state, state_in
+from ..store.repos import certificate_by_serial, latest_crl_der, status_of_certificate
 from ..core.model import RecoveryGrant
 from .officers import OfficerRoster, signer_email
 
@@ -79,15 +79,11 @@ class CaView:
     def is_revoked(self, cert: x509.Certificate) -> bool:
         if cert.issuer != self.certificate.subject:
             return False
-        with self.db.read() as session:
-            row = session.get(Certificate, format(cert.serial_number, "x"))
-            return row is not None and row.status == "revoked"
+        return status_of_certificate(self.db, format(cert.serial_number, "x")) == "revoked"
 
     def crl(self, now: datetime | None = None) -> x509.CertificateRevocationList:
         """The CRL the CA last built (the KRA never signs one)."""
-        with self.db.read() as session:
-            state = session.get(CrlState, 1)
-            der = state.der if state is not None else None
+        der = latest_crl_der(self.db)
         if not der:
             raise NotFound("no CRL has been published yet; the CA serves it")
         return x509.load_der_x509_crl(der)
@@ -140,9 +136,8 @@ class EvidenceVerifier:
 
     def check(self, serial: str, grant: RecoveryGrant, now: datetime) -> Release:
         """Verify the evidence for this serial and spend it; raises a 4xx AutoenrollError otherwise."""
-        with self.db.read() as session:
-            row = session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one_or_none()
-            escrow_email = row.email if row is not None else None
+        row = escrow_of(self.db, serial)
+        escrow_email = row.email if row is not None else None
         if escrow_email is None:
             raise UnknownCertificate(f"no escrowed key for serial {serial[:48]}")
         if grant.email.lower() != escrow_email.lower():
@@ -195,9 +190,8 @@ class EvidenceVerifier:
 
     def _entry_of(self, serial: str) -> str | None:
         """The directory entry id a certificate of ours was issued to (None: unknown or older than ids)."""
-        with self.db.read() as session:
-            row = session.get(Certificate, serial)
-            return row.entry_id if row is not None else None
+        row = certificate_by_serial(self.db, serial)
+        return row.entry_id if row is not None else None
 
     # -- m-of-n officers ----------------------------------------------------------------------------
     def _officers(self, serial: str, grant: RecoveryGrant, escrow_email: str, now: datetime) -> Release:
@@ -280,18 +274,18 @@ class EvidenceVerifier:
         def work(session):
             for jws in evidence:
                 first_name, pair_name = _hash(jws), _hash(jws, serial.encode())
-                first = session.get(SyncState, first_name)
+                first = state_in(session, first_name)
                 if first is None:
-                    session.add(SyncState(name=first_name, value=now.isoformat()))
-                elif now - datetime.fromisoformat(first.value) > window:
+                    put_state(session, first_name, now.isoformat())
+                elif now - datetime.fromisoformat(first) > window:
                     raise EvidenceRefused("this signed request was used before; sign a new one")
-                if session.get(SyncState, pair_name) is not None:
+                if state_in(session, pair_name) is not None:
                     raise EvidenceRefused("this signed request was used for this key already; sign a new one")
-                session.add(SyncState(name=pair_name, value=now.isoformat()))
+                put_state(session, pair_name, now.isoformat())
 
         try:
             self.db.run(work)
-        except IntegrityError as exc:  # a concurrent use of the same evidence won the race
+        except DuplicateRecord as exc:  # a concurrent use of the same evidence won the race
             raise EvidenceRefused("this signed request is being used already") from exc
 
 

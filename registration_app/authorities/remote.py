@@ -62,9 +62,8 @@ def error_from_problem(status: int, body: object, authority: str) -> AutoenrollE
         log.error("event=authority.error authority=%s status=%d code=%s detail=%r request_id=%s",
                   authority, status, code, detail, body.get("request_id"))
         return Unavailable(f"the {authority} failed ({code}); try again later")
+    # A code this side knows is its class; another by the family its HTTP status names.
     cls = _error_classes().get(code) or _BY_STATUS.get(status) or BadRequest
-    if cls.status != status:
-        cls = _BY_STATUS.get(status, BadRequest)
     error = cls(detail) if cls is not RateLimited else cls(detail, retry_after=60)
     error.code = code  # the other side's exact code, even for a class this side does not know
     return error

@@ -1,7 +1,8 @@
-"""One error tree. Each class has a stable `code`, an HTTP `status` and a public message.
+"""One error tree. Each class has a stable `code` and a public message (`title`, `detail`).
 
 The web layer turns any AutoenrollError into an RFC 9457 problem document in one place
-(registration_app/web/errors.py). Messages are safe to show to the caller: never put key
+(registration_app/web/errors.py), with the HTTP status of its code from one table
+(registration_app/web/status.py). Messages are safe to show to the caller: never put key
 material, passwords or internal paths in them.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 class AutoenrollError(Exception):
     code = "internal"
-    status = 500
     title = "Internal error"
 
     def __init__(self, detail: str | None = None, **extra: object) -> None:
@@ -19,9 +19,9 @@ class AutoenrollError(Exception):
         super().__init__(self.detail)
 
 
-# --- request shape (400, 413, 415) -------------------------------------------------------
+# --- request shape -----------------------------------------------------------------------
 class BadRequest(AutoenrollError):
-    code, status, title = "bad_request", 400, "Malformed request"
+    code, title = "bad_request", "Malformed request"
 
 
 class MalformedJSON(BadRequest):
@@ -48,16 +48,16 @@ class WeakKey(BadRequest):
 
 
 class BodyTooLarge(AutoenrollError):
-    code, status, title = "body_too_large", 413, "The request body is too large"
+    code, title = "body_too_large", "The request body is too large"
 
 
 class WrongContentType(AutoenrollError):
-    code, status, title = "wrong_content_type", 415, "Unsupported content type"
+    code, title = "wrong_content_type", "Unsupported content type"
 
 
-# --- authentication (401) ----------------------------------------------------------------
+# --- authentication ----------------------------------------------------------------------
 class Unauthenticated(AutoenrollError):
-    code, status, title = "unauthenticated", 401, "Authentication failed"
+    code, title = "unauthenticated", "Authentication failed"
 
 
 class NoClientCertificate(Unauthenticated):
@@ -109,9 +109,9 @@ class BadEnrollmentCode(Unauthenticated):
     code, title = "bad_enrollment_code", "The enrollment code is unknown, used or expired"
 
 
-# --- authorisation (403) -----------------------------------------------------------------
+# --- authorisation -----------------------------------------------------------------------
 class Forbidden(AutoenrollError):
-    code, status, title = "forbidden", 403, "Not allowed"
+    code, title = "forbidden", "Not allowed"
 
 
 class AgentNotAllowed(Forbidden):
@@ -158,9 +158,9 @@ class EntryChanged(Forbidden):
     code, title = "entry_changed", "The certificate belongs to another directory entry than the address's"
 
 
-# --- lookups (404, 409) ------------------------------------------------------------------
+# --- lookups and conflicts ---------------------------------------------------------------
 class NotFound(AutoenrollError):
-    code, status, title = "not_found", 404, "Not found"
+    code, title = "not_found", "Not found"
 
 
 class UnknownProfile(NotFound):
@@ -176,7 +176,7 @@ class UnknownCertificate(NotFound):
 
 
 class Conflict(AutoenrollError):
-    code, status, title = "conflict", 409, "Conflict"
+    code, title = "conflict", "Conflict"
 
 
 class AmbiguousUser(Conflict):
@@ -188,16 +188,16 @@ class AlreadyExists(Conflict):
 
 
 class RateLimited(AutoenrollError):
-    code, status, title = "rate_limited", 429, "Too many requests"
+    code, title = "rate_limited", "Too many requests"
 
     def __init__(self, detail: str | None = None, retry_after: int = 60, **extra: object) -> None:
         super().__init__(detail, **extra)
         self.retry_after = retry_after
 
 
-# --- dependencies (503) ------------------------------------------------------------------
+# --- dependencies ------------------------------------------------------------------------
 class Unavailable(AutoenrollError):
-    code, status, title = "unavailable", 503, "A dependency is unavailable; try again later"
+    code, title = "unavailable", "A dependency is unavailable; try again later"
 
 
 class DirectoryUnavailable(Unavailable):
@@ -220,7 +220,14 @@ class SchemaRefused(DirectoryUnavailable):
 
 
 class DatabaseUnavailable(Unavailable):
+    """`cause` is what the database driver said: for the operator's log and command line, never for a
+    caller over HTTP (it names hosts and ports)."""
+
     code, title = "database_unavailable", "The database is unavailable"
+
+    def __init__(self, detail: str | None = None, cause: str = "", **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.cause = cause
 
 
 class RevocationUnavailable(Unavailable):
@@ -244,11 +251,22 @@ class EscrowFailed(Unavailable):
     code, title = "escrow_failed", "The key could not be escrowed; nothing was issued"
 
 
+class DuplicateRecord(AutoenrollError):
+    """The database refused a write that would break one of its constraints (store/errors.py names
+    which in `constraint`): a race the caller lost when the caller says so, otherwise a fault."""
+
+    code, title = "duplicate_record", "The record exists already"
+
+    def __init__(self, detail: str | None = None, constraint: str = "", **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.constraint = constraint
+
+
 class ConfigError(AutoenrollError):
-    code, status, title = "config_error", 500, "Configuration error"
+    code, title = "config_error", "Configuration error"
 
 
-# --- recovery --------------------------------------------------------------------
+# --- recovery ----------------------------------------------------------------------------
 class SelfApproval(Forbidden):
     code, title = "self_approval", "An officer cannot approve their own recovery request"
 

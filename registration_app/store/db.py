@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..core.errors import Unavailable
 from ..core.retry import backoff_delay
+from .errors import database_errors
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -102,7 +103,8 @@ def migrate(url: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    with database_errors():
+        command.upgrade(cfg, "head")
 
 
 class _WriterQueue:
@@ -209,7 +211,13 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """One unit of work; retried by the caller via `run` if the database is busy."""
+        """One unit of work; retried by the caller via `run` if the database is busy. Database errors
+        leave it as the project's errors (errors.py), as they leave every method of this class."""
+        with database_errors(), self._transaction() as session:
+            yield session
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
         with self._anchored():
             if self._writers is None:
                 with self._sessions() as session, session.begin():
@@ -238,7 +246,7 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only snapshot: no writer lock, so reads never wait for (or block) a writer."""
-        with self._readers() as session, session.begin():
+        with database_errors(), self._readers() as session, session.begin():
             yield session
 
     @contextmanager
@@ -246,6 +254,11 @@ class Database:
         """A write transaction on a bare Core connection: no ORM session to build and flush, for the
         hot paths (an enrollment's one transaction) whose statements are all Core. It runs on this
         thread's own connection, or on a pooled one when that is busy (a transaction inside another)."""
+        with database_errors(), self._write() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
         with self._anchored():
             if self._writers is None:
                 with self._write_transaction() as conn:
@@ -272,13 +285,17 @@ class Database:
     @contextmanager
     def read_connection(self) -> Iterator[Connection]:
         """`read()` on a bare Core connection."""
-        with self._read_engine.begin() as conn:
+        with database_errors(), self._read_engine.begin() as conn:
             yield conn
 
     def query(self, statement, parameters: dict | None = None) -> list:
         """The rows of ONE read statement, which is its own snapshot: run in autocommit on this
         thread's connection, with no BEGIN, COMMIT or pool check-out around it. For several
         statements that must agree with each other, use `read_connection()`."""
+        with database_errors():
+            return self._query(statement, parameters)
+
+    def _query(self, statement, parameters: dict | None) -> list:
         conn = self._thread_connection("reader")
         if conn is None:
             with self._read_engine.begin() as pooled:
@@ -319,7 +336,11 @@ class Database:
     def run(self, work, *, attempts: int = 5, core: bool = False):
         """Run `work(session)` in a transaction, retrying when SQLite reports the database busy;
         `core=True` passes a Core Connection (see `write`) instead of a Session."""
-        opener = self.write if core else self.transaction
+        with database_errors():
+            return self._run(work, attempts, self._write if core else self._transaction)
+
+    @staticmethod
+    def _run(work, attempts: int, opener):
         for attempt in range(attempts):
             try:
                 with opener() as session:

@@ -32,7 +32,7 @@ class Base(DeclarativeBase):
     pass
 
 
-# A second issuance after the same predecessor violates this (authorities/ca.py `lost_renewal_race`).
+# A second issuance after the same predecessor violates this (store/errors.py `lost_renewal_race`).
 RENEWAL_KEY_CONSTRAINT = "uq_certificates_renewal_key"
 
 

@@ -18,7 +18,7 @@ from ..core.codes import derive_mac_key, new_code
 from . import audit
 from .db import Database, connection_of
 from .keys import seal_code_key, unseal_code_key
-from .models import BootstrapFailure, Certificate, EnrollmentCode, Nonce, Outbox, RevokedAgent
+from .models import BootstrapFailure, Certificate, CrlState, EnrollmentCode, Nonce, Outbox, RevokedAgent
 
 
 # Nonces are stateless when issued and recorded when used: a nonce is (expiry, 12 random bytes, MAC),
@@ -270,10 +270,14 @@ def certificates_of(session_or_connection, user_dn: str) -> list:
     return list(connection_of(session_or_connection).execute(_CERTIFICATES_OF, {"dn": user_dn}).all())
 
 
+_STATUS_OF = select(_C.status).where(_C.serial == bindparam("serial"))
+
+
 def status_of_certificate(db: Database, serial: str) -> str | None:
-    """The status of our certificate `serial` (lowercase hex), None if we issued none with it."""
-    with db.transaction() as session:
-        return session.execute(select(Certificate.status).where(Certificate.serial == serial)).scalar()
+    """The status of our certificate `serial` (lowercase hex), None if we issued none with it. One
+    statement, its own snapshot (`Database.query`): every request's revocation check reads it."""
+    rows = db.query(_STATUS_OF, {"serial": serial})
+    return rows[0].status if rows else None
 
 
 _SUCCESSOR = Certificate.__table__.alias("successor")
@@ -346,3 +350,40 @@ def revoke_agent(db: Database, *, thumbprint: str, subject: str, serial: str, re
         return True
 
     return db.run(work, core=True)
+
+
+# -- the binding of certificate rows to their directory entry (service.py check_same_entry) ---------
+_BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
+
+
+def entry_binding(db: Database, serial: str) -> tuple[str | None, str] | None:
+    """(entry id or None, user DN) of our certificate `serial`, or None if it is not ours."""
+    rows = db.query(_BINDING, {"serial": serial})
+    return (rows[0].entry_id, rows[0].user_dn) if rows else None
+
+
+def bind_rows_to_entry(db: Database, user_dn: str, entry_id: str) -> None:
+    """First sight of an entry: every row of its DN that has no entry id yet takes `entry_id`."""
+    db.run(lambda conn: conn.execute(update(_CERTIFICATES).where(
+        _C.user_dn == user_dn, _C.entry_id.is_(None)).values(entry_id=entry_id)), core=True)
+
+
+def move_entry_rows(conn, entry_id: str, new_dn: str) -> list[str]:
+    """In the caller's transaction: the rows of entry `entry_id` under another DN take `new_dn` (the
+    entry was renamed or moved); returns their serials."""
+    serials = [s for (s,) in conn.execute(select(_C.serial).where(_C.entry_id == entry_id, _C.user_dn != new_dn))]
+    if serials:
+        conn.execute(update(_CERTIFICATES).where(_C.serial.in_(serials)).values(user_dn=new_dn))
+    return serials
+
+
+def certificate_by_serial(db: Database, serial: str) -> Certificate | None:
+    with db.read() as session:
+        return session.get(Certificate, serial)
+
+
+def latest_crl_der(db: Database) -> bytes | None:
+    """The DER of the CRL the CA last built, or None before its first."""
+    with db.read() as session:
+        state = session.get(CrlState, 1)
+        return state.der if state is not None and state.der else None

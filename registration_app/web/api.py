@@ -12,11 +12,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, g, jsonify, request
 
+from ..auth import nonces
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
 from ..core.errors import BadClientCertificate, BadEnrollmentCode, WrongContentType
-from ..service import BAD_CODE
-from ..store.repos import agent_revoked, consume_nonce, issue_nonce, nonce_unused, superseding_serial
+from ..service import BAD_CODE, Refusal
+from ..store.repos import agent_revoked, superseding_serial
 
 api = Blueprint("api", __name__)
 log = logging.getLogger("autoenroll.web")
@@ -57,10 +58,26 @@ def _replay_nonce(response):
     needs no extra round trip for it."""
     if request.method == "POST" and getattr(g, "agent", None) is not None:
         try:
-            response.headers["Replay-Nonce"] = issue_nonce(g.services.db, g.services.nonce_ttl)
+            response.headers["Replay-Nonce"] = nonces.issue(g.services.db, g.services.nonce_ttl)
         except Exception as exc:  # the answer stands without it; the agent then asks /nonce
             log.warning("event=replay_nonce.failed request_id=%s status=%d error=%r", g.get("request_id"),
                         response.status_code, f"{type(exc).__name__}: {exc}"[:300])
+    return response
+
+
+@api.after_app_request
+def _report_refusal(response):
+    """A refused API request (the error mapper left what it answered in `g.refusal`) is reported to
+    the RA, which audits it: our own checks' refusals and the HTTP layer's (413, 404, 405) alike."""
+    refusal = g.pop("refusal", None)
+    ra = getattr(getattr(g, "services", None), "ra", None)
+    if refusal is None or ra is None or not request.path.startswith("/api/"):
+        return response
+    code, reason = refusal
+    agent = getattr(g, "agent", None)
+    ra.refused(Refusal(actor=agent.subject if agent else f"peer:{request.remote_addr}",
+                       subject=getattr(g, "user_email", None) or "", path=request.path, code=code,
+                       reason=reason, request_id=g.get("request_id"), nonce=getattr(g, "pending_nonce", None)))
     return response
 
 
@@ -87,15 +104,15 @@ def _successor_of(services, now: datetime):
 
 def _verified(*, defer_nonce: bool = False):
     """The authenticated request. With `defer_nonce` the nonce is only checked (ours, unexpired,
-    unused) and handed on in `VerifiedRequest.nonce`: the service records it in the transaction that
-    acts on the request, and a refusal records it with its request.denied row (errors.py)."""
+    unused) and handed on in `VerifiedRequest.nonce`: the key authority uses it in the transaction
+    that acts on the request, and a refusal uses it with its request.denied row (the RA's `refused`)."""
     services = g.services
     body = _body()
 
     def check_nonce(value: str) -> bool:
         if not defer_nonce:
-            return consume_nonce(services.db, value)
-        g.pending_nonce = nonce_unused(services.db, value)
+            return nonces.consume(services.db, value)
+        g.pending_nonce = nonces.check(services.db, value)
         return g.pending_nonce is not None
 
     now = datetime.now(timezone.utc)
@@ -110,7 +127,7 @@ def _verified(*, defer_nonce: bool = False):
 @api.get("/nonce")
 def nonce():
     services = g.services
-    value = issue_nonce(services.db, services.nonce_ttl)
+    value = nonces.issue(services.db, services.nonce_ttl)
     response = jsonify({"nonce": value})
     response.headers["Replay-Nonce"] = value
     return response
@@ -137,7 +154,7 @@ def bootstrap():
     try:
         payload, code_id = verify_bootstrap_request(
             _body(), url=signed_url(), agent=g.agent, code_secret=code_secret,
-            consume_nonce=lambda n: consume_nonce(services.db, n))
+            consume_nonce=lambda n: nonces.consume(services.db, n))
     except BadEnrollmentCode:
         if presented:
             ra.bootstrap_failed(presented[-1], g.agent)

@@ -1,18 +1,22 @@
-"""The one place where errors become RFC 9457 problem documents."""
+"""The one place where errors become RFC 9457 problem documents, with the HTTP status of their code
+from the one table (status.py). The mapper writes nothing: it leaves what it answered a refused
+request in `g.refusal`, which the agent API reports to the RA (api.py `_report_refusal`), whose
+`refused` audits it. Database errors reach it already translated by the store (store/errors.py)."""
 
 from __future__ import annotations
 
 import logging
 
 from flask import Flask, g, jsonify, request
-from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from ..core.errors import AutoenrollError, DatabaseUnavailable, KeyStoreUnavailable
+from ..core.errors import AutoenrollError, KeyStoreUnavailable
 from ..store import audit
-from ..store.repos import record_nonce
+from .status import status_of
 
 log = logging.getLogger("autoenroll.web")
+
+HTTP_CODES = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}
 
 
 def problem(status: int, code: str, title: str, detail: str, **extra):
@@ -25,33 +29,10 @@ def problem(status: int, code: str, title: str, detail: str, **extra):
     return response
 
 
-def _record_denial(error: AutoenrollError) -> None:
-    """Every refused API request is one audit row (who asked, what for, why refused): refusals by
-    our own checks and by the HTTP layer (413 body too large, 404, 405) alike."""
-    services = getattr(g, "services", None)
-    if services is None or not request.path.startswith("/api/"):
-        return
-    agent = getattr(g, "agent", None)
-    user = getattr(g, "user_email", None)
-    nonce = getattr(g, "pending_nonce", None)  # checked, not yet used: a refused request uses it too
-
-    def work(conn):
-        if nonce is not None:
-            record_nonce(conn, nonce)  # False if the request it came with used it: nothing to do
-        audit.append(conn, event="request.denied", outcome="denied",
-                     actor=agent.subject if agent else f"peer:{request.remote_addr}",
-                     subject=user or "", detail={"path": request.path, "code": error.code,
-                                                 "reason": error.detail[:300], "request_id": g.request_id})
-
-    try:
-        services.db.run(work, core=True)
-    except Exception:  # the refusal stands even when the audit store is down; say so in the log
-        log.exception("event=audit.write_failed request_id=%s", getattr(g, "request_id", None))
-
-
 def _record_key_store_failure(error: KeyStoreUnavailable) -> None:
     """A request the key store (HSM) failed, in any role: one audit row saying what happened; nothing was
-    signed, unwrapped or recorded before it (authorities/pkcs11_store.py)."""
+    signed, unwrapped or recorded before it (authorities/pkcs11_store.py). The one write left in the
+    mapper (merged after the refusals moved to the RA): it belongs with the code that met the failure."""
     services = getattr(g, "services", None)
     if services is None:
         return
@@ -70,16 +51,17 @@ def _record_key_store_failure(error: KeyStoreUnavailable) -> None:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(AutoenrollError)
     def _autoenroll(error: AutoenrollError):
-        if error.status >= 500:
-            log.error("event=request.error request_id=%s code=%s detail=%r", g.get("request_id"),
-                      error.code, error.detail, exc_info=error.status == 500)
+        status = status_of(error)
+        if status >= 500:
+            log.error("event=request.error request_id=%s code=%s detail=%r cause=%r", g.get("request_id"),
+                      error.code, error.detail, getattr(error, "cause", None), exc_info=status == 500)
             if isinstance(error, KeyStoreUnavailable):
                 _record_key_store_failure(error)
         else:
             log.info("event=request.refused request_id=%s code=%s detail=%r", g.get("request_id"),
                      error.code, error.detail)
-            _record_denial(error)
-        response = problem(error.status, error.code, error.title, error.detail, **error.extra)
+            g.refusal = (error.code, error.detail)
+        response = problem(status, error.code, error.title, error.detail, **error.extra)
         if getattr(error, "retry_after", None):
             response.headers["Retry-After"] = str(error.retry_after)
         return response
@@ -87,23 +69,10 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException):
         status = error.code or 400
-        code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        code = HTTP_CODES.get(status, "bad_request")
         if 400 <= status < 500:
-            refusal = AutoenrollError(error.description or error.name)
-            refusal.code = code
-            _record_denial(refusal)
+            g.refusal = (code, error.description or error.name)
         return problem(status, code, error.name, error.description or error.name)
-
-    @app.errorhandler(DBAPIError)
-    def _database(error: DBAPIError):
-        """The database server cannot be reached, or cut the connection (restarted, failed over): a
-        503 the agent retries, not a bug. The pool replaces the dead connections."""
-        if not (isinstance(error, OperationalError) or error.connection_invalidated):
-            return _unexpected(error)
-        log.error("event=database.unavailable request_id=%s error=%r", g.get("request_id"),
-                  str(error.orig).splitlines()[0] if error.orig else type(error).__name__)
-        return _autoenroll(DatabaseUnavailable("the database cannot be reached; try again shortly",
-                                               retry_after=5))
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

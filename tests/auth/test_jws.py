@@ -24,6 +24,7 @@ from registration_app.core.errors import (
     UrlMismatch,
     WeakKey,
 )
+from registration_app.web.status import status_of
 from tests import pki
 from tests.auth.helpers import (
     BOOTSTRAP_URL,
@@ -685,7 +686,7 @@ def test_a_superseded_certificate_no_longer_authenticates(w, nonces):
     with pytest.raises(CertificateSuperseded, match="superseded by serial 5eed") as refused:
         verify_user_request(body, url=URL, agent=w.agent, trust=w.trust, consume_nonce=nonces.consume,
                             is_revoked=never_revoked, now=pki.NOW, successor_of=successor)
-    assert refused.value.status == 401 and refused.value.extra == {"successor": "5eed"}
+    assert status_of(refused.value) == 401 and refused.value.extra == {"successor": "5eed"}
     assert successor.asked == [w.user.cert.serial_number]
     assert nonces.consumed == []  # refused before the nonce: the agent retries with the new key
 

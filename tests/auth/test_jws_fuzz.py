@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from registration_app.auth.jws import verify_bootstrap_request, verify_user_request
 from registration_app.core.errors import AutoenrollError
+from registration_app.web.status import status_of
 from tests import pki
 from tests.auth.helpers import (
     BOOTSTRAP_URL,
@@ -54,7 +55,7 @@ def only_clean_errors(body) -> None:
         try:
             verify(body, nonces)
         except AutoenrollError as error:
-            assert 400 <= error.status < 500, (type(error), error.status, error.detail)
+            assert 400 <= status_of(error) < 500, (type(error), status_of(error), error.detail)
             assert error.detail
 
 

@@ -11,6 +11,7 @@ from registration_app.auth.agent import AgentPolicy, identify_agent
 from registration_app.auth.chain import UserTrust, verify_user_chain
 from registration_app.auth.keypolicy import check_public_key
 from registration_app.core.errors import WeakKey
+from registration_app.web.status import status_of
 from tests import pki
 
 WEAK = {
@@ -40,7 +41,7 @@ def test_accepted_keys(make):
 def test_weak_keys_are_refused_with_what_was_found_and_what_is_accepted(make):
     with pytest.raises(WeakKey) as refused:
         check_public_key(make().public_key(), "the test key")
-    assert refused.value.status == 400 and refused.value.code == "weak_key"
+    assert status_of(refused.value) == 400 and refused.value.code == "weak_key"
     assert refused.value.detail.startswith("the test key is ")
     assert "RSA of 2048 to 8192 bits, or EC on P-256, P-384 or P-521" in refused.value.detail
 

@@ -14,6 +14,7 @@ from directory_sync.ldap import LdapDirectory
 from directory_sync.slapd import free_port
 from registration_app.core.errors import DirectoryUnavailable
 from registration_app.core.model import Wanted
+from registration_app.web.status import status_of
 
 PEOPLE = "ou=people,dc=example,dc=org"
 MANAGE_DSA_IT = ("2.16.840.1.113730.3.4.2", True, None)
@@ -36,7 +37,7 @@ def black_hole():
 
 
 def assert_unavailable(error: pytest.ExceptionInfo, says: str) -> None:
-    assert type(error.value) is DirectoryUnavailable and error.value.status == 503
+    assert type(error.value) is DirectoryUnavailable and status_of(error.value) == 503
     assert says in error.value.detail
 
 

@@ -14,10 +14,10 @@ from sqlalchemy import func, select
 from directory_sync.ldap import LdapDirectory
 from directory_sync.publisher import Publisher
 from directory_sync.slapd import free_port
-from registration_app.authorities.key_authority import IssueRequest
+from registration_app.authorities.key_authority import Decision, IssueRequest
 from registration_app.core.errors import BadNonce, EscrowFailed
 from registration_app.store.models import AuditEvent, Certificate, Escrow, Nonce, Outbox
-from registration_app.store.repos import issue_nonce, nonce_unused
+from registration_app.auth.nonces import check as nonce_unused, issue as issue_nonce
 from tests.directory_sync.world import add_group, make_services, profiles_for
 
 PROFILE = "smime-encryption-ec"
@@ -46,11 +46,13 @@ def user(services, ldap_admin, new_user, group):
     return services.directory.find_user(email)
 
 
-def request(services, user, **extra) -> IssueRequest:
+def issue(services, user, *, nonce=None, publish_inline: bool = False, now=None, **extra):
+    """The key authority's issuance with the RA's decision (enrollment.allowed, the nonce) riding in it."""
     allowed = dict(event="enrollment.allowed", outcome="allowed", actor="test", subject=user.email,
                    detail={"profile": PROFILE})
-    return IssueRequest(user=user, profile=services.settings.profiles[PROFILE], actor="test", password="pw",
-                        audit_events=(allowed,), **extra)
+    return services.key_authority.issue(
+        IssueRequest(user=user, profile=services.settings.profiles[PROFILE], actor="test", password="pw", **extra),
+        now=now, decision=Decision(audit_events=[allowed], nonce=nonce, publish_inline=publish_inline))
 
 
 def counts(services, email: str) -> dict:
@@ -78,13 +80,13 @@ def test_a_failure_after_the_escrow_insert_leaves_nothing_but_the_decision(servi
 
     monkeypatch.setattr(services.ca, "record_issued", broken)
     with pytest.raises(EscrowFailed):
-        services.key_authority.issue(request(services, user, nonce=token))
+        issue(services, user, nonce=token)
     # the escrow row, the nonce and the certificate rolled back together; the decision is kept alone
     assert counts(services, user.email) == {"certificates": 0, "escrows": 0, "outbox": 0, "allowed": 1, "issued": 0}
     with services.db.read() as session:
         assert session.get(Nonce, token.value) is None  # the nonce can still be used: nothing happened
     monkeypatch.undo()
-    issued = services.key_authority.issue(request(services, user, nonce=token))
+    issued = issue(services, user, nonce=token)
     assert counts(services, user.email) == {"certificates": 1, "escrows": 1, "outbox": 1, "allowed": 2, "issued": 1}
     assert [c.der for c in issued.user_certificates] == [issued.certificate.public_bytes(Encoding.DER)]
 
@@ -93,9 +95,9 @@ def test_a_nonce_carries_one_issuance_even_when_both_passed_the_check(services, 
     token = a_nonce(services)
     second_look = nonce_unused(services.db, token.value)  # a replay checked before the first committed
     assert second_look is not None
-    services.key_authority.issue(request(services, user, nonce=token))
+    issue(services, user, nonce=token)
     with pytest.raises(BadNonce):
-        services.key_authority.issue(request(services, user, nonce=second_look))
+        issue(services, user, nonce=second_look)
     assert counts(services, user.email)["certificates"] == 1
     assert counts(services, user.email)["escrows"] == 1
     assert nonce_unused(services.db, token.value) is None
@@ -103,7 +105,7 @@ def test_a_nonce_carries_one_issuance_even_when_both_passed_the_check(services, 
 
 def test_inline_publication_holds_the_row_back_then_marks_it_done_in_a_batch(services, user, ldap_admin):
     now = datetime.now(timezone.utc)
-    issued = services.key_authority.issue(request(services, user, publish_after=timedelta(seconds=5)), now=now)
+    issued = issue(services, user, publish_inline=True, now=now)
     with services.db.read() as session:
         row = session.get(Outbox, issued.outbox.id)
     assert row.done_at is None and row.next_attempt_at >= now + timedelta(seconds=4)  # the worker leaves it
@@ -126,7 +128,7 @@ def test_an_inline_failure_hands_the_row_to_the_worker_at_once(services, user):
     down = LdapDirectory(services.settings.ldap.__class__(url=f"ldap://127.0.0.1:{free_port()}", timeout_seconds=0.5))
     publisher = Publisher(services.db, down, services.settings.profiles, b"")
     now = datetime.now(timezone.utc)
-    issued = services.key_authority.issue(request(services, user, publish_after=timedelta(seconds=5)), now=now)
+    issued = issue(services, user, publish_inline=True, now=now)
     assert publisher.publish_user_now(user.dn, rows=[issued.outbox], certs=issued.user_certificates) is False
     with services.db.read() as session:
         row = session.get(Outbox, issued.outbox.id)
@@ -139,7 +141,7 @@ def test_the_next_issuance_marks_what_the_previous_one_published(services, user,
     """Marking rides in the next enrollment's transaction (no commit of its own); if that transaction
     rolls back, the rows are queued again and still marked once."""
     completions = services.publisher.completions
-    first = services.key_authority.issue(request(services, user, publish_after=timedelta(seconds=5)))
+    first = issue(services, user, publish_inline=True)
     completions.LINGER = 30.0  # the thread must not mark them itself while this test looks
     try:
         assert services.ra.publish_now(user.dn, first) is True
@@ -147,22 +149,17 @@ def test_the_next_issuance_marks_what_the_previous_one_published(services, user,
         assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [dn])]}), ldap_admin.result
         other = services.directory.find_user(email)
 
-        carried = completions.take()
+        carried = completions.take()  # held by this test while the next issuance commits without it
         assert [rows[0].id for _target, rows in carried] == [first.outbox.id]
         used = a_nonce(services)
-        second = services.key_authority.issue(request(services, other, nonce=used))  # the nonce is spent now
+        second = issue(services, other, nonce=used)  # the nonce is spent now
+        completions.settle(carried, requeue=True)  # queued again: the next issuance carries them
         with pytest.raises(BadNonce):  # a transaction that rolls back: the marks go with it
-            services.key_authority.issue(request(
-                services, other, nonce=used, more_work=lambda conn: services.publisher.mark_published(conn, carried)))
-        completions.settle(carried, requeue=True)
+            issue(services, other, nonce=used)
         with services.db.read() as session:
             assert session.get(Outbox, first.outbox.id).done_at is None
 
-        carried = completions.take()
-        services.key_authority.issue(request(
-            services, other, replaces=second.serial,
-            more_work=lambda conn: services.publisher.mark_published(conn, carried)))
-        completions.settle(carried, requeue=False)
+        issue(services, other, replaces=second.serial)  # carries the rows again, and marks them
         assert completions.take() == []
     finally:
         completions.LINGER = type(completions).LINGER

@@ -120,14 +120,15 @@ def test_records_that_cannot_be_read_again_after_the_modify_defer_to_the_worker_
     from sqlalchemy.exc import OperationalError
     dn, email = member(ldap_admin, new_user, group)
     issued = issue(services, email)
-    real = services.publisher._certificates_of
+    db = services.publisher.db
+    real = db._query
 
-    def database_gone(user_dn):
+    def database_gone(statement, parameters):  # under the store's translation of database errors
         raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(services.publisher, "_certificates_of", database_gone)
+    monkeypatch.setattr(db, "_query", database_gone)
     assert services.publisher.publish_user_now(dn, rows=[issued.outbox], certs=issued.user_certificates) is False
-    monkeypatch.setattr(services.publisher, "_certificates_of", real)
+    monkeypatch.setattr(db, "_query", real)
     assert services.publisher.pending(dn)  # still the worker's, due now
     assert services.publisher.drain(user_dn=dn) == 1
     assert not services.publisher.pending(dn)

@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from directory_sync.bulk import BulkDirectory
 from directory_sync.plan import wanted_values
-from registration_app.authorities.key_authority import IssueRequest
-from registration_app.service import INLINE_PUBLISH_GRACE
+from registration_app.authorities.key_authority import Decision, IssueRequest
 from registration_app.store.repos import certificates_of, latest_certificate
 from tests.directory_sync.world import add_group, make_services, profiles_for
 
@@ -43,7 +42,8 @@ def enroll(services, email: str, profile: str = PROFILE):
     """What the RA does for an enrollment: read the entry, issue in one transaction (the outbox row held
     back for the inline attempt), then publish inline from the rows and the entry it read."""
     user = services.directory.find_user(email)
-    issued = services.key_authority.issue(issue_request(services, user, profile))
+    issued = services.key_authority.issue(issue_request(services, user, profile),
+                                          decision=Decision(publish_inline=True))
     services.ra.publish_now(user.dn, issued, entry=user)
     return issued
 
@@ -52,7 +52,7 @@ def issue_request(services, user, profile: str = PROFILE) -> IssueRequest:
     with services.db.read() as session:
         latest = latest_certificate(session, user.email, profile)
     return IssueRequest(user=user, profile=services.settings.profiles[profile], actor="test", password="pw",
-                        replaces=latest.serial if latest is not None else None, publish_after=INLINE_PUBLISH_GRACE)
+                        replaces=latest.serial if latest is not None else None)
 
 
 def revoke(services, dn: str, serial: str) -> None:
@@ -80,7 +80,7 @@ def test_a_revocation_published_before_a_stale_enrollment_publication_stays(serv
     assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [dn])]}), ldap_admin.result
     enroll(services, email)
     user = services.directory.find_user(email)
-    issued = services.key_authority.issue(issue_request(services, user))
+    issued = services.key_authority.issue(issue_request(services, user), decision=Decision(publish_inline=True))
     assert [r.der for r in issued.user_certificates if r.status == "valid"] == [
         issued.certificate.public_bytes(Encoding.DER)]
     revoke(services, dn, issued.serial)  # committed and published now, before the enrollment publishes

@@ -18,6 +18,7 @@ from registration_app.ra.operators import directory_status
 from registration_app.core.errors import SchemaRefused
 from registration_app.core.model import Wanted
 from registration_app.store.models import AuditEvent, Certificate, Outbox
+from registration_app.web.status import status_of
 from tests.directory_sync.world import add_group, issue, make_services, profiles_for
 from tests.ldap_admin import LdapAdmin
 
@@ -112,4 +113,4 @@ def test_a_value_larger_than_the_directory_takes_is_refused_for_good(slapd, new_
             directory.publish(dn, Wanted(first=(oversized_certificate(),)))
     finally:
         directory.close()
-    assert refused.value.status == 503 and refused.value.code == "schema_refused"
+    assert status_of(refused.value) == 503 and refused.value.code == "schema_refused"

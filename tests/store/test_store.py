@@ -161,9 +161,9 @@ def test_only_the_renewal_key_is_a_lost_race(db):
     """A second issuance after the same predecessor is a 409 for the loser; any other integrity error
     (here a serial used twice) is a fault, not a race the client lost."""
     from sqlalchemy import insert
-    from sqlalchemy.exc import IntegrityError
 
-    from registration_app.authorities.ca import lost_renewal_race
+    from registration_app.core.errors import DuplicateRecord
+    from registration_app.store.errors import lost_renewal_race
     from registration_app.store.models import Certificate
 
     now = datetime.now(timezone.utc)
@@ -177,9 +177,9 @@ def test_only_the_renewal_key_is_a_lost_race(db):
         db.run(lambda conn: conn.execute(insert(Certificate.__table__), values), core=True)
 
     add(row("a1", "r@example.org|p|after:none"))
-    with pytest.raises(IntegrityError) as renewal:
+    with pytest.raises(DuplicateRecord) as renewal:
         add(row("a2", "r@example.org|p|after:none"))
-    with pytest.raises(IntegrityError) as serial:
+    with pytest.raises(DuplicateRecord) as serial:
         add(row("a1", "r@example.org|p|after:a1"))
     assert lost_renewal_race(renewal.value)
     assert not lost_renewal_race(serial.value)

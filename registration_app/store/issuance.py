@@ -1,0 +1,94 @@
+"""The CA's records: certificates, their outbox rows, revocations and the CRL's state.
+
+The statements are Core on the caller's transaction connection (no unit-of-work flush): an
+enrollment's one transaction runs them (authorities/ca.py `LocalCA.record_issued_many`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import Table, bindparam, func, insert, select, update
+
+from .db import Database, connection_of
+from .models import Certificate, CrlState, Outbox
+
+# A mapped class's __table__ is a Table; SQLAlchemy types it as any FromClause.
+_CERTIFICATES = cast(Table, Certificate.__table__)
+_SUPERSEDE = update(_CERTIFICATES).where(
+    _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
+    status="superseded", superseded_by=bindparam("new"))
+_INSERT_CERTIFICATE = insert(_CERTIFICATES)
+_OUTBOX = cast(Table, Outbox.__table__)
+_INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
+# Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
+# sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order).
+_INSERT_OUTBOX = insert(_OUTBOX)
+_LAST_OUTBOX_ID = select(func.max(_OUTBOX.c.id))
+_OUTBOX_IDS = select(_OUTBOX.c.serial, _OUTBOX.c.id).where(
+    _OUTBOX.c.id > bindparam("after"), _OUTBOX.c.serial.in_(bindparam("serials", expanding=True)))
+_REVOKED = select(_CERTIFICATES.c.serial, _CERTIFICATES.c.revoked_at, _CERTIFICATES.c.revocation_reason).where(
+    _CERTIFICATES.c.status == "revoked")
+
+
+def insert_issued(session, certificates: list[dict], outbox: list[dict], supersede: list[dict]) -> list[int]:
+    """In the caller's transaction (a Session or a Core Connection): the predecessors in `supersede`
+    ({"old", "new"} serials) become superseded, the certificate rows and their outbox rows are
+    inserted; returns the outbox ids, in the order of `outbox`. A second issuance after the same
+    predecessor breaks the renewal key at the certificates' INSERT (DuplicateRecord, from the store)."""
+    conn = connection_of(session)
+    if supersede:  # one UPDATE each, not a read then a write
+        conn.execute(_SUPERSEDE, supersede)
+    conn.execute(_INSERT_CERTIFICATE, certificates)
+    if len(outbox) == 1:
+        return list(conn.execute(_INSERT_OUTBOX_RETURNING, outbox[0]).scalars())
+    # the serials are new: the rows after the last id with these serials are these rows
+    after = conn.execute(_LAST_OUTBOX_ID).scalar() or 0
+    conn.execute(_INSERT_OUTBOX, outbox)
+    by_serial = dict(conn.execute(_OUTBOX_IDS, {"after": after, "serials": [r["serial"] for r in outbox]}).all())
+    return [by_serial[r["serial"]] for r in outbox]
+
+
+def revoked_entries(session) -> list:
+    """(serial, revoked_at, reason) of every revoked certificate, for the next CRL."""
+    return list(connection_of(session).execute(_REVOKED).all())
+
+
+def mark_revoked(session, serials: list[str], reason: str, now: datetime) -> tuple[list[str], list[Certificate]]:
+    """In the caller's transaction (a Session): (the serials we never issued, the rows revoked now, each
+    with its outbox row queued). Rows revoked already are left as they are."""
+    unknown, changed = [], []
+    for serial in serials:
+        cert = session.get(Certificate, serial.lower())
+        if cert is None:
+            unknown.append(serial)
+            continue
+        if cert.status == "revoked":
+            continue
+        cert.status, cert.revoked_at, cert.revocation_reason = "revoked", now, reason
+        session.add(Outbox(user_dn=cert.user_dn, email=cert.email, serial=cert.serial,
+                           reason="revoked", created_at=now, next_attempt_at=now))
+        changed.append(cert)
+    return unknown, changed
+
+
+def crl_state(db: Database) -> CrlState | None:
+    """The CRL the CA last built (number, DER, this and next update), or None before the first."""
+    with db.read() as session:
+        return session.get(CrlState, 1)
+
+
+def locked_crl_state(session, *, create: bool = False) -> CrlState | None:
+    """The CRL's state row, locked for the caller's transaction (several workers build one CRL, not one
+    each); with `create`, made (number 0) if there is none yet."""
+    state = session.get(CrlState, 1, with_for_update=True)
+    if state is None and create:
+        state = CrlState(id=1, number=0)
+        session.add(state)
+        session.flush()
+    return state
+
+
+def queue_crl_publication(session, now: datetime) -> None:
+    """The outbox row that takes the new CRL to the CA entry."""
+    session.add(Outbox(user_dn="", email="", serial=None, reason="crl", created_at=now, next_attempt_at=now))
