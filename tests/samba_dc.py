@@ -166,6 +166,9 @@ class SambaDC:
              "--host-name=dc1", "--host-ip=127.0.0.1", "--option=interfaces=lo 127.0.0.1",
              "--option=bind interfaces only=yes", "--option=server services = ldap",
              f"--option=log file = {self.folder / 'samba.log'}",
+             # --targetdir moves every folder but the pid file's (/run/samba): two DCs at once, of two
+             # suites on one machine, each keep their own
+             f"--option=pid directory = {self.target / 'run'}",
              "--option=tls enabled = yes", f"--option=tls keyfile = {self.key_file}",
              f"--option=tls certfile = {self.cert_file}", f"--option=tls cafile = {self.ca_file}"],
             capture_output=True, text=True, timeout=300)
@@ -199,6 +202,7 @@ class SambaDC:
 
     def start(self) -> None:
         """The DC in the namespace; returns once LDAPS answers with our certificate (about 1 s)."""
+        (self.target / "run").mkdir(exist_ok=True)
         with self.namespace.entered():
             self.process = subprocess.Popen(
                 ["samba", "-s", str(self.smb_conf), "--foreground", "--no-process-group", "-M", "single"],
