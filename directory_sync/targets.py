@@ -17,8 +17,6 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, bindparam, func, or_, select
-
 from directory_sync.config import LdapSettings
 from directory_sync.ldap import LdapDirectory
 from directory_sync.plan import wanted_values
@@ -26,20 +24,14 @@ from registration_app.core.errors import AutoenrollError, SchemaRefused, UserNot
 from registration_app.core.model import Profile
 from registration_app.core.retry import backoff_delay
 from registration_app.store import audit
+from registration_app.store import targets as store
 from registration_app.store.db import Database
-from registration_app.store.models import Certificate, CrlState, Outbox, TargetOutbox
+from registration_app.store.outbox import crl_der, planned_rows_of
 
 log = logging.getLogger("autoenroll.targets")
 
 MAX_BACKOFF = 300.0
 NOT_IN_TARGET = "not in this target"  # the target has no entry with the address: nothing to publish there
-
-_OUTBOX = Outbox.__table__
-_STATE = TargetOutbox.__table__
-_CERTIFICATES = Certificate.__table__
-_ROWS_OF = select(*(_CERTIFICATES.c[n] for n in ("der", "status", "profile", "usage", "not_after", "issued_at"))) \
-    .where(_CERTIFICATES.c.user_dn == bindparam("dn"))
-_JOINED = _OUTBOX.outerjoin(_STATE, and_(_STATE.c.outbox_id == _OUTBOX.c.id, _STATE.c.target == bindparam("target")))
 
 
 class TargetPublisher:
@@ -61,11 +53,7 @@ class TargetPublisher:
         """Publish the rows due at this target, in outbox order; returns how many are done here. A target
         that does not answer ends the pass (its rows back off), so it never holds back the others."""
         now = now or datetime.now(timezone.utc)
-        due = select(_OUTBOX.c.id, _OUTBOX.c.user_dn, _OUTBOX.c.email, _OUTBOX.c.reason, _OUTBOX.c.serial,
-                     func.coalesce(_STATE.c.attempts, 0).label("attempts")).select_from(_JOINED).where(
-            _STATE.c.done_at.is_(None), or_(_STATE.c.next_attempt_at.is_(None), _STATE.c.next_attempt_at <= now),
-        ).order_by(_OUTBOX.c.id).limit(limit)
-        rows = self.db.query(due, {"target": self.name})
+        rows = store.due_at_target(self.db, self.name, now, limit)
         groups: dict[str, list] = {}
         for row in rows:
             groups.setdefault("\0crl" if row.reason == "crl" else row.user_dn, []).append(row)
@@ -103,47 +91,31 @@ class TargetPublisher:
         entry = self.directory.find_user(email)  # the same person, by address, in this directory
         if entry is None:
             return NOT_IN_TARGET
-        wanted = wanted_values(self.db.query(_ROWS_OF, {"dn": user_dn}), self.profiles, now)
+        wanted = wanted_values(planned_rows_of(self.db, user_dn), self.profiles, now)
         self.directory.publish(entry, wanted)
         return None
 
     def _publish_ca(self) -> None:
-        with self.db.read() as session:
-            state = session.get(CrlState, 1)
-            crl = state.der if state is not None else None
-        self.directory.publish_ca(self.ca_der, crl)
+        self.directory.publish_ca(self.ca_der, crl_der(self.db))
         return None
 
     def _record(self, group: list, now: datetime, *, note: str | None = None,
                 error: AutoenrollError | None = None) -> None:
         """This target's state of the rows: done (with a note), or failed once more (with back-off)."""
-        def work(conn):
-            for row in group:
-                if error is None:
-                    values = dict(attempts=row.attempts, next_attempt_at=now, last_error=note, done_at=now)
-                else:
-                    attempts = row.attempts + 1
-                    delay = backoff_delay(attempts, base=2.0, cap=MAX_BACKOFF, jitter=0.5)
-                    values = dict(attempts=attempts, next_attempt_at=now + timedelta(seconds=delay),
-                                  last_error=str(error.detail)[:500], done_at=None)
-                _upsert(conn, dict(target=self.name, outbox_id=row.id, **values))
-        self.db.run(work, core=True)
+        states = []
+        for row in group:
+            if error is None:
+                states.append(dict(outbox_id=row.id, attempts=row.attempts, next_attempt_at=now, last_error=note,
+                                   done_at=now))
+            else:
+                attempts = row.attempts + 1
+                delay = backoff_delay(attempts, base=2.0, cap=MAX_BACKOFF, jitter=0.5)
+                states.append(dict(outbox_id=row.id, attempts=attempts,
+                                   next_attempt_at=now + timedelta(seconds=delay),
+                                   last_error=str(error.detail)[:500], done_at=None))
+        store.record_at_target(self.db, self.name, states)
 
 
 def target_status(db: Database, name: str) -> dict:
     """Rows not yet done at target `name`, and how many of them failed at least once there."""
-    pending = select(func.count(), func.count(_STATE.c.attempts)).select_from(_JOINED).where(
-        _STATE.c.done_at.is_(None))
-    depth, failing = db.query(pending, {"target": name})[0]
-    return {"depth": depth, "failing": failing}
-
-
-def _upsert(conn, values: dict) -> None:
-    """INSERT, or UPDATE the row of the same (target, outbox_id): two workers may publish the same row."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    statement = insert(_STATE).values(**values)
-    updated = {k: statement.excluded[k] for k in ("attempts", "next_attempt_at", "last_error", "done_at")}
-    conn.execute(statement.on_conflict_do_update(index_elements=["target", "outbox_id"], set_=updated))
+    return store.target_status(db, name)
