@@ -22,15 +22,15 @@ _PHASES = {
     "  of which chain": ("registration_app.auth.jws", "verify_user_chain"),
     "  of which nonce check": ("registration_app.auth.nonces", "nonce_unused"),
     "  of which is_revoked": ("registration_app.authorities.ca", "LocalCA.is_revoked"),
-    "entitlement (LDAP)": ("registration_app.service", "RegistrationAuthority.entitled_user"),
-    "policy read": ("registration_app.service", "RegistrationAuthority._replacement_of"),
+    "entitlement (LDAP)": ("registration_app.ra.authority", "RegistrationAuthority.entitled_user"),
+    "policy read": ("registration_app.ra.authority", "RegistrationAuthority._replacement_of"),
     "issue (all)": ("registration_app.authorities.key_authority", "LocalKeyAuthority.issue"),
     "  seal": ("registration_app.authorities.kra", "LocalKRA.seal"),
     "  sign": ("registration_app.authorities.ca", "LocalCA.build_certificate"),
     "  transaction": ("registration_app.store.db", "Database.run"),
     "  audit rows": ("registration_app.store.audit", "append_many"),
     "  pkcs12": ("registration_app.authorities.key_authority", "to_pkcs12"),
-    "publish inline": ("registration_app.service", "RegistrationAuthority.publish_now"),
+    "publish inline": ("registration_app.ra.authority", "RegistrationAuthority.publish_now"),
     "agent check (allow-list, revoked?)": ("registration_app.web.api", "identify_agent"),
     "superseded? (successor_of)": ("registration_app.web.api", "superseding_serial"),
     "next nonce (Replay-Nonce)": ("registration_app.web.api", "issue_nonce"),
@@ -50,7 +50,7 @@ def cpu_by_phase(platform, users: list, payload: dict) -> dict:
     from cryptography import x509
 
     from registration_app.agent.jws import sign_user_request, thumbprint
-    from registration_app.services import build_services
+    from registration_app.wiring import build_services
     from registration_app.web.app import create_app
 
     import threading
@@ -105,7 +105,7 @@ def cpu_by_phase(platform, users: list, payload: dict) -> dict:
 
 def profile_enrollments(platform, users: list, payload: dict, *, top: int = 25) -> dict:
     from registration_app.agent.jws import sign_user_request, thumbprint
-    from registration_app.services import build_services
+    from registration_app.wiring import build_services
     from registration_app.web.app import create_app
     from cryptography import x509
 
@@ -153,12 +153,12 @@ _BUCKETS = {
     "CA sign + record": ("ca.py", "sign"),
     "JWS + chain verification": ("jws.py", "verify_user_request"),
     "agent identification": ("agent.py", "identify_agent"),
-    "entitlement (LDAP + audit)": ("service.py", "entitled_user"),
-    "policy read (replacement/rate)": ("service.py", "_replacement_of"),
-    "publish inline (LDAP)": ("service.py", "publish_now"),
+    "entitlement (LDAP + audit)": ("ra/authority.py", "entitled_user"),
+    "policy read (replacement/rate)": ("ra/authority.py", "_replacement_of"),
+    "publish inline (LDAP)": ("ra/authority.py", "publish_now"),
     "nonce issue": ("repos.py", "issue_nonce"),
     "nonce consume": ("repos.py", "consume_nonce"),
-    "denial audit": ("service.py", "refused"),
+    "denial audit": ("ra/authority.py", "refused"),
 }
 
 

@@ -68,7 +68,7 @@ class Minter:
         if (data_dir / "ca.key").exists():
             self.ca_key = read_private_key(data_dir / "ca.key", passphrase)
         else:  # the CA key is in a token (bench (10)): it signs the users' certificates there
-            from registration_app.services import key_store
+            from registration_app.wiring import key_store
             from registration_app.settings import load_settings
             self.ca_key = key_store(load_settings(data_dir / "autoenroll.toml")).ca_signing_key()
         self.urls = CaUrls(crl_url="http://127.0.0.1/crl/ca.crl", ca_issuers_url="http://127.0.0.1/ca.crt")

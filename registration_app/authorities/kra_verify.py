@@ -163,7 +163,7 @@ class EvidenceVerifier:
                               thumbprint=binding if isinstance(binding, str) else "")
         verified = verify_user_request(jws, url=url if isinstance(url, str) else "", agent=relay, trust=self.trust,
                                        consume_nonce=lambda _nonce: True, is_revoked=self.is_revoked, now=now)
-        if not verified.user.issuer_is_ours:  # as recovery.py: escrowed keys need our CA's certificates
+        if not verified.user.issuer_is_ours:  # as ra/recovery.py: escrowed keys need our CA's certificates
             raise EvidenceRefused("recovery evidence must be signed with certificates of this server's CA")
         return verified, urlsplit(url if isinstance(url, str) else "").path
 

@@ -302,7 +302,7 @@ def create_server_keys(datadir: Path, names: Iterable[str] = tuple(KEY_FILES)) -
 
 
 def read_server_keys(datadir: Path, names: Iterable[str]) -> StoreKeys:
-    """The keys a role uses, read at start (services.py); a missing, malformed or exposed file is a
+    """The keys a role uses, read at start (wiring.py); a missing, malformed or exposed file is a
     ConfigError naming it. The audit checkpoint sits beside them."""
     keys = {}
     for name in names:

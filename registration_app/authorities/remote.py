@@ -270,7 +270,7 @@ class RemoteKRA:
                        chain: list[x509.Certificate], *, now: datetime | None = None) -> bytes:
         """The KRA verifies the grant's evidence itself and wraps the key under the password (and legacy
         choice) of the signed request, so neither travels here; `password`, `legacy` and `chain` are the
-        in-process signature's and equal by construction (recovery.py reads them from the same request)."""
+        in-process signature's and equal by construction (ra/recovery.py reads them from the same request)."""
         answer = self.client.call("POST", "/kra/recover", {
             "serial": serial, "grant": grant_to_json(grant), "friendly_name": friendly_name})
         return base64.b64decode(_field(answer, "pkcs12", str, "KRA"))

@@ -219,7 +219,7 @@ def client_cert(ctx, name: str, out_dir: Path | None, days: int) -> None:
     from ..authorities.keys import generate_private_key
     from ..authorities.pki_files import PkiPaths, read_cert, write_cert, write_unencrypted_private_key
     from ..core.model import KeyType
-    from ..services import key_store
+    from ..wiring import key_store
     settings = _settings(ctx)
     paths = PkiPaths.in_dir(settings.data_dir)
     if not paths.tls_ca_key.exists() and "tls_ca" not in settings.key_store.in_token:

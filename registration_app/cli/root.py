@@ -43,7 +43,7 @@ def main(ctx: click.Context, config_path: Path | None, debug: bool) -> None:
 
 
 def _services(ctx):
-    from ..services import build_services
+    from ..wiring import build_services
     services = build_services(_settings(ctx))
     ctx.call_on_close(services.close)  # LDAP connections and the database closed when the command ends
     return services

@@ -1,3 +1,5 @@
-"""The registration authority's use cases that are not requests of an agent: bulk provisioning
-(`provision.py`) and the operator's actions (`operators.py`). Enrollment, bootstrap and recovery are
-still `registration_app/service.py` and `registration_app/recovery.py`."""
+"""The registration authority: its use cases. `authority.py` (`RegistrationAuthority`: an agent's
+bootstrap, enrollment, renewal, replacement, revocation, the certificates of a user), `recovery.py`
+(key recovery and the officers' approvals), `provision.py` (bulk pre-provisioning through the key
+authority's `issue_batch`), `operators.py` (the operator's invite, revoke, revoke-agent, directory status).
+The wiring of the parts for a role is `registration_app/wiring.py`."""

@@ -35,7 +35,7 @@ def released_request(db: Database, request_id: str) -> tuple[RecoveryRequest | N
     return request, approvals
 
 
-# -- self and officer recovery (recovery.py) -------------------------------------------------------
+# -- self and officer recovery (ra/recovery.py) -------------------------------------------------------
 def own_certificates(db: Database, email: str, user_dn: str, usage: str | None = None) -> list[tuple]:
     """(certificate, escrow id or None) of the user's certificates at `user_dn`, oldest first."""
     with db.read() as session:

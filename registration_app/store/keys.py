@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..core.errors import ConfigError
 
 # The files of the data folder, one key each, so that a split deployment copies to each host only the
-# keys its role uses (services.py ROLE_KEYS).
+# keys its role uses (wiring.py ROLE_KEYS).
 KEY_FILES = {"nonce": "nonce.secret", "codes": "codes.secret", "audit": "audit.secret"}
 CHECKPOINT_FILE = "audit.checkpoint"
 KEY_BYTES = 32

@@ -352,7 +352,7 @@ def revoke_agent(db: Database, *, thumbprint: str, subject: str, serial: str, re
     return db.run(work, core=True)
 
 
-# -- the binding of certificate rows to their directory entry (service.py check_same_entry) ---------
+# -- the binding of certificate rows to their directory entry (ra/authority.py check_same_entry) ---------
 _BINDING = select(_C.entry_id, _C.user_dn).where(_C.serial == bindparam("serial"))
 
 

@@ -11,7 +11,7 @@ the columns and `adopt_server_keys` does the rest in one transaction:
   with an `audit.rekeyed` row that records the old head; the checkpoint then anchors it. A broken old
   chain is refused, so that init never launders a tampered log.
 
-Until that has run, `pending` says why, and the server refuses to start (services.py).
+Until that has run, `pending` says why, and the server refuses to start (wiring.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from ..auth import nonces
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
 from ..core.errors import BadClientCertificate, BadEnrollmentCode, WrongContentType
-from ..service import BAD_CODE, Refusal
+from ..ra.authority import BAD_CODE, Refusal
 from ..store.repos import agent_revoked, superseding_serial
 
 api = Blueprint("api", __name__)
@@ -142,7 +142,7 @@ def enroll():
 @api.post("/bootstrap")
 def bootstrap():
     """A first signature certificate for an enrollment code. Every bad code (unknown, wrong MAC, used,
-    burnt, expired) gets the same answer; wrong MACs are counted per code id and per agent (service.py)."""
+    burnt, expired) gets the same answer; wrong MACs are counted per code id and per agent (ra/authority.py)."""
     services = g.services
     ra = services.ra
     presented: list[str] = []

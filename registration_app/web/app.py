@@ -79,7 +79,7 @@ def create_app(settings: Settings, services=None, *, with_api: bool = True) -> F
     Which API is served follows `settings.role`: the agent API for "all" and "ra", the authority API of
     the CA or the KRA for "ca" and "kra" (web/authority_api.py)."""
     if services is None:
-        from ..services import build_services
+        from ..wiring import build_services
         services = build_services(settings)
     app = Flask("autoenroll")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -13,7 +13,7 @@ from .worker import worker_class
 
 
 class _Server(BaseApplication):
-    """One `autoenroll serve` for every role: what it serves follows settings.role (services.py, app.py)."""
+    """One `autoenroll serve` for every role: what it serves follows settings.role (wiring.py, app.py)."""
 
     def __init__(self, settings: Settings, options: dict) -> None:
         self.settings = settings
@@ -25,7 +25,7 @@ class _Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        from ..services import build_services
+        from ..wiring import build_services
         from .app import create_app
         services = build_services(self.settings, run_migrations=False)  # done once in run()
         services.start_background()
@@ -67,7 +67,7 @@ def start_plain_http(settings: Settings):
 
     from werkzeug.serving import make_server
 
-    from ..services import build_services
+    from ..wiring import build_services
     from .app import create_app
     host, _, port = settings.http_bind.rpartition(":")
     app = create_app(settings, build_services(settings, run_migrations=False), with_api=False)
@@ -77,7 +77,7 @@ def start_plain_http(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    from ..services import check_directory, check_role
+    from ..wiring import check_directory, check_role
     from ..store.db import migrate
     from ..core.errors import AutoenrollError
     try:

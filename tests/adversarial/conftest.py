@@ -142,7 +142,7 @@ def behind_proxy(tmp_path_factory, adversarial_slapd):
 def in_process(adversary):
     """The same application in this process (create_app + Flask's test client) on the platform's data:
     for thousands of fuzz cases, and for agent certificates TLS would already refuse."""
-    from registration_app.services import build_services
+    from registration_app.wiring import build_services
     from registration_app.web.app import create_app
 
     settings = adversary.platform.settings()

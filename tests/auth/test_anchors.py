@@ -11,7 +11,7 @@ from registration_app.auth.anchors import AnchorPolicy, entry_lists_certificate,
 from registration_app.auth.chain import UserTrust, verify_user_chain
 from registration_app.core.errors import (AnchorNotAllowed, CertificateNotListed, ConfigError, OwnCaRequired,
                                           UserNotFound)
-from registration_app.services import build_user_trust
+from registration_app.wiring import build_user_trust
 from registration_app.settings import Settings, load_settings
 from tests import pki
 from tests.auth.helpers import never_revoked

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from registration_app.services import key_store
+from registration_app.wiring import key_store
 from registration_app.settings import load_settings
 from tests.e2e.platform import cli
 from tests.softhsm import MODULE, access_of, private_key_blocks

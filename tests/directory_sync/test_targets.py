@@ -189,7 +189,7 @@ def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running)
 def test_a_target_with_unsafe_settings_stops_the_server_naming_the_target():
     from directory_sync.config import LdapSettings
     from registration_app.core.errors import ConfigError
-    from registration_app.services import check_directory
+    from registration_app.wiring import check_directory
     from registration_app.settings import Settings
     settings = dataclasses.replace(Settings(), targets={
         "book": LdapSettings(url="ldap://book.corp.example.org", password="s3rvice")})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.postgres import database_url_for
 from registration_app.authorities.pki_files import PkiPaths, create_pki, create_server_keys
-from registration_app.services import Services, build_services
+from registration_app.wiring import Services, build_services
 from registration_app.settings import Settings
 
 GROUPS = "ou=groups,dc=example,dc=org"

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from directory_sync.slapd import PrivateSlapd
-from registration_app.services import build_services
+from registration_app.wiring import build_services
 from registration_app.settings import load_settings
 from tests.directory_sync.certs import cert as foreign_certificate
 from tests.directory_sync.world import users_ldif

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 import pytest
 
 from registration_app.authorities.escrow_crypto import escrow_aad, open_private_key
-from registration_app.services import key_store
+from registration_app.wiring import key_store
 from registration_app.settings import load_settings
 from registration_app.store.models import Certificate, Escrow
 from sqlalchemy import func, select

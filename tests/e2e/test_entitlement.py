@@ -152,7 +152,7 @@ def test_one_default_encryption_profile_and_one_current_encryption_certificate_p
 def test_a_user_who_already_holds_two_encryption_certificates_can_still_renew_each(demo, new_user):
     """Issued before the one-certificate rule (or under coexist): renewals keep working, nothing new is added."""
     from registration_app.authorities.key_authority import IssueRequest
-    from registration_app.services import build_services
+    from registration_app.wiring import build_services
     from registration_app.settings import load_settings
     _, email = new_user(groups=("smime-users",))
     invite_and_bootstrap(demo, email)

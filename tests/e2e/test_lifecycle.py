@@ -18,7 +18,7 @@ from registration_app.agent.client import AgentConfig, AgentError, RegistrationC
 from registration_app.agent.store import AgentStore
 from registration_app.authorities.key_authority import IssueRequest
 from registration_app.core.profiles import get_profile
-from registration_app.services import build_services
+from registration_app.wiring import build_services
 from registration_app.settings import load_settings
 from registration_app.store import audit
 from registration_app.store.models import Certificate, RecoveryRequest
@@ -52,7 +52,7 @@ def backdate_ca(data: Path, years: int = 3) -> None:
     from registration_app.authorities.keys import generate_private_key
     from registration_app.authorities.pki_files import write_cert, write_private_key
     from registration_app.core.model import KeyType
-    from registration_app.services import key_store
+    from registration_app.wiring import key_store
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Autoenroll CA")])
     born = datetime.now(timezone.utc) - timedelta(days=365 * years)
     if not (data / "ca.key").exists():  # the key is in the token: the same key, a certificate born earlier

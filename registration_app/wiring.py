@@ -34,8 +34,8 @@ from .authorities.pki_files import (PemKeyStore, PkiPaths, check_private, read_c
                                     read_server_keys)
 from .core.errors import ConfigError
 from .core.ports import CaStatus, CertificateAuthority, Directory, KeyStore, RecoveryAuthority
-from .recovery import Recovery
-from .service import RegistrationAuthority
+from .ra.recovery import Recovery
+from .ra.authority import RegistrationAuthority
 from .settings import Settings
 from .store.db import Database, migrate, sqlite_files
 
@@ -64,7 +64,7 @@ class Services:
     kra: RecoveryAuthority | None  # LocalKRA | RemoteKRA
     pool: KeyPool | None
     key_authority: SplitKeyAuthority | None  # LocalKeyAuthority in role all
-    publisher: Any  # Publisher | RemotePublisher | None (service.py: no Protocol for publication yet)
+    publisher: Any  # Publisher | RemotePublisher | None (ra/authority.py: no Protocol for publication yet)
     ra: RegistrationAuthority | None
     recovery: Recovery | None
     agent_policy: AgentPolicy

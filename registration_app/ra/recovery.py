@@ -22,21 +22,21 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
 
-from .auth.anchors import require_own_ca, user_entry
-from .authorities.officers import OfficerRoster, signer_certificate
-from .core.dn import dn_key
-from .core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotRequester,
+from ..auth.anchors import require_own_ca, user_entry
+from ..authorities.officers import OfficerRoster, signer_certificate
+from ..core.dn import dn_key
+from ..core.errors import (AlreadyApproved, BadRequest, NotFound, NotOfficer, NotRequester,
                           RecoveryExpired, RecoveryNotReady, SelfApproval, UnknownCertificate)
-from .core.model import RecoveryGrant, VerifiedRequest
-from .core.ports import Directory, RecoveryAuthority
-from .service import check_same_entry
-from .settings import Settings
-from .store import audit
-from .store.db import Database
-from .store.escrow import (add_approval, add_recovery_request, approval_count, approval_evidence, approval_of,
+from ..core.model import RecoveryGrant, VerifiedRequest
+from ..core.ports import Directory, RecoveryAuthority
+from .authority import check_same_entry
+from ..settings import Settings
+from ..store import audit
+from ..store.db import Database
+from ..store.escrow import (add_approval, add_recovery_request, approval_count, approval_evidence, approval_of,
                            approvals_of, certificates_by_serials, claim_release, escrowed_serials, own_certificates,
                            recovery_request_ids, recovery_request_in)
-from .store.models import Certificate, RecoveryRequest
+from ..store.models import Certificate, RecoveryRequest
 
 
 def certificate_view(cert: Certificate, now: datetime, escrowed: bool) -> dict:

@@ -16,23 +16,23 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .auth.anchors import user_entry
-from .auth.csr import verify_csr
-from .auth import nonces
-from .auth.nonces import NonceToken
-from .authorities.key_authority import Decision, IssueRequest, Issued, SplitKeyAuthority
-from .core.dn import dn_key
-from .core.entitlement import is_entitled
-from .core.errors import (AutoenrollError, BadEnrollmentCode, BadRequest, Conflict, EntryChanged,
+from ..auth.anchors import user_entry
+from ..auth.csr import verify_csr
+from ..auth import nonces
+from ..auth.nonces import NonceToken
+from ..authorities.key_authority import Decision, IssueRequest, Issued, SplitKeyAuthority
+from ..core.dn import dn_key
+from ..core.entitlement import is_entitled
+from ..core.errors import (AutoenrollError, BadEnrollmentCode, BadRequest, Conflict, EntryChanged,
                           NotEntitled, RateLimited, UnknownCertificate, UserNotFound)
-from .core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
-from .core.ports import Directory
-from .settings import Settings
-from .core.profiles import get_profile
-from .core.renewal import server_window_opens
-from .store import audit
-from .store.db import Database
-from .store.repos import (BootstrapLimits, bind_rows_to_entry, bootstrap_retry_after, certificate_by_serial,
+from ..core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
+from ..core.ports import Directory
+from ..settings import Settings
+from ..core.profiles import get_profile
+from ..core.renewal import server_window_opens
+from ..store import audit
+from ..store.db import Database
+from ..store.repos import (BootstrapLimits, bind_rows_to_entry, bootstrap_retry_after, certificate_by_serial,
                           certificate_history, current_certificate, enrollment_code, enrollment_code_key,
                           entry_binding, latest_certificate, move_entry_rows, record_bootstrap_failure,
                           use_enrollment_code)
