@@ -4,27 +4,21 @@ another request meanwhile refuses the second, and a refusal's spend changes noth
 
 from __future__ import annotations
 
-import secrets
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from registration_app.auth import nonces
 from registration_app.core.errors import BadNonce
-from registration_app.store.db import Database, migrate
-from registration_app.store.keys import StoreKeys
+from tests.databases import bare_database
 
 TTL = timedelta(minutes=5)
 
 
 @pytest.fixture
 def db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'nonces.db'}"
-    migrate(url)
-    database = Database(url, keys=StoreKeys(nonce=secrets.token_bytes(32), codes=secrets.token_bytes(32),
-                                            audit=secrets.token_bytes(32), checkpoint=tmp_path / "audit.checkpoint"))
-    yield database
-    database.dispose()
+    with bare_database(tmp_path) as database:
+        yield database
 
 
 def test_a_consumed_nonce_is_refused_the_second_time(db):

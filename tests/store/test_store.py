@@ -1,4 +1,3 @@
-import secrets
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -10,25 +9,16 @@ from registration_app.core.codes import parse_code
 from registration_app.core.errors import BadEnrollmentCode, ConfigError
 from registration_app.store import audit
 from registration_app.store.db import Database, migrate
-from registration_app.store.keys import StoreKeys
 from registration_app.store.models import AuditEvent, AuditHead
 from registration_app.store.repos import (consume_nonce, create_enrollment_code, enrollment_code,
                                           enrollment_code_key, issue_nonce, use_enrollment_code)
-
-
-def server_keys(folder) -> StoreKeys:
-    """The keys `autoenroll init` would write into a data folder, made here for a bare Database."""
-    return StoreKeys(nonce=secrets.token_bytes(32), codes=secrets.token_bytes(32), audit=secrets.token_bytes(32),
-                     checkpoint=folder / "audit.checkpoint")
+from tests.databases import bare_database, server_keys
 
 
 @pytest.fixture
 def db(tmp_path):
-    url = database_url_for() or f"sqlite:///{tmp_path / 't.db'}"
-    migrate(url)
-    database = Database(url, keys=server_keys(tmp_path))
-    yield database
-    database.dispose()
+    with bare_database(tmp_path) as database:
+        yield database
 
 
 def verify(db):

@@ -6,20 +6,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from bench.postgres import database_url_for
-from registration_app.store.db import Database, migrate
 from registration_app.store.models import Outbox
 from registration_app.store.targets import due_at_target, record_at_target, target_status
-from tests.store.test_store import server_keys
+from tests.databases import bare_database
 
 
 @pytest.fixture
 def db(tmp_path):
-    url = database_url_for() or f"sqlite:///{tmp_path / 't.db'}"
-    migrate(url)
-    database = Database(url, keys=server_keys(tmp_path))
-    yield database
-    database.dispose()
+    with bare_database(tmp_path) as database:
+        yield database
 
 
 def queue(db, *dns: str) -> list[int]:
