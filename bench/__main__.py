@@ -448,7 +448,7 @@ class Run:
     def directory_tls_benchmark(self) -> None:
         """Bulk provisioning and a full reconcile on a fresh slapd each over ldap:// and over ldaps://
         (verified against the CA this run issued slapd's certificate with), and the ratio of the two."""
-        from tests.ldap_tls import issue_ldap_tls
+        from bench.ldap_tls import issue_ldap_tls
         s = self.sizes
         tls = issue_ldap_tls(self.workdir / "ldap-tls")
         out: dict = {}

@@ -12,14 +12,14 @@ import pytest
 from directory_sync.ldap import LdapDirectory
 from directory_sync.slapd import PrivateSlapd
 from tests.ldap_admin import MODIFY_ADD, LdapAdmin
-from tests.ldap_tls import issue_ldap_tls
+from bench.ldap_tls import issue_ldap_tls
 
 __all__ = ["ldap_tls", "slapd", "directory", "ldap_admin", "new_user"]
 
 
 @pytest.fixture(scope="session")
 def ldap_tls(tmp_path_factory):
-    """The TLS material of the session's slapd (tests/ldap_tls.py): its CA, certificate, a client certificate."""
+    """The TLS material of the session's slapd (bench/ldap_tls.py): its CA, certificate, a client certificate."""
     return issue_ldap_tls(tmp_path_factory.mktemp("ldap-tls"))
 
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from directory_sync.slapd import free_port
-from tests import pki
+from bench import pki
 
 
 class CrlServer:

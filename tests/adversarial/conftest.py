@@ -18,7 +18,7 @@ from bench import world
 from bench.client import AgentConnection
 from bench.platform import make_platform
 from directory_sync.slapd import PrivateSlapd
-from tests import pki
+from bench import pki
 from tests.fault import records
 from tests.ldap_admin import MODIFY_ADD, LdapAdmin
 

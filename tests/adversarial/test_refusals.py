@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from bench.client import peer_environ
-from tests import pki
+from bench import pki
 from tests.adversarial.conftest import b64std, b64url, es256, jws
 from tests.fault import records
 

@@ -24,7 +24,7 @@ from registration_app.auth.agent import AgentPolicy, identify_agent
 from registration_app.auth.anchors import AnchorPolicy
 from registration_app.auth.chain import UserTrust
 from registration_app.core.model import AgentIdentity
-from tests import pki
+from bench import pki
 
 URL = "https://ra.example.org/api/v1/enroll"
 BOOTSTRAP_URL = "https://ra.example.org/api/v1/bootstrap"

@@ -11,7 +11,7 @@ from registration_app.core.errors import (
     ConfigError,
     NoClientCertificate,
 )
-from tests import pki
+from bench import pki
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 from registration_app.auth.agent import AgentPolicy
 from registration_app.core.errors import AgentNotAllowed, ConfigError
 from registration_app.core.model import AgentIdentity
-from tests.pki import make_ca
+from bench.pki import make_ca
 
 CA = make_ca("Scopes TLS CA")
 

@@ -13,7 +13,7 @@ from registration_app.core.errors import (AnchorNotAllowed, CertificateNotListed
                                           UserNotFound)
 from registration_app.wiring import build_user_trust
 from registration_app.settings import Settings, load_settings
-from tests import pki
+from bench import pki
 from tests.auth.helpers import never_revoked
 from tests.external_ca import ExternalCA, dead_url
 

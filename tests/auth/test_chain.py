@@ -12,7 +12,7 @@ from registration_app.core.errors import (
     UntrustedChain,
 )
 from registration_app.web.status import status_of
-from tests import pki
+from bench import pki
 from tests.auth.helpers import never_revoked
 
 

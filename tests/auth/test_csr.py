@@ -9,7 +9,7 @@ from cryptography.x509.oid import NameOID
 from registration_app.auth.csr import verify_csr
 from registration_app.core.errors import CsrMismatch, MalformedCSR, WeakKey
 from registration_app.core.model import KeyType
-from tests import pki
+from bench import pki
 
 EMAIL = "alice@example.org"
 

@@ -25,7 +25,7 @@ from registration_app.core.errors import (
     WeakKey,
 )
 from registration_app.web.status import status_of
-from tests import pki
+from bench import pki
 from tests.auth.helpers import (
     BOOTSTRAP_URL,
     CODE_ID,

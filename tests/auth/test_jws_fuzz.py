@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from registration_app.auth.jws import verify_bootstrap_request, verify_user_request
 from registration_app.core.errors import AutoenrollError
 from registration_app.web.status import status_of
-from tests import pki
+from bench import pki
 from tests.auth.helpers import (
     BOOTSTRAP_URL,
     CODE_ID,

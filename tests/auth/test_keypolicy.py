@@ -12,7 +12,7 @@ from registration_app.auth.chain import UserTrust, verify_user_chain
 from registration_app.auth.keypolicy import check_public_key
 from registration_app.core.errors import WeakKey
 from registration_app.web.status import status_of
-from tests import pki
+from bench import pki
 
 WEAK = {
     "rsa1024": lambda: pki.new_key("rsa1024"),

@@ -9,7 +9,7 @@ from registration_app.auth.chain import UserTrust, verify_user_chain
 from registration_app.auth.revocation import FAILURE_BACKOFF, CrlChecker
 from registration_app.core.errors import CertificateRevoked, RevocationUnavailable, UntrustedChain
 from registration_app.web.status import status_of
-from tests import pki
+from bench import pki
 from tests.auth.helpers import never_revoked
 from tests.external_ca import CrlServer, ExternalCA, dead_url
 

@@ -94,7 +94,7 @@ def test_a_refused_class_ends_the_row_in_schema_refused_with_the_directorys_mess
 def oversized_certificate() -> bytes:
     """A well-formed certificate of about 40 kB (an extension of padding): larger than the directory takes."""
     from cryptography import x509
-    from tests.pki import make_ca
+    from bench.pki import make_ca
     ca = make_ca("Oversized")
     padding = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x04\x82\x9c\x40" + b"x" * 40_000)
     builder = (x509.CertificateBuilder().subject_name(ca.cert.subject).issuer_name(ca.cert.subject)

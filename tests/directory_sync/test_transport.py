@@ -1,5 +1,5 @@
 """Transport security of the LDAP connection against a real slapd serving ldaps:// and StartTLS with a
-certificate the test issued (tests/ldap_tls.py): what verifies, what is refused and why, and the
+certificate the test issued (bench/ldap_tls.py): what verifies, what is refused and why, and the
 settings refused at start-up before anything is sent."""
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def our_values(platform, email) -> list[x509.Certificate]:
 
 
 def foreign_certificate(email: str) -> bytes:
-    from tests.pki import make_ca, make_user_cert
+    from bench.pki import make_ca, make_user_cert
     other = make_ca("Some Other CA")
     return make_user_cert(other, email).der
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from directory_sync.slapd import SERVICE_DN, SlapdTls
-from tests.pki import DAY, NOW, Issued, make_ca, new_key
+from bench.pki import DAY, NOW, Issued, make_ca, new_key
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A throw-away PKI for tests: roots, intermediates, S/MIME user certificates, agent certificates.
+"""A throw-away PKI for tests and benchmarks (tests import it from bench, never the other way): roots, intermediates, S/MIME user certificates, agent certificates.
 
 Everything here is deliberately shaped like the real thing (AKI/SKI, critical KeyUsage, SAN rfc822Name,
 EKU emailProtection for users, serverAuth+clientAuth for agents) so that tests exercise the same
