@@ -54,15 +54,18 @@ stop: $(STAMP)
 # The whole suite on SQLite (the default), then what writes through the server's database again on a
 # private PostgreSQL server (`--database=postgresql`, bench/postgres.py). The whole suite passes there too
 # (`.venv/bin/python -m pytest --database=postgresql tests`, about 5 minutes); this part keeps `make test`
-# under 10 minutes on 2 cores: e2e's lifecycle and directory flows run in-process in directory_sync.
+# under 15 minutes on 2 cores: e2e's lifecycle and directory flows run in-process in directory_sync.
 POSTGRES_SUITES := tests/store tests/fault tests/directory_sync tests/ra tests/cli tests/e2e/test_enrollment.py \
 	tests/e2e/test_split.py tests/e2e/test_entry_identity.py tests/adversarial/test_refusals.py tests/adversarial/test_guessing.py
+
+# Suites in those folders that use no server database (the AD DC, LDAP transport settings): once is enough.
+POSTGRES_SKIP := --ignore=tests/directory_sync/test_active_directory.py --ignore=tests/directory_sync/test_transport.py
 
 test: install
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
-	$(PY) -m pytest --database=postgresql $(POSTGRES_SUITES)
+	$(PY) -m pytest --database=postgresql $(POSTGRES_SUITES) $(POSTGRES_SKIP)
 
 bench: install
 	$(PY) -m bench
