@@ -140,12 +140,17 @@ class SplitKeyAuthority:
         self.db = db
         self.pkcs12_iterations = pkcs12_iterations
 
-    def issue(self, req: IssueRequest, now: datetime | None = None, *, decision: Decision | None = None) -> Issued:
-        now = now or datetime.now(timezone.utc)
-        decision = decision or Decision()
+    def _require_password(self, req: IssueRequest, decision: Decision, now: datetime) -> None:
+        """A server-generated key is delivered only in a password-protected PKCS#12; the refusal keeps
+        the decision's audit rows (its nonce goes with the refusal's request.denied row)."""
         if req.csr is None and not req.password:
             decision.commit_rows_only(self.db, now)
             raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
+
+    def issue(self, req: IssueRequest, now: datetime | None = None, *, decision: Decision | None = None) -> Issued:
+        now = now or datetime.now(timezone.utc)
+        decision = decision or Decision()
+        self._require_password(req, decision, now)
         decision.commit(self.db, now)  # the nonce used now, before anything is issued
         key, public_key, source = self._key_for(req)
         serial = random_serial()
@@ -195,9 +200,7 @@ class LocalKeyAuthority(SplitKeyAuthority):
     def issue(self, req: IssueRequest, now: datetime | None = None, *, decision: Decision | None = None) -> Issued:
         now = now or datetime.now(timezone.utc)
         decision = decision or Decision()
-        if req.csr is None and not req.password:
-            decision.commit_rows_only(self.db, now)
-            raise BadRequest("a password for the PKCS#12 is required when the server generates the key")
+        self._require_password(req, decision, now)
         return self._issue_in_one_transaction(req, decision, now)
 
     def _issue_in_one_transaction(self, req: IssueRequest, decision: Decision, now: datetime) -> Issued:
