@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from ..core.errors import ConfigError
 from .anchor import AuditAnchor, Checkpoint
-from .db import connection_of
+from .db import connection_of, insert_if_absent
 from .keys import StoreKeys
 from .models import AuditEvent, AuditHead
 
@@ -99,28 +99,14 @@ def _text(value: str) -> str:
     return value[:512].replace("\0", "\ufffd")
 
 
-def _insert_genesis_head(conn: Connection) -> None:
-    """The head row, unless a concurrent first append made it: ON CONFLICT DO NOTHING. (A SELECT ... FOR
-    UPDATE of a row that does not exist locks nothing, so on PostgreSQL two first appends would both
-    insert it, and the loser's unique violation would fail its whole transaction.)"""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    elif conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    else:
-        conn.execute(insert(_HEADS), {"id": 1, "last_id": 0, "last_hash": GENESIS, "rows": 0, "keyed": 1})
-        return
-    conn.execute(dialect_insert(_HEADS).on_conflict_do_nothing(index_elements=["id"]),
-                 {"id": 1, "last_id": 0, "last_hash": GENESIS, "rows": 0, "keyed": 1})
-
-
 def _append(conn: Connection, events: list[dict], now: datetime) -> tuple[list[int], list[dict]]:
     """(ids, rows as inserted) of `append_many`."""
     keys, anchor = keys_of(conn)
     key = keys.need("audit")
     head = conn.execute(_SELECT_HEAD).first()
     if head is None:
-        _insert_genesis_head(conn)  # waits for a concurrent first append, if any, to commit
+        # waits for a concurrent first append, if any, to commit
+        insert_if_absent(conn, _HEADS, {"id": 1, "last_id": 0, "last_hash": GENESIS, "rows": 0, "keyed": 1})
         head = conn.execute(_SELECT_HEAD).first()  # ours, or the winner's row (with its rows): now locked
     if not head.keyed:
         raise ConfigError(UNKEYED_CHAIN)

@@ -161,6 +161,23 @@ def _writer_queue(engine: Engine) -> _WriterQueue:
         return _writer_queues.setdefault(path, _WriterQueue(path))
 
 
+def insert_if_absent(conn: Connection, table, row: dict) -> None:
+    """Insert `row` into `table` unless a row with its primary key exists (ON CONFLICT DO NOTHING): the way
+    to make a singleton row (the audit chain's head, the CRL's state) that concurrent first writers may
+    both try to make. A SELECT ... FOR UPDATE of a row that does not exist locks nothing, so on PostgreSQL
+    two first writers would both insert it, and the loser's unique violation would fail its whole
+    transaction; with this the loser waits for the winner's commit and inserts nothing."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        conn.execute(table.insert(), row)
+        return
+    keys = [column.name for column in table.primary_key.columns]
+    conn.execute(dialect_insert(table).on_conflict_do_nothing(index_elements=keys), row)
+
+
 def connection_of(session_or_connection) -> Connection:
     """The Core connection under a Session (its transaction's), or the Connection itself."""
     if isinstance(session_or_connection, Session):

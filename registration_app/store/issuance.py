@@ -10,7 +10,7 @@ from typing import cast
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
 
-from .db import Database, connection_of
+from .db import Database, connection_of, insert_if_absent
 from .models import Certificate, CrlState, Outbox
 
 # A mapped class's __table__ is a Table; SQLAlchemy types it as any FromClause.
@@ -80,12 +80,12 @@ def crl_state(db: Database) -> CrlState | None:
 
 def locked_crl_state(session, *, create: bool = False) -> CrlState | None:
     """The CRL's state row, locked for the caller's transaction (several workers build one CRL, not one
-    each); with `create`, made (number 0) if there is none yet."""
+    each); with `create`, made (number 0) if there is none yet (a concurrent first builder's row is
+    waited for, not duplicated)."""
     state = session.get(CrlState, 1, with_for_update=True)
     if state is None and create:
-        state = CrlState(id=1, number=0)
-        session.add(state)
-        session.flush()
+        insert_if_absent(connection_of(session), CrlState.__table__, {"id": 1, "number": 0})
+        state = session.get(CrlState, 1, with_for_update=True, populate_existing=True)
     return state
 
 

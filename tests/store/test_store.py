@@ -147,6 +147,37 @@ def test_first_appends_racing_on_a_fresh_database_all_commit_in_one_chain(db):
     assert report.ok and report.rows == racers and report.checkpoint.rows == racers, report
 
 
+def test_first_crl_builders_racing_on_a_fresh_database_make_one_state_row(db):
+    """No CRL state yet: concurrent first builders (the publisher's and a worker's) must not collide on
+    creating it. Each takes the row in turn and bumps the number once; none fails on a duplicate key."""
+    import threading
+
+    from registration_app.store.issuance import crl_state, locked_crl_state
+
+    racers = 8
+    barrier = threading.Barrier(racers)
+    errors: list[BaseException] = []
+
+    def bump(session) -> None:
+        state = locked_crl_state(session, create=True)
+        state.number += 1
+
+    def first_build() -> None:
+        barrier.wait()
+        try:
+            db.run(bump)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_build) for _ in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert crl_state(db).number == racers
+
+
 def test_only_the_renewal_key_is_a_lost_race(db):
     """A second issuance after the same predecessor is a 409 for the loser; any other integrity error
     (here a serial used twice) is a fault, not a race the client lost."""
