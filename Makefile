@@ -61,11 +61,21 @@ POSTGRES_SUITES := tests/store tests/fault tests/directory_sync tests/ra tests/c
 # Suites in those folders that use no server database (the AD DC, LDAP transport settings): once is enough.
 POSTGRES_SKIP := --ignore=tests/directory_sync/test_active_directory.py --ignore=tests/directory_sync/test_transport.py
 
+# The two passes share no server (each starts its own slapd, PostgreSQL, gunicorn and DC on free ports, in
+# its own temporary folder), and each keeps about one core busy: they run side by side, the PostgreSQL
+# pass's output printed after the SQLite pass's.
 test: install
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest tests
-	$(PY) -m pytest --database=postgresql $(POSTGRES_SUITES) $(POSTGRES_SKIP)
+	@tmp=$$(mktemp -d /tmp/autoenroll-test.XXXXXX); \
+	echo "PostgreSQL pass running beside the SQLite pass (its output follows at the end)"; \
+	$(PY) -m pytest --basetemp=$$tmp/postgresql --database=postgresql $(POSTGRES_SUITES) $(POSTGRES_SKIP) \
+	  >$$tmp/postgresql.log 2>&1 & postgres=$$!; \
+	$(PY) -m pytest --basetemp=$$tmp/sqlite tests; sqlite_rc=$$?; \
+	wait $$postgres; postgres_rc=$$?; \
+	echo; echo "==================== the PostgreSQL pass ===================="; cat $$tmp/postgresql.log; \
+	echo "SQLite pass: exit $$sqlite_rc; PostgreSQL pass: exit $$postgres_rc"; \
+	rm -rf $$tmp; [ $$sqlite_rc -eq 0 ] && [ $$postgres_rc -eq 0 ]
 
 bench: install
 	$(PY) -m bench
