@@ -166,6 +166,9 @@ _INTERNAL_SUFFIXES = (".localhost", ".localdomain", ".local", ".internal", ".lan
                       ".test", ".example", ".invalid", ".intranet", ".corp")
 FALLBACK_HTTP_HOST = "ca.example.org"
 GENERATED_CONFIG = "autoenroll.toml"  # in data_dir: what `autoenroll init` chose, read when no file is named
+# What the first `autoenroll init` without --config writes (the LDAP URL and ports it was given) and
+# later commands without one read: the generated configuration of the default data folder.
+DEFAULT_CONFIG = Settings.data_dir / GENERATED_CONFIG
 
 
 def public_host_name(name: str) -> bool:
