@@ -110,3 +110,44 @@ def test_health_is_503_naming_the_directory_while_slapd_is_stopped_and_200_once_
     finally:
         own_slapd.start()
     assert client.get() == (200, {"status": "up"})
+
+
+def test_health_is_503_naming_the_key_store_while_the_token_is_gone(tmp_path, own_slapd, softhsm):
+    """The CA and KRA keys in a SoftHSM2 token: its folder moved out of SoftHSM's token folder (the tests
+    run as root: modes are no barrier) and back."""
+    import shutil
+
+    from tests.softhsm import key_store_options
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    before = set(softhsm.tokens.iterdir())
+    options = key_store_options(softhsm, "health-token", data)
+    (token_dir,) = set(softhsm.tokens.iterdir()) - before
+    config = data / "autoenroll.toml"
+    config.write_text(f'data_dir = "."\nhttp_url = "http://pki.example.com:8080"\n[ldap]\nurl = "{own_slapd.url}"\n')
+    cli("autoenroll", "--config", str(config), "init", *options)
+    settings = load_settings(config, environ={})
+    services = build_services(settings, run_migrations=False)
+    try:
+        app = create_app(settings, services)
+        clock = [1000.0]
+        app.extensions["autoenroll.health"].clock = lambda: clock[0]
+        agent = x509.load_pem_x509_certificate(settings.path("agent.pem").read_bytes()).public_bytes(Encoding.DER)
+
+        def health():
+            clock[0] += 60
+            answer = app.test_client().get("/health", environ_base=peer_environ(agent))
+            return answer.status_code, answer.get_json()
+
+        status, body = health()
+        assert (status, body["checks"]["key_store"]) == (200, "ok")
+        shutil.move(token_dir, tmp_path / "token-away")
+        try:
+            status, body = health()
+        finally:
+            shutil.move(tmp_path / "token-away", token_dir)
+        assert (status, body["status"], body["failing"]) == (503, "down", ["key_store"])
+        assert body["checks"]["key_store"].startswith("error: ") and "health-token" in body["checks"]["key_store"]
+        assert health()[0] == 200
+    finally:
+        services.close()
