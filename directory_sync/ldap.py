@@ -17,7 +17,7 @@ from ldap.controls.libldap import AssertionControl
 from ldap.ldapobject import LDAPObject
 
 from directory_sync.config import LdapSettings
-from directory_sync.connection import Attributes, ConnectionPool, Entry, values
+from directory_sync.connection import Attributes, ConnectionPool, Entry, bind, close, translate, values
 from directory_sync.escape import check_email, filter_value, first_rdn, generalized_time, resolve_group_dn
 from directory_sync.plan import Plan, Wanted, plan_values
 from registration_app.core.dn import dn_key  # lenient: DNs read back from LDAP are compared, never refused
@@ -152,6 +152,15 @@ class LdapDirectory:
                     pass
 
         self.pool.run(work)
+
+    def check_bind(self) -> None:
+        """A new connection bound as the service account now, then closed (a pooled one may have been
+        bound before the directory stopped accepting our credentials): DirectoryUnavailable (or
+        DirectoryTlsFailed) says why not. What /health asks."""
+        try:
+            close(bind(self.settings, self.pool.credentials))
+        except ldap.LDAPError as exc:
+            raise translate(exc) from exc
 
     def close(self) -> None:
         self.pool.close()

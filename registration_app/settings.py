@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -165,6 +166,9 @@ _INTERNAL_SUFFIXES = (".localhost", ".localdomain", ".local", ".internal", ".lan
                       ".test", ".example", ".invalid", ".intranet", ".corp")
 FALLBACK_HTTP_HOST = "ca.example.org"
 GENERATED_CONFIG = "autoenroll.toml"  # in data_dir: what `autoenroll init` chose, read when no file is named
+# What the first `autoenroll init` without --config writes (the LDAP URL and ports it was given) and
+# later commands without one read: the generated configuration of the default data folder.
+DEFAULT_CONFIG = Settings.data_dir / GENERATED_CONFIG
 
 
 def public_host_name(name: str) -> bool:
@@ -268,7 +272,7 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
             raise ConfigError(f"cannot read {config}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config}: {exc}") from exc
-        profiles = data.pop("profiles", None)
+        file_profiles = data.pop("profiles", None)
         trust = data.pop("trust", None)
         targets = data.pop("targets", None)
         settings = _ldap_preset(settings, data, env)
@@ -277,20 +281,71 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
             settings = dataclasses.replace(settings, targets=parse_targets(targets))
         if trust is not None:
             settings = dataclasses.replace(settings, trust=parse_trust(trust))
-        if profiles is not None:
-            if not isinstance(profiles, Mapping):
-                raise ConfigError(f"{config}: profiles must be tables ([profiles.NAME])")
-            settings = dataclasses.replace(
-                settings, profiles=parse_profiles(merge_profile_tables(DEFAULT_PROFILES, profiles)))
+        if file_profiles is not None and not isinstance(file_profiles, Mapping):
+            raise ConfigError(f"{config}: profiles must be tables ([profiles.NAME])")
         if "data_dir" in data and not Path(data["data_dir"]).is_absolute():
             settings = dataclasses.replace(settings, data_dir=(config.parent / data["data_dir"]).resolve())
-    if config is None:
+    else:
+        file_profiles = None
         settings = _ldap_preset(settings, {}, env)
-    env.pop("profiles", None)
+    env_profiles = env.pop("profiles", None)
+    if file_profiles is not None or env_profiles is not None:
+        tables = merge_profile_tables(DEFAULT_PROFILES, file_profiles or {})
+        if env_profiles is not None:  # AUTOENROLL_PROFILES__<NAME>__<KEY>: merged over the file's tables
+            tables = merge_profile_tables(tables, profile_tables_from_environment(env_profiles, tables))
+        settings = dataclasses.replace(settings, profiles=parse_profiles(tables))
     trust_env = env.pop("trust", None)
     if trust_env is not None:  # AUTOENROLL_TRUST__ANCHORS__<NAME>__<KEY>: merged over the TOML tables
         settings = dataclasses.replace(settings, trust=parse_trust(_merge(_trust_table(settings.trust), trust_env)))
     return resolve_groups(_apply(settings, env, "AUTOENROLL_", env=True))
+
+
+_PROFILE_FLAGS = frozenset({"enabled", "keep_superseded", "coexist"})
+_PROFILE_COUNTS = frozenset({"validity_days", "renew_window_days", "max_per_day"})
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
+def profile_tables_from_environment(env: object, tables: Mapping[str, Mapping]) -> dict[str, dict]:
+    """`AUTOENROLL_PROFILES__<NAME>__<KEY>=value` variables as profile tables to merge over `tables`
+    (the built-in and the file's). Variable names are case-insensitive and cannot hold `-`, so NAME
+    matches a profile in effect ignoring case with `_` standing for `-` (SMIME_ENCRYPTION is
+    smime-encryption); a NAME that matches none adds a profile of that name (lower case). The values
+    are strings: true/false (1/0, yes/no, on/off) for enabled, keep_superseded and coexist; for groups,
+    DNs or bare names separated by `;` (a DN holds commas)."""
+    if not isinstance(env, Mapping):
+        raise ConfigError("AUTOENROLL_PROFILES is not a setting: set AUTOENROLL_PROFILES__<NAME>__<KEY>")
+    overrides: dict[str, dict] = {}
+    for env_name, values in env.items():
+        label = f"AUTOENROLL_PROFILES__{env_name.upper()}"
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{label} names no key of the profile: set {label}__<KEY> (for example "
+                              f"{label}__VALIDITY_DAYS)")
+        matches = [name for name in tables if name.lower().replace("-", "_") == env_name.replace("-", "_")]
+        if len(matches) > 1:
+            raise ConfigError(f"{label} matches the profiles {', '.join(sorted(matches))}: rename one of them")
+        name = matches[0] if matches else env_name
+        table = overrides.setdefault(name, {})
+        for key, value in values.items():
+            if isinstance(value, Mapping):
+                raise ConfigError(f"unknown setting {label}__{key.upper()}__{'__'.join(k.upper() for k in value)}")
+            table[key] = _profile_value(f"{label}__{key.upper()}", key, value)
+    return overrides
+
+
+def _profile_value(label: str, key: str, value: str) -> object:
+    if key in _PROFILE_FLAGS:
+        word = value.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise ConfigError(f"setting {label}: {value!r} is neither true nor false")
+        return word in _TRUE
+    if key in _PROFILE_COUNTS:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"setting {label}: {value!r} is not a whole number") from None
+    if key == "groups":
+        return [group.strip() for group in re.split(r"(?<!\\);", value) if group.strip()]
+    return value.strip()
 
 
 def parse_targets(table: Mapping) -> dict[str, LdapSettings]:

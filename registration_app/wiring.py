@@ -12,6 +12,7 @@ documented copy ("only ca.key to the CA host, only kra.key to the KRA host") is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from datetime import timedelta
@@ -71,6 +72,8 @@ class Services:
     user_trust: UserTrust
     authority_policy: AgentPolicy | None = None  # roles ca, kra: which RAs may call
     evidence: EvidenceVerifier | None = None  # role kra
+    # /health: the token keys this role uses sign (or unwrap) a probe now; None when they are files
+    key_probe: Callable[[], None] | None = None
 
     @property
     def role(self) -> str:
@@ -224,7 +227,8 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     if directory is None:
         directory = LdapDirectory(settings.ldap)
     keys = key_store(settings)
-    common: dict[str, Any] = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy, user_trust=user_trust)
+    common: dict[str, Any] = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy,
+                                  user_trust=user_trust, key_probe=_key_probe(settings, keys))
     if settings.role == "ca":
         ca_service = _local_ca(settings, keys, db, ca_cert)
         return Services(**common, ca=ca_service, kra=None, pool=None, key_authority=None,
@@ -254,6 +258,16 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     recovery = Recovery(settings, db, directory, kra, ca.chain, ca.is_revoked)
     return Services(**common, ca=ca, kra=kra, pool=pool, key_authority=key_authority, publisher=publisher, ra=ra,
                     recovery=recovery)
+
+
+def _key_probe(settings: Settings, keys: KeyStore) -> Callable[[], None] | None:
+    """What /health asks of the key store: every token key this role uses answers now (a ConfigError
+    naming the failure otherwise). None when they are files, read at start."""
+    from .authorities.pkcs11_store import Pkcs11KeyStore
+    uses = ROLE_USES.get(settings.role, ())
+    if not isinstance(keys, Pkcs11KeyStore) or not keys.in_token & set(uses):
+        return None
+    return lambda: keys.check(uses)
 
 
 def build_user_trust(settings: Settings, ca_cert) -> UserTrust:

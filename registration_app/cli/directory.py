@@ -1,5 +1,5 @@
 """`autoenroll sync` (status, drain, reconcile), `autoenroll provision` and `autoenroll crl`: the
-directory and the CRL."""
+directory and the CRL. They parse options and print; the use cases are registration_app/ra/directory.py."""
 
 from __future__ import annotations
 
@@ -10,16 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..core.errors import AutoenrollError
-from . import root
-from .root import _operator, _settings, main
-
-
-def _services(ctx):
-    services = root._services(ctx)
-    if getattr(services.publisher, "ca", None) is None:
-        services.publisher.ca = services.ca  # lets drains refresh a CRL that is due
-    return services
+from .root import _operator, _services, _settings, main
 
 
 @main.group()
@@ -31,21 +22,19 @@ def sync() -> None:
 @click.pass_context
 def sync_status(ctx) -> None:
     """Outbox depth and oldest age, the last reconcile pass and the CRL."""
-    from ..ra.operators import directory_status
-    from ..store.db import Database
-    settings = _settings(ctx)
-    click.echo(json.dumps(directory_status(Database(settings.db_url), targets=settings.targets), indent=2, default=str))
+    from ..ra.directory import sync_status as status
+    click.echo(json.dumps(status(_settings(ctx)), indent=2, default=str))
 
 
 @sync.command("drain")
 @click.pass_context
 def sync_drain(ctx) -> None:
     """Publish everything that is due now (the server's worker does this on its own)."""
-    services = _services(ctx)
-    done = services.publisher.drain(limit=100000)
-    click.echo(f"published {done} outbox rows")
-    for target in services.publisher.targets:
-        click.echo(f"target {target.name}: published {target.drain(limit=100000)} outbox rows")
+    from ..ra.directory import drain
+    drained = drain(_services(ctx))
+    click.echo(f"published {drained.published} outbox rows")
+    for name, published in drained.targets:
+        click.echo(f"target {name}: published {published} outbox rows")
 
 
 @sync.command("reconcile")
@@ -58,21 +47,19 @@ def sync_drain(ctx) -> None:
 @click.pass_context
 def sync_reconcile(ctx, dry_run: bool, incremental: bool, every: float | None, as_json: bool) -> None:
     """Revoke and unpublish what is no longer entitled; put the directory in line with the CA."""
-    from directory_sync.reconcile import Reconciler, run_periodically
-    services = _services(ctx)
-    reconciler = Reconciler(services.db, services.directory, services.ca, services.publisher,
-                            services.settings.profiles, actor=f"reconcile:{_operator()}")
+    from ..ra.directory import reconcile, reconcile_periodically
     if every is not None:
         if dry_run:
             raise click.UsageError("--every and --dry-run do not go together")
         if every <= 0:
             raise click.UsageError("--every needs a positive number of seconds")
         try:
-            run_periodically(reconciler, every, incremental=incremental, echo=click.echo)
+            reconcile_periodically(_services(ctx), every, incremental=incremental, operator=_operator(),
+                                   echo=click.echo)
         except KeyboardInterrupt:
             click.echo("stopped", err=True)
         return
-    report = reconciler.run(dry_run=dry_run, incremental=incremental)
+    report = reconcile(_services(ctx), dry_run=dry_run, incremental=incremental, operator=_operator())
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:
@@ -80,6 +67,7 @@ def sync_reconcile(ctx, dry_run: bool, incremental: bool, every: float | None, a
             click.echo(line)
     if report.errors:
         sys.exit(1)
+
 
 @main.command()
 @click.option("--group", required=True, help="Group DN (or bare cn under the groups base).")
@@ -94,26 +82,26 @@ def provision(ctx, group: str, profile_name: str, batch_size: int, dry_run: bool
     Members collect their private key later through self-service recovery. Safe to run again:
     members who already have a current certificate of the profile are skipped.
     """
-    from ..core.profiles import get_profile
-    from ..ra.provision import Provisioner
+    from ..ra.directory import provision_group
     services = _services(ctx)
-    try:
-        profile = get_profile(services.settings.profiles,
-                              profile_name or services.settings.default_encryption_profile)
-        provisioner = Provisioner(services, batch_size=batch_size, actor=f"provision:{_operator()}")
-        if sys.stderr.isatty() and not dry_run:
-            report = _with_progress(provisioner, group, profile)
-        else:
-            report = provisioner.run(group, profile, dry_run=dry_run)
-    finally:
-        services.pool.stop()
+    options = dict(batch_size=batch_size, dry_run=dry_run, operator=_operator())
+    if sys.stderr.isatty() and not dry_run:
+        with click.progressbar(length=1, label="provisioning", file=sys.stderr) as bar:
+            def progress(advance: int, total: int) -> None:
+                bar.length = max(1, total)
+                bar.update(advance)
+
+            report = provision_group(services, group, profile_name, progress=progress, **options)
+    else:
+        report = provision_group(services, group, profile_name, **options)
     if dry_run:
-        click.echo(f"dry run, nothing issued: provision {profile.name} for {group}: {report.members} members, "
+        click.echo(f"dry run, nothing issued: provision {report.profile} for {group}: {report.members} members, "
                    f"{report.entitled} entitled, {report.already} already have one, would issue {report.issued}")
     else:
         click.echo(report.summary())
     for email, why in report.failed[:20]:
         click.echo(f"  not issued to {email}: {why}", err=True)
+
 
 @main.command()
 @click.option("--refresh", is_flag=True, help="Build a new CRL now (new number) and publish it to LDAP.")
@@ -121,28 +109,13 @@ def provision(ctx, group: str, profile_name: str, batch_size: int, dry_run: bool
 @click.pass_context
 def crl(ctx, refresh: bool, out: Path | None) -> None:
     """Show the current CRL (rebuilt if past half its validity); --refresh forces a new one."""
-    from cryptography.hazmat.primitives.serialization import Encoding
-    from cryptography.x509 import CRLNumber
+    from ..ra.directory import current_crl
     services = _services(ctx)
-    current = services.ca.refresh_crl() if refresh else services.ca.crl()
-    try:
-        services.publisher.drain(limit=100000)
-    except AutoenrollError as exc:
-        click.echo(f"not published to LDAP now ({exc.detail}); the outbox will retry", err=True)
-    if out is not None:
-        out.write_bytes(current.public_bytes(Encoding.DER))
-    number = current.extensions.get_extension_for_class(CRLNumber).value.crl_number
+    shown = current_crl(services, refresh=refresh, out=out)
+    if shown.not_published is not None:
+        click.echo(f"not published to LDAP now ({shown.not_published}); the outbox will retry", err=True)
+    current = shown.crl
     left = current.next_update_utc - datetime.now(timezone.utc)
-    click.echo(f"CRL number {number}: {len(current)} revoked, this update {current.last_update_utc:%Y-%m-%d %H:%M:%S}Z, "
-               f"next update {current.next_update_utc:%Y-%m-%d %H:%M:%S}Z (in {left.total_seconds() / 3600:.1f} h); "
-               f"served at {services.settings.crl_url}")
-
-
-def _with_progress(provisioner, group, profile):
-    """click.progressbar on stderr: only called when stderr is a terminal."""
-    with click.progressbar(length=1, label="provisioning", file=sys.stderr) as bar:
-        def progress(advance: int, total: int) -> None:
-            bar.length = max(1, total)
-            bar.update(advance)
-
-        return provisioner.run(group, profile, progress=progress)
+    click.echo(f"CRL number {shown.number}: {len(current)} revoked, this update "
+               f"{current.last_update_utc:%Y-%m-%d %H:%M:%S}Z, next update {current.next_update_utc:%Y-%m-%d %H:%M:%S}Z "
+               f"(in {left.total_seconds() / 3600:.1f} h); served at {services.settings.crl_url}")

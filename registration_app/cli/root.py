@@ -11,11 +11,7 @@ from pathlib import Path
 import click
 
 from ..cli_errors import ReportingGroup, debug_option
-from ..settings import Settings, load_settings
-
-# Written by `init` when no --config is given, read by later commands without one: the LDAP URL and the
-# ports that `make run` (or the operator's AUTOENROLL_* variables) gave the first `init`.
-DEFAULT_CONFIG = Settings().data_dir / "autoenroll.toml"
+from ..settings import DEFAULT_CONFIG, Settings, load_settings
 
 
 def _settings(ctx) -> Settings:

@@ -103,6 +103,10 @@ class Directory(Protocol):
 
     def publish_ca(self, ca_cert_der: bytes, crl_der: bytes | None = None) -> None: ...
 
+    def check_bind(self) -> None:
+        """A fresh bind as the service account (for /health): DirectoryUnavailable if refused or down."""
+        ...
+
 
 class KeyStore(Protocol):
     """Where the authorities' private keys are held: the seam for keys that never leave a token.

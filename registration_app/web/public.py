@@ -20,12 +20,15 @@ from .api import peer_certificate_der
 public = Blueprint("public", __name__)
 log = logging.getLogger("autoenroll.web")
 
-HEALTH_CACHE_SECONDS = 5.0
+# A load balancer may poll every second: each process runs the checks at most this often.
+HEALTH_CACHE_SECONDS = 2.0
+# What /health checks; any that fails makes it 503 and is named in the answer.
+PARTS = ("database", "directory", "key_store")
 
 
 class HealthCache:
     """This process's last health checks, kept `ttl` seconds: /health is public, and an anonymous
-    caller must not make the server search LDAP and query the database at will. One thread runs the
+    caller must not make the server bind to LDAP and query the database at will. One thread runs the
     checks while the others wait for its answer (they are bounded by the LDAP and database timeouts)."""
 
     def __init__(self, ttl: float = HEALTH_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
@@ -43,20 +46,34 @@ class HealthCache:
 
 
 def _run_checks(services) -> dict:
-    checks = {}
+    """database: a query answers; directory: a new bind as the service account is accepted (not only a
+    pooled connection bound earlier); key_store: the token keys this role uses answer ("ok" when they
+    are files, read at start). A failing check holds "error: " and what failed."""
+    checks: dict = {}
     try:
-        checks["database"] = "ok"
         checks["outbox"] = outbox_status(services.db)
+        checks["database"] = "ok"
     except Exception as exc:  # health must answer even when the database does not
-        checks["database"] = f"error: {type(exc).__name__}"
+        checks["database"] = f"error: {exc.detail if isinstance(exc, AutoenrollError) else type(exc).__name__}"
         log.warning("event=health.database_failed error=%r", type(exc).__name__)
     try:
-        services.directory.find_user("health-check@invalid")  # a real search through the pool
+        services.directory.check_bind()
         checks["directory"] = "ok"
     except AutoenrollError as exc:
         checks["directory"] = f"error: {exc.detail}"
         log.warning("event=health.directory_failed code=%s detail=%r", exc.code, exc.detail)
+    try:
+        if services.key_probe is not None:
+            services.key_probe()
+        checks["key_store"] = "ok"
+    except AutoenrollError as exc:
+        checks["key_store"] = f"error: {exc.detail}"
+        log.warning("event=health.key_store_failed code=%s detail=%r", exc.code, exc.detail)
     return checks
+
+
+def failing_parts(checks: dict) -> list[str]:
+    return [part for part in PARTS if checks.get(part) != "ok"]
 
 
 def _caller_is_an_agent(services) -> bool:
@@ -71,16 +88,17 @@ def _caller_is_an_agent(services) -> bool:
 
 @public.get("/health")
 def health():
-    """Anyone gets up (200) or down (503: the database does not answer). A user server with its TLS
-    client certificate also gets the checks: database, outbox depth and the directory's error detail."""
+    """200 up when the database answers, the directory accepts our bind and the key store answers;
+    otherwise 503 down, naming the failing parts (`failing`). A user server with its TLS client
+    certificate also gets the checks: each part's state (the cause of a failure), the outbox depth."""
     services = g.services
     checks = current_app.extensions["autoenroll.health"].checks(services)
-    healthy = checks["database"] == "ok"
-    status = 200 if healthy else 503
+    failing = failing_parts(checks)
+    summary: dict = {"status": "down", "failing": failing} if failing else {"status": "up"}
+    status = 503 if failing else 200
     if not _caller_is_an_agent(services):
-        return jsonify({"status": "up" if healthy else "down"}), status
-    body = {"status": "ok" if healthy and checks["directory"] == "ok" else "degraded", "checks": checks}
-    return jsonify(body), status
+        return jsonify(summary), status
+    return jsonify({**summary, "checks": checks}), status
 
 
 @public.get("/ca.crt")
