@@ -22,7 +22,7 @@ from directory_sync.slapd import free_port
 from registration_app.agent.jws import sign_user_request
 from registration_app.agent.store import AgentStore
 from registration_app.store import audit
-from registration_app.store.models import Certificate, RecoveryApproval, RecoveryRequest
+from registration_app.store.models import AuditEvent, Certificate, Escrow, RecoveryApproval, RecoveryRequest
 from registration_app.authorities.keys import generate_private_key
 from registration_app.authorities.pki_files import write_private_key
 from registration_app.core.model import KeyType
@@ -89,7 +89,9 @@ def split(request, tmp_path_factory, slapd):
                                           f'[ldap]\nurl = "{slapd.url}"\n')
     in_tokens = request.param == "softhsm"
     hsm = request.getfixturevalue("softhsm") if in_tokens else None
+    before = set(hsm.tokens.iterdir()) if hsm else set()
     options = key_store_options(hsm, "split-ca", init, "kra", "tls_ca") if hsm else []
+    ca_token_dirs = set(hsm.tokens.iterdir()) - before if hsm else set()
     cli("autoenroll", "--config", str(init / "autoenroll.toml"), "init", *options)
     issue_ra_client_certificate(init)
     key_store_tables = move_keys_into_tokens(hsm, init) if hsm else {"ca": "", "kra": "", "ra": ""}
@@ -129,6 +131,8 @@ timeout_seconds = 2.0
 {key_store_tables[role]}""")
         platforms[role] = Platform(data=data, config=config, url=urls[role], http_url=f"http://127.0.0.1:{ca_http}",
                                    ldap_url=slapd.url)
+    if ca_token_dirs:
+        (platforms["ca"].token_dir,) = ca_token_dirs  # type: ignore[attr-defined]  # the CA's token, on disk
     (root / "ra" / "agent.toml").write_text(f'server = "{urls["ra"]}"\ncert = "agent.pem"\nkey = "agent.key"\n'
                                             'server_ca = "tls-ca.pem"\nstore = "agent-store"\n')
     try:
@@ -427,3 +431,59 @@ def test_the_kra_refuses_the_old_holder_of_an_address_the_keys_of_its_new_holder
     answer = authority(split).post(kra_url, json=recover_body(serial, email, captured), timeout=10)
     refused(answer, 403, "evidence_refused")
     assert "another directory entry" in answer.json()["detail"]
+
+
+def escrows_of(split, email: str) -> dict[str, str]:
+    """The state of each escrow of `email` at the KRA, by serial."""
+    with split["ra"].transaction() as session:
+        return dict(session.execute(select(Escrow.serial, Escrow.state).where(Escrow.email == email)).all())
+
+
+def test_the_cas_token_removed_mid_run_leaves_no_recoverable_escrow_and_the_next_request_is_issued(
+        split, new_user, tmp_path):
+    """Nothing half-issued in the split deployment: the KRA recorded the key pending before the CA signed;
+    the CA's token failed, so the key authority withdrew it (void, kept, never recoverable), the agent got
+    the 503, and the audit log tells each step. The token back, the next request is issued, its escrow
+    confirmed and recoverable."""
+    ca, ra = split["ca"], split["ra"]
+    token_dir = getattr(ca, "token_dir", None)
+    if token_dir is None:
+        pytest.skip("the files variant: the CA key is a file")
+    _, email = new_user(("smime-users",))
+    invite_and_bootstrap(ra, email)
+    away = tmp_path / "ca-token-away"
+    shutil.move(token_dir, away)  # out of SoftHSM's token folder: the CA's token is gone
+    try:
+        failed = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", check=False)
+    finally:
+        shutil.move(away, token_dir)
+    assert failed.returncode == 1 and "key_store_unavailable" in failed.stderr
+    [(serial, state)] = escrows_of(split, email).items()
+    assert state == "void"
+    with ra.transaction() as session:
+        assert session.get(Certificate, serial) is None
+        steps = session.execute(select(AuditEvent.event, AuditEvent.actor, AuditEvent.detail).where(
+            AuditEvent.subject == email).order_by(AuditEvent.id)).all()
+    assert [event for event, _, detail in steps if detail.get("serial") == serial] == [
+        "key.escrow_pending", "key.escrow_withdrawn"]
+    [withdrawn] = [detail for event, _, detail in steps if event == "key.escrow_withdrawn"]
+    assert withdrawn["reason"] == "the CA failed: key_store_unavailable"
+    assert [detail["code"] for event, _, detail in steps if event == "key_store.unavailable"] == \
+        ["key_store_unavailable"]
+    # The KRA gives nothing back for it, even to what its owner signed.
+    genuine = owner_evidence(ra, email, {"password": "pw-void", "serials": [serial]})
+    refused(authority(split).post(split["kra"].url + "/authority/v1/kra/recover",
+                                  json=recover_body(serial, email, genuine), timeout=10), 404, "unknown_certificate")
+
+    # The token is back: the next request is issued, escrowed (confirmed) and recoverable.
+    out = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
+    assert "published in the directory" in out
+    issued = json.loads((ra.data / "agent-store" / email / "state.json").read_text())["current"]["smime-encryption-ec"]
+    assert escrows_of(split, email) == {serial: "void", issued: "confirmed"}
+    recovered = ra.agent("recover", "--email", email, "--serial", issued).stdout
+    p12 = Path(recovered.strip().splitlines()[-1].split(": ", 1)[1])
+    key, cert, _ = pkcs12.load_key_and_certificates(p12.read_bytes(), p12.with_suffix(".pass").read_text().encode())
+    assert format(cert.serial_number, "x") == issued and key is not None
+    for role in ("ra", "ca", "kra"):
+        log = split[role].log.read_text()
+        assert "request.bug" not in log and "Traceback" not in log, role  # no 5xx but the 503
