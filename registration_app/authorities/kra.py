@@ -32,7 +32,7 @@ from ..store.db import Database
 from ..store.escrow import (CONFIRMED, PENDING, VOID, certificate_recorded, escrow_in, escrow_of, insert_escrow,
                             pending_serials, released_request, settle_pending)
 from ..store.repos import certificate_by_serial
-from .escrow_crypto import escrow_aad, open_private_key, seal_private_key
+from .escrow_crypto import SEAL_ALGORITHM, escrow_aad, open_private_key, seal_private_key
 from .officers import OfficerRoster, signer_certificate
 from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
@@ -209,8 +209,11 @@ class LocalKRA:
 
     def check_sealed(self, serial: str, blob: bytes, *, email: str, profile: str) -> None:
         """Raise unless `blob` opens with the storage private key for this serial, user and profile: a KRA
-        that receives sealed keys from elsewhere accepts only escrows it will be able to give back."""
-        open_private_key(blob, self._storage_private_key(), escrow_aad(int(serial, 16), email, profile))
+        that receives sealed keys from elsewhere accepts only escrows it will be able to give back, and only
+        of the algorithm this version seals with: an older one's unwrap may run outside the token
+        (escrow_crypto.py), and no caller gets to probe that with blobs of its own making."""
+        open_private_key(blob, self._storage_private_key(), escrow_aad(int(serial, 16), email, profile),
+                         algorithms=(SEAL_ALGORITHM,))
 
     def _storage_private_key(self):
         if self._private is None:
