@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +27,9 @@ from registration_app.store import audit
 from registration_app.store.models import AuditEvent, Certificate, Escrow, RecoveryApproval, RecoveryRequest
 from registration_app.authorities.keys import generate_private_key
 from registration_app.authorities.pki_files import write_private_key
+from registration_app.core.errors import ConfigError
 from registration_app.core.model import KeyType
+from registration_app.wiring import check_role
 from registration_app.settings import load_settings
 from tests.e2e.platform import Platform, cli
 from tests.softhsm import MODULE, access_of, key_store_options, private_key_blocks, usage_of
@@ -399,6 +403,42 @@ def test_the_ca_refuses_to_start_with_the_kras_key_in_its_token(split, softhsm):
             subprocess.run([*tool, "--delete-object", "--type", kind, "--label", "autoenroll-kra"],
                            check=True, capture_output=True)
     assert result.returncode != 0 and "must not hold autoenroll-kra in token 'split-ca'" in result.stderr
+
+
+def test_the_kra_refuses_to_start_with_the_cas_key_in_its_token(split, softhsm):
+    """The same check the other way round: a key labelled as the CA's in the KRA's token."""
+    kra = split["kra"]
+    if not load_settings(kra.config).key_store.in_token:
+        pytest.skip("the files variant: keys in files (test above)")
+    pin = (kra.data / "token.pin").read_text().strip()
+    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", "split-kra", "--login", "--pin", pin]
+    subprocess.run([*tool, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "autoenroll-ca"],
+                   check=True, capture_output=True)
+    try:
+        with pytest.raises(ConfigError, match="must not hold autoenroll-ca in token 'split-kra'"):
+            check_role(load_settings(kra.config))
+    finally:
+        for kind in ("privkey", "pubkey"):
+            subprocess.run([*tool, "--delete-object", "--type", kind, "--label", "autoenroll-ca"],
+                           check=True, capture_output=True)
+    check_role(load_settings(kra.config))  # as it was: it starts
+
+
+@pytest.mark.parametrize("role, in_token, refused", [
+    ("kra", {"kra", "ca"}, "role 'kra' must not use ca (key_store.in_token)"),
+    ("ca", {"ca", "kra"}, "role 'ca' must not use kra (key_store.in_token)"),
+    ("ca", {"ca", "tls_ca"}, "role 'ca' must not use tls_ca (key_store.in_token)"),
+    ("ra", {"kra"}, "role 'ra' must not use kra (key_store.in_token)"),
+], ids=["kra names the CA key", "ca names the KRA key", "ca names the TLS CA key", "ra names a key"])
+def test_a_split_role_whose_token_configuration_names_a_key_it_does_not_use_is_refused(split, role, in_token,
+                                                                                        refused):
+    settings = load_settings(split[role].config)
+    if not settings.key_store.in_token and role != "ra":
+        pytest.skip("the files variant: keys in files")
+    token = settings.key_store if role != "ra" else dataclasses.replace(settings.key_store, module=MODULE,
+                                                                          token="split-kra")
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_role(dataclasses.replace(settings, key_store=dataclasses.replace(token, in_token=frozenset(in_token))))
 
 
 def test_the_ca_refuses_to_start_with_the_ras_nonce_key(split):
