@@ -17,7 +17,7 @@ from flask import Blueprint, g, jsonify, request
 
 from ..auth.agent import identify_agent
 from ..authorities.remote import grant_from_json, load_public_key_pem
-from ..core.errors import AutoenrollError, BadRequest, WrongContentType
+from ..core.errors import AutoenrollError, BadRequest, KeyStoreUnavailable, WrongContentType
 from ..core.model import Subject
 from ..core.profiles import get_profile
 from ..store import audit
@@ -184,6 +184,8 @@ def escrow():
     try:
         blob = base64.b64decode(_text(body, "sealed", 65536), validate=True)
         services.kra.check_sealed(serial, blob, email=email, profile=profile)
+    except KeyStoreUnavailable:  # the KRA's token failed, not the blob: a 503, audited here (web/errors.py)
+        raise
     except Exception as exc:  # whatever is wrong with it, a blob this KRA cannot open is not an escrow
         raise BadRequest("the sealed key does not open with this KRA's storage key for this serial and user") from exc
     pending = body.get("pending", False)

@@ -82,6 +82,12 @@ def move_keys_into_tokens(hsm, init: Path) -> dict[str, str]:
             "kra": table.format(key="kra", module=MODULE, token="split-kra"), "ra": ""}
 
 
+def token_dir(hsm, label: str) -> Path:
+    """The folder of SoftHSM's token `label` (its token.object names the label, blank-padded to 32)."""
+    (folder,) = [d for d in hsm.tokens.iterdir() if label.encode().ljust(32) in (d / "token.object").read_bytes()]
+    return folder
+
+
 @pytest.fixture(scope="module", params=["files", "softhsm"])
 def split(request, tmp_path_factory, slapd):
     """Run twice: keys in files, then each authority's key in a SoftHSM2 token of its own."""
@@ -93,9 +99,7 @@ def split(request, tmp_path_factory, slapd):
                                           f'[ldap]\nurl = "{slapd.url}"\n')
     in_tokens = request.param == "softhsm"
     hsm = request.getfixturevalue("softhsm") if in_tokens else None
-    before = set(hsm.tokens.iterdir()) if hsm else set()
     options = key_store_options(hsm, "split-ca", init, "kra", "tls_ca") if hsm else []
-    ca_token_dirs = set(hsm.tokens.iterdir()) - before if hsm else set()
     cli("autoenroll", "--config", str(init / "autoenroll.toml"), "init", *options)
     issue_ra_client_certificate(init)
     key_store_tables = move_keys_into_tokens(hsm, init) if hsm else {"ca": "", "kra": "", "ra": ""}
@@ -135,8 +139,9 @@ timeout_seconds = 2.0
 {key_store_tables[role]}""")
         platforms[role] = Platform(data=data, config=config, url=urls[role], http_url=f"http://127.0.0.1:{ca_http}",
                                    ldap_url=slapd.url)
-    if ca_token_dirs:
-        (platforms["ca"].token_dir,) = ca_token_dirs  # type: ignore[attr-defined]  # the CA's token, on disk
+    if hsm:  # each authority's token folder, to take it away mid-run
+        platforms["ca"].token_dir = token_dir(hsm, "split-ca")  # type: ignore[attr-defined]
+        platforms["kra"].token_dir = token_dir(hsm, "split-kra")  # type: ignore[attr-defined]
     (root / "ra" / "agent.toml").write_text(f'server = "{urls["ra"]}"\ncert = "agent.pem"\nkey = "agent.key"\n'
                                             'server_ca = "tls-ca.pem"\nstore = "agent-store"\n')
     try:
@@ -527,3 +532,31 @@ def test_the_cas_token_removed_mid_run_leaves_no_recoverable_escrow_and_the_next
     for role in ("ra", "ca", "kra"):
         log = split[role].log.read_text()
         assert "request.bug" not in log and "Traceback" not in log, role  # no 5xx but the 503
+
+
+def test_the_kras_token_removed_mid_run_issues_nothing_and_the_next_request_is_issued(split, new_user, tmp_path):
+    """The first phase failing: the KRA cannot open the sealed key, so it records nothing, the CA signs
+    nothing, the agent gets a 503 and the KRA's audit log says why."""
+    kra, ra = split["kra"], split["ra"]
+    token_dir = getattr(kra, "token_dir", None)
+    if token_dir is None:
+        pytest.skip("the files variant: the KRA key is a file")
+    _, email = new_user(("smime-users",))
+    invite_and_bootstrap(ra, email)
+    away = tmp_path / "kra-token-away"
+    shutil.move(token_dir, away)
+    try:
+        failed = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", check=False)
+    finally:
+        shutil.move(away, token_dir)
+    assert failed.returncode == 1 and "escrow_failed" in failed.stderr
+    assert escrows_of(split, email) == {}
+    with ra.transaction() as session:
+        assert not session.execute(select(Certificate.serial).where(
+            Certificate.email == email, Certificate.usage == "encryption")).all()
+        failures = session.execute(select(AuditEvent.detail).where(AuditEvent.event == "key_store.unavailable")).scalars()
+        assert [d for d in failures if d["path"] == "/authority/v1/kra/escrow" and d["code"] == "key_store_unavailable"]
+
+    out = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
+    assert "published in the directory" in out
+    assert list(escrows_of(split, email).values()) == ["confirmed"]
