@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from datetime import timedelta
 
 from cryptography import x509
@@ -89,6 +89,8 @@ class Services:
             self.pool.start()
         if self.role in ("all", "ca"):
             self._outbox = self.publisher.start_thread(self.settings.outbox_interval_seconds)
+        if self.role == "kra":  # the two-phase escrow's pending rows, settled by the CA's records
+            self._sweep = cast(LocalKRA, self.kra).start_sweep()
 
     def close(self) -> None:
         completions = getattr(self.publisher, "completions", None)
@@ -96,10 +98,10 @@ class Services:
             completions.flush(timeout=5)
         if self.pool is not None:
             self.pool.stop()
-        outbox = getattr(self, "_outbox", None)
-        if outbox is not None:
-            outbox[1].set()
-            outbox[0].join(timeout=5)
+        for worker in (getattr(self, "_outbox", None), getattr(self, "_sweep", None)):
+            if worker is not None:
+                worker[1].set()
+                worker[0].join(timeout=5)
         for part in (self.directory, self.ca, self.kra, *getattr(self.publisher, "targets", ())):
             close = getattr(part, "close", None)
             if close is not None:
@@ -243,8 +245,9 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     kra: RecoveryAuthority
     key_authority: SplitKeyAuthority
     if settings.role == "ra":
-        ca, kra, publisher = _remote_authorities(settings, paths, ca_cert)
-        key_authority = SplitKeyAuthority(ca, kra, pool, db, pkcs12_iterations=settings.pkcs12_iterations)
+        ca, remote_kra, publisher = _remote_authorities(settings, paths, ca_cert)
+        kra = remote_kra
+        key_authority = SplitKeyAuthority(ca, remote_kra, pool, db, pkcs12_iterations=settings.pkcs12_iterations)
     else:
         local_ca = ca = _local_ca(settings, keys, db, ca_cert)
         local_kra = kra = LocalKRA(

@@ -1,12 +1,13 @@
 """Envelope encryption of escrowed private keys for the key recovery authority (KRA).
 
 Each private key is serialised as PKCS#8 DER and encrypted with a fresh AES-256-GCM data key; the data key
-is wrapped with the KRA storage key (RSA-OAEP, SHA-256, MGF1-SHA-256). The blob is self-describing:
+is wrapped with the KRA storage key (RSA-OAEP). The blob is self-describing:
 
     offset  size  field
     0       6     magic  b"AEKRA\\x00"
     6       1     version (1)
-    7       1     algorithm (1 = RSA-OAEP-SHA256 key wrap + AES-256-GCM)
+    7       1     algorithm: 2 = RSA-OAEP with SHA-1 and MGF1-SHA-1 key wrap + AES-256-GCM (every new
+                  escrow); 1 = the same with SHA-256 and MGF1-SHA-256 (escrows sealed before; still opened)
     8       32    storage key id: SHA-256 of the storage public key's SubjectPublicKeyInfo DER
     40      2     length n of the wrapped data key, big-endian
     42      n     wrapped data key
@@ -17,6 +18,12 @@ The GCM associated data is the blob header (bytes 0..40) followed by the caller'
 `escrow_aad`), so a blob cannot be moved to another certificate, user or profile, nor have its header
 rewritten, without `open_private_key` failing. The key id lets the KRA rotate its storage key: old blobs
 name the key that can open them.
+
+Why OAEP with SHA-1 for new escrows: it is the parameter set of CKM_RSA_PKCS_OAEP that every PKCS#11 module
+implements (SoftHSM 2.6.1 implements no other), so a KRA key in a token unwraps inside the token, in the
+module's own constant-time code. It is still sound for encryption: OAEP's security rests on the hash as a
+random oracle (RFC 8017 keeps SHA-1 as its default), not on collision resistance, the only property of
+SHA-1 that is broken.
 """
 
 from __future__ import annotations
@@ -35,10 +42,17 @@ from ..core.errors import AutoenrollError
 
 MAGIC = b"AEKRA\x00"
 VERSION = 1
-ALG_RSA_OAEP_SHA256_AES256GCM = 1
+ALG_RSA_OAEP_SHA256_AES256GCM = 1  # escrows sealed before algorithm 2
+ALG_RSA_OAEP_SHA1_AES256GCM = 2
+SEAL_ALGORITHM = ALG_RSA_OAEP_SHA1_AES256GCM  # what seal_private_key writes
+ALGORITHMS = (ALG_RSA_OAEP_SHA256_AES256GCM, ALG_RSA_OAEP_SHA1_AES256GCM)  # what open_private_key reads
 _HEADER = struct.Struct(">6sBB32s")
 _NONCE_BYTES = 12
-_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_OAEP = {
+    ALG_RSA_OAEP_SHA256_AES256GCM: padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
+                                                label=None),
+    ALG_RSA_OAEP_SHA1_AES256GCM: padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
+}
 
 
 class EscrowIntegrityError(AutoenrollError):
@@ -65,8 +79,12 @@ def escrow_aad(serial: int, email: str, profile: str) -> bytes:
     ).encode("ascii")
 
 
-def seal_private_key(private_key, storage_public_key: rsa.RSAPublicKey, aad: bytes) -> bytes:
-    """Encrypt `private_key` for the KRA storage key, bound to `aad`."""
+def seal_private_key(private_key, storage_public_key: rsa.RSAPublicKey, aad: bytes, *,
+                     algorithm: int = SEAL_ALGORITHM) -> bytes:
+    """Encrypt `private_key` for the KRA storage key, bound to `aad` (`algorithm`: SEAL_ALGORITHM; the
+    older one only to show that such escrows still open)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown escrow algorithm {algorithm}")
     if not isinstance(storage_public_key, rsa.RSAPublicKey) or storage_public_key.key_size < 2048:
         raise ValueError("the KRA storage key must be an RSA key of at least 2048 bits")
     plaintext = private_key.private_bytes(
@@ -74,19 +92,26 @@ def seal_private_key(private_key, storage_public_key: rsa.RSAPublicKey, aad: byt
     )
     data_key = AESGCM.generate_key(bit_length=256)
     nonce = os.urandom(_NONCE_BYTES)
-    wrapped = storage_public_key.encrypt(data_key, _OAEP)
-    header = _HEADER.pack(MAGIC, VERSION, ALG_RSA_OAEP_SHA256_AES256GCM, storage_key_id(storage_public_key))
+    wrapped = storage_public_key.encrypt(data_key, _OAEP[algorithm])
+    header = _HEADER.pack(MAGIC, VERSION, algorithm, storage_key_id(storage_public_key))
     ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, header + aad)
     return header + struct.pack(">H", len(wrapped)) + wrapped + nonce + ciphertext
 
 
-def open_private_key(blob: bytes, storage_private_key: rsa.RSAPrivateKey, aad: bytes):
-    """Decrypt a blob from `seal_private_key`; any change to the blob or the aad raises EscrowIntegrityError."""
+def escrow_algorithm(blob: bytes) -> int | None:
+    """The algorithm byte a blob names (None if it is too short to name one)."""
+    return blob[7] if len(blob) > 7 else None
+
+
+def open_private_key(blob: bytes, storage_private_key: rsa.RSAPrivateKey, aad: bytes, *,
+                     algorithms: tuple[int, ...] = ALGORITHMS):
+    """Decrypt a blob from `seal_private_key` (of an algorithm among `algorithms`); any change to the blob
+    or the aad raises EscrowIntegrityError."""
     blob = bytes(blob)
     if len(blob) < _HEADER.size + 2:
         raise EscrowIntegrityError("the escrow blob is truncated")
     magic, version, alg, key_id = _HEADER.unpack_from(blob)
-    if magic != MAGIC or version != VERSION or alg != ALG_RSA_OAEP_SHA256_AES256GCM:
+    if magic != MAGIC or version != VERSION or alg not in algorithms:
         raise EscrowIntegrityError("the escrow blob has an unknown format")
     if key_id != storage_key_id(storage_private_key.public_key()):
         raise EscrowIntegrityError("the escrow blob was sealed for another storage key")
@@ -100,7 +125,7 @@ def open_private_key(blob: bytes, storage_private_key: rsa.RSAPrivateKey, aad: b
     if len(wrapped) != wrapped_len or len(nonce) != _NONCE_BYTES or len(ciphertext) < 16:
         raise EscrowIntegrityError("the escrow blob is truncated")
     try:
-        data_key = storage_private_key.decrypt(wrapped, _OAEP)
+        data_key = storage_private_key.decrypt(wrapped, _OAEP[alg])
         plaintext = AESGCM(data_key).decrypt(nonce, ciphertext, blob[:_HEADER.size] + aad)
     except (ValueError, InvalidTag):
         # One message for every failure: the caller learns nothing about which part was wrong.

@@ -4,10 +4,12 @@ With a local CA and KRA (the server platform, `LocalKeyAuthority`), the sealed k
 outbox row, the audit rows and the request's nonce are committed in ONE transaction, after the key is
 sealed and the certificate signed in memory: either all of it is durable or none, so no certificate can
 exist without its escrowed key, and an enrollment costs one commit (one fsync, one turn of the SQLite
-writer lock). With a remote KRA and CA (split deployment, `SplitKeyAuthority`) escrow comes first and is
-committed before the CA signs: a failure at any later step leaves an escrowed key for a certificate that
-never existed (harmless, audited) rather than a certificate whose key cannot be recovered. Either way
-nothing is returned to the caller before both are durable.
+writer lock). With a remote KRA and CA (split deployment, `SplitKeyAuthority`) the escrow has two phases
+(authorities/kra.py): the KRA records the sealed key *pending* before the CA signs, and *confirms* it once
+the CA has recorded the certificate; on a CA failure the key authority *withdraws* it (void, never
+recoverable), and whatever the RA fails to do the KRA's sweep settles by the CA's records. So no certificate
+exists without its escrowed key, and no recoverable escrow without its certificate. Either way nothing is
+returned to the caller before both are durable.
 
 Bulk provisioning uses the same pipeline for many users at once (`LocalKeyAuthority.issue_batch`): keys,
 sealed escrows and certificates made in memory, then the whole batch in one transaction.
@@ -124,15 +126,27 @@ class Issued:
     user_certificates: list | None = None  # the user's certificate rows, read in the issuing transaction
 
 
+class TwoPhaseEscrow(RecoveryAuthority, Protocol):
+    """A KRA that escrows in two phases (authorities/kra.py): RemoteKRA, and LocalKRA behind it."""
+
+    def escrow_pending(self, serial: str, key, *, email: str, profile: str, actor: str,
+                       now: datetime | None = None) -> int: ...
+
+    def confirm(self, serial: str, *, actor: str, now: datetime | None = None) -> str: ...
+
+    def withdraw(self, serial: str, *, actor: str, reason: str, now: datetime | None = None) -> str: ...
+
+
 class SplitKeyAuthority:
     """The key authority of a split deployment (role ra): the CA and the KRA are reached through their
-    Protocols, so escrow is committed before the CA signs. The caller's decision is committed in this
-    process's database (the RA's) before anything is issued: a remote CA or KRA keeps its own audit log."""
+    Protocols; the escrow is recorded pending before the CA signs, then confirmed, or withdrawn when the CA
+    fails (the module's docstring). The caller's decision is committed in this process's database (the
+    RA's) before anything is issued: a remote CA or KRA keeps its own audit log."""
 
     ca: CertificateAuthority
-    kra: RecoveryAuthority
+    kra: TwoPhaseEscrow
 
-    def __init__(self, ca: CertificateAuthority, kra: RecoveryAuthority, pool: KeyPool, db: Database, *,
+    def __init__(self, ca: CertificateAuthority, kra: TwoPhaseEscrow, pool: KeyPool, db: Database, *,
                  pkcs12_iterations: int = DEFAULT_ITERATIONS):
         self.ca = ca
         self.kra = kra
@@ -154,16 +168,47 @@ class SplitKeyAuthority:
         decision.commit(self.db, now)  # the nonce used now, before anything is issued
         key, public_key, source = self._key_for(req)
         serial = random_serial()
+        serial_text = serial_hex(serial)
         subject = Subject(email=req.user.email, common_name=req.user.common_name)
         if req.profile.escrowed:
-            self.kra.escrow(serial_hex(serial), key, email=req.user.email, profile=req.profile.name,
-                            actor=req.actor, now=now)
-        cert = self.ca.sign(public_key, req.profile, subject, user_dn=req.user.dn, serial=serial,
-                            replaces=req.replaces, key_source=source, actor=req.actor, now=now,
-                            entry_id=req.user.entry_id or None)
+            self.kra.escrow_pending(serial_text, key, email=req.user.email, profile=req.profile.name,
+                                    actor=req.actor, now=now)
+        try:
+            cert = self.ca.sign(public_key, req.profile, subject, user_dn=req.user.dn, serial=serial,
+                                replaces=req.replaces, key_source=source, actor=req.actor, now=now,
+                                entry_id=req.user.entry_id or None)
+        except Exception as exc:
+            if req.profile.escrowed:
+                self._withdraw(serial_text, exc, req.actor, now)
+            raise
+        if req.profile.escrowed:
+            self._confirm(serial_text, req.actor, now)
         p12 = self._pkcs12(req, key, cert)
-        return Issued(certificate=cert, chain=self.ca.chain, serial=serial_hex(serial), pkcs12=p12,
+        return Issued(certificate=cert, chain=self.ca.chain, serial=serial_text, pkcs12=p12,
                       escrowed=req.profile.escrowed)
+
+    def _confirm(self, serial: str, actor: str, now: datetime) -> None:
+        """The second phase. The certificate is signed and recorded, its escrow durable (pending): if the
+        KRA cannot confirm now, its sweep does (the certificate exists), so the key is delivered anyway."""
+        try:
+            self.kra.confirm(serial, actor=actor, now=now)
+        except Exception as exc:
+            log.warning("event=escrow.confirm_deferred serial=%s error=%s detail=%r", serial,
+                        getattr(exc, "code", type(exc).__name__), str(exc)[:300])
+
+    def _withdraw(self, serial: str, failure: Exception, actor: str, now: datetime) -> None:
+        """The CA failed: the pending escrow is withdrawn, unless the CA gave no answer (it may still record
+        the certificate) or the KRA cannot be reached; either way the KRA's sweep settles it by the CA's
+        records, after a grace longer than any CA call."""
+        code = getattr(failure, "code", type(failure).__name__)
+        if getattr(failure, "in_doubt", False):
+            log.warning("event=escrow.left_pending serial=%s error=%s: the CA gave no answer", serial, code)
+            return
+        try:
+            self.kra.withdraw(serial, actor=actor, reason=f"the CA failed: {code}", now=now)
+        except Exception as exc:
+            log.warning("event=escrow.withdraw_failed serial=%s error=%s", serial,
+                        getattr(exc, "code", type(exc).__name__))
 
     def _key_for(self, req: IssueRequest):
         """(private key or None, public key, key source): the CSR's key, or one from the pool."""

@@ -3,8 +3,8 @@
 The keys are generated in the token (or imported once from a file, `autoenroll keys import-to-token`)
 with CKA_SENSITIVE true and CKA_EXTRACTABLE false, so they never leave it. What the rest of the code
 holds is a `TokenEcKey` or `TokenRsaKey`: a cryptography private key whose `sign` (certificates, CRLs,
-TLS client certificates) and `decrypt` (the KRA's unwrap of an escrow's data key, CKM_RSA_PKCS_OAEP) go to
-the token; cryptography's builders accept such a key as it is (the "custom signer" pattern), so the
+TLS client certificates) and `decrypt` (the KRA's unwrap of an escrow's data key, CKM_RSA_PKCS_OAEP with
+SHA-1, which every module implements: escrow_crypto.py) go to the token; cryptography's builders accept such a key as it is (the "custom signer" pattern), so the
 certificate and CRL code does not know where the key is.
 
 Sessions: a PKCS#11 session does not survive fork, so each process opens its own on first use
@@ -415,6 +415,7 @@ class TokenRsaKey(rsa.RSAPrivateKey):
     CKM_RSA_PKCS_OAEP (the KRA key: the data key leaves the token, the storage key never does)."""
 
     _SIGN = {"sha256": "SHA256_RSA_PKCS", "sha384": "SHA384_RSA_PKCS", "sha512": "SHA512_RSA_PKCS"}
+    _OAEP = {"sha1": ("SHA_1", "SHA1"), "sha256": ("SHA256", "SHA256")}  # CKM_RSA_PKCS_OAEP: hash, MGF
 
     def __init__(self, token: Token, name: str, public_key: rsa.RSAPublicKey):
         self._token, self._name, self._public = token, name, public_key
@@ -431,31 +432,42 @@ class TokenRsaKey(rsa.RSAPrivateKey):
                 bytes(data), mechanism=getattr(Mechanism, self._SIGN[algorithm.name]))
 
     def decrypt(self, ciphertext: bytes, padding_) -> bytes:
-        """RSA-OAEP (SHA-256, MGF1-SHA-256): CKM_RSA_PKCS_OAEP in the token. A module that refuses those
-        parameters (SoftHSM 2.6.1 does OAEP with SHA-1 only) does the RSA private operation in the token
-        (CKM_RSA_X_509) and the OAEP decoding happens here (_oaep_decode); either way the storage key
-        never leaves the token and every failure is the same ValueError."""
+        """RSA-OAEP in the token (CKM_RSA_PKCS_OAEP): with SHA-1 and MGF1-SHA-1, what every escrow is sealed
+        with now (escrow_crypto.py) and every module implements; with SHA-256 and MGF1-SHA-256 for escrows
+        sealed before, in the token too where the module takes those parameters. Only for such an old escrow
+        on a module that refuses them (SoftHSM 2.6.1) is the token's raw RSA operation (CKM_RSA_X_509)
+        used and the OAEP decoding done here (_oaep_decode). Either way the storage key never leaves the
+        token and every failure is the same ValueError."""
         import pkcs11
         from pkcs11 import MGF, Mechanism
-        if not (isinstance(padding_, padding.OAEP) and padding_.algorithm.name == "sha256"
-                and isinstance(padding_.mgf, padding.MGF1) and padding_.mgf._algorithm.name == "sha256"
+        if not (isinstance(padding_, padding.OAEP) and isinstance(padding_.mgf, padding.MGF1)
+                and padding_.algorithm.name in self._OAEP and padding_.mgf._algorithm.name == padding_.algorithm.name
                 and not padding_._label):
-            raise TypeError("a token RSA key decrypts RSA-OAEP with SHA-256 and MGF1-SHA-256 only")
+            raise TypeError("a token RSA key decrypts RSA-OAEP with SHA-1 or SHA-256 (and the same MGF1) only")
+        hash_name = padding_.algorithm.name
         ciphertext = bytes(ciphertext)
         if len(ciphertext) != (self.key_size + 7) // 8:
             raise ValueError("decryption failed")
         with self._token.session() as entry:
             key = self._token.private_key_object(entry, self._name)
-            if self._token.oaep_sha256 is not False:
+            if hash_name == "sha1" or self._token.oaep_sha256 is not False:
+                hash_mechanism, mgf = self._OAEP[hash_name]
+                param = (getattr(Mechanism, hash_mechanism), getattr(MGF, mgf), None)
                 try:
-                    plain = key.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
-                                        mechanism_param=(Mechanism.SHA256, MGF.SHA256, None))
-                    self._token.oaep_sha256 = True
+                    plain = key.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=param)
+                    if hash_name == "sha256":
+                        self._token.oaep_sha256 = True
                     return plain
                 except _bad_ciphertext() as exc:  # the blob is wrong, not the token: escrow_crypto says so
                     raise ValueError("decryption failed") from exc
+                except pkcs11.GeneralError as exc:
+                    # SoftHSM answers a bad OAEP padding with CKR_GENERAL_ERROR, as it does a failing token:
+                    # a probe of our own making tells which (it opens only if the token works)
+                    if not self._oaep_works(key, padding_, param):
+                        raise
+                    raise ValueError("decryption failed") from exc
                 except (pkcs11.ArgumentsBad, pkcs11.MechanismParamInvalid, pkcs11.MechanismInvalid):
-                    if self._token.oaep_sha256:  # it worked before: this is a real failure
+                    if hash_name == "sha1" or self._token.oaep_sha256:  # a real failure of the token
                         raise
                     self._token.oaep_sha256 = False
                     log.info("event=key_store.oaep_fallback token=%s mechanism=CKM_RSA_X_509", self._token.label)
@@ -465,9 +477,20 @@ class TokenRsaKey(rsa.RSAPrivateKey):
                 raise ValueError("decryption failed") from exc
         return _oaep_decode(bytes(em).rjust(len(ciphertext), b"\0"))
 
+    def _oaep_works(self, key, padding_, param) -> bool:
+        """Whether the token opens a ciphertext made here with the public key (the probe of `decrypt`)."""
+        import pkcs11
+        from pkcs11 import Mechanism
+        probe = os.urandom(32)
+        try:
+            return bytes(key.decrypt(self._public.encrypt(probe, padding_), mechanism=Mechanism.RSA_PKCS_OAEP,
+                                     mechanism_param=param)) == probe
+        except pkcs11.PKCS11Error:
+            return False
+
     def check(self) -> None:
         probe = os.urandom(32)
-        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # escrow's
         if _CAN_SIGN[self._name]:
             try:
                 self._public.verify(self.sign(probe, padding.PKCS1v15(), hashes.SHA256()), probe,

@@ -53,20 +53,34 @@ def _error_classes() -> dict[str, type[AutoenrollError]]:
 
 def error_from_problem(status: int, body: object, authority: str) -> AutoenrollError:
     """The AutoenrollError an authority raised, rebuilt from its problem document."""
-    if not isinstance(body, dict) or not isinstance(body.get("code"), str):
-        return Unavailable(f"the {authority} answered HTTP {status} without a problem document")
+    if not isinstance(body, dict) or not isinstance(body.get("code"), str):  # maybe not the authority (a proxy)
+        return NoAnswer(f"the {authority} answered HTTP {status} without a problem document")
     code, detail = body["code"], str(body.get("detail") or "")[:2000]
     if code in _CLIENT_AUTH_CODES:
         return Unavailable(f"the {authority} refused this RA's client certificate ({code}): {detail}")
     if status >= 500:
         log.error("event=authority.error authority=%s status=%d code=%s detail=%r request_id=%s",
                   authority, status, code, detail, body.get("request_id"))
+        # a failure this side knows as one of its own (the CA's token: key_store_unavailable) keeps its code
+        known = _error_classes().get(code)
+        if known is not None and issubclass(known, Unavailable) and known is not NoAnswer:
+            failure = known(f"the {authority} failed: {detail}")
+            failure.code = code
+            return failure
         return Unavailable(f"the {authority} failed ({code}); try again later")
     # A code this side knows is its class; another by the family its HTTP status names.
     cls = _error_classes().get(code) or _BY_STATUS.get(status) or BadRequest
     error = cls(detail) if cls is not RateLimited else cls(detail, retry_after=60)
     error.code = code  # the other side's exact code, even for a class this side does not know
     return error
+
+
+class NoAnswer(Unavailable):
+    """The authority sent no answer (unreachable, timed out, the connection dropped, or a reply that is no
+    problem document): what it did with the request is unknown; it may still be doing it. The key authority
+    leaves a pending escrow to the KRA's sweep then, rather than withdrawing it (authorities/kra.py)."""
+
+    in_doubt = True
 
 
 class AuthorityClient:
@@ -93,7 +107,7 @@ class AuthorityClient:
             response = self.session.request(method, f"{self.base_url}{API}{path}", json=body, headers=headers,
                                             timeout=timeout or self.timeout)
         except requests.RequestException as exc:
-            raise Unavailable(f"the {self.name} at {self.base_url} cannot be reached ({type(exc).__name__})") from exc
+            raise NoAnswer(f"the {self.name} at {self.base_url} cannot be reached ({type(exc).__name__})") from exc
         try:
             answer = response.json()
         except ValueError:
@@ -254,14 +268,33 @@ class RemoteKRA:
     def escrow(self, serial: str, key, *, email: str, profile: str, actor: str,
                now: datetime | None = None) -> int:
         """Seal here, send only the blob; any failure raises EscrowFailed (nothing is delivered)."""
+        return self._escrow(serial, key, email=email, profile=profile, actor=actor, pending=False)
+
+    def escrow_pending(self, serial: str, key, *, email: str, profile: str, actor: str,
+                       now: datetime | None = None) -> int:
+        """The first phase (authorities/kra.py): the KRA records the sealed key pending, not recoverable
+        until `confirm`. Any failure raises EscrowFailed (nothing is signed, nothing delivered)."""
+        return self._escrow(serial, key, email=email, profile=profile, actor=actor, pending=True)
+
+    def _escrow(self, serial: str, key, *, email: str, profile: str, actor: str, pending: bool) -> int:
         try:
             blob = seal_private_key(key, self._public, escrow_aad(int(serial, 16), email, profile))
             answer = self.client.call("POST", "/kra/escrow", {
                 "serial": serial, "sealed": base64.b64encode(blob).decode("ascii"), "email": email,
-                "profile": profile, "actor": actor})
+                "profile": profile, "actor": actor, "pending": pending})
             return int(answer["escrow_id"])
         except Exception as exc:  # the caller must not deliver anything, whatever went wrong
             raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
+
+    def confirm(self, serial: str, *, actor: str, now: datetime | None = None) -> str:
+        """The CA has signed: the KRA confirms once its records show the certificate (Conflict until then)."""
+        return str(_field(self.client.call("POST", "/kra/escrow/confirm", {"serial": serial, "actor": actor}),
+                          "state", str, "KRA"))
+
+    def withdraw(self, serial: str, *, actor: str, reason: str, now: datetime | None = None) -> str:
+        """The CA answered with a failure: the KRA voids the escrow unless its records show the certificate."""
+        return str(_field(self.client.call("POST", "/kra/escrow/withdraw", {
+            "serial": serial, "actor": actor, "reason": reason[:300]}), "state", str, "KRA"))
 
     def recover(self, serial: str, grant: RecoveryGrant, *, now: datetime | None = None):
         raise Forbidden("a remote KRA never hands out a raw private key; use recover_pkcs12")

@@ -13,16 +13,47 @@ from .models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
 _INSERT_ESCROW = insert(cast(Table, Escrow.__table__))  # a mapped class's __table__ is a Table
 
 
-def insert_escrow(conn, *, serial: str, email: str, profile: str, blob: bytes, now: datetime) -> int:
+# The states of an escrow row (models.Escrow.state): only a confirmed escrow is ever recovered.
+PENDING, CONFIRMED, VOID = "pending", "confirmed", "void"
+
+
+def insert_escrow(conn, *, serial: str, email: str, profile: str, blob: bytes, now: datetime,
+                  state: str = CONFIRMED) -> int:
     """INSERT a sealed key in the caller's transaction; returns its escrow id."""
     return conn.execute(_INSERT_ESCROW, dict(serial=serial, email=email, profile=profile, blob=blob,
-                                             created_at=now)).inserted_primary_key[0]
+                                             created_at=now, state=state)).inserted_primary_key[0]
 
 
 def escrow_of(db: Database, serial: str) -> Escrow | None:
     """The escrow row of certificate `serial` (detached: read its columns freely)."""
     with db.read() as session:
         return session.execute(select(Escrow).where(Escrow.serial == serial)).scalar_one_or_none()
+
+
+def escrow_in(conn, serial: str):
+    """(id, email, profile, state) of the escrow of `serial` in the caller's transaction, or None."""
+    return conn.execute(select(Escrow.id, Escrow.email, Escrow.profile, Escrow.state).where(
+        Escrow.serial == serial)).first()
+
+
+def settle_pending(conn, serial: str, state: str, *, was: str = PENDING) -> bool:
+    """Move an escrow from `was` (pending) to `state` (confirmed or void) in the caller's transaction:
+    False if it was not in `was` (settled meanwhile by another worker, the sweep or the key authority)."""
+    return conn.execute(update(Escrow).where(Escrow.serial == serial, Escrow.state == was).values(
+        state=state)).rowcount == 1
+
+
+def certificate_recorded(conn, serial: str) -> bool:
+    """Whether the CA has recorded a certificate with this serial (the database all roles share)."""
+    return conn.execute(select(Certificate.serial).where(Certificate.serial == serial)).first() is not None
+
+
+def pending_serials(db: Database, *, limit: int = 500) -> list[tuple[str, datetime]]:
+    """(serial, created_at) of pending escrows, oldest first: what the KRA's sweep settles."""
+    with db.read() as session:
+        return [(serial, created) for serial, created in session.execute(
+            select(Escrow.serial, Escrow.created_at).where(Escrow.state == PENDING)
+            .order_by(Escrow.created_at).limit(limit))]
 
 
 def released_request(db: Database, request_id: str) -> tuple[RecoveryRequest | None, list[tuple[str, bytes]]]:
@@ -39,7 +70,9 @@ def released_request(db: Database, request_id: str) -> tuple[RecoveryRequest | N
 def own_certificates(db: Database, email: str, user_dn: str, usage: str | None = None) -> list[tuple]:
     """(certificate, escrow id or None) of the user's certificates at `user_dn`, oldest first."""
     with db.read() as session:
-        query = select(Certificate, Escrow.id).outerjoin(Escrow, Escrow.serial == Certificate.serial).where(
+        # a pending escrow of a recorded certificate counts: the KRA confirms it before it recovers it
+        query = select(Certificate, Escrow.id).outerjoin(Escrow, (Escrow.serial == Certificate.serial) & (
+            Escrow.state != VOID)).where(
             func.lower(Certificate.email) == email.lower(), Certificate.user_dn == user_dn)
         if usage:
             query = query.where(Certificate.usage == usage)
@@ -48,7 +81,8 @@ def own_certificates(db: Database, email: str, user_dn: str, usage: str | None =
 
 def escrowed_serials(db: Database, email: str) -> set[str]:
     with db.read() as session:
-        return {s for (s,) in session.execute(select(Escrow.serial).where(func.lower(Escrow.email) == email.lower()))}
+        return {s for (s,) in session.execute(select(Escrow.serial).where(
+            func.lower(Escrow.email) == email.lower(), Escrow.state != VOID))}
 
 
 def approvals_of(session, request_id: str) -> list[tuple[str, bytes | None]]:

@@ -80,6 +80,10 @@ class Escrow(Base):
     profile: Mapped[str] = mapped_column(String(64))
     blob: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # A split deployment escrows in two phases (authorities/kra.py): 'pending' until the CA has recorded
+    # the certificate, then 'confirmed'; 'void' (kept, never recoverable) when it never was. The server
+    # platform writes escrow and certificate in one transaction: 'confirmed' at once.
+    state: Mapped[str] = mapped_column(String(16), default="confirmed", server_default="confirmed", index=True)
 
 
 class Nonce(Base):

@@ -17,7 +17,7 @@ from flask import Blueprint, g, jsonify, request
 
 from ..auth.agent import identify_agent
 from ..authorities.remote import grant_from_json, load_public_key_pem
-from ..core.errors import AutoenrollError, BadRequest, WrongContentType
+from ..core.errors import AutoenrollError, BadRequest, KeyStoreUnavailable, WrongContentType
 from ..core.model import Subject
 from ..core.profiles import get_profile
 from ..store import audit
@@ -184,10 +184,34 @@ def escrow():
     try:
         blob = base64.b64decode(_text(body, "sealed", 65536), validate=True)
         services.kra.check_sealed(serial, blob, email=email, profile=profile)
+    except KeyStoreUnavailable:  # the KRA's token failed, not the blob: a 503, audited here (web/errors.py)
+        raise
     except Exception as exc:  # whatever is wrong with it, a blob this KRA cannot open is not an escrow
         raise BadRequest("the sealed key does not open with this KRA's storage key for this serial and user") from exc
-    escrow_id = services.kra.store_sealed(serial, blob, email=email, profile=profile, actor=_text(body, "actor", 512))
-    return jsonify({"escrow_id": escrow_id}), 201
+    pending = body.get("pending", False)
+    if not isinstance(pending, bool):
+        raise BadRequest("field 'pending' must be true or false")
+    escrow_id = services.kra.store_sealed(serial, blob, email=email, profile=profile, actor=_text(body, "actor", 512),
+                                          pending=pending)
+    return jsonify({"escrow_id": escrow_id, "state": "pending" if pending else "confirmed"}), 201
+
+
+@kra_authority.post("/escrow/confirm")
+def confirm_escrow():
+    """The CA has signed (the RA says): the KRA confirms a pending escrow once the CA's records show the
+    certificate, and answers 409 while they do not (the escrow stays pending, for the sweep)."""
+    body = _json()
+    state = g.services.kra.confirm(_serial(body.get("serial")), actor=_text(body, "actor", 512))
+    return jsonify({"state": state})
+
+
+@kra_authority.post("/escrow/withdraw")
+def withdraw_escrow():
+    """The CA answered with a failure (the RA says): void unless the CA's records show the certificate."""
+    body = _json()
+    state = g.services.kra.withdraw(_serial(body.get("serial")), actor=_text(body, "actor", 512),
+                                    reason=_text(body, "reason", 300))
+    return jsonify({"state": state})
 
 
 @kra_authority.post("/recover")
@@ -199,6 +223,7 @@ def recover():
     friendly_name = _text(body, "friendly_name", 512)
     now = datetime.now(timezone.utc)
     try:
+        services.kra.recoverable(serial, now)  # a pending or void escrow is refused before evidence is spent
         release = services.evidence.check(serial, grant, now)
     except AutoenrollError as error:
         services.db.run(lambda s: audit.append(

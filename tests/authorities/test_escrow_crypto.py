@@ -7,6 +7,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from registration_app.authorities.escrow_crypto import (
+    ALG_RSA_OAEP_SHA1_AES256GCM,
+    ALG_RSA_OAEP_SHA256_AES256GCM,
     MAGIC,
     EscrowIntegrityError,
     escrow_aad,
@@ -36,7 +38,7 @@ def der(key) -> bytes:
 def test_seal_and_open_round_trip(storage_key, user_keys, key_type):
     key = user_keys[key_type]
     blob = seal_private_key(key, storage_key.public_key(), AAD)
-    assert blob.startswith(MAGIC + b"\x01\x01" + storage_key_id(storage_key.public_key()))
+    assert blob.startswith(MAGIC + b"\x01\x02" + storage_key_id(storage_key.public_key()))  # OAEP-SHA1
     assert der(key) not in blob
     assert der(open_private_key(blob, storage_key, AAD)) == der(key)
     # A fresh data key and nonce every time.
@@ -94,3 +96,18 @@ def test_a_weak_storage_key_is_refused(user_keys):
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     with pytest.raises(ValueError):
         seal_private_key(user_keys[KeyType.EC_P256], small.public_key(), AAD)
+
+
+@pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.RSA_3072])
+def test_an_escrow_sealed_with_the_older_algorithm_still_opens(storage_key, user_keys, key_type):
+    key = user_keys[key_type]
+    old = seal_private_key(key, storage_key.public_key(), AAD, algorithm=ALG_RSA_OAEP_SHA256_AES256GCM)
+    assert old.startswith(MAGIC + b"\x01\x01")
+    assert der(open_private_key(old, storage_key, AAD)) == der(key)
+    # The algorithm is in the authenticated header: naming the other one is detected, not tried.
+    renamed = bytearray(old)
+    renamed[7] = ALG_RSA_OAEP_SHA1_AES256GCM
+    with pytest.raises(EscrowIntegrityError):
+        open_private_key(bytes(renamed), storage_key, AAD)
+    with pytest.raises(EscrowIntegrityError, match="unknown format"):
+        open_private_key(old, storage_key, AAD, algorithms=(ALG_RSA_OAEP_SHA1_AES256GCM,))

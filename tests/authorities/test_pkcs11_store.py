@@ -17,10 +17,12 @@ from cryptography.x509.oid import NameOID
 
 from registration_app.authorities.certs import build_ca_certificate
 from registration_app.authorities.crl import build_crl
-from registration_app.authorities.escrow_crypto import escrow_aad, open_private_key, seal_private_key
+from registration_app.authorities.escrow_crypto import (ALG_RSA_OAEP_SHA1_AES256GCM, ALG_RSA_OAEP_SHA256_AES256GCM,
+                                                        EscrowIntegrityError, escrow_aad, escrow_algorithm,
+                                                        open_private_key, seal_private_key)
 from registration_app.authorities.keys import generate_private_key
 from registration_app.authorities.pkcs11_store import Token, _oaep_decode
-from registration_app.core.errors import AlreadyExists, ConfigError
+from registration_app.core.errors import AlreadyExists, ConfigError, KeyStoreUnavailable
 from registration_app.core.model import KeyType
 from tests.softhsm import MODULE
 
@@ -61,7 +63,6 @@ def test_the_kra_key_unwraps_escrows_and_a_tampered_one_fails_like_any_other(tok
     assert opened.public_key().public_bytes(*spki) == user_key.public_key().public_bytes(*spki)
     tampered = bytearray(blob)
     tampered[50] ^= 1  # inside the wrapped data key
-    from registration_app.authorities.escrow_crypto import EscrowIntegrityError
     with pytest.raises(EscrowIntegrityError, match="failed its integrity check"):
         open_private_key(bytes(tampered), kra, aad)
     with pytest.raises(TypeError):
@@ -108,3 +109,45 @@ def test_two_tokens_of_one_label_are_refused_by_name_not_guessed(softhsm, tmp_pa
          MODULE, label, str(tmp_path / "token.pin")], capture_output=True, text=True, timeout=60)
     assert opened.returncode != 0
     assert f"several PKCS#11 tokens are labelled '{label}'" in opened.stderr
+
+
+def kra_key_allowed_only(token: Token, pin_file, *mechanisms: str):
+    """A KRA key generated in the token by pkcs11-tool with CKA_ALLOWED_MECHANISMS: the token itself
+    refuses every other mechanism with it, so what opens shows which mechanism the token ran."""
+    pin = pin_file.read_text().strip()
+    subprocess.run(["pkcs11-tool", "--module", MODULE, "--token-label", token.label, "--login", "--pin", pin,
+                    "--keypairgen", "--key-type", "rsa:3072", "--label", "autoenroll-kra", "--id", "01",
+                    "--usage-decrypt", "--allowed-mechanisms", ",".join(mechanisms)],
+                   check=True, capture_output=True)
+    from pkcs11 import Attribute, ObjectClass
+    from registration_app.authorities.pkcs11_store import _public_key_of
+    with token.session() as (session, _):
+        [public] = session.get_objects({Attribute.LABEL: "autoenroll-kra", Attribute.CLASS: ObjectClass.PUBLIC_KEY})
+        public_key = _public_key_of(public)
+    return token.key("kra", public_key)
+
+
+def test_a_new_escrow_unwraps_with_oaep_inside_a_token_that_allows_nothing_else(token, tmp_path):
+    """SoftHSM 2.6.1 does CKM_RSA_PKCS_OAEP with SHA-1 only: new escrows are sealed so (escrow_crypto.py) and
+    open with a key the token lets do nothing but OAEP; an escrow of the old algorithm (SHA-256) needs the
+    token's raw RSA, which that key refuses: the refusal shows the new path never leaves the OAEP mechanism."""
+    kra = kra_key_allowed_only(token, tmp_path / "token.pin", "RSA-PKCS-OAEP")
+    user_key = generate_private_key(KeyType.EC_P256)
+    aad = escrow_aad(0xABC, "alice@example.org", "smime-encryption")
+    blob = seal_private_key(user_key, kra.public_key(), aad)
+    assert escrow_algorithm(blob) == ALG_RSA_OAEP_SHA1_AES256GCM
+    assert open_private_key(blob, kra, aad).private_numbers() == user_key.private_numbers()
+    old = seal_private_key(user_key, kra.public_key(), aad, algorithm=ALG_RSA_OAEP_SHA256_AES256GCM)
+    with pytest.raises(KeyStoreUnavailable):
+        open_private_key(old, kra, aad)
+
+
+def test_an_escrow_sealed_before_still_opens_with_a_kra_key_in_the_token(token):
+    kra = token.generate("kra", KeyType.RSA_3072)
+    user_key = generate_private_key(KeyType.RSA_2048)
+    aad = escrow_aad(0xABD, "bob@example.org", "smime-encryption")
+    old = seal_private_key(user_key, kra.public_key(), aad, algorithm=ALG_RSA_OAEP_SHA256_AES256GCM)
+    assert open_private_key(old, kra, aad).private_numbers() == user_key.private_numbers()
+    # and a KRA accepts new escrows of the current algorithm only
+    with pytest.raises(EscrowIntegrityError, match="unknown format"):
+        open_private_key(old, kra, aad, algorithms=(ALG_RSA_OAEP_SHA1_AES256GCM,))

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,10 +24,12 @@ from directory_sync.slapd import free_port
 from registration_app.agent.jws import sign_user_request
 from registration_app.agent.store import AgentStore
 from registration_app.store import audit
-from registration_app.store.models import Certificate, RecoveryApproval, RecoveryRequest
+from registration_app.store.models import AuditEvent, Certificate, Escrow, RecoveryApproval, RecoveryRequest
 from registration_app.authorities.keys import generate_private_key
 from registration_app.authorities.pki_files import write_private_key
+from registration_app.core.errors import ConfigError
 from registration_app.core.model import KeyType
+from registration_app.wiring import check_role
 from registration_app.settings import load_settings
 from tests.e2e.platform import Platform, cli
 from tests.softhsm import MODULE, access_of, key_store_options, private_key_blocks, usage_of
@@ -76,6 +80,12 @@ def move_keys_into_tokens(hsm, init: Path) -> dict[str, str]:
     table = '[key_store]\nin_token = ["{key}"]\nmodule = "{module}"\ntoken = "{token}"\npin_file = "token.pin"\n'
     return {"ca": table.format(key="ca", module=MODULE, token="split-ca"),
             "kra": table.format(key="kra", module=MODULE, token="split-kra"), "ra": ""}
+
+
+def token_dir(hsm, label: str) -> Path:
+    """The folder of SoftHSM's token `label` (its token.object names the label, blank-padded to 32)."""
+    (folder,) = [d for d in hsm.tokens.iterdir() if label.encode().ljust(32) in (d / "token.object").read_bytes()]
+    return folder
 
 
 @pytest.fixture(scope="module", params=["files", "softhsm"])
@@ -129,6 +139,9 @@ timeout_seconds = 2.0
 {key_store_tables[role]}""")
         platforms[role] = Platform(data=data, config=config, url=urls[role], http_url=f"http://127.0.0.1:{ca_http}",
                                    ldap_url=slapd.url)
+    if hsm:  # each authority's token folder, to take it away mid-run
+        platforms["ca"].token_dir = token_dir(hsm, "split-ca")  # type: ignore[attr-defined]
+        platforms["kra"].token_dir = token_dir(hsm, "split-kra")  # type: ignore[attr-defined]
     (root / "ra" / "agent.toml").write_text(f'server = "{urls["ra"]}"\ncert = "agent.pem"\nkey = "agent.key"\n'
                                             'server_ca = "tls-ca.pem"\nstore = "agent-store"\n')
     try:
@@ -397,6 +410,42 @@ def test_the_ca_refuses_to_start_with_the_kras_key_in_its_token(split, softhsm):
     assert result.returncode != 0 and "must not hold autoenroll-kra in token 'split-ca'" in result.stderr
 
 
+def test_the_kra_refuses_to_start_with_the_cas_key_in_its_token(split, softhsm):
+    """The same check the other way round: a key labelled as the CA's in the KRA's token."""
+    kra = split["kra"]
+    if not load_settings(kra.config).key_store.in_token:
+        pytest.skip("the files variant: keys in files (test above)")
+    pin = (kra.data / "token.pin").read_text().strip()
+    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", "split-kra", "--login", "--pin", pin]
+    subprocess.run([*tool, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "autoenroll-ca"],
+                   check=True, capture_output=True)
+    try:
+        with pytest.raises(ConfigError, match="must not hold autoenroll-ca in token 'split-kra'"):
+            check_role(load_settings(kra.config))
+    finally:
+        for kind in ("privkey", "pubkey"):
+            subprocess.run([*tool, "--delete-object", "--type", kind, "--label", "autoenroll-ca"],
+                           check=True, capture_output=True)
+    check_role(load_settings(kra.config))  # as it was: it starts
+
+
+@pytest.mark.parametrize("role, in_token, refused", [
+    ("kra", {"kra", "ca"}, "role 'kra' must not use ca (key_store.in_token)"),
+    ("ca", {"ca", "kra"}, "role 'ca' must not use kra (key_store.in_token)"),
+    ("ca", {"ca", "tls_ca"}, "role 'ca' must not use tls_ca (key_store.in_token)"),
+    ("ra", {"kra"}, "role 'ra' must not use kra (key_store.in_token)"),
+], ids=["kra names the CA key", "ca names the KRA key", "ca names the TLS CA key", "ra names a key"])
+def test_a_split_role_whose_token_configuration_names_a_key_it_does_not_use_is_refused(split, role, in_token,
+                                                                                        refused):
+    settings = load_settings(split[role].config)
+    if not settings.key_store.in_token and role != "ra":
+        pytest.skip("the files variant: keys in files")
+    token = settings.key_store if role != "ra" else dataclasses.replace(settings.key_store, module=MODULE,
+                                                                          token="split-kra")
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_role(dataclasses.replace(settings, key_store=dataclasses.replace(token, in_token=frozenset(in_token))))
+
+
 def test_the_ca_refuses_to_start_with_the_ras_nonce_key(split):
     ca = split["ca"]
     assert not (ca.data / "nonce.secret").exists() and (ca.data / "audit.secret").exists()
@@ -427,3 +476,87 @@ def test_the_kra_refuses_the_old_holder_of_an_address_the_keys_of_its_new_holder
     answer = authority(split).post(kra_url, json=recover_body(serial, email, captured), timeout=10)
     refused(answer, 403, "evidence_refused")
     assert "another directory entry" in answer.json()["detail"]
+
+
+def escrows_of(split, email: str) -> dict[str, str]:
+    """The state of each escrow of `email` at the KRA, by serial."""
+    with split["ra"].transaction() as session:
+        return dict(session.execute(select(Escrow.serial, Escrow.state).where(Escrow.email == email)).all())
+
+
+def test_the_cas_token_removed_mid_run_leaves_no_recoverable_escrow_and_the_next_request_is_issued(
+        split, new_user, tmp_path):
+    """Nothing half-issued in the split deployment: the KRA recorded the key pending before the CA signed;
+    the CA's token failed, so the key authority withdrew it (void, kept, never recoverable), the agent got
+    the 503, and the audit log tells each step. The token back, the next request is issued, its escrow
+    confirmed and recoverable."""
+    ca, ra = split["ca"], split["ra"]
+    token_dir = getattr(ca, "token_dir", None)
+    if token_dir is None:
+        pytest.skip("the files variant: the CA key is a file")
+    _, email = new_user(("smime-users",))
+    invite_and_bootstrap(ra, email)
+    away = tmp_path / "ca-token-away"
+    shutil.move(token_dir, away)  # out of SoftHSM's token folder: the CA's token is gone
+    try:
+        failed = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", check=False)
+    finally:
+        shutil.move(away, token_dir)
+    assert failed.returncode == 1 and "key_store_unavailable" in failed.stderr
+    [(serial, state)] = escrows_of(split, email).items()
+    assert state == "void"
+    with ra.transaction() as session:
+        assert session.get(Certificate, serial) is None
+        steps = session.execute(select(AuditEvent.event, AuditEvent.actor, AuditEvent.detail).where(
+            AuditEvent.subject == email).order_by(AuditEvent.id)).all()
+    assert [event for event, _, detail in steps if detail.get("serial") == serial] == [
+        "key.escrow_pending", "key.escrow_withdrawn"]
+    [withdrawn] = [detail for event, _, detail in steps if event == "key.escrow_withdrawn"]
+    assert withdrawn["reason"] == "the CA failed: key_store_unavailable"
+    assert [detail["code"] for event, _, detail in steps if event == "key_store.unavailable"] == \
+        ["key_store_unavailable"]
+    # The KRA gives nothing back for it, even to what its owner signed.
+    genuine = owner_evidence(ra, email, {"password": "pw-void", "serials": [serial]})
+    refused(authority(split).post(split["kra"].url + "/authority/v1/kra/recover",
+                                  json=recover_body(serial, email, genuine), timeout=10), 404, "unknown_certificate")
+
+    # The token is back: the next request is issued, escrowed (confirmed) and recoverable.
+    out = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
+    assert "published in the directory" in out
+    issued = json.loads((ra.data / "agent-store" / email / "state.json").read_text())["current"]["smime-encryption-ec"]
+    assert escrows_of(split, email) == {serial: "void", issued: "confirmed"}
+    recovered = ra.agent("recover", "--email", email, "--serial", issued).stdout
+    p12 = Path(recovered.strip().splitlines()[-1].split(": ", 1)[1])
+    key, cert, _ = pkcs12.load_key_and_certificates(p12.read_bytes(), p12.with_suffix(".pass").read_text().encode())
+    assert format(cert.serial_number, "x") == issued and key is not None
+    for role in ("ra", "ca", "kra"):
+        log = split[role].log.read_text()
+        assert "request.bug" not in log and "Traceback" not in log, role  # no 5xx but the 503
+
+
+def test_the_kras_token_removed_mid_run_issues_nothing_and_the_next_request_is_issued(split, new_user, tmp_path):
+    """The first phase failing: the KRA cannot open the sealed key, so it records nothing, the CA signs
+    nothing, the agent gets a 503 and the KRA's audit log says why."""
+    kra, ra = split["kra"], split["ra"]
+    token_dir = getattr(kra, "token_dir", None)
+    if token_dir is None:
+        pytest.skip("the files variant: the KRA key is a file")
+    _, email = new_user(("smime-users",))
+    invite_and_bootstrap(ra, email)
+    away = tmp_path / "kra-token-away"
+    shutil.move(token_dir, away)
+    try:
+        failed = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec", check=False)
+    finally:
+        shutil.move(away, token_dir)
+    assert failed.returncode == 1 and "escrow_failed" in failed.stderr
+    assert escrows_of(split, email) == {}
+    with ra.transaction() as session:
+        assert not session.execute(select(Certificate.serial).where(
+            Certificate.email == email, Certificate.usage == "encryption")).all()
+        failures = session.execute(select(AuditEvent.detail).where(AuditEvent.event == "key_store.unavailable")).scalars()
+        assert [d for d in failures if d["path"] == "/authority/v1/kra/escrow" and d["code"] == "key_store_unavailable"]
+
+    out = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
+    assert "published in the directory" in out
+    assert list(escrows_of(split, email).values()) == ["confirmed"]
