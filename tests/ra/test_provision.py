@@ -18,7 +18,8 @@ from registration_app.ra.provision import Provisioner
 from registration_app.store import audit
 from registration_app.store.models import Certificate, Escrow
 from registration_app.store.repos import outbox_status
-from tests.directory_sync.world import add_group, make_services, profiles_for, users_ldif
+from bench.world import user_dn, users_ldif
+from tests.directory_sync.world import add_group, make_services, profiles_for
 
 COUNT = 240
 
@@ -28,7 +29,8 @@ def world(tmp_path_factory, slapd):
     """COUNT users in a fresh group `bulk-*` (entitled by `ent-*`), plus one member who is not entitled."""
     from tests.ldap_admin import LdapAdmin
     tag = uuid.uuid4().hex[:8]
-    ldif, dns = users_ldif(f"p{tag}-", COUNT + 1, (), with_member_of=False)
+    uids = [f"p{tag}-{i}" for i in range(COUNT + 1)]
+    ldif, dns = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
     slapd.load(ldif)
     conn = LdapAdmin.for_slapd(slapd)
     bulk = add_group(conn, f"bulk-{tag}", dns)
@@ -108,7 +110,8 @@ def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(w
     services, _, _ = world
     (entitled,) = services.settings.profiles["smime-encryption-ec"].groups
     tag = uuid.uuid4().hex[:8]
-    ldif, dns = users_ldif(f"q{tag}-", 24, (), with_member_of=False)
+    uids = [f"q{tag}-{i}" for i in range(24)]
+    ldif, dns = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
     slapd.load(ldif)
     conn = LdapAdmin.for_slapd(slapd)
     group = add_group(conn, f"broken-{tag}", dns)
@@ -167,7 +170,8 @@ def test_forked_provisioning_workers_sign_with_the_keys_in_a_token(tmp_path, sla
     from tests.ldap_admin import LdapAdmin
     from tests.softhsm import MODULE
     tag = uuid.uuid4().hex[:8]
-    ldif, dns = users_ldif(f"t{tag}-", 12, (), with_member_of=False)
+    uids = [f"t{tag}-{i}" for i in range(12)]
+    ldif, dns = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
     slapd.load(ldif)
     conn = LdapAdmin.for_slapd(slapd)
     group = add_group(conn, f"tbulk-{tag}", dns)
