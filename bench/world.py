@@ -59,6 +59,13 @@ def users_ldif(uids: list[str], *, group_members: list[str] | None = None, group
     return "\n".join(parts)
 
 
+def add_users(slapd, uids: list[str]) -> list[str]:
+    """The users of `uids` added over LDAP (PrivateSlapd.load, so that the memberOf overlay sees the groups
+    made for them later), without a group; their DNs."""
+    slapd.load(users_ldif(uids, group=False))
+    return [user_dn(uid) for uid in uids]
+
+
 def new_uids(n: int, prefix: str | None = None) -> list[str]:
     prefix = prefix or "b" + secrets.token_hex(3)
     return [f"{prefix}-{i:06d}" for i in range(n)]

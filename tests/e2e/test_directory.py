@@ -18,7 +18,7 @@ from directory_sync.slapd import PrivateSlapd
 from registration_app.wiring import build_services
 from registration_app.settings import load_settings
 from tests.directory_sync.certs import cert as foreign_certificate
-from bench.world import user_dn, users_ldif
+from bench.world import add_users
 from bench.platform import SUITE_SETTINGS, eventually, make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap
 from tests.ldap_admin import MODIFY_ADD, MODIFY_DELETE, LdapAdmin
@@ -52,9 +52,7 @@ def world(tmp_path_factory):
     slapd = PrivateSlapd(tmp_path_factory.mktemp("slapd-dir"))
     slapd.start()
     slapd.load_demo()
-    uids = [f"e2e{i}" for i in range(60)]
-    ldif, dns = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"e2e{i}" for i in range(60)])
     with Admin(slapd) as admin:
         assert admin.modify(SMIME, {"member": [(MODIFY_ADD, dns)]}), admin.result
     platform = make_platform(tmp_path_factory.mktemp("platform-dir"), slapd.url, **SUITE_SETTINGS)
@@ -189,9 +187,7 @@ def test_revoked_signature_certificate_is_refused_at_once(world):
 def test_provision_group_publishes_one_each_then_none(world):
     slapd, platform, services, admin, dns = world
     tag = uuid.uuid4().hex[:6]
-    uids = [f"bulk{tag}-{i}" for i in range(300)]
-    ldif, bulk = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
-    slapd.load(ldif)
+    bulk = add_users(slapd, [f"bulk{tag}-{i}" for i in range(300)])
     group = f"cn=bulk-{tag},ou=groups,dc=example,dc=org"
     with admin() as conn:
         assert conn.add(group, ["groupOfNames"], {"cn": f"bulk-{tag}", "member": bulk}), conn.result

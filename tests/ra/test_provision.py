@@ -18,7 +18,7 @@ from registration_app.ra.provision import Provisioner
 from registration_app.store import audit
 from registration_app.store.models import Certificate, Escrow
 from registration_app.store.repos import outbox_status
-from bench.world import user_dn, users_ldif
+from bench.world import add_users
 from tests.directory_sync.world import add_group, make_services, profiles_for
 
 COUNT = 240
@@ -29,9 +29,7 @@ def world(tmp_path_factory, slapd):
     """COUNT users in a fresh group `bulk-*` (entitled by `ent-*`), plus one member who is not entitled."""
     from tests.ldap_admin import LdapAdmin
     tag = uuid.uuid4().hex[:8]
-    uids = [f"p{tag}-{i}" for i in range(COUNT + 1)]
-    ldif, dns = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"p{tag}-{i}" for i in range(COUNT + 1)])
     conn = LdapAdmin.for_slapd(slapd)
     bulk = add_group(conn, f"bulk-{tag}", dns)
     entitled = add_group(conn, f"ent-{tag}", dns[:COUNT])
@@ -110,9 +108,7 @@ def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(w
     services, _, _ = world
     (entitled,) = services.settings.profiles["smime-encryption-ec"].groups
     tag = uuid.uuid4().hex[:8]
-    uids = [f"q{tag}-{i}" for i in range(24)]
-    ldif, dns = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"q{tag}-{i}" for i in range(24)])
     conn = LdapAdmin.for_slapd(slapd)
     group = add_group(conn, f"broken-{tag}", dns)
     for dn in dns:
@@ -170,9 +166,7 @@ def test_forked_provisioning_workers_sign_with_the_keys_in_a_token(tmp_path, sla
     from tests.ldap_admin import LdapAdmin
     from tests.softhsm import MODULE
     tag = uuid.uuid4().hex[:8]
-    uids = [f"t{tag}-{i}" for i in range(12)]
-    ldif, dns = users_ldif(uids, group=False), [user_dn(uid) for uid in uids]
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"t{tag}-{i}" for i in range(12)])
     conn = LdapAdmin.for_slapd(slapd)
     group = add_group(conn, f"tbulk-{tag}", dns)
     entitled = add_group(conn, f"tent-{tag}", dns)
