@@ -1,8 +1,9 @@
 """The one place where errors become RFC 9457 problem documents, with the HTTP status of their code
 from the one table (status.py). The mapper writes nothing: it leaves what it answered a refused
 request (and a request the key store failed) in `g.refusal`, which the agent API reports to the RA
-(api.py `_report_refusal`), whose `refused` audits it. Database errors reach it already translated by
-the store (store/errors.py)."""
+(api.py `_report_refusal`), whose `refused` audits it; a CA or KRA service audits its key store's
+failures itself (authority_api.py). Database errors reach it already translated by the store
+(store/errors.py)."""
 
 from __future__ import annotations
 
