@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from directory_sync.escape import check_email
 from directory_sync.plan import plan_values
 from registration_app.core.dn import dn_key
-from registration_app.core.errors import AmbiguousUser, UserNotFound
+from registration_app.core.errors import AmbiguousUser, DirectoryUnavailable, UserNotFound
 from registration_app.core.model import UserEntry, Wanted
 
 
@@ -41,6 +41,7 @@ class InMemoryDirectory:
         self.members: dict[str, set[str]] = {}  # group dn_key -> member dn_keys (users or groups)
         self.ca_entry: tuple[bytes, bytes | None] | None = None
         self.modifies = 0  # publications that changed an entry (LDAP modify operations)
+        self.refusing_binds: str | None = None  # why the service account's bind fails now (None: it succeeds)
 
     # --- arranging (what an administrator does in the directory) -------------------------------
     def add_user(self, dn: str, mail: str, *, common_name: str = "", groups: tuple[str, ...] = ()) -> str:
@@ -117,6 +118,10 @@ class InMemoryDirectory:
     def publish_ca(self, ca_cert_der: bytes, crl_der: bytes | None = None) -> None:
         kept_crl = self.ca_entry[1] if self.ca_entry is not None else None
         self.ca_entry = (ca_cert_der, crl_der if crl_der is not None else kept_crl)
+
+    def check_bind(self) -> None:
+        if self.refusing_binds is not None:
+            raise DirectoryUnavailable(self.refusing_binds)
 
 
 if TYPE_CHECKING:

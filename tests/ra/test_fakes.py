@@ -69,6 +69,7 @@ def address() -> str:
 def test_an_address_finds_its_one_entry_whatever_its_case_and_several_are_refused(where):
     email = address()
     dn = where.user(email, (SMIME,))
+    where.directory.check_bind()  # the service account binds (/health)
     assert where.directory.find_user(address()) is None
     found = where.directory.find_user(email.upper())
     assert (dn_key(found.dn), found.email, found.certificates) == (dn_key(dn), email, ())
