@@ -21,8 +21,7 @@ from directory_sync.reconcile import SINCE_MARGIN
 from directory_sync.slapd import PrivateSlapd
 
 from . import bare, directory, load, peers, world
-from .platform import make_platform
-from .postgres import PrivatePostgres, new_database
+from .platform import Stack, make_platform
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EC_PROFILE, RSA_PROFILE = "smime-encryption-ec", "smime-encryption"
@@ -83,28 +82,19 @@ class Run:
     # --- (1) (2) (3) (6): one directory, one server --------------------------------------------
     def server_benchmarks(self) -> None:
         s = self.sizes
-        slapd = PrivateSlapd(self.workdir / "slapd")
-        slapd.start()
-        try:
-            warmup = s.agents * 2
-            extra = warmup + s.strong + s.one_agent + s.crowded  # users of _latencies and _strong
-            uids = world.new_uids(warmup + s.enroll + extra + s.profile)
-            slapd.bulk_load(world.users_ldif(uids))
-            platform = make_platform(self.workdir / "server", slapd.url)  # production defaults
-            platform.start()
-            try:
-                self._enroll_and_bare(slapd, platform, uids, warmup)
-                spare = uids[warmup + s.enroll:warmup + s.enroll + extra]
-                self._latencies(slapd, platform, spare[:s.one_agent + s.crowded])
-                self._strong(slapd, platform, spare[s.one_agent + s.crowded:])
-                if self.wanted("rsa"):
-                    self._rsa(slapd, platform, uids[warmup:warmup + s.rsa])
-                if self.do_profile:
-                    self._profile(platform, uids[warmup + s.enroll + extra:])
-            finally:
-                platform.stop()
-        finally:
-            slapd.stop()
+        warmup = s.agents * 2
+        extra = warmup + s.strong + s.one_agent + s.crowded  # users of _latencies and _strong
+        uids = world.new_uids(warmup + s.enroll + extra + s.profile)
+        with Stack(self.workdir, ldif=world.users_ldif(uids)) as stack:  # production defaults
+            slapd, platform = stack.slapd, stack.platform
+            self._enroll_and_bare(slapd, platform, uids, warmup)
+            spare = uids[warmup + s.enroll:warmup + s.enroll + extra]
+            self._latencies(slapd, platform, spare[:s.one_agent + s.crowded])
+            self._strong(slapd, platform, spare[s.one_agent + s.crowded:])
+            if self.wanted("rsa"):
+                self._rsa(slapd, platform, uids[warmup:warmup + s.rsa])
+            if self.do_profile:
+                self._profile(platform, uids[warmup + s.enroll + extra:])
 
     def _enroll_and_bare(self, slapd, platform, uids, warmup) -> None:
         s = self.sizes
@@ -491,30 +481,19 @@ class Run:
         """(1) again, shorter, with `database_url` on a private PostgreSQL server on the same cores;
         against (1) of this run when it ran. The server's CPU per certificate counts PostgreSQL's."""
         s = self.sizes
-        server = PrivatePostgres()
-        slapd = PrivateSlapd(self.workdir / "slapd-pg")
-        server.start()
-        slapd.start()
-        try:
-            warmup = s.agents * 2
-            uids = world.new_uids(warmup + s.postgres, prefix="pg")
-            slapd.bulk_load(world.users_ldif(uids))
-            platform = make_platform(self.workdir / "server-pg", slapd.url, database_url=new_database(server.url))
-            platform.start()
-            try:
-                users = world.Minter(platform.data, platform.passphrase).users(uids)
-                payload = {"profile": EC_PROFILE, "password": "bench-password-0123"}
-                load.run_load(platform, users[:warmup], payload, agents=s.agents)
-                load.wait_idle(platform)
-                log(f"(7) {s.postgres} enrollments, {s.agents} agents, {EC_PROFILE}, database on PostgreSQL")
-                pg0 = server.cpu_seconds()
-                result = load.run_load(platform, users[warmup:], payload, agents=s.agents, slapd_pid=slapd.pid)
-                pg_cpu = server.cpu_seconds() - pg0
-            finally:
-                platform.stop()
-        finally:
-            slapd.stop()
-            server.stop()
+        warmup = s.agents * 2
+        uids = world.new_uids(warmup + s.postgres, prefix="pg")
+        with Stack(self.workdir / "pg", ldif=world.users_ldif(uids), postgres=True) as stack:
+            platform, server = stack.platform, stack.postgres
+            assert server is not None
+            users = world.Minter(platform.data, platform.passphrase).users(uids)
+            payload = {"profile": EC_PROFILE, "password": "bench-password-0123"}
+            load.run_load(platform, users[:warmup], payload, agents=s.agents)
+            load.wait_idle(platform)
+            log(f"(7) {s.postgres} enrollments, {s.agents} agents, {EC_PROFILE}, database on PostgreSQL")
+            pg0 = server.cpu_seconds()
+            result = load.run_load(platform, users[warmup:], payload, agents=s.agents, slapd_pid=stack.slapd.pid)
+            pg_cpu = server.cpu_seconds() - pg0
         if result.ok != s.postgres:
             raise RuntimeError(f"enrollments on PostgreSQL failed: {result.statuses}; see {platform.log}")
         sqlite = self.results.get("enroll")

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from directory_sync.slapd import free_port
 
 from .load import percentile
-from .platform import process_cpu
+from .platform import eventually, process_cpu
 
 CFSSL = shutil.which("cfssl") or "/usr/bin/cfssl"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -193,13 +193,14 @@ def bench_openssl(folder: Path, *, count: int, iterations: int) -> PeerResult:
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
     import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"cfssl exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("cfssl serve did not start")
+            return False
+
+    eventually(listening, timeout=timeout, step=0.05, what="cfssl serve to listen")

@@ -5,6 +5,7 @@ one-request-per-user cost of inviting and bootstrapping thousands of them)."""
 from __future__ import annotations
 
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,23 +33,37 @@ def user_dn(uid: str) -> str:
     return f"uid={uid},{PEOPLE}"
 
 
-def users_ldif(uids: list[str], *, group_members: list[str] | None = None, group: bool = True) -> str:
-    """LDIF for slapadd: users (with memberOf written in, since slapadd bypasses the overlay) and,
-    when `group`, the entitling group with `group_members` (default: all) as members."""
+def users_ldif(uids: list[str], *, group_members: list[str] | None = None, group: bool = True,
+               entry_uuids: bool = False) -> str:
+    """LDIF of user entries, the one builder of the suites and the benchmarks. With `group`: the entitling
+    group with `group_members` (default: all) as members, and their memberOf written in, since slapadd
+    (slapd.bulk_load) bypasses the overlay; without, the users alone (for slapd.load over LDAP, or a
+    group made later). `entry_uuids`: an entryUUID derived from the DN, so that two directories loaded
+    with the same LDIF hold the same entries (a replica). The entries must not exist yet."""
     members = uids if group_members is None else group_members
-    member_set = set(members)
+    member_set = set(members) if group else set()
     parts = []
     for uid in uids:
         entry = (f"dn: {user_dn(uid)}\nobjectClass: inetOrgPerson\nobjectClass: pkiUser\nuid: {uid}\n"
                  f"cn: User {uid}\nsn: {uid}\nmail: {uid}@example.org\n")
+        if entry_uuids:
+            entry += f"entryUUID: {uuid.uuid5(uuid.NAMESPACE_URL, user_dn(uid))}\n"
         if uid in member_set:
             entry += f"memberOf: {GROUP_DN}\n"
         parts.append(entry)
     if group:
         lines = [f"dn: {GROUP_DN}", "objectClass: groupOfNames", f"cn: {GROUP}"]
+        lines += [f"entryUUID: {uuid.uuid5(uuid.NAMESPACE_URL, GROUP_DN)}"] if entry_uuids else []
         lines += [f"member: {user_dn(uid)}" for uid in members] or [f"member: cn=nobody,{SUFFIX}"]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def add_users(slapd, uids: list[str]) -> list[str]:
+    """The users of `uids` added over LDAP (PrivateSlapd.load, so that the memberOf overlay sees the groups
+    made for them later), without a group; their DNs."""
+    slapd.load(users_ldif(uids, group=False))
+    return [user_dn(uid) for uid in uids]
 
 
 def new_uids(n: int, prefix: str | None = None) -> list[str]:

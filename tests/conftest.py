@@ -12,8 +12,8 @@ import os
 import pytest
 
 from bench import postgres
+from bench.platform import SUITE_SETTINGS, make_platform
 from tests.conftest_slapd import *  # noqa: F401,F403
-from tests.e2e.platform import make_platform
 from tests.samba_dc import samba_dc  # noqa: F401 (a Samba AD DC, session-scoped)
 from tests.softhsm import key_store_params
 
@@ -75,5 +75,6 @@ def platform(request, tmp_path_factory, slapd):
     `indirect` parametrisation "softhsm", with the CA, TLS CA and KRA keys in a SoftHSM2 token named after
     its data folder (pytest may build a parametrised session fixture more than once: one label each)."""
     data = tmp_path_factory.mktemp("platform")
-    with make_platform(data, slapd.url, init_options=key_store_params(request, data, data.name)).running() as p:
+    with make_platform(data, slapd.url, init_options=key_store_params(request, data, data.name),
+                       **SUITE_SETTINGS).running() as p:
         yield p

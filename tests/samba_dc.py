@@ -31,7 +31,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -41,6 +40,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bench.platform import eventually
 
 REALM, DOMAIN = "AUTOENROLL.TEST", "AUTOENROLL"
 BASE = "DC=autoenroll,DC=test"
@@ -208,18 +209,21 @@ class SambaDC:
                 ["samba", "-s", str(self.smb_conf), "--foreground", "--no-process-group", "-M", "single"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             context = ssl.create_default_context(cafile=str(self.ca_file))
-            deadline = time.monotonic() + 60
-            while True:
+
+            def serving() -> bool:
                 if self.process.poll() is not None:
                     raise AssertionError(f"samba exited ({self.process.returncode}): {self.log()}")
                 try:
                     with socket.create_connection(("127.0.0.1", 636), timeout=2) as raw, \
                             context.wrap_socket(raw, server_hostname="localhost"):
-                        return
+                        return True
                 except OSError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"samba did not serve LDAPS: {self.log()}") from None
-                    time.sleep(0.2)
+                    return False
+
+            try:
+                eventually(serving, timeout=60, what="samba to serve LDAPS")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {self.log()}") from None
 
     def log(self) -> str:
         path = self.folder / "samba.log"

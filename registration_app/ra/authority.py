@@ -24,7 +24,7 @@ from ..authorities.key_authority import Decision, IssueRequest, Issued, SplitKey
 from ..core.dn import dn_key
 from ..core.entitlement import is_entitled
 from ..core.errors import (AutoenrollError, BadEnrollmentCode, BadRequest, Conflict, EntryChanged,
-                          NotEntitled, RateLimited, UnknownCertificate, UserNotFound)
+                          KeyStoreUnavailable, NotEntitled, RateLimited, UnknownCertificate, UserNotFound)
 from ..core.model import AgentIdentity, KeySource, Profile, Usage, UserEntry, UserIdentity, VerifiedRequest
 from ..core.ports import Directory
 from ..settings import Settings
@@ -158,11 +158,18 @@ class RegistrationAuthority:
         """Every refused API request is one audit row (who asked, what for, why refused), with the
         request's nonce used in the same transaction (checked, not yet used: a refused request uses it
         too): refusals by our own checks and by the HTTP layer (413 body too large, 404, 405) alike. The
-        refusal stands even when the audit store is down: then the log says so."""
+        refusal stands even when the audit store is down: then the log says so.
+
+        A request the key store (HSM) failed is not a refusal but is audited here the same way, as
+        `key_store.unavailable` (nothing was signed, unwrapped or recorded before it:
+        authorities/pkcs11_store.py); its nonce stays unused, so the agent may send it again."""
+        failed = refusal.code == KeyStoreUnavailable.code
+
         def work(conn):
-            if refusal.nonce is not None:
+            if refusal.nonce is not None and not failed:
                 nonces.spend_if_unused(conn, refusal.nonce)  # the request it came with may have used it
-            audit.append(conn, event="request.denied", outcome="denied", actor=refusal.actor,
+            audit.append(conn, event="key_store.unavailable" if failed else "request.denied",
+                         outcome="failed" if failed else "denied", actor=refusal.actor,
                          subject=refusal.subject, detail={"path": refusal.path, "code": refusal.code,
                                                           "reason": refusal.reason[:300],
                                                           "request_id": refusal.request_id})

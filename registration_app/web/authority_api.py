@@ -43,6 +43,30 @@ ca_authority.before_request(_authenticate_ra)
 kra_authority.before_request(_authenticate_ra)
 
 
+def _audit_key_store_failure(response):
+    """A request this authority's key store (HSM) failed: one row in its own audit log, as the RA's
+    `refused` writes one for its own requests; nothing was signed, unwrapped or recorded before it
+    (authorities/pkcs11_store.py). The error mapper left what it answered in `g.refusal`."""
+    refusal = g.pop("refusal", None)
+    if refusal is None or refusal[0] != KeyStoreUnavailable.code:
+        return response
+    code, reason = refusal
+    agent = getattr(g, "agent", None)
+    try:
+        g.services.db.run(lambda conn: audit.append(
+            conn, event="key_store.unavailable", outcome="failed",
+            actor=agent.subject if agent else f"peer:{request.remote_addr}", subject="",
+            detail={"path": request.path, "code": code, "reason": reason[:300], "request_id": g.get("request_id")}),
+            core=True)
+    except Exception:
+        log.exception("event=audit.write_failed request_id=%s", g.get("request_id"))
+    return response
+
+
+ca_authority.after_request(_audit_key_store_failure)
+kra_authority.after_request(_audit_key_store_failure)
+
+
 # --- request fields ------------------------------------------------------------------------------
 
 
@@ -184,7 +208,7 @@ def escrow():
     try:
         blob = base64.b64decode(_text(body, "sealed", 65536), validate=True)
         services.kra.check_sealed(serial, blob, email=email, profile=profile)
-    except KeyStoreUnavailable:  # the KRA's token failed, not the blob: a 503, audited here (web/errors.py)
+    except KeyStoreUnavailable:  # the KRA's token failed, not the blob: a 503, audited (_audit_key_store_failure)
         raise
     except Exception as exc:  # whatever is wrong with it, a blob this KRA cannot open is not an escrow
         raise BadRequest("the sealed key does not open with this KRA's storage key for this serial and user") from exc

@@ -1,17 +1,18 @@
 """The one place where errors become RFC 9457 problem documents, with the HTTP status of their code
 from the one table (status.py). The mapper writes nothing: it leaves what it answered a refused
-request in `g.refusal`, which the agent API reports to the RA (api.py `_report_refusal`), whose
-`refused` audits it. Database errors reach it already translated by the store (store/errors.py)."""
+request (and a request the key store failed) in `g.refusal`, which the agent API reports to the RA
+(api.py `_report_refusal`), whose `refused` audits it; a CA or KRA service audits its key store's
+failures itself (authority_api.py). Database errors reach it already translated by the store
+(store/errors.py)."""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from ..core.errors import AutoenrollError, KeyStoreUnavailable
-from ..store import audit
 from .status import status_of
 
 log = logging.getLogger("autoenroll.web")
@@ -29,25 +30,6 @@ def problem(status: int, code: str, title: str, detail: str, **extra):
     return response
 
 
-def _record_key_store_failure(error: KeyStoreUnavailable) -> None:
-    """A request the key store (HSM) failed, in any role: one audit row saying what happened; nothing was
-    signed, unwrapped or recorded before it (authorities/pkcs11_store.py). The one write left in the
-    mapper (merged after the refusals moved to the RA): it belongs with the code that met the failure."""
-    services = getattr(g, "services", None)
-    if services is None:
-        return
-    agent = getattr(g, "agent", None)
-    try:
-        services.db.run(lambda conn: audit.append(
-            conn, event="key_store.unavailable", outcome="failed",
-            actor=agent.subject if agent else f"peer:{request.remote_addr}",
-            subject=getattr(g, "user_email", None) or "",
-            detail={"path": request.path, "code": error.code, "reason": error.detail[:300],
-                    "request_id": g.get("request_id")}), core=True)
-    except Exception:
-        log.exception("event=audit.write_failed request_id=%s", g.get("request_id"))
-
-
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(AutoenrollError)
     def _autoenroll(error: AutoenrollError):
@@ -55,8 +37,8 @@ def register_error_handlers(app: Flask) -> None:
         if status >= 500:
             log.error("event=request.error request_id=%s code=%s detail=%r cause=%r", g.get("request_id"),
                       error.code, error.detail, getattr(error, "cause", None), exc_info=status == 500)
-            if isinstance(error, KeyStoreUnavailable):
-                _record_key_store_failure(error)
+            if isinstance(error, KeyStoreUnavailable):  # not served, nothing issued: the RA audits it too
+                g.refusal = (error.code, error.detail)
         else:
             log.info("event=request.refused request_id=%s code=%s detail=%r", g.get("request_id"),
                      error.code, error.detail)

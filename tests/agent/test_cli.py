@@ -56,7 +56,7 @@ def test_insecure_now_without_a_zone_is_a_clear_error(platform):
 
 
 def test_a_broken_agent_configuration_is_one_line(tmp_path):
-    from tests.e2e.platform import cli
+    from bench.platform import cli
     config = tmp_path / "agent.toml"
     config.write_text('server = "https://localhost:8443"\n')  # no cert, key, ...
     result = cli("autoenroll-agent", "--config", str(config), "list", check=False)

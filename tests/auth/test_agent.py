@@ -89,7 +89,8 @@ def test_missing_eku_is_refused(agent_ca):
 )
 def test_allow_list_matches_dns_cn_or_subject(agent_ca, allowed):
     cert = pki.make_agent_cert(agent_ca, "mail.example.org")
-    identify_agent(cert.der, policy(agent_ca, allowed), pki.NOW)
+    agent = identify_agent(cert.der, policy(agent_ca, allowed), pki.NOW)
+    assert "mail.example.org" in agent.names and agent.certificate_der == cert.der
 
 
 def test_agent_not_on_allow_list(agent_ca):
@@ -107,12 +108,14 @@ def test_empty_allow_list_allows_nobody(agent_ca):
 def test_issuing_intermediate_can_be_the_anchor(agent_ca):
     issuing = pki.make_intermediate(agent_ca, "Agent Issuing CA")
     cert = pki.make_agent_cert(issuing, "mail.example.org")
-    identify_agent(cert.der, AgentPolicy(anchors=(issuing.cert,), allowed=frozenset({"*"})), pki.NOW)
+    agent = identify_agent(cert.der, AgentPolicy(anchors=(issuing.cert,), allowed=frozenset({"*"})), pki.NOW)
+    assert "mail.example.org" in agent.names and agent.thumbprint == thumbprint(cert.der)
 
 
 def test_rsa_agent(agent_ca):
     cert = pki.make_agent_cert(agent_ca, "mail.example.org", key_type="rsa")
-    identify_agent(cert.der, policy(agent_ca, "*"), pki.NOW)
+    agent = identify_agent(cert.der, policy(agent_ca, "*"), pki.NOW)
+    assert "mail.example.org" in agent.names and agent.certificate_der == cert.der
 
 
 def test_no_anchors_is_a_configuration_error():

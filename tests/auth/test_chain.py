@@ -79,12 +79,15 @@ def test_chain_may_include_the_root(root, issuing, trust):
 def test_rsa_chain(root):
     rsa_root = pki.make_ca("RSA Root", key_type="rsa")
     user = pki.make_user_cert(rsa_root, "dave@example.org", key_type="rsa")
-    verify([user], UserTrust(anchors=(rsa_root.cert,), our_issuers=(rsa_root.cert,)))
+    identity = verify([user], UserTrust(anchors=(rsa_root.cert,), our_issuers=(rsa_root.cert,)))
+    assert identity.email == "dave@example.org" and identity.issuer_is_ours
+    assert identity.certificate_der == user.der
 
 
 def test_naive_now_is_taken_as_utc(issuing, trust):
     user = pki.make_user_cert(issuing, "alice@example.org")
-    verify([user, issuing], trust, now=pki.NOW.replace(tzinfo=None))
+    identity = verify([user, issuing], trust, now=pki.NOW.replace(tzinfo=None))
+    assert identity.email == "alice@example.org" and identity.not_after.tzinfo is not None
 
 
 # --- expired / not yet valid -----------------------------------------------------------------

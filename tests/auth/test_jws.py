@@ -100,11 +100,13 @@ def test_rs256_request(w, nonces):
 
 def test_unknown_header_parameters_are_ignored(w, nonces):
     header = user_header(w, nonces.new(), typ="autoenroll+jws", future="x")
-    verify(w, nonces, raw_jws(header, "{}", es256_signer(w.user.key)))
+    result = verify(w, nonces, raw_jws(header, "{}", es256_signer(w.user.key)))
+    assert result.payload == {} and result.user.email == "Alice@Example.org"
 
 
 def test_body_may_be_bytearray(w, nonces):
-    verify(w, nonces, bytearray(signed_request(w, nonces.new())))
+    result = verify(w, nonces, bytearray(signed_request(w, nonces.new())))
+    assert result.payload == {"profile": "encryption"} and result.user.email == "Alice@Example.org"
 
 
 # --- 1. JSON ---------------------------------------------------------------------------------

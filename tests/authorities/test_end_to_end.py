@@ -61,5 +61,7 @@ def test_a_signature_certificate_signs_mail_that_openssl_verifies(tmp_path, ca):
     signed = tmp_path / "signed.p7m"
     openssl("cms", "-sign", "-in", str(message), "-signer", str(cert_pem), "-inkey", str(key_pem),
             "-out", str(signed))
-    openssl("cms", "-verify", "-purpose", "smimesign", "-CAfile", str(ca_pem), "-in", str(signed),
-            "-out", str(tmp_path / "out.txt"))
+    verified = openssl("cms", "-verify", "-purpose", "smimesign", "-CAfile", str(ca_pem), "-in", str(signed),
+                       "-out", str(tmp_path / "out.txt"))
+    assert b"Verification successful" in verified.stderr
+    assert (tmp_path / "out.txt").read_bytes().replace(b"\r\n", b"\n") == MESSAGE.replace(b"\r\n", b"\n")

@@ -11,16 +11,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from bench.platform import eventually
 from registration_app.authorities.keys import KeyPool, generate_private_key
 from registration_app.core.model import KeyType
 
 
 def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
+    eventually(predicate, timeout=timeout, step=0.005, what="the key pool")
 
 
 class FakeGenerator:

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 from directory_sync.slapd import free_port
-from tests.e2e.platform import BIN, cli
+from bench.platform import BIN, cli
 
 
 def in_folder(folder, *args, env=None):

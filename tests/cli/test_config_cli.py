@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e.platform import cli
+from bench.platform import cli
 
 
 def test_config_show_prints_the_merged_profiles_and_masks_every_secret(tmp_path):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from directory_sync.slapd import PrivateSlapd, free_port
 from registration_app.cli import main
 from registration_app.cli_errors import ReportingGroup, debug_option
-from tests.e2e.platform import cli
+from bench.platform import cli
 
 
 def one_line_error(result) -> str:

@@ -12,7 +12,7 @@ import tomllib
 import pytest
 
 from registration_app.settings import FALLBACK_HTTP_HOST, load_settings, public_host_name
-from tests.e2e.platform import BIN, cli
+from bench.platform import BIN, cli
 
 
 @pytest.mark.parametrize("name, public", [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from registration_app.wiring import key_store
 from registration_app.settings import load_settings
-from tests.e2e.platform import cli
+from bench.platform import cli
 from tests.softhsm import MODULE, access_of, private_key_blocks
 
 
@@ -39,7 +39,7 @@ def test_import_to_token_moves_the_key_once_and_serve_refuses_while_the_file_cop
     from sqlalchemy import select
 
     from registration_app.store.models import AuditEvent
-    from tests.e2e.platform import transaction
+    from bench.platform import transaction
     with transaction(load_settings(config).db_url) as session:
         imported = session.execute(select(AuditEvent.detail).where(AuditEvent.event == "key.imported_to_token")).scalars().all()
     assert [row["token"] for row in imported] == ["import"]  # one row: the refused second run added none

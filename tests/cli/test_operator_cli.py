@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import text
 
-from tests.e2e.platform import cli, transaction
+from bench.platform import cli, transaction
 
 
 def test_init_is_idempotent_and_never_overwrites_keys(tmp_path):

@@ -12,11 +12,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from bench.platform import eventually
 from directory_sync.config import AttributeMap
 from directory_sync.slapd import PrivateSlapd
 from registration_app.ra.operators import directory_status
 from tests.directory_sync.world import add_group, issue, make_services, profiles_for
-from tests.fault import records
 from tests.ldap_admin import LdapAdmin
 
 # The address book keeps certificates in another attribute: each target writes with its own map.
@@ -176,11 +176,11 @@ def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running)
     issued = issue(services, email).certificate.public_bytes(Encoding.DER)
     thread, stop = services.publisher.start_thread(interval=0.1)
     try:
-        records.wait_for(lambda: not services.publisher.pending(dn), 30, "the primary's publication")
+        eventually(lambda: not services.publisher.pending(dn), timeout=30, what="the primary's publication")
         assert services.publisher.targets[0].status()["failing"] >= 1  # tried while the book was down
         book.start()
-        records.wait_for(lambda: values(book, dn, "userSMIMECertificate") == [issued], 60,
-                         "the book to catch up after its back-off")
+        eventually(lambda: values(book, dn, "userSMIMECertificate") == [issued], timeout=60,
+                   what="the book to catch up after its back-off")
     finally:
         stop.set()
         thread.join(timeout=5)

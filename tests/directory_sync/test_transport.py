@@ -128,8 +128,10 @@ def test_a_plaintext_simple_bind_to_a_remote_directory_is_refused():
 
 
 def test_plaintext_to_loopback_stays_allowed_as_make_run_uses_it():
-    ConnectionPool(LdapSettings(url="ldap://127.0.0.1:3890"))
-    ConnectionPool(LdapSettings(url="ldap://localhost:3890 ldap://[::1]:3890"))
+    for url in ("ldap://127.0.0.1:3890", "ldap://localhost:3890 ldap://[::1]:3890"):
+        credentials = ConnectionPool(LdapSettings(url=url)).credentials
+        assert (credentials.mechanism, credentials.bind_dn, credentials.password) == \
+            ("", SERVICE_DN, DEV_SERVICE_PASSWORD)  # a simple bind as the service, in plaintext
 
 
 def test_one_remote_server_in_the_list_is_enough_to_refuse_plaintext():

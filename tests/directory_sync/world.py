@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.postgres import database_url_for
 from registration_app.authorities.pki_files import PkiPaths, create_pki, create_server_keys
+from registration_app.core.ports import Directory
 from registration_app.wiring import Services, build_services
 from registration_app.settings import Settings
 
@@ -17,8 +18,9 @@ PEOPLE = "ou=people,dc=example,dc=org"
 PASSPHRASE = b"test-passphrase-not-secret"
 
 
-def make_services(data: Path, ldap_settings, **overrides) -> Services:
-    """CA + KRA + sqlite in `data`, LDAP from `ldap_settings` (PrivateSlapd.settings())."""
+def make_services(data: Path, ldap_settings, *, directory: Directory | None = None, **overrides) -> Services:
+    """CA + KRA + sqlite in `data`, LDAP from `ldap_settings` (PrivateSlapd.settings()), or the given
+    `directory` (tests/ra/fakes.py InMemoryDirectory)."""
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_store = overrides.get("key_store")
     if not PkiPaths.in_dir(data).ca_cert.exists():
@@ -33,29 +35,9 @@ def make_services(data: Path, ldap_settings, **overrides) -> Services:
         overrides["database_url"] = database_url_for() or ""
     settings = dataclasses.replace(Settings(), data_dir=data, ca_passphrase=PASSPHRASE.decode(),
                                    http_url="http://127.0.0.1:9/", ldap=ldap_settings, **overrides)
-    services = build_services(settings)
+    services = build_services(settings, directory=directory)
     services.publisher.ca = services.ca
     return services
-
-
-def users_ldif(prefix: str, count: int, groups: tuple[str, ...] = ("smime-users",), *,
-               with_member_of: bool = True) -> tuple[str, list[str]]:
-    """LDIF of `count` users (and, with groups, the memberOf values slapadd will not make);
-    returns (ldif, dns). Load with ldapadd (slapd.load) or slapadd (slapd.bulk_load)."""
-    lines, dns = [], []
-    for i in range(count):
-        uid = f"{prefix}{i}"
-        dn = f"uid={uid},{PEOPLE}"
-        dns.append(dn)
-        member_of = "".join(f"memberOf: cn={g},{GROUPS}\n" for g in groups) if with_member_of else ""
-        lines.append(f"dn: {dn}\nobjectClass: inetOrgPerson\nobjectClass: pkiUser\nuid: {uid}\n"
-                     f"cn: User {uid}\nsn: {uid}\nmail: {uid}@example.org\n{member_of}")
-    return "\n".join(lines), dns
-
-
-def group_ldif(cn: str, members: list[str]) -> str:
-    return (f"dn: cn={cn},{GROUPS}\nobjectClass: groupOfNames\ncn: {cn}\n"
-            + "".join(f"member: {m}\n" for m in members))
 
 
 def profiles_for(group_dn: str) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.platform import make_platform
+from bench.platform import SUITE_SETTINGS, make_platform
 
 # The last: plain LDAP, with the CA, TLS CA and KRA keys in a SoftHSM2 token (tests/softhsm.py).
 TRANSPORTS = ["ldap", "ldaps", "starttls", "softhsm"]
@@ -23,11 +23,12 @@ def platform_over(request, tmp_path_factory, slapd, ldap_tls):
         from tests.softhsm import key_store_options
         data = tmp_path_factory.mktemp("platform-softhsm")
         options = tuple(key_store_options(request.getfixturevalue("softhsm"), "platform-over", data))
-        with make_platform(data, slapd.url, init_options=options).running() as running:
+        with make_platform(data, slapd.url, init_options=options, **SUITE_SETTINGS).running() as running:
             yield running
         return
     url = slapd.ldaps_url if request.param == "ldaps" else slapd.url
     data = tmp_path_factory.mktemp(f"platform-{request.param}")
-    platform = make_platform(data, url, ldap_ca_file=str(ldap_tls.ca_file), ldap_start_tls=request.param == "starttls")
+    platform = make_platform(data, url, ldap={"ca_file": str(ldap_tls.ca_file), "start_tls": request.param == "starttls"},
+                             **SUITE_SETTINGS)
     with platform.running() as running:
         yield running

@@ -18,9 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import func, select
 
-from directory_sync.slapd import free_port
+from bench.platform import SUITE_SETTINGS, ServerPlatform, make_platform
 from registration_app.store.models import Certificate
-from tests.e2e.platform import Platform
 from tests.e2e.test_enrollment import invite_and_bootstrap
 from tests.e2e.test_gpgsm import Gpgsm
 from tests.ldap_admin import BASE as SCOPE_BASE
@@ -41,40 +40,13 @@ def ad(samba_dc, tmp_path_factory):
         password_file = data / "ldap.pass"
         password_file.touch(mode=0o600)
         password_file.write_text(SERVICE_PASSWORD + "\n")
-        port, http_port = free_port(), free_port()
-        config = data / "autoenroll.toml"
-        config.write_text(f"""
-data_dir = "."
-public_url = "https://localhost:{port}"
-http_url = "http://127.0.0.1:{http_port}"
-bind = "127.0.0.1:{port}"
-http_bind = "127.0.0.1:{http_port}"
-pkcs12_iterations = 2048
-outbox_interval_seconds = 0.5
-publish_timeout_seconds = 10.0
-recovery_officers_group = "smime-users"
-
-[ldap]
-preset = "ad"
-url = "{samba_dc.url}"
-bind_dn = "{SERVICE_DN}"
-password_file = "{password_file}"
-ca_file = "{samba_dc.ca_file}"
-base_dn = "{BASE}"
-users_base = "{PEOPLE}"
-groups_base = "{GROUPS}"
-timeout_seconds = 5.0
-
-[profiles.smime-encryption]
-groups = ["smime-users"]
-[profiles.smime-encryption-ec]
-groups = ["smime-users"]
-[profiles.smime-signature]
-groups = ["smime-users"]
-""")
-        platform = Platform(data=data, config=config, url=f"https://localhost:{port}",
-                            http_url=f"http://127.0.0.1:{http_port}", ldap_url=samba_dc.url)
-        platform.autoenroll("init")
+        ldap = {"preset": "ad", "bind_dn": SERVICE_DN, "password_file": str(password_file),
+                "ca_file": str(samba_dc.ca_file), "base_dn": BASE, "users_base": PEOPLE, "groups_base": GROUPS,
+                "timeout_seconds": 5.0}
+        profiles = {name: {"groups": ["smime-users"]}
+                    for name in ("smime-encryption", "smime-encryption-ec", "smime-signature")}
+        platform = make_platform(data, samba_dc.url, ldap=ldap, profiles=profiles, publish_timeout_seconds=10.0,
+                                 recovery_officers_group="smime-users", **SUITE_SETTINGS)
         with platform.running():
             yield platform
 
@@ -97,7 +69,7 @@ def dc_certificates(dc: SambaDC, email: str) -> list[bytes]:
             if line.lower().startswith("usercertificate::")]
 
 
-def rows(platform: Platform, email: str, **where) -> list[Certificate]:
+def rows(platform: ServerPlatform, email: str, **where) -> list[Certificate]:
     with platform.transaction() as session:
         query = select(Certificate).where(func.lower(Certificate.email) == email.lower())
         for name, value in where.items():
@@ -105,7 +77,7 @@ def rows(platform: Platform, email: str, **where) -> list[Certificate]:
         return list(session.execute(query).scalars())
 
 
-def delivered(platform: Platform, email: str, profile: str) -> tuple[Path, x509.Certificate]:
+def delivered(platform: ServerPlatform, email: str, profile: str) -> tuple[Path, x509.Certificate]:
     """The newest PKCS#12 the agent stored for `profile`, and its certificate."""
     p12 = max((platform.data / "agent-store" / email).glob(f"{profile}-*.p12"), key=lambda p: p.stat().st_mtime)
     return p12, x509.load_pem_x509_certificates(p12.with_suffix(".pem").read_bytes())[0]

@@ -12,11 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from directory_sync.slapd import free_port
+from bench.platform import BIN, ServerPlatform, configure
 from registration_app.agent import actions
 from registration_app.agent.client import AgentConfig, RegistrationClient
 from registration_app.agent.store import AgentStore
-from tests.e2e.platform import BIN, Platform
 
 GROUP = "cn=smime-users,ou=groups,dc=example,dc=org"
 # The built-in profiles, and an RSA signature profile so that every kind of key is linted.
@@ -26,23 +25,11 @@ PROFILES = {"smime-signature": ("signature", "ec-p256", "either"),
             "smime-encryption-ec": ("encryption", "ec-p256", "server")}
 
 
-def default_platform(data, ldap_url: str, ca_key_type: str) -> Platform:
+def default_platform(data, ldap_url: str, ca_key_type: str) -> ServerPlatform:
     """A platform whose configuration names no http_url: `autoenroll init` records the one it chooses."""
-    port, http_port = free_port(), free_port()
-    profiles = "".join(f'\n[profiles.{name}]\nusage = "{usage}"\nkey_type = "{key}"\nkey_source = "{source}"\n'
-                       f'groups = ["{GROUP}"]\n' for name, (usage, key, source) in PROFILES.items())
-    config = data / "autoenroll.toml"
-    config.write_text(f"""data_dir = "."
-public_url = "https://localhost:{port}"
-bind = "127.0.0.1:{port}"
-http_bind = "127.0.0.1:{http_port}"
-pkcs12_iterations = 2048
-[ldap]
-url = "{ldap_url}"
-timeout_seconds = 2.0
-{profiles}""")
-    platform = Platform(data=data, config=config, url=f"https://localhost:{port}",
-                        http_url=f"http://127.0.0.1:{http_port}", ldap_url=ldap_url)
+    profiles = {name: {"usage": usage, "key_type": key, "key_source": source, "groups": [GROUP]}
+                for name, (usage, key, source) in PROFILES.items()}
+    platform = configure(data, ldap_url, http_url=None, profiles=profiles)
     out = platform.autoenroll("init", "--ca-key-type", ca_key_type)
     assert "http_url in" in out.stdout, out.stdout
     return platform

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -19,8 +18,8 @@ from directory_sync.slapd import PrivateSlapd
 from registration_app.wiring import build_services
 from registration_app.settings import load_settings
 from tests.directory_sync.certs import cert as foreign_certificate
-from tests.directory_sync.world import users_ldif
-from tests.e2e.platform import make_platform
+from bench.world import add_users
+from bench.platform import SUITE_SETTINGS, eventually, make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap
 from tests.ldap_admin import MODIFY_ADD, MODIFY_DELETE, LdapAdmin
 
@@ -53,11 +52,10 @@ def world(tmp_path_factory):
     slapd = PrivateSlapd(tmp_path_factory.mktemp("slapd-dir"))
     slapd.start()
     slapd.load_demo()
-    ldif, dns = users_ldif("e2e", 60, (), with_member_of=False)
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"e2e{i}" for i in range(60)])
     with Admin(slapd) as admin:
         assert admin.modify(SMIME, {"member": [(MODIFY_ADD, dns)]}), admin.result
-    platform = make_platform(tmp_path_factory.mktemp("platform-dir"), slapd.url)
+    platform = make_platform(tmp_path_factory.mktemp("platform-dir"), slapd.url, **SUITE_SETTINGS)
     platform.start()
     services = build_services(load_settings(platform.config))
     try:
@@ -81,16 +79,6 @@ class Admin:
         self.conn.unbind()
 
 
-def wait_for(predicate, timeout: float = 40.0, step: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("timed out")
-
-
 def test_outage_delays_publication_and_loses_nothing(world):
     slapd, platform, services, admin, dns = world
     # Two users through the real server, end to end (signature by invitation, then encryption).
@@ -110,7 +98,8 @@ def test_outage_delays_publication_and_loses_nothing(world):
     status = sync_status(platform)
     assert status["depth"] >= 48
     slapd.start()
-    wait_for(lambda: sync_status(platform)["depth"] == 0)  # the server's own outbox worker
+    eventually(lambda: sync_status(platform)["depth"] == 0, timeout=40, step=0.3,
+               what="the outbox to drain")  # the server's own outbox worker
     shown = ldap_values(platform.ldap_url, PEOPLE, "(mail=*)", "userCertificate;binary")
     for dn, done in issued.items():
         assert shown[dn] == [done.certificate.public_bytes(Encoding.DER)]  # there, once
@@ -198,8 +187,7 @@ def test_revoked_signature_certificate_is_refused_at_once(world):
 def test_provision_group_publishes_one_each_then_none(world):
     slapd, platform, services, admin, dns = world
     tag = uuid.uuid4().hex[:6]
-    ldif, bulk = users_ldif(f"bulk{tag}-", 300, (), with_member_of=False)
-    slapd.load(ldif)
+    bulk = add_users(slapd, [f"bulk{tag}-{i}" for i in range(300)])
     group = f"cn=bulk-{tag},ou=groups,dc=example,dc=org"
     with admin() as conn:
         assert conn.add(group, ["groupOfNames"], {"cn": f"bulk-{tag}", "member": bulk}), conn.result

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from registration_app.store.models import Certificate
-from tests.e2e.platform import make_platform
+from bench.platform import SUITE_SETTINGS, make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap
 
 REFERRAL = "ou=moved-away,dc=example,dc=org"
@@ -31,7 +31,7 @@ def bootstrapped(tmp_path_factory, slapd):
     assert admin.modify("cn=smime-users,ou=groups,dc=example,dc=org", {"member": [("MODIFY_ADD", [dn])]})
     assert admin.add(REFERRAL, ["referral", "extensibleObject"],
                      {"ou": "moved-away", "ref": f"ldap://ldap.elsewhere.example/{REFERRAL}"}), admin.result
-    platform = make_platform(tmp_path_factory.mktemp("answers"), slapd.url)
+    platform = make_platform(tmp_path_factory.mktemp("answers"), slapd.url, **SUITE_SETTINGS)
     with platform.running():
         invite_and_bootstrap(platform, email)
     yield platform, email

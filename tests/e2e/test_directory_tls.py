@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from directory_sync.slapd import PrivateSlapd
-from tests.e2e.platform import make_platform
+from bench.platform import SUITE_SETTINGS, ServerExited, make_platform
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +23,18 @@ def slapd_named_elsewhere(tmp_path_factory, ldap_tls):
 def test_a_directory_certificate_from_another_ca_stops_the_server_naming_the_cause(
         tmp_path, slapd, ldap_tls, transport):
     url = slapd.ldaps_url if transport == "ldaps" else slapd.url
-    platform = make_platform(tmp_path, url, ldap_ca_file=str(ldap_tls.other_ca_file),
-                             ldap_start_tls=transport == "starttls")
-    with pytest.raises(AssertionError, match="server exited") as stopped:
+    platform = make_platform(tmp_path, url, ldap={"ca_file": str(ldap_tls.other_ca_file),
+                                                 "start_tls": transport == "starttls"}, **SUITE_SETTINGS)
+    with pytest.raises(ServerExited, match="server exited") as stopped:
         platform.start()
     assert f"does not verify against ldap.ca_file {ldap_tls.other_ca_file}" in str(stopped.value)
 
 
 def test_a_directory_certificate_for_another_name_stops_the_server_naming_the_cause(
         tmp_path, slapd_named_elsewhere, ldap_tls):
-    platform = make_platform(tmp_path, slapd_named_elsewhere.ldaps_url, ldap_ca_file=str(ldap_tls.ca_file))
-    with pytest.raises(AssertionError, match="server exited") as stopped:
+    platform = make_platform(tmp_path, slapd_named_elsewhere.ldaps_url, ldap={"ca_file": str(ldap_tls.ca_file)},
+                             **SUITE_SETTINGS)
+    with pytest.raises(ServerExited, match="server exited") as stopped:
         platform.start()
     assert "presented a certificate for another name" in str(stopped.value)
     assert "127.0.0.1" in str(stopped.value)

@@ -19,7 +19,6 @@ import fcntl
 import os
 import re
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +30,7 @@ from registration_app.agent.client import AgentConfig, AgentError, RegistrationC
 from registration_app.agent.store import AgentStore
 from registration_app.store.db import Database
 from registration_app.store.repos import certificate_history, outbox_status
-from tests.e2e.platform import Platform, make_platform
+from bench.platform import SUITE_SETTINGS, ServerPlatform, eventually, make_platform
 from directory_sync.slapd import free_port
 
 pytestmark = pytest.mark.sqlite_only  # the writer lock held here is SQLite's flock
@@ -43,7 +42,7 @@ ENCRYPTION = ("smime-encryption", "smime-encryption-ec")
 def two_servers(tmp_path_factory, slapd):
     """Two `autoenroll serve` (one worker each) on one data folder: each request has a process of its
     own, so each waits at the file's flock, where /proc/locks shows it."""
-    first = make_platform(tmp_path_factory.mktemp("race"), slapd.url)
+    first = make_platform(tmp_path_factory.mktemp("race"), slapd.url, **SUITE_SETTINGS)
     port, http_port = free_port(), free_port()
     text = first.config.read_text()
     for key, value in (("public_url", f"https://localhost:{port}"), ("bind", f"127.0.0.1:{port}"),
@@ -51,8 +50,8 @@ def two_servers(tmp_path_factory, slapd):
         text = re.sub(rf'^{key} = ".*"$', f'{key} = "{value}"', text, count=1, flags=re.M)
     second_config = first.data / "second.toml"
     second_config.write_text(text)
-    second = Platform(data=first.data, config=second_config, url=f"https://localhost:{port}",
-                      http_url=first.http_url, ldap_url=first.ldap_url)
+    second = ServerPlatform(data=first.data, config=second_config, url=f"https://localhost:{port}",
+                            http_url=first.http_url, ldap_url=first.ldap_url)
     try:
         first.start(workers=1)
         second.start(workers=1)
@@ -74,7 +73,7 @@ def lock_waiters(lock_file: Path) -> set[int]:
 
 
 @contextmanager
-def writers_held(platform: Platform):
+def writers_held(platform: ServerPlatform):
     """The SQLite file's writer lock taken here: every transaction of the servers waits until the block ends."""
     lock_file = Path(platform.data / "autoenroll.db").resolve().with_name("autoenroll.db.lock")
     fd = os.open(lock_file, os.O_RDWR)
@@ -86,15 +85,7 @@ def writers_held(platform: Platform):
         os.close(fd)
 
 
-def wait_for(condition, what: str, within: float = 25.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(0.05)
-
-
-def quiet(platform: Platform) -> bool:
+def quiet(platform: ServerPlatform) -> bool:
     """Nothing left to publish: no writer but the two enrollments will wait at the lock."""
     db = Database(platform.db_url)
     try:
@@ -115,7 +106,7 @@ def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
     try:
         actions.bootstrap(clients[0], stores[0], email, first.autoenroll("invite", email).stdout.strip())
         shutil.copytree(stores[0].root / email, stores[1].root / email)
-        wait_for(lambda: quiet(first), "the outbox drained")
+        eventually(lambda: quiet(first), timeout=25, step=0.05, what="the outbox drained")
 
         def enroll(n: int):
             try:
@@ -126,8 +117,8 @@ def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
         with ThreadPoolExecutor(2) as pool:
             with writers_held(first) as lock_file:
                 futures = [pool.submit(enroll, 0), pool.submit(enroll, 1)]
-                wait_for(lambda: len(lock_waiters(lock_file) - {os.getpid()}) == 2,
-                         "both enrollments waiting to commit")
+                eventually(lambda: len(lock_waiters(lock_file) - {os.getpid()}) == 2, timeout=25, step=0.05,
+                           what="both enrollments waiting to commit")
             answers = [future.result() for future in futures]
     finally:
         for client in clients:

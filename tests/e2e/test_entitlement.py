@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from registration_app.store.models import Certificate, EnrollmentCode, Escrow
-from tests.e2e.platform import make_platform
+from bench.platform import SUITE_SETTINGS, make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 from tests.ldap_admin import MODIFY_ADD, MODIFY_DELETE
 
@@ -23,7 +23,7 @@ SMIME_USERS = "cn=smime-users,ou=groups,dc=example,dc=org"
 def demo(tmp_path_factory, slapd):
     """A server of its own (its reconcile passes must not revoke what other modules' tests hold),
     configured with nothing but the built-in profiles."""
-    with make_platform(tmp_path_factory.mktemp("entitlement"), slapd.url).running() as p:
+    with make_platform(tmp_path_factory.mktemp("entitlement"), slapd.url, **SUITE_SETTINGS).running() as p:
         yield p
 
 

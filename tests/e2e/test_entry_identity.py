@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 
 from registration_app.store import audit
 from registration_app.store.models import Certificate
-from tests.e2e.platform import make_platform
+from bench.platform import SUITE_SETTINGS, make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 from tests.ldap_admin import BASE, MODIFY_REPLACE
 
@@ -23,7 +23,7 @@ PEOPLE = "ou=people,dc=example,dc=org"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, slapd):
     """A platform of its own on the session's slapd: its reconcile passes touch only its own certificates."""
-    with make_platform(tmp_path_factory.mktemp("entry-identity"), slapd.url).running() as p:
+    with make_platform(tmp_path_factory.mktemp("entry-identity"), slapd.url, **SUITE_SETTINGS).running() as p:
         yield p
 
 

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench import world
 from bench.client import AgentConnection
-from bench.platform import make_platform
-from directory_sync.slapd import ADMIN_DN, PrivateSlapd
+from bench.platform import Stack, eventually
+from directory_sync.slapd import ADMIN_DN
 from tests.external_ca import CrlServer, ExternalCA, dead_url
 from tests.fault import records
 from tests.ldap_admin import MODIFY_ADD, LdapAdmin
@@ -77,22 +77,12 @@ revocation = "none"
 
 @pytest.fixture(scope="module")
 def anchors(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("anchors")
-    slapd = PrivateSlapd(folder / "slapd")
-    slapd.start()
-    try:
-        slapd.bulk_load(world.users_ldif([], group=True))
-        with CrlServer() as crls:
-            platform = make_platform(folder / "server", slapd.url, **records.FAST)
-            setup = Anchors(platform, slapd, crls)
-            setup.configure()
-            platform.start()
-            try:
-                yield setup
-            finally:
-                platform.stop()
-    finally:
-        slapd.stop()
+    with Stack(tmp_path_factory.mktemp("anchors"), ldif=world.users_ldif([], group=True), start=False,
+               **records.FAST) as stack, CrlServer() as crls:
+        setup = Anchors(stack.platform, stack.slapd, crls)
+        setup.configure()
+        stack.platform.start()
+        yield setup
 
 
 def as_user(issued, *chain) -> world.User:
@@ -125,8 +115,8 @@ def test_a_partner_certificate_for_alices_address_gets_nothing_of_alice(anchors)
     alice = anchors.minter.user("alice", email=alice_email)
     reply, _ = post(anchors, "enroll", alice, PAYLOAD)  # alice, with her certificate of our CA
     assert reply.status == 201, reply.body[:300]
-    published = records.wait_for(lambda: records.ldap_values(anchors.slapd.url, alice_email), 30,
-                                 "alice's certificate in LDAP")
+    published = eventually(lambda: records.ldap_values(anchors.slapd.url, alice_email), timeout=30,
+                           what="alice's certificate in LDAP")
 
     mallory = as_user(anchors.partner.user(alice_email.upper()))
     for path, payload, code in (
@@ -150,8 +140,8 @@ def test_a_partner_certificate_that_the_entry_lists_enrolls_into_that_entry(anch
     assert reply.status == 201, reply.body[:300]
     issued = reply.json()
     assert issued["email"] == bob_email and issued["escrowed"] is True
-    published = records.wait_for(lambda: (v := records.ldap_values(anchors.slapd.url, bob_email)) and
-                                 len(v) == 2 and v, 30, "the new certificate in LDAP")
+    published = eventually(lambda: (v := records.ldap_values(anchors.slapd.url, bob_email)) and
+                           len(v) == 2 and v, timeout=30, what="the new certificate in LDAP")
     assert card.der in published  # the partner's certificate stays, untouched
 
     # Bob's escrowed key does not come back to the partner's certificate: that needs one of ours.

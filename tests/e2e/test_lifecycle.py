@@ -22,7 +22,7 @@ from registration_app.wiring import build_services
 from registration_app.settings import load_settings
 from registration_app.store import audit
 from registration_app.store.models import Certificate, RecoveryRequest
-from tests.e2e.platform import make_platform
+from bench.platform import SUITE_SETTINGS, make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 
 # Short signature certificates whose renewal window is always open, so that a daemon whose clock is
@@ -73,7 +73,8 @@ def life(request, tmp_path_factory, slapd):
     """Run twice: keys in files, then every key (CA, TLS CA, KRA) in a SoftHSM2 token."""
     from tests.softhsm import key_store_params
     data = tmp_path_factory.mktemp("lifecycle")
-    p = make_platform(data, slapd.url, extra=PROFILES, init_options=key_store_params(request, data, data.name))
+    p = make_platform(data, slapd.url, extra_toml=PROFILES, init_options=key_store_params(request, data, data.name),
+                      **SUITE_SETTINGS)
     backdate_ca(p.data)
     with p.running():
         yield p
@@ -286,8 +287,8 @@ def test_an_expired_recovery_request_cannot_be_completed(life, officers, new_use
 
 def test_a_scoped_agent_is_refused_for_users_outside_its_domain(tmp_path_factory, slapd, new_user):
     """agent_scopes limits a user server to mail domains: the demo agent may act for example.net only."""
-    p = make_platform(tmp_path_factory.mktemp("scoped"), slapd.url,
-                      extra='agent_scopes = ["agent.example.org=example.net"]\n')
+    p = make_platform(tmp_path_factory.mktemp("scoped"), slapd.url, agent_scopes=["agent.example.org=example.net"],
+                      **SUITE_SETTINGS)
     try:
         p.start()
         _, email = new_user(("smime-users",))

@@ -18,7 +18,7 @@ from registration_app.agent.client import AgentConfig, RegistrationClient
 from registration_app.agent.store import AgentStore
 from registration_app.settings import load_settings
 from registration_app.store.repos import certificates_of
-from tests.e2e.platform import make_platform
+from bench.platform import SUITE_SETTINGS, make_platform
 from tests.e2e.test_enrollment import ldap_certificates
 
 USERS = 10
@@ -54,7 +54,7 @@ def races(tmp_path_factory, slapd):
     certificates a day), whose PKCS#12 use the 20,000 PBKDF2 iterations a deployment may set: built
     after the enrollment's transaction, they leave a revocation time to commit and publish before the
     enrollment publishes what its transaction read."""
-    p = make_platform(tmp_path_factory.mktemp("races"), slapd.url, extra=PROFILES)
+    p = make_platform(tmp_path_factory.mktemp("races"), slapd.url, extra_toml=PROFILES, **SUITE_SETTINGS)
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("AUTOENROLL_PKCS12_ITERATIONS", "20000")

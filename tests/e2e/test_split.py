@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlalchemy import select
 
+from bench.platform import SUITE_SETTINGS, ServerPlatform, cli, configure
 from bench.postgres import database_url_for
 from directory_sync.slapd import free_port
 from registration_app.agent.jws import sign_user_request
@@ -31,7 +32,6 @@ from registration_app.core.errors import ConfigError
 from registration_app.core.model import KeyType
 from registration_app.wiring import check_role
 from registration_app.settings import load_settings
-from tests.e2e.platform import Platform, cli
 from tests.softhsm import MODULE, access_of, key_store_options, private_key_blocks, usage_of
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 
@@ -66,10 +66,10 @@ def issue_ra_client_certificate(data: Path) -> None:
     (data / "ra-client.key").chmod(0o600)
 
 
-def move_keys_into_tokens(hsm, init: Path) -> dict[str, str]:
+def move_keys_into_tokens(hsm, init: Path) -> dict[str, dict]:
     """The softhsm variant: init made the CA key in the CA's token; the KRA key and the TLS CA key go
     into tokens of their own with `autoenroll keys import-to-token`, and their files are destroyed (as
-    the command says). Returns each role's [key_store] table."""
+    the command says). Returns the [key_store] table of each role that has one."""
     config = str(init / "autoenroll.toml")
     for name, label in (("kra", "split-kra"), ("tls_ca", "split-tls")):
         hsm.new_token(label, init / f"{label}.pin")
@@ -77,9 +77,9 @@ def move_keys_into_tokens(hsm, init: Path) -> dict[str, str]:
                   "--pin-file", f"{label}.pin")
         assert "DESTROY THE FILE COPY" in out.stderr
         (init / {"kra": "kra.key", "tls_ca": "tls-ca.key"}[name]).unlink()
-    table = '[key_store]\nin_token = ["{key}"]\nmodule = "{module}"\ntoken = "{token}"\npin_file = "token.pin"\n'
-    return {"ca": table.format(key="ca", module=MODULE, token="split-ca"),
-            "kra": table.format(key="kra", module=MODULE, token="split-kra"), "ra": ""}
+    table = {"module": MODULE, "pin_file": "token.pin"}
+    return {"ca": {"in_token": ["ca"], **table, "token": "split-ca"},
+            "kra": {"in_token": ["kra"], **table, "token": "split-kra"}}
 
 
 def token_dir(hsm, label: str) -> Path:
@@ -102,7 +102,7 @@ def split(request, tmp_path_factory, slapd):
     options = key_store_options(hsm, "split-ca", init, "kra", "tls_ca") if hsm else []
     cli("autoenroll", "--config", str(init / "autoenroll.toml"), "init", *options)
     issue_ra_client_certificate(init)
-    key_store_tables = move_keys_into_tokens(hsm, init) if hsm else {"ca": "", "kra": "", "ra": ""}
+    key_store_tables = move_keys_into_tokens(hsm, init) if hsm else {}
     layout = {role: [name for name in files if (init / name).exists()] for role, files in LAYOUT.items()}
     if hsm:
         layout["ca"].append("token.pin")
@@ -110,10 +110,10 @@ def split(request, tmp_path_factory, slapd):
     ports = {role: free_port() for role in LAYOUT}
     ca_http = free_port()
     urls = {role: f"https://localhost:{port}" for role, port in ports.items()}
-    role_settings = {
-        "ca": f'role = "ca"\nhttp_bind = "127.0.0.1:{ca_http}"\nauthority_clients = ["{RA_CLIENT}"]\n',
-        "kra": f'role = "kra"\nhttp_bind = ""\nauthority_clients = ["{RA_CLIENT}"]\n',
-        "ra": f'role = "ra"\nhttp_bind = ""\nca_url = "{urls["ca"]}"\nkra_url = "{urls["kra"]}"\n',
+    role_settings: dict[str, dict] = {
+        "ca": {"http_bind": f"127.0.0.1:{ca_http}", "authority_clients": [RA_CLIENT]},
+        "kra": {"http_bind": "", "authority_clients": [RA_CLIENT]},
+        "ra": {"http_bind": "", "ca_url": urls["ca"], "kra_url": urls["kra"]},
     }
     platforms = {}
     for role, files in layout.items():
@@ -123,22 +123,10 @@ def split(request, tmp_path_factory, slapd):
             shutil.copy2(init / name, data / name)
         if hsm and role == "kra":
             shutil.copy2(init / "kra-token.pin", data / "token.pin")
-        config = data / "autoenroll.toml"
-        config.write_text(f"""
-data_dir = "."
-database_url = "{database_url}"
-public_url = "{urls[role]}"
-http_url = "http://127.0.0.1:{ca_http}"
-bind = "127.0.0.1:{ports[role]}"
-pkcs12_iterations = 2048
-outbox_interval_seconds = 0.5
-{role_settings[role]}
-[ldap]
-url = "{slapd.url}"
-timeout_seconds = 2.0
-{key_store_tables[role]}""")
-        platforms[role] = Platform(data=data, config=config, url=urls[role], http_url=f"http://127.0.0.1:{ca_http}",
-                                   ldap_url=slapd.url)
+        platforms[role] = configure(data, slapd.url, role=role, key_store=key_store_tables.get(role),
+                                    database_url=database_url, public_url=urls[role],
+                                    http_url=f"http://127.0.0.1:{ca_http}", bind=f"127.0.0.1:{ports[role]}",
+                                    **role_settings[role], **SUITE_SETTINGS)
     if hsm:  # each authority's token folder, to take it away mid-run
         platforms["ca"].token_dir = token_dir(hsm, "split-ca")  # type: ignore[attr-defined]
         platforms["kra"].token_dir = token_dir(hsm, "split-kra")  # type: ignore[attr-defined]
@@ -167,7 +155,7 @@ def openssl_decrypts(p12: Path, password: str, message: Path, recipient: Path, t
     return (tmp / "out.txt").read_text()
 
 
-def enroll(ra: Platform, email: str) -> tuple[str, Path]:
+def enroll(ra: ServerPlatform, email: str) -> tuple[str, Path]:
     invite_and_bootstrap(ra, email)
     out = ra.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
     assert "published in the directory" in out  # the RA asked the CA, which published inline
@@ -211,7 +199,7 @@ def test_a_user_enrolls_reads_mail_and_recovers_through_the_ra(split, new_user, 
     assert "audit log intact" in ra.autoenroll("audit", "verify").stdout
 
 
-def officer(ra: Platform, who: str, *args: str, check: bool = True):
+def officer(ra: ServerPlatform, who: str, *args: str, check: bool = True):
     return ra.agent("officer", args[0], "--as", who, *args[1:], check=check)
 
 
@@ -296,7 +284,7 @@ def authority(split, client: str | None = "ra-client") -> requests.Session:
     return s
 
 
-def owner_evidence(ra: Platform, email: str, payload: dict, path: str = "recover") -> bytes:
+def owner_evidence(ra: ServerPlatform, email: str, payload: dict, path: str = "recover") -> bytes:
     folder = AgentStore(ra.data / "agent-store").user(email)
     return sign_user_request(payload, key=folder.signature_key(), chain=folder.signature_chain(), nonce="spent",
                              url=f"{ra.url}/api/v1/{path}", agent_thumbprint="not-checkable-by-the-kra")

@@ -17,13 +17,11 @@ from sqlalchemy import func, select
 
 from bench import world
 from bench.client import AgentConnection
-from bench.platform import make_platform
-from directory_sync.slapd import PrivateSlapd
+from bench.platform import Stack, eventually, transaction
 from registration_app.authorities.escrow_crypto import escrow_aad, open_private_key
 from registration_app.authorities.pki_files import read_private_key
 from registration_app.store.db import Database
 from registration_app.store.models import AuditEvent, Certificate, Escrow, Outbox
-from tests.e2e.platform import transaction
 
 FAST = {"pkcs12_iterations": 2048, "outbox_interval_seconds": 0.3}
 
@@ -98,16 +96,6 @@ def recovered_key_matches(platform, row: Escrow, cert: x509.Certificate) -> bool
     return key.public_key().public_bytes(Encoding.DER, spki) == cert.public_key().public_bytes(Encoding.DER, spki)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def assert_each_issued_published_once_and_escrowed(w, final: dict, profile: str, n: int) -> None:
     """After a fault: once the outbox has drained by itself (`autoenroll sync status`), every user has
     exactly one certificate, the one delivered to them, published exactly once, with its key in escrow."""
@@ -115,7 +103,7 @@ def assert_each_issued_published_once_and_escrowed(w, final: dict, profile: str,
         status = json.loads(w.platform.autoenroll("sync", "status").stdout)
         return status if status["depth"] == 0 else None
 
-    wait_for(drained, 120, "the outbox to drain")
+    eventually(drained, timeout=120, what="the outbox to drain")
     issued = certificates(w.platform, profile)
     assert len(issued) == n
     escrow = escrow_rows(w.platform)
@@ -130,18 +118,13 @@ def assert_each_issued_published_once_and_escrowed(w, final: dict, profile: str,
         assert recovered_key_matches(w.platform, escrow[row.serial], cert)
 
 
-class World:
+class World(Stack):
     """A private slapd with `n` entitled users and a platform on it (for suites that break things)."""
 
     def __init__(self, folder: Path, n: int, **settings):
-        self.slapd = PrivateSlapd(folder / "slapd")
-        self.slapd.start()
         self.uids = world.new_uids(n, prefix="f" + uuid.uuid4().hex[:4])
-        self.platform = None
+        super().__init__(folder, ldif=world.users_ldif(self.uids), **{**FAST, **settings})
         try:
-            self.slapd.bulk_load(world.users_ldif(self.uids))
-            self.platform = make_platform(folder / "server", self.slapd.url, **{**FAST, **settings})
-            self.platform.start()
             self.minter = world.Minter(self.platform.data, self.platform.passphrase)
             self.users = self.minter.users(self.uids)
         except BaseException:
@@ -150,13 +133,6 @@ class World:
 
     def connection(self) -> AgentConnection:
         return AgentConnection.for_platform(self.platform)
-
-    def close(self) -> None:
-        try:
-            if self.platform is not None:
-                self.platform.stop()
-        finally:
-            self.slapd.stop()
 
 
 def enroll_all(world_, users, payload: dict, *, agents: int = 4, on_progress=None, retry_until: float = 0.0,

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from bench.platform import eventually
 from tests.fault import records
 
 N = int(os.environ.get("AUTOENROLL_FAULT_N", "20"))
@@ -47,7 +48,7 @@ def test_database_restart_mid_batch_is_a_503_and_loses_nothing(fault_world, post
     history: dict = {}
     final, seen = records.enroll_all(w, w.users, payload, agents=4, on_progress=on_progress,
                                      retry_until=time.monotonic() + 90, history=history)
-    records.wait_for(restarted.is_set, 60, "PostgreSQL to restart")
+    eventually(restarted.is_set, timeout=60, what="PostgreSQL to restart")
 
     statuses = {email: getattr(reply, "status", repr(reply)) for email, reply in final.items()}
     assert set(statuses.values()) == {201}, {e: history[e] for e, status in statuses.items() if status != 201}

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from bench import world
-from bench.platform import make_platform
+from bench.platform import eventually, make_platform
 from directory_sync.slapd import PrivateSlapd
 from tests.fault import records
 
@@ -32,8 +32,7 @@ class ReplicaWorld:
         self.platform = None
         uids = world.new_uids(n, prefix="r" + uuid.uuid4().hex[:4])
         # A replica holds the same entries with the same entryUUIDs (certificates are bound to them).
-        ldif = "\n".join(line + (f"\nentryUUID: {uuid.uuid5(uuid.NAMESPACE_URL, line)}" if line.startswith("dn: ") else "")
-                         for line in world.users_ldif(uids).splitlines()) + "\n"
+        ldif = world.users_ldif(uids, entry_uuids=True)
         try:
             for slapd in (self.first, self.replica):
                 slapd.start()
@@ -89,7 +88,7 @@ def test_the_replica_takes_over_reads_and_writes_when_the_first_server_is_killed
         status = json.loads(w.platform.autoenroll("sync", "status").stdout)
         return status if status["depth"] == 0 else None
 
-    records.wait_for(drained, 60, "the outbox to drain on the replica")
+    eventually(drained, timeout=60, what="the outbox to drain on the replica")
     on_replica = records.all_ldap_values(w.replica.url)
     w.first.start()  # to read what it took before it died
     on_first = records.all_ldap_values(w.first.url)

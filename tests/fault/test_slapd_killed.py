@@ -12,6 +12,7 @@ import time
 import pytest
 from cryptography import x509
 
+from bench.platform import eventually
 from tests.fault import records
 
 N = int(os.environ.get("AUTOENROLL_FAULT_N", "20"))
@@ -42,7 +43,7 @@ def test_every_certificate_is_published_once_and_escrowed_after_slapd_is_killed(
     final, seen = records.enroll_all(w, w.users, payload, agents=4, on_progress=on_progress,
                                      retry_until=time.monotonic() + 90, history=history)
     assert killed.is_set()
-    records.wait_for(restarted.is_set, 30, "slapd to restart")
+    eventually(restarted.is_set, timeout=30, what="slapd to restart")
 
     refused_while_down = [r for r in seen if not hasattr(r, "status") or r.status >= 500]
     statuses = {email: getattr(reply, "status", repr(reply)) for email, reply in final.items()}

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from registration_app.store.models import AuditEvent, Certificate, Escrow
-from tests.e2e.platform import cli, make_platform
+from bench.platform import SUITE_SETTINGS, cli, make_platform
 from tests.e2e.test_enrollment import invite_and_bootstrap, ldap_certificates
 from tests.softhsm import key_store_options
 
@@ -23,7 +23,7 @@ def hsm_platform(tmp_path_factory, slapd, softhsm):
     before = set(softhsm.tokens.iterdir())
     options = key_store_options(softhsm, "token-lost", data)
     (token_dir,) = set(softhsm.tokens.iterdir()) - before
-    with make_platform(data, slapd.url, init_options=tuple(options)).running() as p:
+    with make_platform(data, slapd.url, init_options=tuple(options), **SUITE_SETTINGS).running() as p:
         p.token_dir = token_dir  # type: ignore[attr-defined]
         yield p
 

@@ -9,12 +9,12 @@ import shutil
 import site
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import requests
 
+from bench.platform import eventually, stop_process_group
 from directory_sync.slapd import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,19 +80,19 @@ def test_the_installed_wheel_runs_slapd_init_and_serve_outside_the_source_tree(t
         server = subprocess.Popen([str(bin_dir / "autoenroll"), "--config", "autoenroll.toml", "serve"], cwd=work,
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        health = None
-        for _ in range(300):
+
+        def health_status() -> int | None:
             assert server.poll() is None, (work / "server.log").read_text()
             try:
-                health = requests.get(f"https://localhost:{port}/health", verify=str(work / "data" / "tls-ca.pem"),
-                                      timeout=2)
-                break
+                return requests.get(f"https://localhost:{port}/health", verify=str(work / "data" / "tls-ca.pem"),
+                                    timeout=2).status_code
             except requests.RequestException:
-                time.sleep(0.2)
-        assert health is not None and health.status_code == 200, (work / "server.log").read_text()
+                return None
+
+        status = eventually(health_status, timeout=60, what="an answer from /health")
+        assert status == 200, (work / "server.log").read_text()
         assert requests.get(f"http://127.0.0.1:{http_port}/ca.crt", timeout=2).status_code == 200
     finally:
-        from bench.platform import stop_process_group
         stop_process_group(server)
         stopped = run(python, "-m", "directory_sync.slapd", "stop", "--dir", "slapd", cwd=work, env=env)
     assert "slapd stopped" in stopped.stdout

@@ -18,7 +18,8 @@ from registration_app.ra.provision import Provisioner
 from registration_app.store import audit
 from registration_app.store.models import Certificate, Escrow
 from registration_app.store.repos import outbox_status
-from tests.directory_sync.world import add_group, make_services, profiles_for, users_ldif
+from bench.world import add_users
+from tests.directory_sync.world import add_group, make_services, profiles_for
 
 COUNT = 240
 
@@ -28,8 +29,7 @@ def world(tmp_path_factory, slapd):
     """COUNT users in a fresh group `bulk-*` (entitled by `ent-*`), plus one member who is not entitled."""
     from tests.ldap_admin import LdapAdmin
     tag = uuid.uuid4().hex[:8]
-    ldif, dns = users_ldif(f"p{tag}-", COUNT + 1, (), with_member_of=False)
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"p{tag}-{i}" for i in range(COUNT + 1)])
     conn = LdapAdmin.for_slapd(slapd)
     bulk = add_group(conn, f"bulk-{tag}", dns)
     entitled = add_group(conn, f"ent-{tag}", dns[:COUNT])
@@ -108,8 +108,7 @@ def test_a_publication_that_breaks_leaves_its_rows_queued_and_the_run_finishes(w
     services, _, _ = world
     (entitled,) = services.settings.profiles["smime-encryption-ec"].groups
     tag = uuid.uuid4().hex[:8]
-    ldif, dns = users_ldif(f"q{tag}-", 24, (), with_member_of=False)
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"q{tag}-{i}" for i in range(24)])
     conn = LdapAdmin.for_slapd(slapd)
     group = add_group(conn, f"broken-{tag}", dns)
     for dn in dns:
@@ -167,8 +166,7 @@ def test_forked_provisioning_workers_sign_with_the_keys_in_a_token(tmp_path, sla
     from tests.ldap_admin import LdapAdmin
     from tests.softhsm import MODULE
     tag = uuid.uuid4().hex[:8]
-    ldif, dns = users_ldif(f"t{tag}-", 12, (), with_member_of=False)
-    slapd.load(ldif)
+    dns = add_users(slapd, [f"t{tag}-{i}" for i in range(12)])
     conn = LdapAdmin.for_slapd(slapd)
     group = add_group(conn, f"tbulk-{tag}", dns)
     entitled = add_group(conn, f"tent-{tag}", dns)

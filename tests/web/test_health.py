@@ -10,11 +10,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench.client import peer_environ
+from bench.platform import cli
 from directory_sync.slapd import SERVICE_DN, PrivateSlapd
 from registration_app.settings import load_settings
 from registration_app.web.app import create_app
 from registration_app.wiring import build_services
-from tests.e2e.platform import cli
 from tests.ldap_admin import MODIFY_REPLACE, LdapAdmin
 
 
