@@ -1,19 +1,21 @@
-"""The request path's publications, one thread per process: concurrent requests' modifies in one LDAP
-transaction (RFC 5805, ldap_txn.py), so slapd commits (and fsyncs) once for all of them.
+"""The request path's publications as a group commit: the users of requests that publish at the same
+time in one process go in one LDAP transaction (RFC 5805, ldap_txn.py), which slapd commits (and
+fsyncs) once for all of them.
 
-Each enrollment hands its user (the rows and records its issuance transaction read, the entry as its
-entitlement search read it) to the thread and waits for it at most `wait` seconds (Settings
-`publish_timeout_seconds`): answered in time, the answer says "published"; not, it says the truth, "not
-yet", and the thread (or, once the row's grace is over, the outbox worker) publishes it anyway. Nothing
-is lost either way: the outbox row was committed with the certificate.
+A request whose process has no publication in flight publishes its own user at once, in its own thread,
+as the request path always did (`Publisher.sync_user`): it leads. Requests that come while it is in the
+directory queue; when the leader is done, the first of them leads the next round with every user queued
+meanwhile (at most WINDOW, each once): several in one transaction, each modify asserting (RFC 4528) the
+entryCSN its request read. If the server refuses the transaction (an entry changed meanwhile, a class
+missing), nothing was applied and each user is published on its own, with every rule of `sync_user`
+(read again, pkiUser added, schema refusals). After a commit the users' rows are read again in one
+query, and anyone whose records changed meanwhile is published again (`sync_user`), as after any
+inline modify. (One thread per process doing every publication was measured first: it formed few
+batches and made requests wait longer for it than they had waited publishing themselves; PERFORMANCE.md.)
 
-The thread takes whatever has queued while the previous batch was in the directory (at most WINDOW
-users, each once): one user alone is published as the request path always did (`Publisher.sync_user`);
-several go in one transaction, each modify asserting (RFC 4528) the entryCSN its request read. If the
-server refuses the transaction (an entry changed meanwhile, a class missing), nothing was applied and each
-user is published on its own, with every rule of `sync_user` (read again, pkiUser added, schema refusals).
-After a commit the users' rows are read again in one query, and anyone whose records changed meanwhile
-is published again (`sync_user`), as after any inline modify.
+A queued request waits at most `wait` seconds (Settings `publish_timeout_seconds`): then it leaves the
+queue, its rows are handed to the outbox worker at once, and its answer says the truth, "not in the
+directory yet". Nothing is lost either way: the outbox row was committed with the certificate.
 
 A directory that does not offer transactions (Samba, AD) is not routed here: each request publishes
 inline, in parallel, as before.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -47,29 +50,33 @@ log = logging.getLogger("autoenroll.publisher")
 WINDOW = 64  # users in one transaction at most (a process has a handful of request threads)
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One request's user, as its issuance read it; `done` is set once it is published or deferred."""
+    """One request's user, as its issuance read it. `woken` is set when it is finished (published or
+    handed to the worker) or when it is its turn to lead."""
 
     user_dn: str
     rows: list
     certs: list
     entry: UserEntry | None
-    done: threading.Event = field(default_factory=threading.Event)
+    woken: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
     published: bool = False
+    leads: bool = False
 
 
 class InlinePublications:
-    """One thread per process (started on first use, again after a fork) publishing the requests' users."""
+    """The group commit of one process's request-path publications (see the module's docstring)."""
 
     def __init__(self, publisher: Publisher, directory: LdapDirectory) -> None:
         self.publisher = publisher
         self.directory = directory
         self.settings = directory.settings
-        self._cond = threading.Condition()
-        self._queue: list[Request] = []
+        self._lock = threading.Lock()
+        self._queue: list[Request] = []  # not yet taken by a leader
+        self._leading = False  # a request of this process is publishing now
         self._pid: int | None = None
-        self._conn = None
+        self._conn = None  # the leaders' connection for transactions (one leader at a time uses it)
         self._transactions: bool | None = None  # does the server offer them? (asked once per connection)
         self.batches = 0  # transactions committed, and users published in them (tests and bench read them)
         self.batched_users = 0
@@ -80,26 +87,39 @@ class InlinePublications:
         return self._transactions is not False
 
     def publish(self, user_dn: str, *, rows: list, certs: list, entry: UserEntry | None, wait: float) -> bool:
-        """Queue the user for the thread; True if it was published within `wait` seconds."""
+        """Publish the user now, or with the next round; True if it is in the directory within `wait` s."""
         request = Request(user_dn, rows, certs, entry)
-        with self._cond:
+        with self._lock:
             if self._pid != os.getpid():  # first use in this process (or after a fork)
-                self._pid, self._queue, self._conn = os.getpid(), [], None
-                threading.Thread(target=self._run, name="inline-publisher", daemon=True).start()
+                self._pid, self._queue, self._leading, self._conn = os.getpid(), [], False, None
             self._queue.append(request)
-            self._cond.notify_all()
-        if not request.done.wait(wait):
+            request.leads = not self._leading
+            self._leading = True
+        deadline = time.monotonic() + wait
+        while not request.leads:
+            request.woken.wait(max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                if request.finished:
+                    return request.published
+                if request.leads:
+                    break
+                if time.monotonic() < deadline:
+                    continue
+                if request not in self._queue:  # in the round being published: its leader finishes it
+                    return False
+                self._queue.remove(request)  # waited long enough: the worker publishes it
             log.info("event=publish.answered_before dn=%r wait=%.1f", user_dn, wait)
+            self._deferred(request, DirectoryUnavailable("the directory did not answer in time"))
+            return False
+        self._lead(request)
         return request.published
 
-    # -- the thread ----------------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
+    def _lead(self, me: Request) -> None:
+        """Publish rounds of the queue until `me` is finished, then hand the lead to the next in line."""
+        while not me.finished:
+            with self._lock:
                 batch, seen, left = [], set(), []
-                for request in self._queue:  # each user once per transaction: a second waits its turn
+                for request in self._queue:  # each user once per round: a second waits its turn
                     key = request.user_dn.lower()
                     if key in seen or len(batch) >= WINDOW:
                         left.append(request)
@@ -112,13 +132,22 @@ class InlinePublications:
             except Exception:  # a bug: the rows go to the worker rather than wait for their grace
                 log.exception("event=publish.inline_error users=%d", len(batch))
                 for request in batch:
-                    self._deferred(request, DirectoryUnavailable("the inline publication failed"))
+                    if not request.published:
+                        self._deferred(request, DirectoryUnavailable("the inline publication failed"))
             finally:
-                for request in batch:
-                    request.done.set()
+                with self._lock:
+                    for request in batch:
+                        request.finished = True
+                        request.woken.set()
+                    if me.finished:
+                        if self._queue:
+                            self._queue[0].leads = True
+                            self._queue[0].woken.set()
+                        else:
+                            self._leading = False
 
     def publish_batch(self, batch: list[Request]) -> None:
-        """What the thread does with the users it took: several in one transaction, else each alone."""
+        """One round: several users in one transaction, else each alone."""
         now = datetime.now(timezone.utc)
         together = [r for r in batch if r.entry is not None and r.entry.dn == r.user_dn and r.entry.version]
         alone = [r for r in batch if r not in together]
@@ -176,6 +205,7 @@ class InlinePublications:
             return left + [request for request, _ in planned]
         self.batches += 1
         self.batched_users += len(planned)
+        log.info("event=publish.batch users=%d", len(planned))
         # As after any modify (Publisher.sync_user): a change committed since the rows were read is
         # published again, from the rows as they are now.
         try:
