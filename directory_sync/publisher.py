@@ -163,8 +163,8 @@ class Publisher:
         self.ca = ca  # a LocalCA: lets the worker rebuild the CRL before nextUpdate
         self._crl_checked = float("-inf")
         self.completions = Completions(self)
-        # The request path's publications, batched by one thread (inline.py) on an LdapDirectory that
-        # asks for it; a request waits for its user at most inline_wait seconds.
+        # The request path's publications as a group commit (inline.py) on an LdapDirectory that asks
+        # for it; a request queued behind another's publication waits at most inline_wait seconds.
         self.inline = InlinePublications(self, directory) \
             if isinstance(directory, LdapDirectory) and directory.settings.inline_transactions else None
         self.inline_wait = inline_wait
@@ -291,8 +291,9 @@ class Publisher:
         `rows` and `certs` (the outbox rows just written and the user's certificate rows, read in the
         same transaction) spare the read. On success the rows are marked done by the batching thread
         (`Completions`), not in a transaction of their own; on failure they are made due now, for the
-        worker. After an issuance (`rows` and `certs` given) the publication goes through the batching
-        thread (inline.py) when there is one: False then also when it took longer than `inline_wait`."""
+        worker. After an issuance (`rows` and `certs` given) the publication goes through the group
+        commit (inline.py) when there is one: False then also when it waited longer than `inline_wait`
+        for the publications ahead of it."""
         now = now or datetime.now(timezone.utc)
         if rows is not None and certs is not None and self.inline is not None and self.inline.available:
             return self.inline.publish(user_dn, rows=rows, certs=certs, entry=entry, wait=self.inline_wait)
