@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import uuid
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from bench.platform import eventually
 from directory_sync.inline import Request
 from directory_sync.slapd import PrivateSlapd
 from registration_app.authorities.key_authority import Decision, IssueRequest
@@ -167,8 +167,7 @@ def test_a_request_queued_behind_a_stalled_directory_says_not_yet_and_the_worker
         ahead = threading.Thread(target=lambda: answers.setdefault(
             "first", services.ra.publish_now(first.dn, leading, entry=first)))
         ahead.start()
-        while not inline._leading:  # the first request is in the directory
-            time.sleep(0.01)
+        eventually(lambda: inline._leading, timeout=10, step=0.01, what="the first request in the directory")
         answers["second"] = services.ra.publish_now(second.dn, queued, entry=second)
     finally:
         os.kill(slapd.pid, signal.SIGCONT)
