@@ -130,30 +130,8 @@ class BulkDirectory:
     def _in_transaction(self, conn, chunk: list[tuple[int, list]], changes: Sequence[Change]) -> bool:
         """The chunk's modifies in one transaction: True once committed; False if the server refused
         it (then nothing was applied). python-ldap's exception passes through when no answer came."""
-        try:
-            identifier = ldap_txn.start(conn)
-        except ldap.LDAPError as exc:
-            if connection.result_code(exc) is None:
-                raise
-            self._txn = False  # announced but refused: this connection does without
-            return False
-        spec = [ldap_txn.control(identifier)]
-        sent = [conn.modify_ext(changes[index][0], ops, serverctrls=spec) for index, ops in chunk]
-        refused = False
-        for msgid in sent:  # each update is only queued here; a refusal now dooms the transaction
-            try:
-                conn.result3(msgid, timeout=self.settings.timeout_seconds)
-            except ldap.LDAPError as exc:
-                if connection.result_code(exc) is None:
-                    raise
-                refused = True
-        try:
-            ldap_txn.end(conn, identifier, commit=not refused)
-        except ldap.LDAPError as exc:
-            if connection.result_code(exc) is None:
-                raise
-            return False
-        return not refused
+        return ldap_txn.modify_all(conn, [(changes[index][0], ops, []) for index, ops in chunk],
+                                   self.settings.timeout_seconds)
 
     def _pipelined(self, conn, chunk: list[tuple[int, list]], changes: Sequence[Change], outcomes: list) -> None:
         """The chunk's modifies sent without waiting for each answer; records each outcome."""

@@ -87,7 +87,12 @@ class LdapSettings:
     use_memberof: bool = True  # read memberOf (overlay) instead of searching groups for member=<dn>
     nested_groups: bool = False  # follow groups that are members of groups
     timeout_seconds: float = 5.0  # connect and per-operation timeout: a dead slapd must fail fast
-    pool_size: int = 4  # idle connections kept per process (gthread workers share them)
+    # Idle connections kept per process: at least a worker's request threads, plus the outbox worker and
+    # the inline publisher, or requests beyond it bind a connection of their own each time.
+    pool_size: int = 8
+    # Concurrent requests' publications in one LDAP transaction (RFC 5805) by one thread per process,
+    # where the server offers transactions (directory_sync/inline.py); false: each request publishes itself.
+    inline_transactions: bool = True
     # Addresses are looked up in mail_attribute, and also in these: "proxyAddresses" (its smtp:/SMTP:
     # values, Exchange's aliases) and "userPrincipalName", on Active Directory.
     also_find_by: frozenset[str] = frozenset()

@@ -209,12 +209,15 @@ def search_pages(conn: LDAPObject, base: str, flt: str, attributes: list[str], *
 
 
 class ConnectionPool:
-    """Up to `settings.pool_size` idle bound connections, lent to one thread at a time."""
+    """Up to `settings.pool_size` idle bound connections, lent to one thread at a time. A thread that
+    finds none idle binds a new one; one returned beyond pool_size is closed, so pool_size must be at
+    least the threads that use the directory at once, or requests bind anew (`opened` counts binds)."""
 
     def __init__(self, settings: LdapSettings) -> None:
         self.settings = settings
         self.credentials = transport.check_settings(settings)  # at start: ConfigError names what is wrong
         self._idle: queue.LifoQueue[LDAPObject] = queue.LifoQueue()
+        self.opened = 0  # connections bound so far
 
     def run(self, work: Callable[[LDAPObject], T]) -> T:
         """`work(conn)` on a pooled connection; python-ldap's errors come out translated. A stale pooled
@@ -290,9 +293,11 @@ class ConnectionPool:
         except queue.Empty:
             pass
         try:
-            return bind(self.settings, self.credentials), False
+            conn = bind(self.settings, self.credentials)
         except ldap.LDAPError as exc:
             raise translate(exc) from exc
+        self.opened += 1
+        return conn, False
 
     def _release(self, conn: LDAPObject) -> None:
         if self._idle.qsize() < self.settings.pool_size:

@@ -6,15 +6,19 @@ fsync for all of them instead of one each, several times less of slapd's CPU per
 A transaction is all or nothing: if one update fails (an entry changed or went away meanwhile), the
 server applies none of them, and the caller publishes those entries one by one instead.
 
-Only bulk.py uses this; python-ldap exceptions pass through to it (it translates them).
+bulk.py (reconcile, provisioning) and inline.py (concurrent requests' publications) use this;
+python-ldap exceptions pass through to them (they translate them).
 """
 
 from __future__ import annotations
 
+import ldap
 from ldap.controls import LDAPControl
 from ldap.extop import ExtendedRequest
 from pyasn1.codec.der import encoder
 from pyasn1.type import namedtype, univ
+
+from directory_sync.connection import answered
 
 START = "1.3.6.1.1.21.1"
 SPECIFICATION = "1.3.6.1.1.21.2"  # the control that puts an update into a transaction
@@ -42,6 +46,35 @@ def control(identifier: bytes) -> LDAPControl:
 def end(conn, identifier: bytes, *, commit: bool) -> None:
     """Commit (or abort) the transaction; raises the server's refusal (nothing applied) as python-ldap does."""
     conn.extop_s(_EndRequest(identifier, commit))
+
+
+def modify_all(conn, updates: list[tuple[str, list, list[LDAPControl]]], timeout: float) -> bool:
+    """Every (dn, modlist, controls) in one transaction: True once committed, False if the server
+    refused it (a modify, its assertion, or the commit): then nothing was applied. python-ldap's
+    exception passes through when no answer came (the connection is no good any more)."""
+    try:
+        identifier = start(conn)
+    except ldap.LDAPError as exc:
+        if not answered(exc):
+            raise
+        return False
+    spec = control(identifier)
+    sent = [conn.modify_ext(dn, ops, serverctrls=[spec, *controls]) for dn, ops, controls in updates]
+    refused = False
+    for msgid in sent:  # each update is only queued here; a refusal now dooms the transaction
+        try:
+            conn.result3(msgid, timeout=timeout)
+        except ldap.LDAPError as exc:
+            if not answered(exc):
+                raise
+            refused = True
+    try:
+        end(conn, identifier, commit=not refused)
+    except ldap.LDAPError as exc:
+        if not answered(exc):
+            raise
+        return False
+    return not refused
 
 
 class _TxnEndReq(univ.Sequence):

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
+from directory_sync.inline import InlinePublications
+from directory_sync.ldap import LdapDirectory
 from directory_sync.plan import Wanted, wanted_values
 from registration_app.core.errors import AutoenrollError, DirectoryUnavailable, SchemaRefused, UserNotFound
 from registration_app.core.model import Profile, UserEntry
@@ -153,7 +155,7 @@ class Completions:
 
 class Publisher:
     def __init__(self, db: Database, directory, profiles: dict[str, Profile], ca_certificate_der: bytes,
-                 ca=None):
+                 ca=None, *, inline_wait: float = 2.0):
         self.db = db
         self.directory = directory
         self.profiles = profiles
@@ -161,6 +163,11 @@ class Publisher:
         self.ca = ca  # a LocalCA: lets the worker rebuild the CRL before nextUpdate
         self._crl_checked = float("-inf")
         self.completions = Completions(self)
+        # The request path's publications as a group commit (inline.py) on an LdapDirectory that asks
+        # for it; a request queued behind another's publication waits at most inline_wait seconds.
+        self.inline = InlinePublications(self, directory) \
+            if isinstance(directory, LdapDirectory) and directory.settings.inline_transactions else None
+        self.inline_wait = inline_wait
         self.targets: list = []  # directory_sync/targets.py TargetPublisher: [targets.NAME], each on its own
 
     def drain_targets(self) -> int:
@@ -284,8 +291,12 @@ class Publisher:
         `rows` and `certs` (the outbox rows just written and the user's certificate rows, read in the
         same transaction) spare the read. On success the rows are marked done by the batching thread
         (`Completions`), not in a transaction of their own; on failure they are made due now, for the
-        worker."""
+        worker. After an issuance (`rows` and `certs` given) the publication goes through the group
+        commit (inline.py) when there is one: False then also when it waited longer than `inline_wait`
+        for the publications ahead of it."""
         now = now or datetime.now(timezone.utc)
+        if rows is not None and certs is not None and self.inline is not None and self.inline.available:
+            return self.inline.publish(user_dn, rows=rows, certs=certs, entry=entry, wait=self.inline_wait)
         if rows is None or certs is None:
             # the rows and the records they ask for, in one snapshot
             rows, certs = outbox.open_rows_with_certificates(self.db, user_dn, certificates_of)
@@ -298,12 +309,12 @@ class Publisher:
             self.sync_user(user_dn, now=now, certs=certs, entry=entry)
         except AutoenrollError as exc:
             log.warning("event=publish.deferred dn=%r error=%r", user_dn, exc.detail)
-            self._due_now([r.id for r in rows], exc)
+            self.due_now([r.id for r in rows], exc)
             return False
         self.completions.submit(user_dn, rows)
         return True
 
-    def _due_now(self, ids: list[int], exc: AutoenrollError) -> None:
+    def due_now(self, ids: list[int], exc: AutoenrollError) -> None:
         """Rows the request path held back for its inline attempt, handed to the worker at once."""
         try:
             outbox.due_now(self.db, ids, str(exc.detail))

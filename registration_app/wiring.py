@@ -321,7 +321,8 @@ def _publisher(settings: Settings, db: Database, directory: Directory, ca: Local
     from directory_sync.publisher import Publisher
     from directory_sync.targets import TargetPublisher
     ca_der = ca.certificate.public_bytes(Encoding.DER)
-    publisher = Publisher(db, directory, dict(settings.profiles), ca_der, ca=ca)
+    publisher = Publisher(db, directory, dict(settings.profiles), ca_der, ca=ca,
+                          inline_wait=settings.publish_timeout_seconds)
     publisher.targets = [TargetPublisher.from_settings(name, target, db, settings.profiles, ca_der)
                          for name, target in settings.targets.items()]
     return publisher

@@ -41,7 +41,8 @@ def _report(outcome, what: str) -> None:
     click.echo(f"{what} for {outcome.email}: profile {outcome.profile}, serial {outcome.serial}, "
                f"valid until {outcome.not_after}")
     click.echo("published in the directory" if outcome.published
-               else "queued for the directory (LDAP unavailable; the server retries)")
+               else "not in the directory yet: queued (LDAP slow or unavailable); the server publishes it "
+                    "as soon as LDAP accepts it")
     for name, path in outcome.files.items():
         click.echo(f"  {name}: {path}")
 

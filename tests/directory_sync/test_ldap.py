@@ -12,6 +12,7 @@ import pytest
 from directory_sync.config import AttributeMap
 from directory_sync.ldap import LdapDirectory
 from directory_sync.plan import Wanted
+from directory_sync.slapd import free_port
 from registration_app.core.errors import AmbiguousUser, BadRequest, DirectoryUnavailable, UserNotFound
 from tests.directory_sync.certs import cert, crl
 from tests.ldap_admin import MODIFY_ADD
@@ -85,6 +86,16 @@ def test_alice_is_entitled_bob_is_not(directory):
     assert directory.is_member(alice, ["CN=SMIME-Users,ou=groups,dc=example,dc=org"])
     assert not directory.is_member(bob, ["smime-users", SMIME])
     assert not directory.is_member(alice, ["recovery-officers"])
+
+
+def test_the_groups_come_with_the_entry_so_entitlement_is_one_search(slapd, directory):
+    """find_user reads memberOf with the entry: groups_of then asks the directory nothing (here, a
+    directory that is not there answers it), so an enrollment's entitlement is one round trip."""
+    alice = directory.find_user("alice@example.org")
+    unreachable = LdapDirectory(slapd.settings(url=f"ldap://127.0.0.1:{free_port()}", timeout_seconds=0.5))
+    assert unreachable.groups_of(alice) == {SMIME}
+    assert unreachable.is_member(alice, ["smime-users"])
+    assert unreachable.pool.opened == 0
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -287,5 +298,21 @@ def test_threads_share_one_directory(slapd):
                                   range(120)))
         assert {u.email for u in found} == {"alice@example.org", "bob@example.org", "carol@example.org"}
         assert directory.pool.idle_connections <= 2  # the pool keeps at most pool_size idle
+    finally:
+        directory.close()
+
+
+def test_requests_reuse_pooled_connections_instead_of_binding_each_time(slapd):
+    """As many threads at once as the pool keeps (a worker's request threads and its own): once each has
+    a connection, no request binds again."""
+    directory = LdapDirectory(slapd.settings())
+    threads = directory.settings.pool_size
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: directory.find_user("alice@example.org"), range(threads * 10)))
+            opened = directory.pool.opened
+            list(pool.map(lambda i: directory.find_user("bob@example.org"), range(threads * 20)))
+        assert opened <= threads
+        assert directory.pool.opened == opened
     finally:
         directory.close()

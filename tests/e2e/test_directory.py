@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import threading
 import uuid
 
 import pytest
@@ -201,3 +202,42 @@ def test_provision_group_publishes_one_each_then_none(world):
     assert "0 issued" in again and "300 already had one" in again
     assert sync_status(platform)["depth"] == 0
     assert "audit log intact" in platform.autoenroll("audit", "verify").stdout
+
+
+def test_agents_enrolling_at_once_are_told_the_truth_about_the_directory(world):
+    """Six users' agents enroll at the same moment (the publications of one worker go together in one
+    LDAP transaction when they meet): each agent's line about the directory is true when printed, and
+    every certificate ends up first in its user's entry."""
+    slapd, platform, _services, admin, _dns = world
+    emails = []
+    with admin() as conn:
+        for _ in range(6):
+            uid = "at-once-" + uuid.uuid4().hex[:8]
+            dn = f"uid={uid},{PEOPLE}"
+            assert conn.add(dn, ["inetOrgPerson", "pkiUser"], {"uid": uid, "cn": uid, "sn": "T",
+                                                               "mail": f"{uid}@example.org"}), conn.result
+            assert conn.modify(SMIME, {"member": [(MODIFY_ADD, [dn])]}), conn.result
+            emails.append(f"{uid}@example.org")
+    for email in emails:
+        invite_and_bootstrap(platform, email)
+    outputs: dict[str, str] = {}
+
+    def enroll(email: str) -> None:
+        outputs[email] = platform.agent("enroll", "--email", email, "--profile", "smime-encryption-ec").stdout
+
+    agents = [threading.Thread(target=enroll, args=(email,)) for email in emails]
+    for agent in agents:
+        agent.start()
+    for agent in agents:
+        agent.join()
+
+    for email in emails:
+        pem = next((platform.data / "agent-store" / email).glob("smime-encryption-ec-*.pem")).read_bytes()
+        delivered = x509.load_pem_x509_certificates(pem)[0].public_bytes(Encoding.DER)
+        shown = lambda: ldap_values(slapd.url, PEOPLE, f"(mail={email})", "userCertificate;binary")  # noqa: E731
+        if "published in the directory" in outputs[email]:
+            assert list(shown().values())[0][:1] == [delivered]
+        else:
+            assert "not in the directory yet" in outputs[email]
+            eventually(lambda: list(shown().values())[0][:1] == [delivered], timeout=40, step=0.3,
+                       what=f"{email}'s queued certificate in the directory")
