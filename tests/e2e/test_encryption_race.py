@@ -8,8 +8,9 @@ IMMEDIATE) until both wait there, so both have passed the policy check before ei
 - for the same profile, both carry the same renewal_key (email | profile | after:none | entry): the
   second insert breaks the constraint and is answered 409, so one certificate is issued;
 - for two encryption profiles (smime-encryption and smime-encryption-ec, neither `coexist`), the keys
-  differ, both commit, and the user holds two current encryption certificates: the race (xfail, strict,
-  until the rule is checked inside the transaction).
+  differ, and the one-current-encryption index (store/models.py `encryption_slot`, unique among valid rows)
+  decides: the second to commit is answered 409, nothing of it issued or escrowed; its retry with
+  `replace` supersedes the winner's certificate, as a sequential request would.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from registration_app.agent import actions
 from registration_app.agent.client import AgentConfig, AgentError, RegistrationClient
 from registration_app.agent.store import AgentStore
 from registration_app.store.db import Database
+from registration_app.store.models import Escrow
 from registration_app.store.repos import certificate_history, outbox_status
 from bench.platform import SUITE_SETTINGS, ServerPlatform, eventually, make_platform
 from directory_sync.slapd import free_port
@@ -96,7 +99,8 @@ def quiet(platform: ServerPlatform) -> bool:
 
 def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
     """A fresh user's two enrollments, one per server, released together once both wait to commit.
-    Returns what each got (an Outcome or the AgentError) and the user's valid encryption certificates."""
+    Returns what each got (an Outcome or the AgentError), the user's valid encryption certificates and
+    the user's address (each agent's store is tmp_path/store-1 and store-2)."""
     first, second = two_servers
     _, email = new_user(("smime-users",))
     config = AgentConfig.load(first.agent_config)
@@ -123,26 +127,59 @@ def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
     finally:
         for client in clients:
             client.close()
-    db = Database(first.db_url)
+    return answers, valid_encryption(first, email), email
+
+
+def valid_encryption(platform: Platform, email: str) -> list[tuple[str, str]]:
+    """(profile, serial) of the user's valid encryption certificates."""
+    db = Database(platform.db_url)
     try:
-        valid = [(name, c.serial) for name in ENCRYPTION for c in certificate_history(db, email, name)
-                 if c.status == "valid"]
+        return [(name, c.serial) for name in ENCRYPTION for c in certificate_history(db, email, name)
+                if c.status == "valid"]
     finally:
         db.dispose()
-    return answers, valid
+
+
+def escrowed_serials(platform: Platform, email: str) -> set[str]:
+    with platform.transaction() as session:
+        return set(session.scalars(select(Escrow.serial).where(Escrow.email == email)))
 
 
 def test_two_first_enrollments_of_one_profile_at_once_issue_one_certificate(two_servers, new_user, tmp_path):
     """The renewal_key unique constraint decides: the loser is a 409 conflict, nothing of it is kept."""
-    answers, valid = race(two_servers, new_user, tmp_path, ("smime-encryption-ec", "smime-encryption-ec"))
+    answers, valid, _ = race(two_servers, new_user, tmp_path, ("smime-encryption-ec", "smime-encryption-ec"))
     refused = [a for a in answers if isinstance(a, AgentError)]
     assert len(refused) == 1 and (refused[0].status, refused[0].code) == (409, "conflict"), answers
     assert "another request already replaced this certificate" in str(refused[0])
     assert len(valid) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the one-current-encryption-certificate rule is read outside the issuing "
-                                       "transaction, and the renewal_key of two profiles differ")
 def test_enrollments_of_two_encryption_profiles_at_once_leave_one_current_certificate(two_servers, new_user, tmp_path):
-    answers, valid = race(two_servers, new_user, tmp_path, ENCRYPTION)
+    """The one-current-encryption index decides: the loser is a 409 conflict, nothing of it is kept (no
+    certificate, no escrow); retried with `replace`, it supersedes the winner's certificate."""
+    answers, valid, email = race(two_servers, new_user, tmp_path, ENCRYPTION)
     assert len(valid) == 1, (answers, valid)
+    (loser,) = [n for n, a in enumerate(answers) if isinstance(a, AgentError)]
+    refused, won = answers[loser], answers[1 - loser]
+    assert (refused.status, refused.code) == (409, "conflict"), refused
+    assert "another request already replaced this certificate" in str(refused)
+    assert valid == [(ENCRYPTION[1 - loser], won.serial)]
+    first, second = two_servers
+    assert escrowed_serials(first, email) == {won.serial}
+
+    platform = (first, second)[loser]
+    config = dataclasses.replace(AgentConfig.load(first.agent_config), server=platform.url,
+                                 store=tmp_path / f"store-{loser + 1}")
+    client = RegistrationClient(config)
+    try:
+        retried = actions.enroll(client, AgentStore(config.store), email, ENCRYPTION[loser], replace=True)
+    finally:
+        client.close()
+    assert valid_encryption(first, email) == [(ENCRYPTION[loser], retried.serial)]
+    db = Database(first.db_url)
+    try:
+        (winner,) = [c for c in certificate_history(db, email, ENCRYPTION[1 - loser]) if c.serial == won.serial]
+    finally:
+        db.dispose()
+    assert winner.status == "superseded"
+    assert escrowed_serials(first, email) == {won.serial, retried.serial}
