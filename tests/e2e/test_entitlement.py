@@ -150,13 +150,17 @@ def test_one_default_encryption_profile_and_one_current_encryption_certificate_p
 
 
 def test_a_user_who_already_holds_two_encryption_certificates_can_still_renew_each(demo, new_user):
-    """Issued before the one-certificate rule (or under coexist): renewals keep working, nothing new is added."""
+    """Issued before the one-certificate rule (or under coexist): renewals keep working, nothing new is added.
+    The first certificate is made one from before migration 0009 (no encryption slot: outside the index)."""
+    from sqlalchemy import update
     from registration_app.authorities.key_authority import IssueRequest
     from registration_app.wiring import build_services
     from registration_app.settings import load_settings
     _, email = new_user(groups=("smime-users",))
     invite_and_bootstrap(demo, email)
     demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec")
+    with demo.transaction() as session:
+        session.execute(update(Certificate).where(Certificate.email == email).values(encryption_slot=None))
     services = build_services(load_settings(demo.config))
     try:  # the second one straight from the key authority, past the RA's rule
         services.key_authority.issue(IssueRequest(
