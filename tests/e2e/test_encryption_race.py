@@ -30,6 +30,7 @@ from sqlalchemy import select
 from registration_app.agent import actions
 from registration_app.agent.client import AgentConfig, AgentError, RegistrationClient
 from registration_app.agent.store import AgentStore
+from registration_app.settings import load_settings
 from registration_app.store.db import Database
 from registration_app.store.models import Escrow
 from registration_app.store.repos import certificate_history, outbox_status
@@ -97,10 +98,11 @@ def quiet(platform: ServerPlatform) -> bool:
         db.dispose()
 
 
-def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
+def race(two_servers, new_user, tmp_path, profiles: tuple[str, str], *, replace: bool = False, before=None):
     """A fresh user's two enrollments, one per server, released together once both wait to commit.
     Returns what each got (an Outcome or the AgentError), the user's valid encryption certificates and
-    the user's address (each agent's store is tmp_path/store-1 and store-2)."""
+    the user's address (each agent's store is tmp_path/store-1 and store-2). `before(client, store, email)`
+    runs after the bootstrap; both enroll with `replace`."""
     first, second = two_servers
     _, email = new_user(("smime-users",))
     config = AgentConfig.load(first.agent_config)
@@ -109,12 +111,14 @@ def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
                RegistrationClient(dataclasses.replace(config, server=second.url, store=stores[1].root)))
     try:
         actions.bootstrap(clients[0], stores[0], email, first.autoenroll("invite", email).stdout.strip())
+        if before is not None:
+            before(clients[0], stores[0], email)
         shutil.copytree(stores[0].root / email, stores[1].root / email)
         eventually(lambda: quiet(first), timeout=25, step=0.05, what="the outbox drained")
 
         def enroll(n: int):
             try:
-                return actions.enroll(clients[n], stores[n], email, profiles[n])
+                return actions.enroll(clients[n], stores[n], email, profiles[n], replace=replace)
             except AgentError as exc:
                 return exc
 
@@ -183,3 +187,33 @@ def test_enrollments_of_two_encryption_profiles_at_once_leave_one_current_certif
         db.dispose()
     assert winner.status == "superseded"
     assert escrowed_serials(first, email) == {won.serial, retried.serial}
+
+
+def test_two_enrollments_at_the_daily_limit_at_once_issue_one_certificate(two_servers, new_user, tmp_path):
+    """The daily limit (max_per_day) is read outside the transaction too, but cannot be exceeded: requests
+    for one profile that read the same history replace the same latest certificate, so they carry the same
+    renewal_key and one commits; the next request reads the new count and is refused (429)."""
+    profile = "smime-encryption-ec"
+    limit = load_settings(two_servers[0].config).profiles[profile].max_per_day
+
+    def up_to_one_below_the_limit(client, store, email):
+        for _ in range(limit - 1):
+            actions.enroll(client, store, email, profile, replace=True)
+
+    answers, valid, email = race(two_servers, new_user, tmp_path, (profile, profile), replace=True,
+                                 before=up_to_one_below_the_limit)
+    refused = [a for a in answers if isinstance(a, AgentError)]
+    assert len(refused) == 1 and (refused[0].status, refused[0].code) == (409, "conflict"), answers
+    db = Database(two_servers[0].db_url)
+    try:
+        assert len(certificate_history(db, email, profile)) == limit
+    finally:
+        db.dispose()
+    config = dataclasses.replace(AgentConfig.load(two_servers[0].agent_config), store=tmp_path / "store-1")
+    client = RegistrationClient(config)
+    try:
+        with pytest.raises(AgentError) as over:
+            actions.enroll(client, AgentStore(config.store), email, profile, replace=True)
+    finally:
+        client.close()
+    assert over.value.status == 429, over.value
