@@ -134,7 +134,7 @@ def race(two_servers, new_user, tmp_path, profiles: tuple[str, str], *, replace:
     return answers, valid_encryption(first, email), email
 
 
-def valid_encryption(platform: Platform, email: str) -> list[tuple[str, str]]:
+def valid_encryption(platform: ServerPlatform, email: str) -> list[tuple[str, str]]:
     """(profile, serial) of the user's valid encryption certificates."""
     db = Database(platform.db_url)
     try:
@@ -144,7 +144,7 @@ def valid_encryption(platform: Platform, email: str) -> list[tuple[str, str]]:
         db.dispose()
 
 
-def escrowed_serials(platform: Platform, email: str) -> set[str]:
+def escrowed_serials(platform: ServerPlatform, email: str) -> set[str]:
     with platform.transaction() as session:
         return set(session.scalars(select(Escrow.serial).where(Escrow.email == email)))
 
