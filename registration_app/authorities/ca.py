@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..core.errors import Conflict, DuplicateRecord, UnknownCertificate
-from ..core.model import Profile, Subject
+from ..core.model import Profile, Subject, Usage
 from ..store import audit
 from ..store.db import Database, connection_of
 from ..store.errors import lost_renewal_race
@@ -45,6 +45,12 @@ def renewal_key(email: str, profile: str, replaces: str | None, entry_id: str | 
     the next entry given the same address starts a history of its own, it does not continue the old one."""
     first = f"|entry:{entry_id}" if replaces is None and entry_id else ""
     return f"{email.lower()}|{profile}|after:{replaces or 'none'}{first}"
+
+
+def encryption_slot(email: str, profile: Profile) -> str | None:
+    """The address of a certificate under "one current encryption certificate per address" (an encryption
+    profile without `coexist`), None outside it: unique among valid rows (store/models.py)."""
+    return email.lower() if profile.usage is Usage.ENCRYPTION and not profile.coexist else None
 
 
 def serial_hex(serial: int) -> str:
@@ -103,6 +109,7 @@ class LocalCA:
             der=r.cert.public_bytes(Encoding.DER), not_before=r.cert.not_valid_before_utc,
             not_after=r.cert.not_valid_after_utc, issued_at=now, key_source=r.key_source, replaces=r.replaces,
             renewal_key=renewal_key(r.subject.email, r.profile.name, r.replaces, r.entry_id),
+            encryption_slot=encryption_slot(r.subject.email, r.profile),
         ) for r in records]
         rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
                      reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)

@@ -223,16 +223,20 @@ class RegistrationAuthority:
     def _other_encryption(self, email: str, profile: Profile, replace: bool, now: datetime) -> str | None:
         """At most one current encryption certificate per user: mail clients pick one certificate per
         address. The serial of the user's current certificate of another encryption profile, which an
-        explicit replacement supersedes; without `replace` such an enrollment is refused. Profiles with
-        `coexist = true` are outside this rule."""
+        explicit replacement supersedes; without `replace` such an enrollment is refused. An expired one
+        (still 'valid' in our records) is superseded without asking: it holds the address's slot in the
+        database's index (store/models.py `encryption_slot`) until it is. Profiles with `coexist = true`
+        are outside this rule."""
         if profile.usage is not Usage.ENCRYPTION or profile.coexist:
             return None
+        expired = None
         for other in self.settings.profiles.values():
             if other.name == profile.name or other.usage is not Usage.ENCRYPTION or other.coexist:
                 continue
-            current = next((c for c in certificate_history(self.db, email, other.name)
-                            if c.status == "valid" and _aware(c.not_after) > now), None)
+            valid = [c for c in certificate_history(self.db, email, other.name) if c.status == "valid"]
+            current = next((c for c in valid if _aware(c.not_after) > now), None)
             if current is None:
+                expired = expired or next(iter(valid), None)
                 continue
             if not replace:
                 raise Conflict(
@@ -241,7 +245,7 @@ class RegistrationAuthority:
                     f"ask for a replacement explicitly (replace: true), which supersedes it",
                     serial=current.serial, profile=other.name)
             return current.serial
-        return None
+        return expired.serial if expired is not None else None
 
     def _password(self, payload: dict) -> str | None:
         password = _optional(payload, "password", str)

@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ..core.errors import DatabaseUnavailable, DuplicateRecord
-from .models import RENEWAL_KEY_CONSTRAINT
+from .models import ONE_ENCRYPTION_CONSTRAINT, RENEWAL_KEY_CONSTRAINT
 
 # SQLite says "UNIQUE constraint failed: certificates.renewal_key": the columns, not the constraint.
-_SQLITE_COLUMNS = {"certificates.renewal_key": RENEWAL_KEY_CONSTRAINT}
+_SQLITE_COLUMNS = {"certificates.renewal_key": RENEWAL_KEY_CONSTRAINT,
+                   "certificates.encryption_slot": ONE_ENCRYPTION_CONSTRAINT}
 RETRY_AFTER_SECONDS = 5
 
 
@@ -57,6 +58,8 @@ def database_errors() -> Iterator[None]:
 
 
 def lost_renewal_race(error: DuplicateRecord) -> bool:
-    """Whether `error` is a second issuance after the same predecessor (the certificates' unique renewal
-    key): a race the caller lost, a 409. Any other duplicate is a fault, not the client's."""
-    return error.constraint == RENEWAL_KEY_CONSTRAINT
+    """Whether `error` is a race the caller lost, a 409: a second issuance after the same predecessor (the
+    certificates' unique renewal key), or a second current encryption certificate for one address (two
+    encryption profiles at once: the one-current-encryption index). Any other duplicate is a fault, not
+    the client's."""
+    return error.constraint in (RENEWAL_KEY_CONSTRAINT, ONE_ENCRYPTION_CONSTRAINT)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import String, Table, bindparam, case, func, insert, select, update
 
 from .db import Database, connection_of, insert_if_absent
 from .models import Certificate, CrlState, Outbox
@@ -18,7 +18,16 @@ _CERTIFICATES = cast(Table, Certificate.__table__)
 _SUPERSEDE = update(_CERTIFICATES).where(
     _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
     status="superseded", superseded_by=bindparam("new"))
-_INSERT_CERTIFICATE = insert(_CERTIFICATES)
+# The row's encryption slot (models.Certificate.encryption_slot): its profile's ("slot", None outside the
+# rule), except that a renewal of its own profile keeps its predecessor's, NULL too: a user holding two
+# current encryption certificates from before migration 0009 keeps renewing each ('' marks NULL kept).
+_PREDECESSOR = _CERTIFICATES.alias("predecessor")
+_SLOT = bindparam("slot", type_=String)
+_KEPT_SLOT = select(case((_PREDECESSOR.c.profile == bindparam("slot_profile", type_=String),
+                          func.coalesce(_PREDECESSOR.c.encryption_slot, "")), else_=_SLOT)).where(
+    _PREDECESSOR.c.serial == bindparam("slot_after", type_=String)).scalar_subquery()
+_INSERT_CERTIFICATE = insert(_CERTIFICATES).values(
+    encryption_slot=func.nullif(func.coalesce(_KEPT_SLOT, _SLOT), ""))
 _OUTBOX = cast(Table, Outbox.__table__)
 _INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
 # Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
@@ -35,11 +44,14 @@ def insert_issued(session, certificates: list[dict], outbox: list[dict], superse
     """In the caller's transaction (a Session or a Core Connection): the predecessors in `supersede`
     ({"old", "new"} serials) become superseded, the certificate rows and their outbox rows are
     inserted; returns the outbox ids, in the order of `outbox`. A second issuance after the same
-    predecessor breaks the renewal key at the certificates' INSERT (DuplicateRecord, from the store)."""
+    predecessor breaks the renewal key at the certificates' INSERT, a second current encryption certificate
+    of one address the one-current-encryption index (DuplicateRecord, from the store)."""
     conn = connection_of(session)
     if supersede:  # one UPDATE each, not a read then a write
         conn.execute(_SUPERSEDE, supersede)
-    conn.execute(_INSERT_CERTIFICATE, certificates)
+    conn.execute(_INSERT_CERTIFICATE, [
+        {**{k: v for k, v in c.items() if k != "encryption_slot"}, "slot": c.get("encryption_slot"),
+         "slot_profile": c["profile"], "slot_after": c["replaces"]} for c in certificates])
     if len(outbox) == 1:
         return list(conn.execute(_INSERT_OUTBOX_RETURNING, outbox[0]).scalars())
     # the serials are new: the rows after the last id with these serials are these rows

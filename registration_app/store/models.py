@@ -34,6 +34,9 @@ class Base(DeclarativeBase):
 
 # A second issuance after the same predecessor violates this (store/errors.py `lost_renewal_race`).
 RENEWAL_KEY_CONSTRAINT = "uq_certificates_renewal_key"
+# A second current certificate of the one-encryption-certificate rule for one address violates this
+# (store/errors.py `lost_renewal_race`): two enrollments of two encryption profiles at once.
+ONE_ENCRYPTION_CONSTRAINT = "uq_certificates_one_current_encryption"
 
 
 class Certificate(Base):
@@ -62,12 +65,20 @@ class Certificate(Base):
     # One issuance per (user, profile, predecessor) prevents two concurrent renewals of the same
     # certificate; a first issuance uses the empty string so the constraint applies too.
     renewal_key: Mapped[str] = mapped_column(String(400))
+    # lower(email) on a certificate under the rule "one current encryption certificate per address"
+    # (an encryption profile without `coexist`), NULL elsewhere: unique among valid rows, so the issuing
+    # transaction, not the RA's earlier read, decides a race. Set when the row is written (authorities/
+    # ca.py); a renewal of its own profile keeps its predecessor's (store/issuance.py). NULL on rows older
+    # than migration 0009, which the rule then holds by the RA's check only.
+    encryption_slot: Mapped[str | None] = mapped_column(String(320), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("renewal_key", name=RENEWAL_KEY_CONSTRAINT),
         Index("ix_certificates_user_profile_status", "email", "profile", "status"),
         # the enrollment policy matches email case-insensitively (store/repos.py)
         Index("ix_certificates_lower_email_profile", func.lower(email), profile),
+        Index(ONE_ENCRYPTION_CONSTRAINT, encryption_slot, unique=True,
+              sqlite_where=status == "valid", postgresql_where=status == "valid"),
     )
 
 

@@ -8,8 +8,9 @@ IMMEDIATE) until both wait there, so both have passed the policy check before ei
 - for the same profile, both carry the same renewal_key (email | profile | after:none | entry): the
   second insert breaks the constraint and is answered 409, so one certificate is issued;
 - for two encryption profiles (smime-encryption and smime-encryption-ec, neither `coexist`), the keys
-  differ, both commit, and the user holds two current encryption certificates: the race (xfail, strict,
-  until the rule is checked inside the transaction).
+  differ, and the one-current-encryption index (store/models.py `encryption_slot`, unique among valid rows)
+  decides: the second to commit is answered 409, nothing of it issued or escrowed; its retry with
+  `replace` supersedes the winner's certificate, as a sequential request would.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from registration_app.agent import actions
 from registration_app.agent.client import AgentConfig, AgentError, RegistrationClient
 from registration_app.agent.store import AgentStore
+from registration_app.settings import load_settings
 from registration_app.store.db import Database
+from registration_app.store.models import Escrow
 from registration_app.store.repos import certificate_history, outbox_status
 from bench.platform import SUITE_SETTINGS, ServerPlatform, eventually, make_platform
 from directory_sync.slapd import free_port
@@ -94,9 +98,11 @@ def quiet(platform: ServerPlatform) -> bool:
         db.dispose()
 
 
-def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
+def race(two_servers, new_user, tmp_path, profiles: tuple[str, str], *, replace: bool = False, before=None):
     """A fresh user's two enrollments, one per server, released together once both wait to commit.
-    Returns what each got (an Outcome or the AgentError) and the user's valid encryption certificates."""
+    Returns what each got (an Outcome or the AgentError), the user's valid encryption certificates and
+    the user's address (each agent's store is tmp_path/store-1 and store-2). `before(client, store, email)`
+    runs after the bootstrap; both enroll with `replace`."""
     first, second = two_servers
     _, email = new_user(("smime-users",))
     config = AgentConfig.load(first.agent_config)
@@ -105,12 +111,14 @@ def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
                RegistrationClient(dataclasses.replace(config, server=second.url, store=stores[1].root)))
     try:
         actions.bootstrap(clients[0], stores[0], email, first.autoenroll("invite", email).stdout.strip())
+        if before is not None:
+            before(clients[0], stores[0], email)
         shutil.copytree(stores[0].root / email, stores[1].root / email)
         eventually(lambda: quiet(first), timeout=25, step=0.05, what="the outbox drained")
 
         def enroll(n: int):
             try:
-                return actions.enroll(clients[n], stores[n], email, profiles[n])
+                return actions.enroll(clients[n], stores[n], email, profiles[n], replace=replace)
             except AgentError as exc:
                 return exc
 
@@ -123,26 +131,89 @@ def race(two_servers, new_user, tmp_path, profiles: tuple[str, str]):
     finally:
         for client in clients:
             client.close()
-    db = Database(first.db_url)
+    return answers, valid_encryption(first, email), email
+
+
+def valid_encryption(platform: ServerPlatform, email: str) -> list[tuple[str, str]]:
+    """(profile, serial) of the user's valid encryption certificates."""
+    db = Database(platform.db_url)
     try:
-        valid = [(name, c.serial) for name in ENCRYPTION for c in certificate_history(db, email, name)
-                 if c.status == "valid"]
+        return [(name, c.serial) for name in ENCRYPTION for c in certificate_history(db, email, name)
+                if c.status == "valid"]
     finally:
         db.dispose()
-    return answers, valid
+
+
+def escrowed_serials(platform: ServerPlatform, email: str) -> set[str]:
+    with platform.transaction() as session:
+        return set(session.scalars(select(Escrow.serial).where(Escrow.email == email)))
 
 
 def test_two_first_enrollments_of_one_profile_at_once_issue_one_certificate(two_servers, new_user, tmp_path):
     """The renewal_key unique constraint decides: the loser is a 409 conflict, nothing of it is kept."""
-    answers, valid = race(two_servers, new_user, tmp_path, ("smime-encryption-ec", "smime-encryption-ec"))
+    answers, valid, _ = race(two_servers, new_user, tmp_path, ("smime-encryption-ec", "smime-encryption-ec"))
     refused = [a for a in answers if isinstance(a, AgentError)]
     assert len(refused) == 1 and (refused[0].status, refused[0].code) == (409, "conflict"), answers
     assert "another request already replaced this certificate" in str(refused[0])
     assert len(valid) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the one-current-encryption-certificate rule is read outside the issuing "
-                                       "transaction, and the renewal_key of two profiles differ")
 def test_enrollments_of_two_encryption_profiles_at_once_leave_one_current_certificate(two_servers, new_user, tmp_path):
-    answers, valid = race(two_servers, new_user, tmp_path, ENCRYPTION)
+    """The one-current-encryption index decides: the loser is a 409 conflict, nothing of it is kept (no
+    certificate, no escrow); retried with `replace`, it supersedes the winner's certificate."""
+    answers, valid, email = race(two_servers, new_user, tmp_path, ENCRYPTION)
     assert len(valid) == 1, (answers, valid)
+    (loser,) = [n for n, a in enumerate(answers) if isinstance(a, AgentError)]
+    refused, won = answers[loser], answers[1 - loser]
+    assert (refused.status, refused.code) == (409, "conflict"), refused
+    assert "another request already replaced this certificate" in str(refused)
+    assert valid == [(ENCRYPTION[1 - loser], won.serial)]
+    first, second = two_servers
+    assert escrowed_serials(first, email) == {won.serial}
+
+    platform = (first, second)[loser]
+    config = dataclasses.replace(AgentConfig.load(first.agent_config), server=platform.url,
+                                 store=tmp_path / f"store-{loser + 1}")
+    client = RegistrationClient(config)
+    try:
+        retried = actions.enroll(client, AgentStore(config.store), email, ENCRYPTION[loser], replace=True)
+    finally:
+        client.close()
+    assert valid_encryption(first, email) == [(ENCRYPTION[loser], retried.serial)]
+    db = Database(first.db_url)
+    try:
+        (winner,) = [c for c in certificate_history(db, email, ENCRYPTION[1 - loser]) if c.serial == won.serial]
+    finally:
+        db.dispose()
+    assert winner.status == "superseded"
+    assert escrowed_serials(first, email) == {won.serial, retried.serial}
+
+
+def test_two_enrollments_at_the_daily_limit_at_once_issue_one_certificate(two_servers, new_user, tmp_path):
+    """The daily limit (max_per_day) is read outside the transaction too, but cannot be exceeded: requests
+    for one profile that read the same history replace the same latest certificate, so they carry the same
+    renewal_key and one commits; the next request reads the new count and is refused (429)."""
+    profile = "smime-encryption-ec"
+    limit = load_settings(two_servers[0].config).profiles[profile].max_per_day
+
+    def up_to_one_below_the_limit(client, store, email):
+        for _ in range(limit - 1):
+            actions.enroll(client, store, email, profile, replace=True)
+
+    answers, valid, email = race(two_servers, new_user, tmp_path, (profile, profile), replace=True,
+                                 before=up_to_one_below_the_limit)
+    refused = [a for a in answers if isinstance(a, AgentError)]
+    assert len(refused) == 1 and (refused[0].status, refused[0].code) == (409, "conflict"), answers
+    db = Database(two_servers[0].db_url)
+    try:
+        assert len(certificate_history(db, email, profile)) == limit
+    finally:
+        db.dispose()
+    config = dataclasses.replace(AgentConfig.load(two_servers[0].agent_config), store=tmp_path / "store-1")
+    client = RegistrationClient(config)
+    try:
+        with pytest.raises(AgentError) as over:
+            actions.enroll(client, AgentStore(config.store), email, profile, replace=True)
+    finally:
+        client.close()
+    assert over.value.status == 429, over.value

@@ -149,14 +149,36 @@ def test_one_default_encryption_profile_and_one_current_encryption_certificate_p
     assert published[0] == current.der and rsa.der not in published
 
 
+def test_an_expired_encryption_certificate_of_another_profile_is_superseded_by_a_new_one(demo, new_user):
+    """Expired, it is no longer current (no --replace needed), but it would hold the address's slot in the
+    one-current-encryption index: the new certificate supersedes it."""
+    from datetime import datetime, timedelta, timezone
+    from sqlalchemy import update
+    _, email = new_user(groups=("smime-users",))
+    invite_and_bootstrap(demo, email)
+    demo.agent("enroll", "--email", email, "--profile", "smime-encryption")
+    (rsa,) = certificates(demo, email, usage="encryption")
+    with demo.transaction() as session:  # its not_after in our records moved to yesterday
+        session.execute(update(Certificate).where(Certificate.serial == rsa.serial).values(
+            not_after=datetime.now(timezone.utc) - timedelta(days=1)))
+    demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec")
+    (current,) = certificates(demo, email, usage="encryption", status="valid")
+    assert (current.profile, current.replaces) == ("smime-encryption-ec", rsa.serial)
+    assert [c.status for c in certificates(demo, email, serial=rsa.serial)] == ["superseded"]
+
+
 def test_a_user_who_already_holds_two_encryption_certificates_can_still_renew_each(demo, new_user):
-    """Issued before the one-certificate rule (or under coexist): renewals keep working, nothing new is added."""
+    """Issued before the one-certificate rule (or under coexist): renewals keep working, nothing new is added.
+    The first certificate is made one from before migration 0009 (no encryption slot: outside the index)."""
+    from sqlalchemy import update
     from registration_app.authorities.key_authority import IssueRequest
     from registration_app.wiring import build_services
     from registration_app.settings import load_settings
     _, email = new_user(groups=("smime-users",))
     invite_and_bootstrap(demo, email)
     demo.agent("enroll", "--email", email, "--profile", "smime-encryption-ec")
+    with demo.transaction() as session:
+        session.execute(update(Certificate).where(Certificate.email == email).values(encryption_slot=None))
     services = build_services(load_settings(demo.config))
     try:  # the second one straight from the key authority, past the RA's rule
         services.key_authority.issue(IssueRequest(
