@@ -306,19 +306,25 @@ class Database:
             yield conn
 
     def query(self, statement, parameters: dict | None = None) -> list:
-        """The rows of ONE read statement, which is its own snapshot: run in autocommit on this
-        thread's connection, with no BEGIN, COMMIT or pool check-out around it. For several
+        """The rows of ONE read statement (Core, or prepared.py's `Prepared`), which is its own snapshot:
+        run in autocommit on this thread's connection, with no BEGIN, COMMIT or pool check-out around it. For several
         statements that must agree with each other, use `read_connection()`."""
         with database_errors():
             return self._query(statement, parameters)
 
     def _query(self, statement, parameters: dict | None) -> list:
+        from .prepared import Prepared
+        if isinstance(statement, Prepared):
+            run = statement.rows
+        else:
+            def run(conn, params):
+                return list(conn.execute(statement, params).all())
         conn = self._thread_connection("reader")
         if conn is None:
             with self._read_engine.begin() as pooled:
-                return list(pooled.execute(statement, parameters or {}).all())
+                return run(pooled, parameters or {})
         try:
-            return list(conn.execute(statement, parameters or {}).all())
+            return run(conn, parameters or {})
         except DBAPIError:
             self._drop_thread_connection("reader")  # cheap to re-open; a broken one must not stay
             raise

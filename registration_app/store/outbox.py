@@ -8,13 +8,14 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import bindparam, or_, select, update
 
 from .db import Database
+from .prepared import Prepared
 from .models import Certificate, CrlState, Outbox
 
 _OUTBOX = Outbox.__table__
 _CERTIFICATES = Certificate.__table__
 # What wanted_values reads of a user's rows (the columns of repos.certificates_of), for one user or many.
 _ROW_COLUMNS = [_CERTIFICATES.c[name] for name in ("der", "status", "profile", "usage", "not_after", "issued_at")]
-_ROWS_OF = select(*_ROW_COLUMNS).where(_CERTIFICATES.c.user_dn == bindparam("dn"))
+_ROWS_OF = Prepared(select(*_ROW_COLUMNS).where(_CERTIFICATES.c.user_dn == bindparam("dn")))
 _ROWS_OF_MANY = select(_CERTIFICATES.c.user_dn, *_ROW_COLUMNS).where(
     _CERTIFICATES.c.user_dn.in_(bindparam("dns", expanding=True)))
 
