@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -110,7 +111,7 @@ def append(session: Session, *, event: str, outcome: str, actor: str, subject: s
     return AuditEvent(id=ids[0], **rows[0])
 
 
-def append_many(session: Session | Connection, events: list[dict | PreparedEvent], now: datetime) -> list[int]:
+def append_many(session: Session | Connection, events: Sequence[dict | PreparedEvent], now: datetime) -> list[int]:
     """Append rows to the chain: lock the head, chain each row to the previous hash, move the head;
     returns the new rows' ids.
 
@@ -132,7 +133,7 @@ def _text(value: str) -> str:
     return value[:512].replace("\0", "\ufffd")
 
 
-def _append(conn: Connection, events: list[dict | PreparedEvent], now: datetime) -> tuple[list[int], list[dict]]:
+def _append(conn: Connection, events: Sequence[dict | PreparedEvent], now: datetime) -> tuple[list[int], list[dict]]:
     """(ids, rows as inserted) of `append_many`."""
     keys, anchor = keys_of(conn)
     key = keys.need("audit")

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..core.errors import Unavailable
 from ..core.retry import backoff_delay
 from .errors import database_errors
+from .group_commit import GroupCommit
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -200,7 +201,7 @@ class Database:
     repos.py, the audit key for every append, and the checkpoint every committed append moves (anchor.py).
     """
 
-    def __init__(self, url: str, keys=None) -> None:
+    def __init__(self, url: str, keys=None, *, group_commit: bool | None = None) -> None:
         from .anchor import AuditAnchor
         from .keys import StoreKeys
         self.url = url
@@ -225,6 +226,11 @@ class Database:
         self._read_engine = self.engine.execution_options(autoenroll_read_only=True)
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
         self._writers = _writer_queue(self.engine) if self.engine.dialect.name == "sqlite" else None
+        # `run(core=True)` units of this process's threads share commits (group_commit.py): on by default
+        # where writers queue on one lock (SQLite); a server database commits concurrent writers itself.
+        if group_commit is None:
+            group_commit = self._writers is not None
+        self._group = GroupCommit(self) if group_commit else None
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -358,8 +364,13 @@ class Database:
 
     def run(self, work, *, attempts: int = 5, core: bool = False):
         """Run `work(session)` in a transaction, retrying when SQLite reports the database busy;
-        `core=True` passes a Core Connection (see `write`) instead of a Session."""
+        `core=True` passes a Core Connection (see `write`) instead of a Session, and with group commit
+        (on SQLite) that transaction may be shared with other threads' units, each in its own savepoint
+        (group_commit.py): `work` must then use only the connection it is given and its own arguments,
+        never this thread's state, and it returns only once the shared COMMIT has."""
         with database_errors():
+            if core and self._group is not None:
+                return self._group.run(work, attempts)
             return self._run(work, attempts, self._write if core else self._transaction)
 
     @staticmethod

@@ -131,10 +131,22 @@ class Prepared:
         finally:
             cursor.close()
 
-    def last_id(self, conn: Connection, params: dict) -> int:
-        """An INSERT of one row on SQLite: the new row's id (lastrowid), with no RETURNING."""
-        _compiled, cursor = self._cursor(conn, params)
+    @staticmethod
+    def sql(conn: Connection, text: str) -> None:
+        """A statement without parameters or rows (a SAVEPOINT), on the same cursor path."""
+        Prepared(None)._execute_text(conn, text)
+
+    def _execute_text(self, conn: Connection, text: str) -> None:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None, "a Connection that is open"
+        cursor = dbapi.cursor()
         try:
-            return cursor.lastrowid
+            cursor.execute(text)
+        except conn.dialect.loaded_dbapi.Error as exc:
+            gone = conn.dialect.is_disconnect(exc, dbapi, cursor)
+            if gone:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(text, None, exc, conn.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=gone, dialect=conn.dialect) from exc
         finally:
             cursor.close()
