@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def measure(workdir: Path, n: int, *, database_url: str | None = None, threads: int = 1) -> dict:
+def measure(workdir: Path, n: int, *, database_url: str | None = None, threads: int = 1,
+            group_commit: bool = True) -> dict:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
     from sqlalchemy import event
@@ -56,6 +57,14 @@ def measure(workdir: Path, n: int, *, database_url: str | None = None, threads: 
                     committing.append(end - local.commit_at)
 
     store_db._WriterQueue.held = timed_held  # type: ignore[method-assign]
+    try:
+        from registration_app.store import group_commit as grouping
+    except ImportError:  # a checkout from before it
+        grouping = None
+    if grouping is not None and not group_commit:
+        original_run = grouping.GroupCommit.run
+        grouping.GroupCommit.run = lambda self, work, attempts: self._db._run(  # type: ignore[method-assign]
+            work, attempts, self._db._write)
     try:  # statements run straight on the DBAPI cursor (store/prepared.py) pass no SQLAlchemy event
         from registration_app.store.prepared import Prepared
     except ImportError:  # a checkout from before them
@@ -136,6 +145,8 @@ def measure(workdir: Path, n: int, *, database_url: str | None = None, threads: 
             services.close()
     finally:
         store_db._WriterQueue.held = original_held  # type: ignore[method-assign]
+        if grouping is not None and not group_commit:
+            grouping.GroupCommit.run = original_run  # type: ignore[method-assign]
         if Prepared is not None:
             Prepared._cursor = original_cursor  # type: ignore[method-assign]
         slapd.stop()
@@ -143,6 +154,7 @@ def measure(workdir: Path, n: int, *, database_url: str | None = None, threads: 
     return {
         "database": "postgresql" if database_url else "sqlite",
         "threads": threads,
+        "group_commit": group_commit,
         "enrollments": ok,
         "statuses": statuses,
         "rate_per_s": round(ok / wall, 1),
@@ -163,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=200, help="enrollments")
     parser.add_argument("--threads", type=int, default=1, help="request threads in the one process")
     parser.add_argument("--database-url", default=None, help="a PostgreSQL URL (default: SQLite in the data folder)")
+    parser.add_argument("--no-group-commit", action="store_true", help="each unit its own transaction")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-txn-") as workdir:
-        result = measure(Path(workdir), args.n, database_url=args.database_url, threads=args.threads)
+        result = measure(Path(workdir), args.n, database_url=args.database_url, threads=args.threads,
+                         group_commit=not args.no_group_commit)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0
