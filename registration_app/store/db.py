@@ -118,6 +118,11 @@ class _WriterQueue:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._pid: int | None = None
+        self._mine = threading.local()  # how deep this thread holds the lock
+
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the lock (a transaction of its own is open)."""
+        return getattr(self._mine, "depth", 0) > 0
 
     def _ready(self) -> None:
         with self._init_lock:
@@ -134,11 +139,13 @@ class _WriterQueue:
             self._ready()
         with self._lock:
             self._depth += 1
+            self._mine.depth = getattr(self._mine, "depth", 0) + 1
             try:
                 if self._depth == 1 and self._fd is not None:
                     fcntl.flock(self._fd, fcntl.LOCK_EX)
                 yield
             finally:
+                self._mine.depth -= 1
                 self._depth -= 1
                 if self._depth == 0 and self._fd is not None:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -62,7 +62,10 @@ class GroupCommit:
         self._local = threading.local()
 
     def run(self, work: Callable[[Any], Any], attempts: int) -> Any:
-        if getattr(self._local, "leading", False):  # a unit's work writing again: its own transaction
+        writers = self._db._writers
+        if getattr(self._local, "leading", False) or (writers is not None and writers.held_here()):
+            # a transaction inside another one of this thread (a unit's work writing again): on its own,
+            # as without group commit; queueing behind a leader who waits for our lock would never end
             return self._db._run(work, attempts, self._db._write)
         unit = _Unit(work)
         with self._lock:
