@@ -33,7 +33,7 @@ _PHASES = {
     "publish inline": ("registration_app.ra.authority", "RegistrationAuthority.publish_now"),
     "agent check (allow-list, revoked?)": ("registration_app.web.api", "identify_agent"),
     "  of which the request's one read": ("registration_app.auth.request_checks", "request_facts"),
-    "next nonce (Replay-Nonce)": ("registration_app.web.api", "issue_nonce"),
+    "next nonce (Replay-Nonce)": ("registration_app.auth.nonces", "issue_nonce"),
     "response JSON": ("registration_app.web.api", "jsonify"),
 }
 # The phases that do not nest in another: what they leave of "request (all)" is Flask, werkzeug, the

@@ -32,6 +32,7 @@ from ..core.errors import Unavailable
 from ..core.retry import backoff_delay
 from .errors import database_errors
 from .group_commit import GroupCommit
+from .prepared import Prepared
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -56,7 +57,8 @@ def make_engine(url: str, **options) -> Engine:
             if options.get("isolation_level") == "AUTOCOMMIT":
                 return  # `Database.query`: every statement is its own snapshot, no BEGIN at all
             # Readers use a deferred BEGIN: in WAL mode they run beside the writer and never queue.
-            conn.exec_driver_sql("BEGIN" if options.get("autoenroll_read_only", False) else "BEGIN IMMEDIATE")
+            # (Straight on the cursor, like the hot paths' statements: prepared.py.)
+            Prepared.sql(conn, "BEGIN" if options.get("autoenroll_read_only", False) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, **options)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import bindparam, or_, select, update
@@ -107,7 +108,15 @@ def retry_later(db: Database, retries: list[tuple[int, int, datetime]], note: st
 
 
 
-_MARK_DONE = update(_OUTBOX).where(_OUTBOX.c.done_at.is_(None)).returning(_OUTBOX.c.id)
+_MARK_AT_ONCE = 32  # ids per statement: one prepared statement per count up to this (a prepared one takes no list)
+
+
+@functools.lru_cache(maxsize=_MARK_AT_ONCE)
+def _mark_done(count: int) -> Prepared:
+    """UPDATE ... RETURNING of `count` ids (i0, i1, ...) not done yet."""
+    return Prepared(update(_OUTBOX).where(
+        _OUTBOX.c.done_at.is_(None), _OUTBOX.c.id.in_([bindparam(f"i{k}") for k in range(count)])).values(
+        done_at=bindparam("done_at"), claimed_until=None, last_error=None).returning(_OUTBOX.c.id))
 
 
 def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
@@ -117,9 +126,10 @@ def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
     ids = [r.id for _target, rows in batch for r in rows]
     now = datetime.now(timezone.utc)
     open_ids = set()  # the rows this transaction marked (UPDATE ... RETURNING: one statement)
-    for start in range(0, len(ids), 500):
-        open_ids.update(conn.execute(_MARK_DONE.where(_OUTBOX.c.id.in_(ids[start:start + 500])), {
-            "done_at": now, "claimed_until": None, "last_error": None}).scalars())
+    for start in range(0, len(ids), _MARK_AT_ONCE):
+        chunk = ids[start:start + _MARK_AT_ONCE]
+        open_ids.update(row.id for row in _mark_done(len(chunk)).rows(
+            conn, {"done_at": now, **{f"i{k}": row_id for k, row_id in enumerate(chunk)}}))
     if not open_ids:
         return []
     events = []

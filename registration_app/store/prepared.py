@@ -73,8 +73,8 @@ class Prepared:
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 processors[name] = processor
-            if name not in constants and bind.value is not None and not bind.required:
-                constants[name] = bind.value
+            if name not in constants and not bind.required:  # a value written in the statement (None too)
+                constants[name] = bind.effective_value
         columns = list(getattr(self.statement, "exported_columns", ()) or ())
         row = namedtuple("Row", [c.key for c in columns], rename=True) if columns else None  # type: ignore[misc]
         results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
