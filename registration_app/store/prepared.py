@@ -18,7 +18,7 @@ import threading
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -64,7 +64,7 @@ class Prepared:
                 if not column.default.is_scalar:
                     raise ValueError(f"{column} has a computed default: pass its value")
                 column_keys.append(column.key)
-                constants[column.key] = column.default.arg
+                constants[column.key] = cast(Any, column.default).arg  # a scalar ColumnDefault
         compiled = self.statement.compile(dialect=dialect, column_keys=column_keys)
         positional = bool(dialect.positional)
         names = tuple(compiled.positiontup or ()) if positional else tuple(compiled.binds)
@@ -76,7 +76,7 @@ class Prepared:
             if name not in constants and not bind.required:  # a value written in the statement (None too)
                 constants[name] = bind.effective_value
         columns = list(getattr(self.statement, "exported_columns", ()) or ())
-        row = namedtuple("Row", [c.key for c in columns], rename=True) if columns else None  # type: ignore[misc]
+        row = namedtuple("Row", [c.key for c in columns], rename=True) if columns else None
         results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
         return _Compiled(compiled.string, names, positional, constants, processors, row, results)
 
@@ -97,7 +97,7 @@ class Prepared:
         cursor = dbapi.cursor()
         try:
             if isinstance(params, list):
-                cursor.executemany(compiled.sql, [self._parameters(compiled, row) for row in rows])
+                cursor.executemany(compiled.sql, [self._parameters(compiled, row) for row in rows])  # type: ignore[arg-type]
             else:
                 cursor.execute(compiled.sql, self._parameters(compiled, params))
         except conn.dialect.loaded_dbapi.Error as exc:
