@@ -20,8 +20,8 @@ _PHASES = {
     "request (all)": None,
     "verify JWS + chain + nonce check": ("registration_app.web.api", "verify_user_request"),
     "  of which chain": ("registration_app.auth.jws", "verify_user_chain"),
-    "  of which nonce check": ("registration_app.auth.nonces", "nonce_unused"),
-    "  of which is_revoked": ("registration_app.authorities.ca", "LocalCA.is_revoked"),
+    "  of which nonce check": ("registration_app.auth.request_checks", "RequestChecks.nonce_unused"),
+    "  of which is_revoked": ("registration_app.auth.request_checks", "RequestChecks.is_revoked"),
     "entitlement (LDAP)": ("registration_app.ra.authority", "RegistrationAuthority.entitled_user"),
     "policy read": ("registration_app.ra.authority", "RegistrationAuthority._replacement_of"),
     "issue (all)": ("registration_app.authorities.key_authority", "LocalKeyAuthority.issue"),
@@ -32,8 +32,8 @@ _PHASES = {
     "  pkcs12": ("registration_app.authorities.key_authority", "to_pkcs12"),
     "publish inline": ("registration_app.ra.authority", "RegistrationAuthority.publish_now"),
     "agent check (allow-list, revoked?)": ("registration_app.web.api", "identify_agent"),
-    "superseded? (successor_of)": ("registration_app.web.api", "superseding_serial"),
-    "next nonce (Replay-Nonce)": ("registration_app.web.api", "issue_nonce"),
+    "  of which the request's one read": ("registration_app.auth.request_checks", "request_facts"),
+    "next nonce (Replay-Nonce)": ("registration_app.auth.nonces", "issue_nonce"),
     "response JSON": ("registration_app.web.api", "jsonify"),
 }
 # The phases that do not nest in another: what they leave of "request (all)" is Flask, werkzeug, the

@@ -20,10 +20,11 @@ def server_keys(folder: Path) -> StoreKeys:
 
 
 @contextmanager
-def bare_database(folder: Path) -> Iterator[Database]:
+def bare_database(folder: Path, **options) -> Iterator[Database]:
+    """`options`: of Database (group_commit)."""
     url = database_url_for() or f"sqlite:///{folder / 't.db'}"
     migrate(url)
-    database = Database(url, keys=server_keys(folder))
+    database = Database(url, keys=server_keys(folder), **options)
     try:
         yield database
     finally:

@@ -12,10 +12,14 @@ use one:
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from ..core.errors import BadNonce
 from ..store.db import Database
 from ..store.repos import NonceToken, consume_nonce, issue_nonce, nonce_unused, record_nonce
+
+if TYPE_CHECKING:
+    from .request_checks import RequestChecks
 
 __all__ = ["NonceToken", "check", "consume", "issue", "spend", "spend_if_unused"]
 
@@ -32,8 +36,12 @@ def consume(db: Database, value: str, now: datetime | None = None) -> bool:
     return consume_nonce(db, value, now)
 
 
-def check(db: Database, value: str, now: datetime | None = None) -> NonceToken | None:
-    """The token if `value` is ours, unexpired and unused; nothing is written (see `spend`)."""
+def check(db: Database, value: str, now: datetime | None = None, *,
+          checks: RequestChecks | None = None) -> NonceToken | None:
+    """The token if `value` is ours, unexpired and unused; nothing is written (see `spend`). With
+    `checks`, the request's read-ahead answers (no statement of its own when it read this nonce)."""
+    if checks is not None:
+        return checks.nonce_unused(value, now)
     return nonce_unused(db, value, now)
 
 

@@ -262,11 +262,12 @@ class LocalKeyAuthority(SplitKeyAuthority):
             raise
         publish_after = INLINE_PUBLISH_GRACE if decision.publish_inline else timedelta(0)
         published = self.published.carried() if self.published is not None else nullcontext([])
+        decided = audit.prepare(decision.audit_events, now)  # before the writer lock, not inside it
 
         def work(conn, carried: list[tuple[str, list]]):
             if decision.nonce is not None:
                 nonces.spend(conn, decision.nonce, now, savepoint=False)
-            events = list(decision.audit_events)
+            events: list = list(decided)
             if blob is not None:
                 events.append(self.kra.insert_sealed(conn, serial_text, blob, email=req.user.email,
                                                      profile=req.profile.name, actor=req.actor, now=now))

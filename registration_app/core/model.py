@@ -139,3 +139,6 @@ class VerifiedRequest:
     # The nonce when it was checked but not yet marked used (store.repos.NonceToken): the service
     # records it in the transaction that acts on the request. None once it is used.
     nonce: object | None = None
+    # What the database said about this request, read once (auth/request_checks.py RequestChecks): the
+    # RA's entry binding answers from it instead of another read.
+    checks: object | None = None

@@ -20,6 +20,7 @@ from ..auth.anchors import user_entry
 from ..auth.csr import verify_csr
 from ..auth import nonces
 from ..auth.nonces import NonceToken
+from ..auth.request_checks import RequestChecks
 from ..authorities.key_authority import Decision, IssueRequest, Issued, SplitKeyAuthority
 from ..core.dn import dn_key
 from ..core.entitlement import is_entitled
@@ -33,7 +34,7 @@ from ..core.renewal import server_window_opens
 from ..store import audit
 from ..store.db import Database
 from ..store.repos import (BootstrapLimits, bind_rows_to_entry, bootstrap_retry_after, certificate_by_serial,
-                          certificate_history, current_certificate, enrollment_code, enrollment_code_key,
+                          certificate_histories, current_certificate, enrollment_code, enrollment_code_key,
                           entry_binding, latest_certificate, move_entry_rows, record_bootstrap_failure,
                           use_enrollment_code)
 
@@ -47,7 +48,8 @@ SELF_REVOCATION_REASONS = {"unspecified", "keyCompromise", "affiliationChanged",
                            "cessationOfOperation"}
 
 
-def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *, actor: str) -> None:
+def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *, actor: str,
+                     checks: RequestChecks | None = None) -> None:
     """Refuse a request signed with a certificate of ours that was issued to another directory entry
     than `user`, the entry that holds its address now (EntryChanged, 403): an address given to someone
     else does not take the old holder's certificates along.
@@ -56,11 +58,12 @@ def check_same_entry(db: Database, certificate: UserIdentity, user: UserEntry, *
     moved to another DN is followed: its certificate rows take the new DN. A row older than migration
     0006 has no id yet: the first request that finds its entry at the row's DN binds every row of that
     DN to it (first sight); found under another DN it is refused, until reconcile has followed it.
-    Certificates of other issuers are bound to their entry by the entry listing them (auth/chain.py)."""
+    Certificates of other issuers are bound to their entry by the entry listing them (auth/chain.py).
+    `checks` (the request's read-ahead) answers without a statement of its own."""
     if not certificate.issuer_is_ours or not user.entry_id:
         return
     serial = format(certificate.serial, "x")
-    binding = entry_binding(db, serial)
+    binding = checks.entry_binding(certificate.serial) if checks is not None else entry_binding(db, serial)
     if binding is None:
         return
     entry_id, user_dn = binding
@@ -100,6 +103,11 @@ def _nonce_of(request: VerifiedRequest) -> NonceToken | None:
     return cast("NonceToken | None", request.nonce)
 
 
+def _checks_of(request: VerifiedRequest) -> RequestChecks | None:
+    # core's VerifiedRequest cannot name auth's RequestChecks; web/api.py puts one there (or None)
+    return cast("RequestChecks | None", request.checks)
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A refused API request, as the web layer saw it: who asked, for whom, where, and why."""
@@ -124,13 +132,14 @@ class RegistrationAuthority:
 
     # -- entitlement --------------------------------------------------------------------------
     def entitled_user(self, email: str, profile: Profile, actor: str, *,
-                      deferred_audit: list[dict] | None = None, identity: UserIdentity | None = None) -> UserEntry:
+                      deferred_audit: list[dict] | None = None, identity: UserIdentity | None = None,
+                      checks: RequestChecks | None = None) -> UserEntry:
         """The user's entry, read live, if a group of theirs is entitled to `profile`. The
         enrollment.allowed audit row is committed now, or appended to `deferred_audit` (a list) for
         the caller to commit with the certificate. With `identity` (who signed the request), a
         certificate of another trust anchor must be listed by that entry (auth/anchors.py), and one of
         ours must have been issued to that entry (check_same_entry)."""
-        user = self.check_entitlement(email, profile, identity=identity, actor=actor)
+        user = self.check_entitlement(email, profile, identity=identity, actor=actor, checks=checks)
         allowed: dict[str, Any] = dict(event="enrollment.allowed", outcome="allowed", actor=actor, subject=email,
                        detail={"profile": profile.name, "dn": user.dn})
         if deferred_audit is not None:
@@ -140,14 +149,14 @@ class RegistrationAuthority:
         return user
 
     def check_entitlement(self, email: str, profile: Profile, *, identity: UserIdentity | None = None,
-                          actor: str = "registration authority") -> UserEntry:
+                          actor: str = "registration authority", checks: RequestChecks | None = None) -> UserEntry:
         """The user's entry, read live, or NotEntitled: the one rule of every step (invite, bootstrap,
         enroll; reconcile and provision apply the same is_entitled)."""
         user = user_entry(self.directory, identity) if identity is not None else self.directory.find_user(email)
         if user is None:
             raise UserNotFound(f"no directory entry has the email address {email!r}")
         if identity is not None:
-            check_same_entry(self.db, identity, user, actor=actor)
+            check_same_entry(self.db, identity, user, actor=actor, checks=checks)
         if not is_entitled(profile, self.directory.groups_of(user)):
             groups = ", ".join(sorted(profile.groups)) or "none"
             raise NotEntitled(f"{email} is not a member of a group entitled to profile {profile.name!r} "
@@ -187,7 +196,9 @@ class RegistrationAuthority:
         `renews` (a serial) makes a renewal idempotent across retries and daemons: it succeeds only
         while that serial is still the current one, so the same certificate is never renewed twice.
         """
-        history = certificate_history(self.db, email, profile.name)
+        others = self._other_encryption_profiles(profile)
+        histories = certificate_histories(self.db, email, [profile.name, *others])  # one statement for all
+        history = histories[profile.name]
         since = now - timedelta(days=1)
         if sum(1 for c in history if c.issued_at >= since) >= profile.max_per_day:
             raise RateLimited(f"at most {profile.max_per_day} certificates a day for profile "
@@ -215,35 +226,40 @@ class RegistrationAuthority:
                     f"valid until {current.not_after:%Y-%m-%d}); renewal opens on {opens:%Y-%m-%d}, "
                     "or ask for a replacement explicitly (replace: true)", serial=current.serial)
         if current is None:  # a renewal keeps the user's encryption certificate one; a new one may not make two
-            other = self._other_encryption(email, profile, replace, now)
+            other = self._other_encryption(email, others, histories, replace, now)
             if other is not None:  # an explicit replacement supersedes the other profile's certificate
                 return other
         return latest.serial if latest is not None else None
 
-    def _other_encryption(self, email: str, profile: Profile, replace: bool, now: datetime) -> str | None:
-        """At most one current encryption certificate per user: mail clients pick one certificate per
-        address. The serial of the user's current certificate of another encryption profile, which an
-        explicit replacement supersedes; without `replace` such an enrollment is refused. An expired one
-        (still 'valid' in our records) is superseded without asking: it holds the address's slot in the
-        database's index (store/models.py `encryption_slot`) until it is. Profiles with `coexist = true`
-        are outside this rule."""
+    def _other_encryption_profiles(self, profile: Profile) -> list[str]:
+        """The other encryption profiles whose current certificate an enrollment of `profile` must
+        mind (`_other_encryption`); none for a signature profile or one with `coexist = true`."""
         if profile.usage is not Usage.ENCRYPTION or profile.coexist:
-            return None
+            return []
+        return [other.name for other in self.settings.profiles.values()
+                if other.name != profile.name and other.usage is Usage.ENCRYPTION and not other.coexist]
+
+    def _other_encryption(self, email: str, others: list[str], histories: dict[str, list], replace: bool,
+                          now: datetime) -> str | None:
+        """At most one current encryption certificate per user: mail clients pick one certificate per
+        address. The serial of the user's current certificate of another encryption profile (`others`,
+        their `histories`), which an explicit replacement supersedes; without `replace` such an
+        enrollment is refused. An expired one (still 'valid' in our records) is superseded without
+        asking: it holds the address's slot in the database's index (store/models.py `encryption_slot`)
+        until it is. Profiles with `coexist = true` are outside this rule."""
         expired = None
-        for other in self.settings.profiles.values():
-            if other.name == profile.name or other.usage is not Usage.ENCRYPTION or other.coexist:
-                continue
-            valid = [c for c in certificate_history(self.db, email, other.name) if c.status == "valid"]
+        for other in others:
+            valid = [c for c in histories[other] if c.status == "valid"]
             current = next((c for c in valid if _aware(c.not_after) > now), None)
             if current is None:
                 expired = expired or next(iter(valid), None)
                 continue
             if not replace:
                 raise Conflict(
-                    f"{email} already has a current encryption certificate of profile {other.name!r} (serial "
+                    f"{email} already has a current encryption certificate of profile {other!r} (serial "
                     f"{current.serial}); a user holds one encryption certificate at a time: renew that one, or "
                     f"ask for a replacement explicitly (replace: true), which supersedes it",
-                    serial=current.serial, profile=other.name)
+                    serial=current.serial, profile=other)
             return current.serial
         return expired.serial if expired is not None else None
 
@@ -278,7 +294,8 @@ class RegistrationAuthority:
         # commits (the local one in the issuance's one transaction). Any way out before that writes the
         # rows alone (a refusal's nonce is used with its request.denied row: `refused`).
         decision = Decision(nonce=_nonce_of(request), publish_inline=True)
-        user = self.entitled_user(email, profile, actor, deferred_audit=decision.audit_events, identity=request.user)
+        user = self.entitled_user(email, profile, actor, deferred_audit=decision.audit_events, identity=request.user,
+                                  checks=_checks_of(request))
         try:
             if renews is not None and csr is not None:
                 earlier = self._earlier_renewal(email, profile, renews, csr)
@@ -379,7 +396,7 @@ class RegistrationAuthority:
         if reason not in SELF_REVOCATION_REASONS:
             raise BadRequest(f"reason must be one of {', '.join(sorted(SELF_REVOCATION_REASONS))}")
         user = user_entry(self.directory, request.user)
-        check_same_entry(self.db, request.user, user, actor=request.agent.subject)
+        check_same_entry(self.db, request.user, user, actor=request.agent.subject, checks=_checks_of(request))
         serial = serial.lower().removeprefix("0x")
         cert = certificate_by_serial(self.db, serial)
         # Someone else's serial is answered as a serial that does not exist: the answer must not tell

@@ -118,6 +118,17 @@ class AuditAnchor:
                 except Exception:  # the commit stands; verify reports a lagging checkpoint as a lag only
                     log.exception("event=audit.checkpoint_failed path=%s", self.path)
 
+    def mark(self) -> object:
+        """What this thread's innermost transaction has appended so far, for `restore`."""
+        frames = self._frames.stack
+        return frames[-1] if frames else None
+
+    def restore(self, mark: object) -> None:
+        """Forget the appends since `mark`: a savepoint of the transaction rolled them back."""
+        frames = self._frames.stack
+        if frames:
+            frames[-1] = mark
+
     def appended(self, before: str, head: Checkpoint) -> None:
         """Called by audit.py in a transaction: its batch moved the head from hash `before` to `head`."""
         frames = self._frames.stack

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -26,19 +27,51 @@ from sqlalchemy.orm import Session
 from ..core.errors import ConfigError
 from .anchor import AuditAnchor, Checkpoint
 from .db import connection_of, insert_if_absent
+from .prepared import Prepared
 from .keys import StoreKeys
 from .models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
 
 _HEADS, _EVENTS = AuditHead.__table__, AuditEvent.__table__
-_SELECT_HEAD = select(_HEADS.c.last_id, _HEADS.c.last_hash, _HEADS.c.rows, _HEADS.c.keyed).where(
-    _HEADS.c.id == 1).with_for_update()
-_UPDATE_HEAD = update(_HEADS).where(_HEADS.c.id == 1)
-_INSERT_EVENT = insert(_EVENTS)
-# Several rows: one executemany, then their ids read back. (INSERT ... RETURNING with
-# sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order.)
-_APPENDED = select(_EVENTS.c.id, _EVENTS.c.hash).where(_EVENTS.c.id > bindparam("last_id")).order_by(_EVENTS.c.id)
+_SELECT_HEAD = Prepared(select(_HEADS.c.last_id, _HEADS.c.last_hash, _HEADS.c.rows, _HEADS.c.keyed).where(
+    _HEADS.c.id == 1).with_for_update())
+_UPDATE_HEAD = Prepared(update(_HEADS).where(_HEADS.c.id == 1).values(
+    last_id=bindparam("new_last_id"), last_hash=bindparam("new_last_hash"), rows=bindparam("new_rows")))
+_INSERT_EVENT = Prepared(insert(_EVENTS))
+# PostgreSQL: ids come from the table's sequence (a rolled-back append leaves a gap), so the rows
+# inserted in one executemany are read back. (INSERT ... RETURNING with sort_by_parameter_order runs
+# one statement per row.) SQLite hands out max(id) + 1, and the writer lock keeps every other appender
+# out until the commit: there the ids are given, last_id + 1 onwards, and nothing is read back.
+_APPENDED = Prepared(select(_EVENTS.c.id, _EVENTS.c.hash).where(_EVENTS.c.id > bindparam("last_id")).order_by(
+    _EVENTS.c.id))
+
+
+@dataclass(frozen=True)
+class PreparedEvent:
+    """An audit row's content, normalised and serialised ahead (`prepare`, before the writer lock):
+    the append inside the transaction only links it to the chain (previous hash, its own HMAC)."""
+
+    row: dict  # at, event, outcome, actor, subject, detail: as the row is stored
+    tail: bytes  # the keyed body after the previous hash (see `_linked`)
+
+
+def prepare(events: list[dict], now: datetime) -> list[PreparedEvent]:
+    """Each event as `append_many` will store it at `now`; everything but the chain link is done here."""
+    prepared = []
+    for e in events:
+        detail = json.loads(json.dumps(e.get("detail") or {}, default=str))
+        actor, subject = _text(e["actor"]), _text(e["subject"])
+        # _body([prev, ...]) is '["' + prev + '",' followed by this: the rest never depends on prev
+        tail = _body(GENESIS, now, e["event"], e["outcome"], actor, subject, detail)[len(GENESIS) + 4:]
+        prepared.append(PreparedEvent(dict(at=now, event=e["event"], outcome=e["outcome"], actor=actor,
+                                           subject=subject, detail=detail), tail))
+    return prepared
+
+
+def _linked(key: bytes, prev_hash: str, event: PreparedEvent) -> str:
+    """The same HMAC as keyed_digest(key, prev_hash, ...) of the event's content."""
+    return hmac.new(key, b'["' + prev_hash.encode("ascii") + b'",' + event.tail, hashlib.sha256).hexdigest()
 
 
 def _body(prev_hash: str, at: datetime, event: str, outcome: str, actor: str, subject: str,
@@ -78,13 +111,14 @@ def append(session: Session, *, event: str, outcome: str, actor: str, subject: s
     return AuditEvent(id=ids[0], **rows[0])
 
 
-def append_many(session: Session | Connection, events: list[dict], now: datetime) -> list[int]:
+def append_many(session: Session | Connection, events: Sequence[dict | PreparedEvent], now: datetime) -> list[int]:
     """Append rows to the chain: lock the head, chain each row to the previous hash, move the head;
     returns the new rows' ids.
 
     A bulk run of 200 certificates pays one head lock and one executemany instead of 200 INSERTs.
     Rows must get ascending ids in list order (the head lock keeps other writers out, and the hashes
-    read back prove the order); anything else raises and rolls back.
+    read back prove the order); anything else raises and rolls back. Events already `prepare`d (before
+    the writer lock) keep their own time; the others are stored at `now`.
     """
     if not events:
         return []
@@ -99,39 +133,37 @@ def _text(value: str) -> str:
     return value[:512].replace("\0", "\ufffd")
 
 
-def _append(conn: Connection, events: list[dict], now: datetime) -> tuple[list[int], list[dict]]:
+def _append(conn: Connection, events: Sequence[dict | PreparedEvent], now: datetime) -> tuple[list[int], list[dict]]:
     """(ids, rows as inserted) of `append_many`."""
     keys, anchor = keys_of(conn)
     key = keys.need("audit")
-    head = conn.execute(_SELECT_HEAD).first()
-    if head is None:
+    prepared = [e if isinstance(e, PreparedEvent) else prepare([e], now)[0] for e in events]
+    heads = _SELECT_HEAD.rows(conn)
+    if not heads:
         # waits for a concurrent first append, if any, to commit
         insert_if_absent(conn, _HEADS, {"id": 1, "last_id": 0, "last_hash": GENESIS, "rows": 0, "keyed": 1})
-        head = conn.execute(_SELECT_HEAD).first()  # ours, or the winner's row (with its rows): now locked
+        heads = _SELECT_HEAD.rows(conn)  # ours, or the winner's row (with its rows): now locked
+    head = heads[0]
     if not head.keyed:
         raise ConfigError(UNKEYED_CHAIN)
     last_id, prev = head.last_id or 0, head.last_hash
     before = prev
     rows = []
-    for e in events:
-        detail = json.loads(json.dumps(e.get("detail") or {}, default=str))
-        actor, subject = _text(e["actor"]), _text(e["subject"])
-        digest = keyed_digest(key, prev, now, e["event"], e["outcome"], actor, subject, detail)
-        rows.append(dict(at=now, event=e["event"], outcome=e["outcome"], actor=actor, subject=subject,
-                         detail=detail, prev_hash=prev, hash=digest))
+    for event in prepared:
+        digest = _linked(key, prev, event)
+        rows.append(dict(event.row, prev_hash=prev, hash=digest))
         prev = digest
-    if len(rows) == 1:
-        ids = [conn.execute(_INSERT_EVENT, rows[0]).inserted_primary_key[0]]
-        in_order = ids[0] > last_id
+    if conn.dialect.name == "sqlite":  # ids given (see _APPENDED): a taken one fails the INSERT
+        ids = list(range(last_id + 1, last_id + 1 + len(rows)))
+        _INSERT_EVENT.run(conn, [dict(row, id=row_id) for row, row_id in zip(rows, ids)])
     else:
-        conn.execute(_INSERT_EVENT, rows)
-        appended = conn.execute(_APPENDED, {"last_id": last_id}).all()
+        _INSERT_EVENT.run(conn, rows)
+        appended = _APPENDED.rows(conn, {"last_id": last_id})
         ids = [i for i, _ in appended]
-        in_order = [h for _, h in appended] == [r["hash"] for r in rows]
-    if not in_order:
-        raise RuntimeError("audit rows were not inserted in chain order")
+        if [h for _, h in appended] != [r["hash"] for r in rows]:
+            raise RuntimeError("audit rows were not inserted in chain order")
     count = (head.rows or 0) + len(rows)
-    conn.execute(_UPDATE_HEAD, {"last_id": ids[-1], "last_hash": prev, "rows": count})
+    _UPDATE_HEAD.run(conn, {"new_last_id": ids[-1], "new_last_hash": prev, "new_rows": count})
     if anchor is not None:
         anchor.appended(before, Checkpoint(count, ids[-1], prev))
     return ids, rows

@@ -31,6 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..core.errors import Unavailable
 from ..core.retry import backoff_delay
 from .errors import database_errors
+from .group_commit import GroupCommit
+from .prepared import Prepared
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -55,7 +57,8 @@ def make_engine(url: str, **options) -> Engine:
             if options.get("isolation_level") == "AUTOCOMMIT":
                 return  # `Database.query`: every statement is its own snapshot, no BEGIN at all
             # Readers use a deferred BEGIN: in WAL mode they run beside the writer and never queue.
-            conn.exec_driver_sql("BEGIN" if options.get("autoenroll_read_only", False) else "BEGIN IMMEDIATE")
+            # (Straight on the cursor, like the hot paths' statements: prepared.py.)
+            Prepared.sql(conn, "BEGIN" if options.get("autoenroll_read_only", False) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, **options)
@@ -117,6 +120,11 @@ class _WriterQueue:
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._pid: int | None = None
+        self._mine = threading.local()  # how deep this thread holds the lock
+
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the lock (a transaction of its own is open)."""
+        return getattr(self._mine, "depth", 0) > 0
 
     def _ready(self) -> None:
         with self._init_lock:
@@ -133,11 +141,13 @@ class _WriterQueue:
             self._ready()
         with self._lock:
             self._depth += 1
+            self._mine.depth = getattr(self._mine, "depth", 0) + 1
             try:
                 if self._depth == 1 and self._fd is not None:
                     fcntl.flock(self._fd, fcntl.LOCK_EX)
                 yield
             finally:
+                self._mine.depth -= 1
                 self._depth -= 1
                 if self._depth == 0 and self._fd is not None:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -200,7 +210,7 @@ class Database:
     repos.py, the audit key for every append, and the checkpoint every committed append moves (anchor.py).
     """
 
-    def __init__(self, url: str, keys=None) -> None:
+    def __init__(self, url: str, keys=None, *, group_commit: bool | None = None) -> None:
         from .anchor import AuditAnchor
         from .keys import StoreKeys
         self.url = url
@@ -225,6 +235,11 @@ class Database:
         self._read_engine = self.engine.execution_options(autoenroll_read_only=True)
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
         self._writers = _writer_queue(self.engine) if self.engine.dialect.name == "sqlite" else None
+        # `run(core=True)` units of this process's threads share commits (group_commit.py): on by default
+        # where writers queue on one lock (SQLite); a server database commits concurrent writers itself.
+        if group_commit is None:
+            group_commit = self._writers is not None
+        self._group = GroupCommit(self) if group_commit else None
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -306,19 +321,25 @@ class Database:
             yield conn
 
     def query(self, statement, parameters: dict | None = None) -> list:
-        """The rows of ONE read statement, which is its own snapshot: run in autocommit on this
-        thread's connection, with no BEGIN, COMMIT or pool check-out around it. For several
+        """The rows of ONE read statement (Core, or prepared.py's `Prepared`), which is its own snapshot:
+        run in autocommit on this thread's connection, with no BEGIN, COMMIT or pool check-out around it. For several
         statements that must agree with each other, use `read_connection()`."""
         with database_errors():
             return self._query(statement, parameters)
 
     def _query(self, statement, parameters: dict | None) -> list:
+        from .prepared import Prepared
+        if isinstance(statement, Prepared):
+            run = statement.rows
+        else:
+            def run(conn, params):
+                return list(conn.execute(statement, params).all())
         conn = self._thread_connection("reader")
         if conn is None:
             with self._read_engine.begin() as pooled:
-                return list(pooled.execute(statement, parameters or {}).all())
+                return run(pooled, parameters or {})
         try:
-            return list(conn.execute(statement, parameters or {}).all())
+            return run(conn, parameters or {})
         except DBAPIError:
             self._drop_thread_connection("reader")  # cheap to re-open; a broken one must not stay
             raise
@@ -352,8 +373,13 @@ class Database:
 
     def run(self, work, *, attempts: int = 5, core: bool = False):
         """Run `work(session)` in a transaction, retrying when SQLite reports the database busy;
-        `core=True` passes a Core Connection (see `write`) instead of a Session."""
+        `core=True` passes a Core Connection (see `write`) instead of a Session, and with group commit
+        (on SQLite) that transaction may be shared with other threads' units, each in its own savepoint
+        (group_commit.py): `work` must then use only the connection it is given and its own arguments,
+        never this thread's state, and it returns only once the shared COMMIT has."""
         with database_errors():
+            if core and self._group is not None:
+                return self._group.run(work, attempts)
             return self._run(work, attempts, self._write if core else self._transaction)
 
     @staticmethod

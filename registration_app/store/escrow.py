@@ -8,9 +8,11 @@ from typing import cast
 from sqlalchemy import Table, func, insert, select, update
 
 from .db import Database
+from .prepared import Prepared
 from .models import Certificate, Escrow, RecoveryApproval, RecoveryRequest
 
-_INSERT_ESCROW = insert(cast(Table, Escrow.__table__))  # a mapped class's __table__ is a Table
+_ESCROWS = cast(Table, Escrow.__table__)  # a mapped class's __table__ is a Table
+_INSERT_ESCROW = Prepared(insert(_ESCROWS).returning(_ESCROWS.c.id))
 
 
 # The states of an escrow row (models.Escrow.state): only a confirmed escrow is ever recovered.
@@ -20,8 +22,9 @@ PENDING, CONFIRMED, VOID = "pending", "confirmed", "void"
 def insert_escrow(conn, *, serial: str, email: str, profile: str, blob: bytes, now: datetime,
                   state: str = CONFIRMED) -> int:
     """INSERT a sealed key in the caller's transaction; returns its escrow id."""
-    return conn.execute(_INSERT_ESCROW, dict(serial=serial, email=email, profile=profile, blob=blob,
-                                             created_at=now, state=state)).inserted_primary_key[0]
+    (row,) = _INSERT_ESCROW.rows(conn, dict(serial=serial, email=email, profile=profile, blob=blob,
+                                            created_at=now, state=state))
+    return row.id
 
 
 def escrow_of(db: Database, serial: str) -> Escrow | None:

@@ -11,13 +11,14 @@ from typing import cast
 from sqlalchemy import String, Table, bindparam, case, func, insert, select, update
 
 from .db import Database, connection_of, insert_if_absent
+from .prepared import Prepared
 from .models import Certificate, CrlState, Outbox
 
 # A mapped class's __table__ is a Table; SQLAlchemy types it as any FromClause.
 _CERTIFICATES = cast(Table, Certificate.__table__)
-_SUPERSEDE = update(_CERTIFICATES).where(
+_SUPERSEDE = Prepared(update(_CERTIFICATES).where(
     _CERTIFICATES.c.serial == bindparam("old"), _CERTIFICATES.c.status == "valid").values(
-    status="superseded", superseded_by=bindparam("new"))
+    status="superseded", superseded_by=bindparam("new")))
 # The row's encryption slot (models.Certificate.encryption_slot): its profile's ("slot", None outside the
 # rule), except that a renewal of its own profile keeps its predecessor's, NULL too: a user holding two
 # current encryption certificates from before migration 0009 keeps renewing each ('' marks NULL kept).
@@ -29,7 +30,7 @@ _KEPT_SLOT = select(case((_PREDECESSOR.c.profile == bindparam("slot_profile", ty
 _INSERT_CERTIFICATE = insert(_CERTIFICATES).values(
     encryption_slot=func.nullif(func.coalesce(_KEPT_SLOT, _SLOT), ""))
 _OUTBOX = cast(Table, Outbox.__table__)
-_INSERT_OUTBOX_RETURNING = insert(_OUTBOX).returning(_OUTBOX.c.id)
+_INSERT_OUTBOX_RETURNING = Prepared(insert(_OUTBOX).returning(_OUTBOX.c.id))
 # Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
 # sort_by_parameter_order runs one statement per row on SQLite, which cannot promise the order).
 _INSERT_OUTBOX = insert(_OUTBOX)
@@ -48,12 +49,12 @@ def insert_issued(session, certificates: list[dict], outbox: list[dict], superse
     of one address the one-current-encryption index (DuplicateRecord, from the store)."""
     conn = connection_of(session)
     if supersede:  # one UPDATE each, not a read then a write
-        conn.execute(_SUPERSEDE, supersede)
+        _SUPERSEDE.run(conn, supersede)
     conn.execute(_INSERT_CERTIFICATE, [
         {**{k: v for k, v in c.items() if k != "encryption_slot"}, "slot": c.get("encryption_slot"),
          "slot_profile": c["profile"], "slot_after": c["replaces"]} for c in certificates])
     if len(outbox) == 1:
-        return list(conn.execute(_INSERT_OUTBOX_RETURNING, outbox[0]).scalars())
+        return [row.id for row in _INSERT_OUTBOX_RETURNING.rows(conn, outbox[0])]
     # the serials are new: the rows after the last id with these serials are these rows
     after = conn.execute(_LAST_OUTBOX_ID).scalar() or 0
     conn.execute(_INSERT_OUTBOX, outbox)

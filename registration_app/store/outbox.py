@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import bindparam, or_, select, update
 
 from .db import Database
+from .prepared import Prepared
 from .models import Certificate, CrlState, Outbox
 
 _OUTBOX = Outbox.__table__
 _CERTIFICATES = Certificate.__table__
 # What wanted_values reads of a user's rows (the columns of repos.certificates_of), for one user or many.
 _ROW_COLUMNS = [_CERTIFICATES.c[name] for name in ("der", "status", "profile", "usage", "not_after", "issued_at")]
-_ROWS_OF = select(*_ROW_COLUMNS).where(_CERTIFICATES.c.user_dn == bindparam("dn"))
+_ROWS_OF = Prepared(select(*_ROW_COLUMNS).where(_CERTIFICATES.c.user_dn == bindparam("dn")))
 _ROWS_OF_MANY = select(_CERTIFICATES.c.user_dn, *_ROW_COLUMNS).where(
     _CERTIFICATES.c.user_dn.in_(bindparam("dns", expanding=True)))
 
@@ -106,7 +108,15 @@ def retry_later(db: Database, retries: list[tuple[int, int, datetime]], note: st
 
 
 
-_MARK_DONE = update(_OUTBOX).where(_OUTBOX.c.done_at.is_(None)).returning(_OUTBOX.c.id)
+_MARK_AT_ONCE = 32  # ids per statement: one prepared statement per count up to this (a prepared one takes no list)
+
+
+@functools.lru_cache(maxsize=_MARK_AT_ONCE)
+def _mark_done(count: int) -> Prepared:
+    """UPDATE ... RETURNING of `count` ids (i0, i1, ...) not done yet."""
+    return Prepared(update(_OUTBOX).where(
+        _OUTBOX.c.done_at.is_(None), _OUTBOX.c.id.in_([bindparam(f"i{k}") for k in range(count)])).values(
+        done_at=bindparam("done_at"), claimed_until=None, last_error=None).returning(_OUTBOX.c.id))
 
 
 def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
@@ -116,9 +126,10 @@ def mark_published(conn, batch: list[tuple[str, list]]) -> list[dict]:
     ids = [r.id for _target, rows in batch for r in rows]
     now = datetime.now(timezone.utc)
     open_ids = set()  # the rows this transaction marked (UPDATE ... RETURNING: one statement)
-    for start in range(0, len(ids), 500):
-        open_ids.update(conn.execute(_MARK_DONE.where(_OUTBOX.c.id.in_(ids[start:start + 500])), {
-            "done_at": now, "claimed_until": None, "last_error": None}).scalars())
+    for start in range(0, len(ids), _MARK_AT_ONCE):
+        chunk = ids[start:start + _MARK_AT_ONCE]
+        open_ids.update(row.id for row in _mark_done(len(chunk)).rows(
+            conn, {"done_at": now, **{f"i{k}": row_id for k, row_id in enumerate(chunk)}}))
     if not open_ids:
         return []
     events = []

@@ -18,6 +18,7 @@ from ..core.codes import derive_mac_key, new_code
 from . import audit
 from .db import Database, connection_of
 from .keys import seal_code_key, unseal_code_key
+from .prepared import Prepared
 from .models import BootstrapFailure, Certificate, CrlState, EnrollmentCode, Nonce, Outbox, RevokedAgent
 
 
@@ -60,8 +61,8 @@ class NonceToken:
 
 
 _NONCES = Nonce.__table__
-_NONCE_USED = select(_NONCES.c.value).where(_NONCES.c.value == bindparam("value"))
-_INSERT_NONCE = insert(_NONCES)
+_NONCE_USED = Prepared(select(_NONCES.c.value).where(_NONCES.c.value == bindparam("value")))
+_INSERT_NONCE = Prepared(insert(_NONCES))
 
 
 def parse_nonce(db: Database, value: str, now: datetime | None = None) -> NonceToken | None:
@@ -106,9 +107,9 @@ def record_nonce(conn, token: NonceToken, now: datetime | None = None, *, savepo
     try:
         if savepoint:
             with conn.begin_nested():
-                conn.execute(_INSERT_NONCE, row)
+                _INSERT_NONCE.run(conn, row)
         else:
-            conn.execute(_INSERT_NONCE, row)
+            _INSERT_NONCE.run(conn, row)
     except IntegrityError:
         return False
     return True
@@ -247,27 +248,39 @@ def latest_certificate(session, email: str, profile: str) -> Certificate | None:
 
 
 _C = Certificate.__table__.c
-_HISTORY = select(_C.serial, _C.status, _C.not_before, _C.not_after, _C.issued_at, _C.entry_id).where(
-    func.lower(_C.email) == bindparam("email"), _C.profile == bindparam("profile")).order_by(_C.issued_at.desc())
+# every profile's rows of the user (a handful), the wanted profiles kept in Python: a prepared statement
+# takes no expanding IN list
+_HISTORIES = Prepared(select(_C.profile, _C.serial, _C.status, _C.not_before, _C.not_after, _C.issued_at,
+                             _C.entry_id).where(func.lower(_C.email) == bindparam("email")).order_by(_C.issued_at.desc()))
 
 
 def certificate_history(db: Database, email: str, profile: str) -> list:
-    """(serial, status, not_before, not_after, issued_at, entry_id) of every certificate of this user and
-    profile, newest first: how many were issued lately (the daily limit), the current one and the latest one,
-    in one query of plain rows (the enrollment policy reads all three)."""
-    return db.query(_HISTORY, {"email": email.lower(), "profile": profile})
+    """`certificate_histories` of one profile."""
+    return certificate_histories(db, email, [profile])[profile]
+
+
+def certificate_histories(db: Database, email: str, profiles: list[str]) -> dict[str, list]:
+    """(serial, status, not_before, not_after, issued_at, entry_id) of every certificate of this user in
+    each of `profiles`, by profile, newest first (a profile without certificates: an empty list): how
+    many were issued lately (the daily limit), the current one and the latest one, of the enrollment's
+    profile and of the other encryption profiles it must mind, in one statement."""
+    histories: dict[str, list] = {profile: [] for profile in profiles}
+    for row in db.query(_HISTORIES, {"email": email.lower()}):
+        if row.profile in histories:
+            histories[row.profile].append(row)
+    return histories
 
 
 _CERTIFICATES = Certificate.__table__
-_CERTIFICATES_OF = select(
+_CERTIFICATES_OF = Prepared(select(
     _CERTIFICATES.c.der, _CERTIFICATES.c.status, _CERTIFICATES.c.profile, _CERTIFICATES.c.usage,
-    _CERTIFICATES.c.not_after, _CERTIFICATES.c.issued_at).where(_CERTIFICATES.c.user_dn == bindparam("dn"))
+    _CERTIFICATES.c.not_after, _CERTIFICATES.c.issued_at).where(_CERTIFICATES.c.user_dn == bindparam("dn")))
 
 
 def certificates_of(session_or_connection, user_dn: str) -> list:
     """What publication reads of a user's certificates (der, status, profile, usage, not_after,
     issued_at), as plain rows."""
-    return list(connection_of(session_or_connection).execute(_CERTIFICATES_OF, {"dn": user_dn}).all())
+    return _CERTIFICATES_OF.rows(connection_of(session_or_connection), {"dn": user_dn})
 
 
 _STATUS_OF = select(_C.status).where(_C.serial == bindparam("serial"))
@@ -278,22 +291,6 @@ def status_of_certificate(db: Database, serial: str) -> str | None:
     statement, its own snapshot (`Database.query`): every request's revocation check reads it."""
     rows = db.query(_STATUS_OF, {"serial": serial})
     return rows[0].status if rows else None
-
-
-_SUCCESSOR = Certificate.__table__.alias("successor")
-_SUPERSEDED_BY = (
-    select(_SUCCESSOR.c.serial, _SUCCESSOR.c.issued_at)
-    .select_from(_CERTIFICATES.join(_SUCCESSOR, _SUCCESSOR.c.serial == _CERTIFICATES.c.superseded_by))
-    .where(_CERTIFICATES.c.serial == bindparam("serial"), _CERTIFICATES.c.status == "superseded"))
-
-
-def superseding_serial(db: Database, serial: str, *, now: datetime, grace: timedelta) -> str | None:
-    """The serial of the certificate that superseded `serial` (hex) more than `grace` before `now`, or
-    None (not superseded, or still inside the grace period). Read on every request, like revocation."""
-    rows = db.query(_SUPERSEDED_BY, {"serial": serial})
-    if rows and rows[0].issued_at <= now - grace:
-        return rows[0].serial
-    return None
 
 
 def outbox_status(db: Database, now: datetime | None = None) -> dict:
@@ -327,7 +324,8 @@ def schema_refusals(db: Database, limit: int = 20) -> list[dict]:
 
 
 _REVOKED_AGENTS = RevokedAgent.__table__
-_AGENT_REVOKED = select(_REVOKED_AGENTS.c.thumbprint).where(_REVOKED_AGENTS.c.thumbprint == bindparam("thumbprint"))
+_AGENT_REVOKED = Prepared(select(_REVOKED_AGENTS.c.thumbprint).where(
+    _REVOKED_AGENTS.c.thumbprint == bindparam("thumbprint")))
 
 
 def agent_revoked(db: Database, thumbprint: str) -> bool:
@@ -341,7 +339,7 @@ def revoke_agent(db: Database, *, thumbprint: str, subject: str, serial: str, re
     now = now or datetime.now(timezone.utc)
 
     def work(conn):
-        if conn.execute(_AGENT_REVOKED, {"thumbprint": thumbprint}).first() is not None:
+        if _AGENT_REVOKED.rows(conn, {"thumbprint": thumbprint}):
             return False
         conn.execute(insert(_REVOKED_AGENTS), {"thumbprint": thumbprint, "subject": subject[:1024],
                                                "serial": serial, "revoked_at": now, "reason": reason[:256]})

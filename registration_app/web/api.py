@@ -15,9 +15,9 @@ from flask import Blueprint, g, jsonify, request
 from ..auth import nonces
 from ..auth.agent import identify_agent
 from ..auth.jws import verify_bootstrap_request, verify_user_request
+from ..auth.request_checks import RequestChecks
 from ..core.errors import BadClientCertificate, BadEnrollmentCode, WrongContentType
 from ..ra.authority import BAD_CODE, Refusal
-from ..store.repos import agent_revoked, superseding_serial
 
 api = Blueprint("api", __name__)
 log = logging.getLogger("autoenroll.web")
@@ -47,9 +47,27 @@ def peer_certificate_der() -> bytes | None:
 
 @api.before_request
 def _authenticate_agent():
+    """The agent, identified and not revoked. Its revocation is read together with what the request's
+    checks will ask of the database (RequestChecks: one statement), from what the body names."""
     services = g.services
+
+    def revoked(thumbprint: str) -> bool:
+        g.checks = RequestChecks.read(services.db, thumbprint, _read_ahead(), ca_is_revoked=services.ca.is_revoked,
+                                      certificates_here=services.role == "all")
+        return g.checks.agent_revoked(thumbprint)
+
     g.agent = identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc),
-                             is_revoked=lambda thumbprint: agent_revoked(services.db, thumbprint))
+                             is_revoked=revoked)
+
+
+def _read_ahead() -> bytes | None:
+    """The body of a signed request, read early for RequestChecks; None when the route would refuse it
+    anyway (no JWS type, no length, too long: `_body` then says why, after the agent checks)."""
+    length, limit = request.content_length, request.max_content_length
+    if request.method != "POST" or request.mimetype not in JOSE_TYPES or length is None \
+            or (limit is not None and length > limit):
+        return None
+    return request.get_data(cache=True)
 
 
 @api.after_request
@@ -97,11 +115,6 @@ def _body() -> bytes:
     return request.get_data(cache=False)
 
 
-def _successor_of(services, now: datetime):
-    grace = timedelta(seconds=services.settings.superseded_grace_seconds)
-    return lambda serial: superseding_serial(services.db, format(serial, "x"), now=now, grace=grace)
-
-
 def _verified(*, defer_nonce: bool = False):
     """The authenticated request. With `defer_nonce` the nonce is only checked (ours, unexpired,
     unused) and handed on in `VerifiedRequest.nonce`: the key authority uses it in the transaction
@@ -109,19 +122,22 @@ def _verified(*, defer_nonce: bool = False):
     services = g.services
     body = _body()
 
+    checks: RequestChecks = g.checks
+    now = datetime.now(timezone.utc)
+
     def check_nonce(value: str) -> bool:
         if not defer_nonce:
             return nonces.consume(services.db, value)
-        g.pending_nonce = nonces.check(services.db, value)
+        g.pending_nonce = nonces.check(services.db, value, now, checks=checks)
         return g.pending_nonce is not None
 
-    now = datetime.now(timezone.utc)
+    grace = timedelta(seconds=services.settings.superseded_grace_seconds)
     verified = verify_user_request(
         body, url=signed_url(), agent=g.agent, trust=services.user_trust, consume_nonce=check_nonce,
-        is_revoked=services.ca.is_revoked, now=now, successor_of=_successor_of(services, now))
+        is_revoked=checks.is_revoked, now=now, successor_of=checks.successor_of(now, grace))
     g.user_email = verified.user.email
     services.agent_policy.check_user(g.agent, verified.user.email)
-    return dataclasses.replace(verified, raw=body, nonce=getattr(g, "pending_nonce", None))
+    return dataclasses.replace(verified, raw=body, nonce=getattr(g, "pending_nonce", None), checks=checks)
 
 
 @api.get("/nonce")

@@ -52,12 +52,12 @@ def _audit_key_store_failure(response):
         return response
     code, reason = refusal
     agent = getattr(g, "agent", None)
+    # read from the request here: the unit may run on another thread (the store's group commit)
+    row = dict(event="key_store.unavailable", outcome="failed",
+               actor=agent.subject if agent else f"peer:{request.remote_addr}", subject="",
+               detail={"path": request.path, "code": code, "reason": reason[:300], "request_id": g.get("request_id")})
     try:
-        g.services.db.run(lambda conn: audit.append(
-            conn, event="key_store.unavailable", outcome="failed",
-            actor=agent.subject if agent else f"peer:{request.remote_addr}", subject="",
-            detail={"path": request.path, "code": code, "reason": reason[:300], "request_id": g.get("request_id")}),
-            core=True)
+        g.services.db.run(lambda conn: audit.append(conn, **row), core=True)
     except Exception:
         log.exception("event=audit.write_failed request_id=%s", g.get("request_id"))
     return response

@@ -636,7 +636,7 @@ def test_a_renewed_signature_key_no_longer_authenticates(adversary):
     401 naming the successor (this platform has no grace period), and the new one works."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from registration_app.store.repos import superseding_serial
+    from registration_app.auth.request_checks import RequestChecks
     user = adversary.user()
     code = adversary.platform.autoenroll("invite", user.email).stdout.strip()
     adversary.platform.agent("bootstrap", "--email", user.email, "--code", code)
@@ -664,11 +664,12 @@ def test_a_renewed_signature_key_no_longer_authenticates(adversary):
     (successor,) = [c for c in records.certificates(adversary.platform) if c.serial == new_serial]
     db = records.database(adversary.platform)
     try:
-        old = format(old_chain[0].serial_number, "x")
+        old = old_chain[0].serial_number
         grace = timedelta(minutes=10)
-        assert superseding_serial(db, old, now=successor.issued_at + grace - timedelta(seconds=1), grace=grace) is None
-        assert superseding_serial(db, old, now=successor.issued_at + grace, grace=grace) == new_serial
-        assert superseding_serial(db, new_serial, now=successor.issued_at + grace, grace=grace) is None
+        checks = RequestChecks.read(db, "", None, ca_is_revoked=lambda cert: False)
+        assert checks.successor_of(successor.issued_at + grace - timedelta(seconds=1), grace)(old) is None
+        assert checks.successor_of(successor.issued_at + grace, grace)(old) == new_serial
+        assert checks.successor_of(successor.issued_at + grace, grace)(int(new_serial, 16)) is None
     finally:
         db.dispose()
 

@@ -33,3 +33,14 @@ def test_smoke_benchmarks_produce_figures_and_json(tmp_path):
     assert directory["reconcile"] == "not available yet" or directory["reconcile"]["full_seconds"] > 0
     tls = r["directory_tls"]
     assert tls["ldaps_over_ldap"]["provision"] > 0 and tls["ldaps_over_ldap"]["reconcile"] > 0
+
+
+def test_the_transaction_benchmark_counts_statements_and_times_the_writer_lock():
+    result = subprocess.run([sys.executable, "-m", "bench.txn", "-n", "6", "--threads", "2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["enrollments"] == 6 and figures["statuses"] == {"201": 6}
+    assert figures["statements_per_enrollment_in_lock"] > 0 and figures["statements_per_enrollment_outside"] > 0
+    assert 0 < figures["write_transactions_per_enrollment"] <= 1  # several units may share one (group commit)
+    assert figures["lock_held_ms_per_enrollment"] > 0 and figures["request_cpu_ms_mean"] > 0
