@@ -90,9 +90,11 @@ class LdapSettings:
     # Idle connections kept per process: at least a worker's request threads, plus the outbox worker and
     # the inline publisher, or requests beyond it bind a connection of their own each time.
     pool_size: int = 8
-    # Concurrent requests' publications in one LDAP transaction (RFC 5805) by one thread per process,
-    # where the server offers transactions (directory_sync/inline.py); false: each request publishes itself.
-    inline_transactions: bool = True
+    # Concurrent requests' publications in one LDAP transaction (RFC 5805), where the server offers
+    # transactions (directory_sync/inline.py); false: each request publishes itself. Off by default:
+    # Debian 12's slapd 2.5.13 segfaults under concurrent transactions from several connections
+    # (PERFORMANCE.md, "The request path's publication").
+    inline_transactions: bool = False
     # Addresses are looked up in mail_attribute, and also in these: "proxyAddresses" (its smtp:/SMTP:
     # values, Exchange's aliases) and "userPrincipalName", on Active Directory.
     also_find_by: frozenset[str] = frozenset()

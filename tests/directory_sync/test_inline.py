@@ -5,6 +5,8 @@ directory answered "not yet" while its certificate still gets there."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import signal
 import threading
@@ -49,7 +51,8 @@ def group(admin):
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, slapd, group):
-    s = make_services(tmp_path_factory.mktemp("inline"), slapd.settings(), profiles=profiles_for(group))
+    settings = dataclasses.replace(slapd.settings(), inline_transactions=True)  # off by default (config.py)
+    s = make_services(tmp_path_factory.mktemp("inline"), settings, profiles=profiles_for(group))
     yield s
     s.close()
 
