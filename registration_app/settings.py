@@ -124,6 +124,9 @@ class Settings:
     authority_client_cert: str = "ra-client.pem"  # role ra: its TLS client certificate (clientAuth, TLS CA)
     authority_client_key: str = "ra-client.key"
     authority_timeout_seconds: float = 10.0
+    # Role kra (or all): a pending escrow whose certificate the CA has not recorded is voided by the sweep
+    # after this long; it must exceed the RA's authority_timeout_seconds (README "Split deployment").
+    escrow_pending_grace_seconds: float = 600.0
     ldap: LdapSettings = field(default_factory=LdapSettings)
     # More directories that get the same certificates (`[targets.NAME]`, each an [ldap]-shaped table with
     # its own attribute map); users and groups are read from [ldap] only. directory_sync/targets.py.
@@ -297,7 +300,17 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
     trust_env = env.pop("trust", None)
     if trust_env is not None:  # AUTOENROLL_TRUST__ANCHORS__<NAME>__<KEY>: merged over the TOML tables
         settings = dataclasses.replace(settings, trust=parse_trust(_merge(_trust_table(settings.trust), trust_env)))
-    return resolve_groups(_apply(settings, env, "AUTOENROLL_", env=True))
+    return check_escrow_grace(resolve_groups(_apply(settings, env, "AUTOENROLL_", env=True)))
+
+
+def check_escrow_grace(settings: Settings) -> Settings:
+    """Refuse a pending-escrow grace not longer than the authority timeout: the sweep would void the escrow
+    of a CA call still under way, whose certificate then has no recoverable key."""
+    if settings.escrow_pending_grace_seconds <= settings.authority_timeout_seconds:
+        raise ConfigError(f"setting escrow_pending_grace_seconds ({settings.escrow_pending_grace_seconds:g}) must be "
+                          f"longer than authority_timeout_seconds ({settings.authority_timeout_seconds:g}), the RA's "
+                          "longest CA call")
+    return settings
 
 
 _PROFILE_FLAGS = frozenset({"enabled", "keep_superseded", "coexist"})

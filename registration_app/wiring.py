@@ -253,7 +253,8 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
         local_kra = kra = LocalKRA(
             db, read_public_key(paths.kra_public_key), keys.kra_storage_key,
             pkcs12_iterations=settings.pkcs12_iterations, quorum=settings.recovery_quorum,
-            officers=OfficerRoster(directory, settings.recovery_officers_group, ca.is_revoked))
+            officers=OfficerRoster(directory, settings.recovery_officers_group, ca.is_revoked),
+            pending_grace=timedelta(seconds=settings.escrow_pending_grace_seconds))
         publisher = _publisher(settings, db, directory, ca)
         key_authority = LocalKeyAuthority(local_ca, local_kra, pool, published=publisher.completions,
                                           pkcs12_iterations=settings.pkcs12_iterations)
@@ -344,7 +345,8 @@ def _remote_authorities(settings: Settings, paths: PkiPaths, ca_cert):
 def _kra_services(settings: Settings, keys: KeyStore, db: Database, ca_cert, common: dict, tls_anchors) -> Services:
     from .authorities.kra_verify import CaView, EvidenceVerifier
     storage_key = keys.kra_storage_key()  # at start: a wrong passphrase fails now
-    kra = LocalKRA(db, storage_key.public_key(), lambda: storage_key, pkcs12_iterations=settings.pkcs12_iterations)
+    kra = LocalKRA(db, storage_key.public_key(), lambda: storage_key, pkcs12_iterations=settings.pkcs12_iterations,
+                   pending_grace=timedelta(seconds=settings.escrow_pending_grace_seconds))
     ca = CaView(db, ca_cert)
     evidence = EvidenceVerifier(db=db, directory=common["directory"], trust=common["user_trust"],
                                 is_revoked=ca.is_revoked, officers_group=settings.recovery_officers_group,

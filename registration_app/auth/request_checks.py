@@ -20,8 +20,14 @@ from datetime import datetime, timedelta
 from cryptography import x509
 
 from ..store.db import Database
-from ..store.repos import NonceToken, parse_nonce
+from ..store.repos import NonceToken, agent_revoked, parse_nonce
 from ..store.requests import OurCertificate, RequestFacts, request_facts
+
+
+def agent_revocation(db: Database) -> Callable[[str], bool]:
+    """identify_agent's `is_revoked` outside an agent API request (no read-ahead): whether the agent
+    certificate of that thumbprint is revoked, asked of the database each time (health, the authority API)."""
+    return lambda thumbprint: agent_revoked(db, thumbprint)
 
 
 def named_in(body: bytes | None) -> tuple[str | None, str | None]:

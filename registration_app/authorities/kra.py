@@ -38,7 +38,8 @@ from .pkcs12 import DEFAULT_ITERATIONS, to_pkcs12
 
 log = logging.getLogger("autoenroll.kra")
 
-# A pending escrow without its certificate is voided only after this long: far beyond any CA call the RA
+# A pending escrow without its certificate is voided only after this long (the default of the setting
+# escrow_pending_grace_seconds, which must exceed the RA's authority_timeout_seconds): far beyond any CA call the RA
 # may still have under way (authority_timeout_seconds, 10 s by default), so a certificate the CA records
 # late still finds its escrow pending, and the sweep confirms it.
 PENDING_GRACE = timedelta(minutes=10)
@@ -48,13 +49,14 @@ SWEEP_INTERVAL_SECONDS = 60.0
 class LocalKRA:
     def __init__(self, db: Database, storage_public_key, load_storage_private_key: Callable[[], object], *,
                  pkcs12_iterations: int = DEFAULT_ITERATIONS, officers: OfficerRoster | None = None,
-                 quorum: int = 2):
+                 quorum: int = 2, pending_grace: timedelta = PENDING_GRACE):
         """`officers` (the server platform's): an officers' grant is honoured only while `quorum` of the
         request's approvals still come from current officers. The KRA service (role kra) checks the signed
         evidence instead (kra_verify.py), so it passes none."""
         self.db = db
         self.officers = officers
         self.quorum = quorum
+        self.pending_grace = pending_grace  # the sweep's (settings.escrow_pending_grace_seconds)
         self._public = storage_public_key
         self._load_private = load_storage_private_key
         self._private = None
@@ -121,13 +123,20 @@ class LocalKRA:
         given up). Returns the escrow's state."""
         return self._settle(serial, actor=actor, why=reason, void_event="key.escrow_withdrawn", now=now)
 
-    def sweep(self, now: datetime | None = None, *, grace: timedelta = PENDING_GRACE) -> dict[str, int]:
+    def sweep(self, now: datetime | None = None, *, grace: timedelta | None = None) -> dict[str, int]:
+        """`settle_pending`'s answer counted: how many escrows it confirmed and voided."""
+        return {state: len(serials) for state, serials in self.settle_pending(now, grace=grace).items()}
+
+    def settle_pending(self, now: datetime | None = None, *,
+                       grace: timedelta | None = None) -> dict[str, list[str]]:
         """Settle every pending escrow by the CA's records: confirmed when its certificate is recorded
         (an RA that died between the CA's signature and the confirmation), void when it is not and the
-        escrow is older than `grace` (an RA that died before the CA signed, or a withdrawal that did not
-        reach the KRA). Returns how many of each; safe to run in several processes at once."""
+        escrow is older than `grace` (default `pending_grace`: an RA that died before the CA signed, or a
+        withdrawal that did not reach the KRA). Returns the serials of each; safe to run in several
+        processes at once."""
         now = now or datetime.now(timezone.utc)
-        counts = {CONFIRMED: 0, VOID: 0}
+        grace = self.pending_grace if grace is None else grace
+        settled: dict[str, list[str]] = {CONFIRMED: [], VOID: []}
         for serial, created_at in pending_serials(self.db):
             old = created_at <= now - grace
             try:
@@ -135,8 +144,8 @@ class LocalKRA:
                                      void_event="key.escrow_voided" if old else None, now=now)
             except Conflict:
                 continue  # not recorded yet, still within the grace
-            counts[state] = counts.get(state, 0) + 1
-        return counts
+            settled.setdefault(state, []).append(serial)
+        return settled
 
     def _settle(self, serial: str, *, actor: str, why: str, void_event: str | None,
                 now: datetime | None) -> str:

@@ -5,7 +5,7 @@ imports only `root` (never another command module), so the modules form no cycle
 it (setup.cfg). Importing this package registers every command.
 """
 
-from . import audit, config, directory, init, keys, operators, server  # noqa: F401  (each registers its commands)
+from . import audit, config, directory, escrow, init, keys, operators, server  # noqa: F401  (each registers its commands)
 from .root import main
 
 __all__ = ["main"]

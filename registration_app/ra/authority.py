@@ -226,7 +226,7 @@ class RegistrationAuthority:
                     f"valid until {current.not_after:%Y-%m-%d}); renewal opens on {opens:%Y-%m-%d}, "
                     "or ask for a replacement explicitly (replace: true)", serial=current.serial)
         if current is None:  # a renewal keeps the user's encryption certificate one; a new one may not make two
-            other = self._other_encryption(email, others, histories, replace, now)
+            other = self._other_encryption(email, others, histories, replace, now, entry_id)
             if other is not None:  # an explicit replacement supersedes the other profile's certificate
                 return other
         return latest.serial if latest is not None else None
@@ -240,16 +240,24 @@ class RegistrationAuthority:
                 if other.name != profile.name and other.usage is Usage.ENCRYPTION and not other.coexist]
 
     def _other_encryption(self, email: str, others: list[str], histories: dict[str, list], replace: bool,
-                          now: datetime) -> str | None:
+                          now: datetime, entry_id: str = "") -> str | None:
         """At most one current encryption certificate per user: mail clients pick one certificate per
         address. The serial of the user's current certificate of another encryption profile (`others`,
         their `histories`), which an explicit replacement supersedes; without `replace` such an
         enrollment is refused. An expired one (still 'valid' in our records) is superseded without
         asking: it holds the address's slot in the database's index (store/models.py `encryption_slot`)
-        until it is. Profiles with `coexist = true` are outside this rule."""
+        until it is. Profiles with `coexist = true` are outside this rule.
+
+        Like `_replacement_of`, never another entry's (`entry_id`): a certificate issued to the entry that
+        held the address before is refused, replace or not, until reconcile revokes it (it holds the slot)."""
         expired = None
         for other in others:
             valid = [c for c in histories[other] if c.status == "valid"]
+            foreign = next((c for c in valid if c.entry_id and entry_id and c.entry_id != entry_id), None)
+            if foreign is not None:
+                raise Conflict(f"{email} now belongs to another directory entry than its current {other!r} "
+                               f"certificate {foreign.serial}; `autoenroll sync reconcile` ends that certificate "
+                               "first", serial=foreign.serial, profile=other)
             current = next((c for c in valid if _aware(c.not_after) > now), None)
             if current is None:
                 expired = expired or next(iter(valid), None)

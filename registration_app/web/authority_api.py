@@ -16,12 +16,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, g, jsonify, request
 
 from ..auth.agent import identify_agent
+from ..auth.request_checks import agent_revocation
 from ..authorities.remote import grant_from_json, load_public_key_pem
 from ..core.errors import AutoenrollError, BadRequest, KeyStoreUnavailable, WrongContentType
 from ..core.model import Subject
 from ..core.profiles import get_profile
 from ..store import audit
-from ..store.repos import agent_revoked, status_of_certificate
+from ..store.repos import status_of_certificate
 from .api import peer_certificate_der
 
 log = logging.getLogger("autoenroll.authority")
@@ -36,7 +37,7 @@ REASONS = {r.value: r for r in x509.ReasonFlags}
 def _authenticate_ra() -> None:
     services = g.services
     g.agent = identify_agent(peer_certificate_der(), services.authority_policy, datetime.now(timezone.utc),
-                             is_revoked=lambda thumbprint: agent_revoked(services.db, thumbprint))
+                             is_revoked=agent_revocation(services.db))
 
 
 ca_authority.before_request(_authenticate_ra)

@@ -13,8 +13,9 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..auth.agent import identify_agent
+from ..auth.request_checks import agent_revocation
 from ..core.errors import AutoenrollError
-from ..store.repos import agent_revoked, outbox_status
+from ..store.repos import outbox_status
 from .api import peer_certificate_der
 
 public = Blueprint("public", __name__)
@@ -80,7 +81,7 @@ def _caller_is_an_agent(services) -> bool:
     """A verified, allowed, unrevoked agent certificate on this connection: it may see the details."""
     try:
         identify_agent(peer_certificate_der(), services.agent_policy, datetime.now(timezone.utc),
-                       is_revoked=lambda thumbprint: agent_revoked(services.db, thumbprint))
+                       is_revoked=agent_revocation(services.db))
     except Exception:  # refused, or the revocation list unreadable (database down): health still answers
         return False
     return True

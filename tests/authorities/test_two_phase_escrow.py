@@ -126,3 +126,14 @@ def test_the_server_platforms_escrow_is_confirmed_at_once(authorities):
     kra.escrow(serial_hex(serial), key, email=EMAIL, profile=PROFILE.name, actor="ra", now=NOW)
     assert state_of(db, serial) == "confirmed"
     assert events_of(db, serial) == ["key.escrowed"]
+
+
+def test_the_sweep_voids_by_the_configured_grace(tmp_path, ec_ca):
+    """LocalKRA's `pending_grace` (settings.escrow_pending_grace_seconds) is the sweep's default grace."""
+    storage = generate_private_key(KeyType.RSA_2048)
+    with bare_database(tmp_path) as db:
+        kra = LocalKRA(db, storage.public_key(), lambda: storage, pending_grace=timedelta(seconds=30))
+        _, unsigned = escrow_pending(kra)
+        assert kra.sweep(NOW + timedelta(seconds=29)) == {"confirmed": 0, "void": 0}
+        assert kra.settle_pending(NOW + timedelta(seconds=31)) == {"confirmed": [], "void": [serial_hex(unsigned)]}
+        assert state_of(db, unsigned) == "void"

@@ -56,6 +56,7 @@ def test_a_revoked_agent_certificate_is_refused_at_once_even_on_its_open_connect
                              key=platform.data / "agent.key")
     try:
         assert rogue.request("GET", "/api/v1/nonce").status == 200
+        assert "checks" in rogue.request("GET", "/health").json()  # an agent's health has the details
         audit_before = records.counts(platform)["audit"]
         out = platform.autoenroll("revoke-agent", str(cert), "--reason", "keyCompromise").stdout
         assert out.startswith("revoked: CN=rogue.example.org")
@@ -64,6 +65,8 @@ def test_a_revoked_agent_certificate_is_refused_at_once_even_on_its_open_connect
         assert refused.status == 403 and refused.content_type.startswith("application/problem+json")
         assert refused.json()["code"] == "agent_revoked"
         assert honest.request("GET", "/api/v1/nonce").status == 200
+        assert "checks" not in rogue.request("GET", "/health").json()  # revoked: the summary alone
+        assert "checks" in honest.request("GET", "/health").json()
         events = [(e.event, e.subject) for e in records.audit_since(platform, audit_before)]
         assert ("agent.revoked", "CN=rogue.example.org") in events
         assert platform.autoenroll("revoke-agent", str(cert)).stdout.startswith("already revoked")

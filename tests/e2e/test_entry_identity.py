@@ -125,6 +125,12 @@ def test_the_old_holders_certificate_is_refused_for_the_entry_that_got_the_addre
     out = server.agent("enroll", "--email", old, "--profile", "smime-encryption", "--replace", check=False)
     assert out.returncode == 1 and "now belongs to another directory entry" in out.stderr, out.stderr
     assert {r.status for r in rows(server, user_dn=alice_dn)} == {"valid"}
+    # Nor through another encryption profile (the one-current-encryption rule), replace or not.
+    for replace in (["--replace"], []):
+        out = server.agent("enroll", "--email", old, "--profile", "smime-encryption-ec", *replace, check=False)
+        assert out.returncode == 1 and "now belongs to another directory entry" in out.stderr, out.stderr
+    assert {r.status for r in rows(server, user_dn=alice_dn)} == {"valid"}
+    assert [r.profile for r in rows(server, user_dn=bob_dn)] == ["smime-signature"]  # bootstrap's alone
 
 
 @pytest.mark.parametrize("move", ["modrdn", "other-ou"])
