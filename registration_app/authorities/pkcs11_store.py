@@ -355,7 +355,30 @@ def _digest(data: bytes, algorithm) -> bytes:
     return h.finalize()
 
 
-class TokenEcKey(ec.EllipticCurvePrivateKey):
+class _InToken:
+    """What a key held in a token answers the same whatever its kind: never extractable, and the same
+    object when copied (cryptography copies keys it is given)."""
+
+    _token: Token
+    _name: str
+
+    def private_numbers(self):
+        raise TypeError("this key lives in a token and is never extractable")
+
+    def private_bytes(self, encoding, format, encryption_algorithm) -> bytes:
+        raise TypeError("this key lives in a token and is never extractable")
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({key_label(self._name)!r} in {self._token!r})"
+
+
+class TokenEcKey(_InToken, ec.EllipticCurvePrivateKey):
     """An EC private key in the token: signs (CKM_ECDSA over a digest computed here: SoftHSM 2.6 has no
     CKM_ECDSA_SHA256), never exported."""
 
@@ -394,23 +417,9 @@ class TokenEcKey(ec.EllipticCurvePrivateKey):
     def exchange(self, algorithm, peer_public_key) -> bytes:
         raise TypeError("this key lives in a token and is used only to sign")
 
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        raise TypeError("this key lives in a token and is never extractable")
-
-    def private_bytes(self, encoding, format, encryption_algorithm) -> bytes:
-        raise TypeError("this key lives in a token and is never extractable")
-
-    def __copy__(self) -> TokenEcKey:
-        return self
-
-    def __deepcopy__(self, memo) -> TokenEcKey:
-        return self
-
-    def __repr__(self) -> str:
-        return f"TokenEcKey({key_label(self._name)!r} in {self._token!r})"
 
 
-class TokenRsaKey(rsa.RSAPrivateKey):
+class TokenRsaKey(_InToken, rsa.RSAPrivateKey):
     """An RSA private key in the token: signs with PKCS#1 v1.5 (a CA key) or unwraps with
     CKM_RSA_PKCS_OAEP (the KRA key: the data key leaves the token, the storage key never does)."""
 
@@ -514,20 +523,6 @@ class TokenRsaKey(rsa.RSAPrivateKey):
     def key_size(self) -> int:
         return self._public.key_size
 
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        raise TypeError("this key lives in a token and is never extractable")
-
-    def private_bytes(self, encoding, format, encryption_algorithm) -> bytes:
-        raise TypeError("this key lives in a token and is never extractable")
-
-    def __copy__(self) -> TokenRsaKey:
-        return self
-
-    def __deepcopy__(self, memo) -> TokenRsaKey:
-        return self
-
-    def __repr__(self) -> str:
-        return f"TokenRsaKey({key_label(self._name)!r} in {self._token!r})"
 
 
 def _mgf1_sha256(seed: bytes, length: int) -> bytes:

@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -380,40 +382,37 @@ def test_no_authority_key_is_a_file_and_the_tokens_show_them_sensitive_never_ext
     assert usage_of(kra_keys["autoenroll-kra"]) == {"decrypt", "unwrap"}  # it signs nothing
 
 
+@contextmanager
+def a_key_in_the_token(service, token: str, key_type: str, label: str) -> Iterator[None]:
+    """A key pair labelled `label` generated in the service's token for the block, deleted after it (the
+    token variant only: the files variant skips)."""
+    if not load_settings(service.config).key_store.in_token:
+        pytest.skip("the files variant: keys in files (test above)")
+    pin = (service.data / "token.pin").read_text().strip()
+    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", token, "--login", "--pin", pin]
+    subprocess.run([*tool, "--keypairgen", "--key-type", key_type, "--label", label], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        for kind in ("privkey", "pubkey"):
+            subprocess.run([*tool, "--delete-object", "--type", kind, "--label", label],
+                           check=True, capture_output=True)
+
+
 def test_the_ca_refuses_to_start_with_the_kras_key_in_its_token(split, softhsm):
     """The "holds no key it does not use" check covers tokens: a key labelled as the KRA's in the CA's token."""
     ca = split["ca"]
-    if not load_settings(ca.config).key_store.in_token:
-        pytest.skip("the files variant: keys in files (test above)")
-    pin = (ca.data / "token.pin").read_text().strip()
-    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", "split-ca", "--login", "--pin", pin]
-    subprocess.run([*tool, "--keypairgen", "--key-type", "rsa:2048", "--label", "autoenroll-kra"],
-                   check=True, capture_output=True)
-    try:
+    with a_key_in_the_token(ca, "split-ca", "rsa:2048", "autoenroll-kra"):
         result = ca.autoenroll("serve", check=False)
-    finally:
-        for kind in ("privkey", "pubkey"):
-            subprocess.run([*tool, "--delete-object", "--type", kind, "--label", "autoenroll-kra"],
-                           check=True, capture_output=True)
     assert result.returncode != 0 and "must not hold autoenroll-kra in token 'split-ca'" in result.stderr
 
 
 def test_the_kra_refuses_to_start_with_the_cas_key_in_its_token(split, softhsm):
     """The same check the other way round: a key labelled as the CA's in the KRA's token."""
     kra = split["kra"]
-    if not load_settings(kra.config).key_store.in_token:
-        pytest.skip("the files variant: keys in files (test above)")
-    pin = (kra.data / "token.pin").read_text().strip()
-    tool = ["pkcs11-tool", "--module", MODULE, "--token-label", "split-kra", "--login", "--pin", pin]
-    subprocess.run([*tool, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "autoenroll-ca"],
-                   check=True, capture_output=True)
-    try:
+    with a_key_in_the_token(kra, "split-kra", "EC:prime256v1", "autoenroll-ca"):
         with pytest.raises(ConfigError, match="must not hold autoenroll-ca in token 'split-kra'"):
             check_role(load_settings(kra.config))
-    finally:
-        for kind in ("privkey", "pubkey"):
-            subprocess.run([*tool, "--delete-object", "--type", kind, "--label", "autoenroll-ca"],
-                           check=True, capture_output=True)
     check_role(load_settings(kra.config))  # as it was: it starts
 
 
