@@ -167,6 +167,50 @@ base_dn = "DC=corp,DC=example,DC=org"
         load_settings(config, environ={})
 
 
+def test_environment_variables_override_a_targets_keys_and_can_add_a_target(tmp_path):
+    from registration_app.settings import load_settings
+    config = tmp_path / "autoenroll.toml"
+    config.write_text('[targets.address-book]\nurl = "ldaps://book.corp.example.org"\n'
+                      'bind_dn = "cn=publisher,dc=book"\npassword_file = "/etc/autoenroll/book.pass"\n'
+                      '[targets.address-book.attributes]\ncertificate = "userSMIMECertificate"\n')
+    settings = load_settings(config, environ={
+        "AUTOENROLL_TARGETS__ADDRESS_BOOK__URL": "ldaps://book2.corp.example.org ldaps://book3.corp.example.org",
+        "AUTOENROLL_TARGETS__ADDRESS_BOOK__TIMEOUT_SECONDS": "2.5",
+        "AUTOENROLL_TARGETS__ADDRESS_BOOK__ALSO_FIND_BY": "userPrincipalName",
+        "AUTOENROLL_TARGETS__OUTLOOK__PRESET": "ad",
+        "AUTOENROLL_TARGETS__OUTLOOK__URL": "ldaps://dc1.corp.example.org",
+        "AUTOENROLL_TARGETS__OUTLOOK__START_TLS": "false",
+        "AUTOENROLL_TARGETS__OUTLOOK__ATTRIBUTES__CERTIFICATE": "userSMIMECertificate",
+    })
+    assert set(settings.targets) == {"address-book", "outlook"}
+    book = settings.targets["address-book"]
+    assert book.url == "ldaps://book2.corp.example.org ldaps://book3.corp.example.org" and book.timeout_seconds == 2.5
+    assert book.also_find_by == frozenset({"userPrincipalName"})
+    assert book.bind_dn == "cn=publisher,dc=book" and book.password_file == "/etc/autoenroll/book.pass"  # the file's
+    assert book.attributes.certificate == "userSMIMECertificate"
+    outlook = settings.targets["outlook"]
+    assert outlook.preset == "ad" and outlook.entry_id_attribute == "objectGUID"  # the preset's defaults
+    assert outlook.url == "ldaps://dc1.corp.example.org" and outlook.start_tls is False
+    assert outlook.attributes.certificate == "userSMIMECertificate" and outlook.attributes.version == "uSNChanged"
+    assert settings.ldap.url == "ldap://127.0.0.1:3890"  # [ldap] untouched
+
+
+def test_a_target_can_come_from_the_environment_alone_and_a_wrong_variable_is_named():
+    from registration_app.core.errors import ConfigError
+    from registration_app.settings import load_settings
+    settings = load_settings(None, environ={"AUTOENROLL_TARGETS__BOOK__URL": "ldaps://book.corp.example.org"})
+    assert settings.targets["book"].url == "ldaps://book.corp.example.org"
+    for environ, message in (
+            ({"AUTOENROLL_TARGETS__BOOK__COLOUR": "red"}, "unknown setting AUTOENROLL_TARGETS__BOOK__COLOUR"),
+            ({"AUTOENROLL_TARGETS__BOOK__TIMEOUT_SECONDS": "soon"}, "AUTOENROLL_TARGETS__BOOK__TIMEOUT_SECONDS"),
+            ({"AUTOENROLL_TARGETS__BOOK__PRESET": "novell"},
+             "AUTOENROLL_TARGETS__BOOK__PRESET: unknown LDAP preset 'novell'"),
+            ({"AUTOENROLL_TARGETS__BOOK": "x"}, "AUTOENROLL_TARGETS__BOOK names no key of the target"),
+            ({"AUTOENROLL_TARGETS": "x"}, "AUTOENROLL_TARGETS is not a setting")):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(None, environ=environ)
+
+
 def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running):
     import time
     services, group = world
