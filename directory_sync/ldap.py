@@ -190,14 +190,17 @@ class LdapDirectory:
             entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
         )
 
-    def modify_operations(self, plan: Plan, *, add_class: bool = False) -> list[tuple]:
+    def modify_operations(self, plan: Plan, *, add_class: bool = False, whole: bool = False) -> list[tuple]:
         """python-ldap's modlist for one plan: the deletes, then the adds in order, in one modify;
-        `add_class`: the auxiliary class that allows the attribute (pkiUser) is added in it too."""
+        `add_class`: the auxiliary class that allows the attribute (pkiUser) is added in it too;
+        `whole`: the attribute replaced by the plan's target values instead (an attribute without an
+        equality rule, such as userSMIMECertificate, cannot have values deleted one by one)."""
         attribute = self.attributes.certificate
         auxiliary = self.attributes.certificate_object_class
-        return ([(ldap.MOD_ADD, "objectClass", [auxiliary.encode()])] if add_class and plan.adds else []) + \
-               ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
-               ([(ldap.MOD_ADD, attribute, list(plan.adds))] if plan.adds else [])
+        change = [(ldap.MOD_REPLACE, attribute, list(plan.target) or None)] if whole else \
+            ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
+            ([(ldap.MOD_ADD, attribute, list(plan.adds))] if plan.adds else [])
+        return ([(ldap.MOD_ADD, "objectClass", [auxiliary.encode()])] if add_class and plan.adds else []) + change
 
     # --- helpers -------------------------------------------------------------------------------
     def _group_dn(self, group: str) -> str:
@@ -247,7 +250,7 @@ class LdapDirectory:
         the same modify without it: deleting by value still refuses to apply over a concurrent removal.
         """
         names = self.attributes
-        asserting, fresh, add_class = True, seen is None, False
+        asserting, fresh, add_class, whole = True, seen is None, False, False
         current, version = (list(seen.certificates), seen.version) if seen is not None else (None, None)
         for _ in range(5):
             if current is None:
@@ -266,8 +269,17 @@ class LdapDirectory:
             controls = [AssertionControl(True, f"({names.version}={filter_value(version)})")] \
                 if asserting and version else None
             try:
-                conn.modify_ext_s(dn, self.modify_operations(plan, add_class=add_class), serverctrls=controls)
+                conn.modify_ext_s(dn, self.modify_operations(plan, add_class=add_class, whole=whole),
+                                  serverctrls=controls)
                 return
+            except ldap.INAPPROPRIATE_MATCHING:
+                # No equality rule: values cannot be deleted by value. Replace the whole attribute with
+                # the plan's target, which keeps other issuers' values as read; the assertion on the
+                # entry's change stamp keeps a concurrent writer's change from being overwritten.
+                if whole:
+                    raise
+                whole = True
+                continue
             except ldap.OBJECT_CLASS_VIOLATION as exc:
                 # The entry's classes do not allow the attribute: the same modify again with the
                 # auxiliary class added, once; refused with it (or without one to add): for good.

@@ -211,6 +211,65 @@ def test_a_target_can_come_from_the_environment_alone_and_a_wrong_variable_is_na
             load_settings(None, environ=environ)
 
 
+def reconciler(services):
+    from directory_sync.reconcile import Reconciler
+    return Reconciler(services.db, services.directory, services.ca, services.publisher, services.settings.profiles)
+
+
+def test_a_full_reconcile_repairs_the_target_with_its_own_map_and_leaves_entries_in_line_unwritten(world, running):
+    from tests.e2e.test_gpgsm import foreign_signing_certificate
+    services, group = world
+    primary, book = running
+    target = services.publisher.targets[0]
+    dn, email = new_person(running, group)
+    encryption = issue(services, email).certificate.public_bytes(Encoding.DER)
+    signature = issue(services, email, profile="smime-signature").certificate.public_bytes(Encoding.DER)
+    services.publisher.drain(user_dn=dn)
+    target.drain(now=datetime.now(timezone.utc) + LATER)
+    assert values(book, dn, "userSMIMECertificate") == [encryption, signature]
+    foreign = foreign_signing_certificate(email)
+    with LdapAdmin.for_slapd(book) as admin:  # by hand in the book: ours deleted, a partner's added
+        assert admin.modify(dn, {"userSMIMECertificate": [("MODIFY_REPLACE", [signature, foreign])]}), admin.result
+
+    dry = reconciler(services).run(dry_run=True)
+    assert ("book", dn) in dry.targets_republished and f"  would republish {dn} in target book" in dry.lines() \
+        and values(book, dn, "userSMIMECertificate") == [signature, foreign]
+    report = reconciler(services).run()
+    assert ("book", dn) in report.targets_republished and report.errors == [], report.lines()
+    assert values(book, dn, "userSMIMECertificate") == [encryption, foreign, signature]  # each once, ours first
+    assert values(book, dn, "userCertificate;binary") == []  # the book's own attribute only
+    assert values(primary, dn, "userCertificate;binary") == [encryption, signature]  # the primary as it was
+    again = reconciler(services).run()
+    assert again.targets_republished == [] and dn not in again.republished, again.lines()
+
+    # The person leaves the group: the pass revokes and takes our values off the book too, at once;
+    # the revocations' outbox rows then change nothing there (no second modify: the entryCSN stays).
+    with LdapAdmin.for_slapd(primary) as admin:
+        assert admin.modify(group, {"member": [("MODIFY_DELETE", [dn])]}), admin.result
+    left = reconciler(services).run()
+    assert {r.why for r in left.revoked if r.email == email} == {"not entitled"} and ("book", dn) in left.targets_republished
+    assert values(book, dn, "userSMIMECertificate") == [foreign]
+    assert values(primary, dn, "userCertificate;binary") == []
+    stamp = values(book, dn, "entryCSN")
+    target.drain(now=datetime.now(timezone.utc) + LATER)
+    assert values(book, dn, "entryCSN") == stamp and values(book, dn, "userSMIMECertificate") == [foreign]
+    assert target.status()["depth"] == 0
+
+
+def test_a_target_that_is_down_during_reconcile_is_an_error_of_the_report_and_the_primary_is_repaired(world, running):
+    services, group = world
+    primary, book = running
+    dn, email = new_person(running, group)
+    issued = issue(services, email).certificate.public_bytes(Encoding.DER)
+    services.publisher.drain(user_dn=dn)
+    with LdapAdmin.for_slapd(primary) as admin:
+        assert admin.modify(dn, {"userCertificate;binary": [("MODIFY_DELETE", [issued])]}), admin.result
+    book.stop()
+    report = reconciler(services).run()
+    assert dn in report.republished and values(primary, dn, "userCertificate;binary") == [issued]
+    assert [where for where, _ in report.errors] == ["target book"], report.lines()
+
+
 def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running):
     import time
     services, group = world
