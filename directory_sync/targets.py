@@ -40,6 +40,10 @@ from registration_app.store.outbox import crl_der, planned_rows_of
 log = logging.getLogger("autoenroll.targets")
 
 MAX_BACKOFF = 300.0
+# How old an outbox row must be before a target's drain mark may pass it (store/targets.py): longer than
+# any transaction that writes outbox rows stays open, so a row with a lower id committing late is not
+# passed over. (Reconcile's full pass repairs a target even then.)
+SETTLED = timedelta(minutes=5)
 NOT_IN_TARGET = "not in this target"  # the target has no entry with the address: nothing to publish there
 # A repair looks the users its scan of certificate holders did not meet up one by one up to this many;
 # above it, it reads every entry with mail of the target instead (as reconcile does for [ldap]).
@@ -100,6 +104,8 @@ class TargetPublisher:
             done += len(group)
             log.info("event=publish.target_done target=%r dn=%r rows=%d%s", self.name, key, len(group),
                      f" note={note!r}" if note else "")
+        # The mark below which every row has a state here (by the real clock, whatever `now` says).
+        store.advance_at_target(self.db, self.name, settled_before=datetime.now(timezone.utc) - SETTLED)
         return done
 
     def status(self) -> dict:
