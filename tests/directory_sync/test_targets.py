@@ -270,6 +270,29 @@ def test_a_target_that_is_down_during_reconcile_is_an_error_of_the_report_and_th
     assert [where for where, _ in report.errors] == ["target book"], report.lines()
 
 
+def test_a_revocation_leaves_a_target_whose_attribute_has_no_equality_rule(world, running):
+    """userSMIMECertificate has no equality matching rule: slapd refuses deleting one of its values
+    (inappropriate matching), so the target replaces the attribute whole, other issuers' values kept."""
+    from cryptography import x509
+
+    from tests.e2e.test_gpgsm import foreign_signing_certificate
+    services, group = world
+    _, book = running
+    target = services.publisher.targets[0]
+    dn, email = new_person(running, group)
+    foreign = foreign_signing_certificate(email)
+    with LdapAdmin.for_slapd(book) as admin:
+        assert admin.modify(dn, {"userSMIMECertificate": [("MODIFY_ADD", [foreign])]}), admin.result
+    issued = issue(services, email)
+    der = issued.certificate.public_bytes(Encoding.DER)
+    target.drain(now=datetime.now(timezone.utc) + LATER)
+    assert values(book, dn, "userSMIMECertificate") == [der, foreign]
+    assert services.ca.revoke(issued.serial, x509.ReasonFlags.key_compromise)
+    assert target.drain(now=datetime.now(timezone.utc) + LATER) >= 1
+    assert values(book, dn, "userSMIMECertificate") == [foreign]
+    assert target.status()["failing"] == 0
+
+
 def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running):
     import time
     services, group = world
