@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 
 import ldap
@@ -17,7 +18,7 @@ from ldap.controls.libldap import AssertionControl
 from ldap.ldapobject import LDAPObject
 
 from directory_sync.config import LdapSettings
-from directory_sync.connection import Attributes, ConnectionPool, Entry, bind, close, translate, values
+from directory_sync.connection import Attributes, ConnectionPool, Entry, answered, bind, close, translate, values
 from directory_sync.escape import check_email, filter_value, first_rdn, generalized_time, resolve_group_dn
 from directory_sync.plan import Plan, Wanted, plan_values
 from registration_app.core.dn import dn_key  # lenient: DNs read back from LDAP are compared, never refused
@@ -25,24 +26,81 @@ from registration_app.core.errors import AmbiguousUser, DirectoryUnavailable, Sc
 from registration_app.core.model import UserEntry
 
 
-class LdapDirectory:
-    """The Directory of DESIGN.md (find_user, groups_of, publish) plus what reconcile needs."""
+@dataclass(frozen=True)
+class CheckedEntry(UserEntry):
+    """A UserEntry read by find_user together with the answer, for each entitlement group, of whether the
+    entry is in it, nested groups included (the in-chain matching rule): groups_of needs no search."""
 
-    def __init__(self, settings: LdapSettings) -> None:
+    groups_in_chain: frozenset[str] = frozenset()  # dn_keys of the entitlement groups the entry is in
+
+
+class LdapDirectory:
+    """The Directory of DESIGN.md (find_user, groups_of, publish) plus what reconcile needs.
+
+    `entitlement_groups`: the groups requests ask about (every profile's, the recovery officers'), as DNs.
+    With nested groups on a server with the in-chain matching rule (Active Directory), find_user then
+    sends, with the entry's search and without waiting for it, one search per such group for the same
+    address with `(memberOf:<in-chain rule>:=<group>)` in the filter: the entry and its entitlement in one
+    round trip, where reading the entry and then asking for the groups of its DN took two (PERFORMANCE.md,
+    "Entitlement on Active Directory")."""
+
+    def __init__(self, settings: LdapSettings, *, entitlement_groups: Iterable[str] = ()) -> None:
         self.settings = settings
         self.attributes = settings.attributes
         self.pool = ConnectionPool(settings)
+        self.entitlement_groups = tuple(sorted({dn_key(g) for g in entitlement_groups}))
 
     # --- lookups -------------------------------------------------------------------------------
     def find_user(self, email: str) -> UserEntry | None:
         """The single entry under users_base whose mail is `email`; None if none; AmbiguousUser if several."""
         check_email(email)
         flt = address_filter(self.settings, email)
+        if self._checks_in_chain():
+            return self.pool.run(lambda conn: self._find_checked(conn, flt, email))
         entries = self.pool.run(lambda conn: _search_two(conn, self.settings.users_base, flt,
                                                          self.user_attributes(), self.settings.timeout_seconds))
         if len(entries) > 1:
             raise AmbiguousUser()
         return self.user_entry(entries[0], email) if entries else None
+
+    def _checks_in_chain(self) -> bool:
+        return bool(self.entitlement_groups and self.settings.nested_groups and self.attributes.in_chain_rule)
+
+    def _find_checked(self, conn: LDAPObject, flt: str, email: str) -> CheckedEntry | None:
+        """find_user's search and one in-chain test per entitlement group, sent at once on `conn`; every
+        answer is read (none left on the connection) before an error is raised."""
+        base, timeout = self.settings.users_base, self.settings.timeout_seconds
+        sent = [conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, self.user_attributes(), sizelimit=2, timeout=timeout)]
+        sent += [conn.search_ext(base, ldap.SCOPE_SUBTREE, f"(&{flt}({self.member_of_filter(group)}))", ["1.1"],
+                                 sizelimit=2, timeout=timeout) for group in self.entitlement_groups]
+        answers: list[list[str]] = []
+        entries: list[Entry] = []
+        failure: Exception | None = None
+        for index, msgid in enumerate(sent):
+            try:
+                found = [(dn, attrs) for dn, attrs in conn.result3(msgid, all=1, timeout=timeout)[1] if dn is not None]
+            except ldap.SIZELIMIT_EXCEEDED:
+                failure = failure or AmbiguousUser()
+                found = []
+            except ldap.LDAPError as exc:
+                if not answered(exc):
+                    raise  # the connection itself failed: the pool closes it
+                failure = failure or exc
+                found = []
+            if index == 0:
+                entries = [(dn, {k.lower(): v for k, v in attrs.items()}) for dn, attrs in found]
+            else:
+                answers.append([dn_key(dn) for dn, _ in found])
+        if failure is not None:
+            raise failure
+        if len(entries) > 1:
+            raise AmbiguousUser()
+        if not entries:
+            return None
+        user = self.user_entry(entries[0], email)
+        me = dn_key(user.dn)
+        inside = frozenset(g for g, dns in zip(self.entitlement_groups, answers) if me in dns)
+        return CheckedEntry(**{f.name: getattr(user, f.name) for f in fields(UserEntry)}, groups_in_chain=inside)
 
     def attribute_values(self, dn: str, attribute: str) -> list[bytes]:
         """The raw values of one attribute of the entry `dn` (a certificate mapping attribute such as
@@ -53,6 +111,8 @@ class LdapDirectory:
         """Normalised DNs of the groups `user` belongs to, read live (memberOf or a member= search)."""
         if isinstance(user, UserEntry) and self.settings.use_memberof and not self.settings.nested_groups:
             return user.member_of  # read with the entry by find_user, in the same live search
+        if isinstance(user, CheckedEntry):  # find_user asked about each entitlement group with the entry
+            return user.member_of | user.groups_in_chain
         dn = user.dn if isinstance(user, UserEntry) else user
         rule = self.attributes.in_chain_rule
         if self.settings.nested_groups and rule:  # the server walks the nesting: one search
@@ -190,14 +250,17 @@ class LdapDirectory:
             entry_id=entry_id_text(values(attrs, self.settings.entry_id_attribute)),
         )
 
-    def modify_operations(self, plan: Plan, *, add_class: bool = False) -> list[tuple]:
+    def modify_operations(self, plan: Plan, *, add_class: bool = False, whole: bool = False) -> list[tuple]:
         """python-ldap's modlist for one plan: the deletes, then the adds in order, in one modify;
-        `add_class`: the auxiliary class that allows the attribute (pkiUser) is added in it too."""
+        `add_class`: the auxiliary class that allows the attribute (pkiUser) is added in it too;
+        `whole`: the attribute replaced by the plan's target values instead (an attribute without an
+        equality rule, such as userSMIMECertificate, cannot have values deleted one by one)."""
         attribute = self.attributes.certificate
         auxiliary = self.attributes.certificate_object_class
-        return ([(ldap.MOD_ADD, "objectClass", [auxiliary.encode()])] if add_class and plan.adds else []) + \
-               ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
-               ([(ldap.MOD_ADD, attribute, list(plan.adds))] if plan.adds else [])
+        change = [(ldap.MOD_REPLACE, attribute, list(plan.target) or None)] if whole else \
+            ([(ldap.MOD_DELETE, attribute, list(plan.deletes))] if plan.deletes else []) + \
+            ([(ldap.MOD_ADD, attribute, list(plan.adds))] if plan.adds else [])
+        return ([(ldap.MOD_ADD, "objectClass", [auxiliary.encode()])] if add_class and plan.adds else []) + change
 
     # --- helpers -------------------------------------------------------------------------------
     def _group_dn(self, group: str) -> str:
@@ -247,7 +310,7 @@ class LdapDirectory:
         the same modify without it: deleting by value still refuses to apply over a concurrent removal.
         """
         names = self.attributes
-        asserting, fresh, add_class = True, seen is None, False
+        asserting, fresh, add_class, whole = True, seen is None, False, False
         current, version = (list(seen.certificates), seen.version) if seen is not None else (None, None)
         for _ in range(5):
             if current is None:
@@ -266,8 +329,17 @@ class LdapDirectory:
             controls = [AssertionControl(True, f"({names.version}={filter_value(version)})")] \
                 if asserting and version else None
             try:
-                conn.modify_ext_s(dn, self.modify_operations(plan, add_class=add_class), serverctrls=controls)
+                conn.modify_ext_s(dn, self.modify_operations(plan, add_class=add_class, whole=whole),
+                                  serverctrls=controls)
                 return
+            except ldap.INAPPROPRIATE_MATCHING:
+                # No equality rule: values cannot be deleted by value. Replace the whole attribute with
+                # the plan's target, which keeps other issuers' values as read; the assertion on the
+                # entry's change stamp keeps a concurrent writer's change from being overwritten.
+                if whole:
+                    raise
+                whole = True
+                continue
             except ldap.OBJECT_CLASS_VIOLATION as exc:
                 # The entry's classes do not allow the attribute: the same modify again with the
                 # auxiliary class added, once; refused with it (or without one to add): for good.

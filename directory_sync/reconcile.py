@@ -27,6 +27,10 @@ groups that changed (the memberOf overlay does not touch a user's modifyTimestam
 them, and refint removes deleted users from groups), and the users whose certificates were issued,
 revoked or expired since; periodic mode runs a full pass first and then incremental ones.
 
+A full pass then repairs each extra publication target ([targets.NAME], targets.py `TargetPublisher.repair`)
+from the rows as the pass left them, with that target's attribute map: one modify per entry out of line,
+none for an entry in line. A target that cannot be read is an error of the report; the others go on.
+
 `plan_user` is the decision for one user: a pure function, tested without I/O.
 """
 
@@ -127,18 +131,23 @@ class ReconcileReport:
     moved: list[tuple[str, str]] = field(default_factory=list)  # (old DN, new DN)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (DN, why)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (DN, error)
+    # (target name, DN) of the entries of extra publication targets whose values were (or would be) changed
+    targets_republished: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.revoked or self.republished or self.moved)
+        return bool(self.revoked or self.republished or self.moved or self.targets_republished)
 
     def summary(self) -> str:
         verb = "would " if self.dry_run else ""
         return (f"reconcile {self.mode}{' (dry run)' if self.dry_run else ''}: "
                 f"{self.users_scanned} users, {self.certificates_checked} certificates in "
                 f"{self.duration_seconds:.2f} s; {verb}revoke {len(self.revoked)}, {verb}republish "
-                f"{len(self.republished)}, {verb}follow {len(self.moved)} renamed; "
+                f"{len(self.republished)}{self._in_targets()}, {verb}follow {len(self.moved)} renamed; "
                 f"{len(self.skipped)} skipped, {len(self.errors)} errors")
+
+    def _in_targets(self) -> str:
+        return f" (and {len(self.targets_republished)} in targets)" if self.targets_republished else ""
 
     def lines(self) -> list[str]:
         verb = "would " if self.dry_run else ""
@@ -146,6 +155,7 @@ class ReconcileReport:
         out += [f"  {verb}revoke {r.serial} ({r.profile}) of {r.email}: {r.why}" for r in self.revoked]
         out += [f"  {verb}follow renamed entry {old} -> {new}" for old, new in self.moved]
         out += [f"  {verb}republish {dn}" for dn in self.republished]
+        out += [f"  {verb}republish {dn} in target {name}" for name, dn in self.targets_republished]
         out += [f"  skipped {dn}: {why}" for dn, why in self.skipped]
         out += [f"  error {dn}: {error}" for dn, error in self.errors]
         return out
@@ -296,6 +306,8 @@ class Reconciler:
                     users, rows, known, scanned, partial = self._full_inputs(bulk)
             report.users_scanned, report.certificates_checked = scanned, len(rows)
             self._reconcile(bulk, users, rows, known, entitled, report, now, dry_run, partial=partial)
+        if report.mode == "full":
+            self._repair_targets(report, now, dry_run)
         report.duration_seconds = round(time.monotonic() - clock, 3)
         if not dry_run:
             self._remember(report)
@@ -447,6 +459,28 @@ class Reconciler:
         if revoked:
             self.publisher.drain(limit=100000)  # the new CRL to the CA entry, and anything else due
 
+    def _repair_targets(self, report: ReconcileReport, now: datetime, dry_run: bool) -> None:
+        """Each extra publication target brought in line with the rows as this pass left them (a dry
+        run: as it would leave them, its revocations applied in memory)."""
+        targets = getattr(self.publisher, "targets", ())
+        if not targets:
+            return
+        with self.db.transaction() as session:
+            rows = self._rows(session)
+        if dry_run:
+            revoked = {r.serial for r in report.revoked}
+            rows = [replace(r, status="revoked") if r.serial in revoked else r for r in rows]
+        for target in targets:
+            try:
+                repair = target.repair(rows, now, dry_run=dry_run)
+            except AutoenrollError as exc:
+                report.errors.append((f"target {target.name}", exc.detail))
+                log.warning("event=reconcile.target_failed target=%r error=%r", target.name, exc.detail)
+                continue
+            report.targets_republished += [(target.name, dn) for dn in repair.republished]
+            report.skipped += [(f"{dn} (target {target.name})", why) for dn, why in repair.skipped]
+            report.errors += [(f"{dn} (target {target.name})", error) for dn, error in repair.errors]
+
     def _revoke(self, revocations: list[Revocation], now: datetime) -> set[str]:
         if not revocations:
             return set()
@@ -571,7 +605,8 @@ class Reconciler:
         summary = json.dumps({"mode": report.mode, "started_at": report.started_at.isoformat(),
                               "seconds": report.duration_seconds, "users": report.users_scanned,
                               "revoked": len(report.revoked), "republished": len(report.republished),
-                              "moved": len(report.moved), "errors": len(report.errors)})
+                              "moved": len(report.moved), "errors": len(report.errors),
+                              "targets_republished": len(report.targets_republished)})
 
         def work(session):
             for name, value in ((LAST_RUN, report.started_at.isoformat()), (LAST_REPORT, summary)):

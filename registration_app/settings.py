@@ -277,11 +277,9 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
             raise ConfigError(f"{config}: {exc}") from exc
         file_profiles = data.pop("profiles", None)
         trust = data.pop("trust", None)
-        targets = data.pop("targets", None)
+        file_targets = data.pop("targets", None)
         settings = _ldap_preset(settings, data, env)
         settings = _apply(settings, data, "")
-        if targets is not None:
-            settings = dataclasses.replace(settings, targets=parse_targets(targets))
         if trust is not None:
             settings = dataclasses.replace(settings, trust=parse_trust(trust))
         if file_profiles is not None and not isinstance(file_profiles, Mapping):
@@ -289,8 +287,11 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
         if "data_dir" in data and not Path(data["data_dir"]).is_absolute():
             settings = dataclasses.replace(settings, data_dir=(config.parent / data["data_dir"]).resolve())
     else:
-        file_profiles = None
+        file_profiles = file_targets = None
         settings = _ldap_preset(settings, {}, env)
+    env_targets = env.pop("targets", None)
+    if file_targets is not None or env_targets is not None:  # AUTOENROLL_TARGETS__<NAME>__<KEY> over the file's
+        settings = dataclasses.replace(settings, targets=parse_targets(file_targets or {}, env_targets))
     env_profiles = env.pop("profiles", None)
     if file_profiles is not None or env_profiles is not None:
         tables = merge_profile_tables(DEFAULT_PROFILES, file_profiles or {})
@@ -361,25 +362,54 @@ def _profile_value(label: str, key: str, value: str) -> object:
     return value.strip()
 
 
-def parse_targets(table: Mapping) -> dict[str, LdapSettings]:
+def parse_targets(table: Mapping, env: object = None) -> dict[str, LdapSettings]:
     """`[targets.NAME]` tables: each an [ldap]-shaped table (url, bind, TLS, `preset`,
-    `[targets.NAME.attributes]`): for example Active Directory for Outlook beside an OpenLDAP address book."""
+    `[targets.NAME.attributes]`): for example Active Directory for Outlook beside an OpenLDAP address book.
+
+    `env`: the `AUTOENROLL_TARGETS__<NAME>__<KEY>` variables (`..__ATTRIBUTES__<KEY>` for the attribute
+    map), merged over the file's tables key by key, as AUTOENROLL_PROFILES__* are: NAME matches a target of
+    the file ignoring case with `_` standing for `-`, or adds a target of that name (lower case); a
+    variable's `PRESET` wins over the file's."""
     if not isinstance(table, Mapping):
         raise ConfigError("setting targets must be a table of tables ([targets.<name>])")
+    overrides = target_tables_from_environment(env, table) if env is not None else {}
     parsed = {}
-    for name, values in table.items():
+    for name in [*table, *(n for n in overrides if n not in table)]:
+        values = table.get(name, {})
         if not isinstance(values, Mapping):
             raise ConfigError(f"setting targets.{name} must be a table")
         if len(name) > 64:
             raise ConfigError(f"setting targets.{name}: the name is longer than 64 characters")
         values = dict(values)
-        preset = str(values.pop("preset", "openldap")).strip().lower()
+        label, over = f"AUTOENROLL_TARGETS__{name.upper().replace('-', '_')}__", dict(overrides.get(name, {}))
+        preset_label, preset = (f"{label}PRESET", over.pop("preset")) if "preset" in over else \
+            (f"targets.{name}.preset", values.get("preset", "openldap"))
+        values.pop("preset", None)
         try:
-            base = LdapSettings.for_preset(preset)
+            base = LdapSettings.for_preset(str(preset).strip().lower())
         except ValueError as exc:
-            raise ConfigError(f"setting targets.{name}.preset: {exc}") from exc
-        parsed[name] = _apply(base, values, f"targets.{name}.")
+            raise ConfigError(f"setting {preset_label}: {exc}") from exc
+        parsed[name] = _apply(_apply(base, values, f"targets.{name}."), over, label, env=True)
     return parsed
+
+
+def target_tables_from_environment(env: object, tables: Mapping) -> dict[str, dict]:
+    """The AUTOENROLL_TARGETS__<NAME>__... variables by target name: the file's target NAME stands for
+    (ignoring case, `_` for `-`), else NAME in lower case."""
+    if not isinstance(env, Mapping):
+        raise ConfigError("AUTOENROLL_TARGETS is not a setting: set AUTOENROLL_TARGETS__<NAME>__<KEY>")
+    overrides: dict[str, dict] = {}
+    for env_name, values in env.items():
+        label = f"AUTOENROLL_TARGETS__{env_name.upper()}"
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{label} names no key of the target: set {label}__<KEY> (for example {label}__URL)")
+        matches = [name for name in tables if name.lower().replace("-", "_") == env_name.replace("-", "_")]
+        if len(matches) > 1:
+            raise ConfigError(f"{label} matches the targets {', '.join(sorted(matches))}: rename one of them")
+        overrides[matches[0] if matches else env_name] = dict(values)
+    return overrides
+
+
 def _ldap_preset(settings: Settings, data: dict, env: dict) -> Settings:
     """Start [ldap] from the defaults of `ldap.preset` (the environment's, else the file's), which the
     rest of [ldap] and of AUTOENROLL_LDAP__* then override key by key; `preset` is taken out of both."""

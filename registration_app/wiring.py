@@ -226,8 +226,9 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     user_trust = build_user_trust(settings, ca_cert)
     tls_anchors = (read_cert(paths.tls_ca_cert),)
     agent_policy = AgentPolicy(anchors=tls_anchors, allowed=settings.agents_allowed, scopes=settings.agent_scopes)
-    if directory is None:
-        directory = LdapDirectory(settings.ldap)
+    if directory is None:  # the groups requests ask about: answered with the entry where one search can
+        directory = LdapDirectory(settings.ldap, entitlement_groups=[
+            *(g for p in settings.profiles.values() for g in p.groups), settings.recovery_officers_group])
     keys = key_store(settings)
     common: dict[str, Any] = dict(settings=settings, db=db, directory=directory, agent_policy=agent_policy,
                                   user_trust=user_trust, key_probe=_key_probe(settings, keys))

@@ -248,3 +248,17 @@ class TargetOutbox(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    # A target's rows tried and not done, by when they are due: what each drain round reads (0010).
+    __table_args__ = (Index("ix_target_outbox_due", "target", "done_at", "next_attempt_at"),)
+
+
+class TargetProgress(Base):
+    """How far a publication target has seen the outbox: every outbox row with an id up to
+    `seen_through` has a state row at that target (target_outbox), so a drain reads the rows above it
+    that have none, and the target's rows tried and not done, never the whole outbox (0010)."""
+
+    __tablename__ = "target_progress"
+
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_through: Mapped[int] = mapped_column(Integer)

@@ -77,6 +77,27 @@ def test_groups_nested_two_levels_come_from_one_search_by_the_in_chain_rule(dire
     assert dn_key(ALICE) in {dn_key(u.dn) for u in directory.members_of_group("smime-users")}
 
 
+def test_entitlement_groups_are_answered_with_the_entry_in_one_round_trip_nesting_included(inside):
+    asked = [f"CN=smime-users,{GROUPS}", f"CN=sales,{GROUPS}"]
+    directory = LdapDirectory(ad_settings(inside), entitlement_groups=asked)
+    # The same settings at a port where nothing listens: groups_of asks the directory nothing.
+    unreachable = LdapDirectory(ad_settings(inside, url="ldaps://127.0.0.1:1", timeout_seconds=0.5),
+                                entitlement_groups=asked)
+    try:
+        alice, bob, carol = (directory.find_user(f"{name}@autoenroll.test") for name in ("alice", "bob", "carol"))
+        assert directory.pool.opened == 1 and directory.pool.idle_connections == 1  # every answer read
+        assert GROUP["smime-users"] in unreachable.groups_of(alice)  # two levels down
+        assert GROUP["platform-team"] in unreachable.groups_of(alice)  # her own memberOf, read with the entry
+        assert dn_key(f"CN=sales,{GROUPS}") not in unreachable.groups_of(alice)
+        assert unreachable.is_member(carol, ["smime-users"]) and not unreachable.is_member(bob, ["smime-users", "sales"])
+        assert unreachable.groups_of(bob) == frozenset() and unreachable.pool.opened == 0
+        assert directory.find_user("nobody@autoenroll.test") is None
+        assert directory.find_user("alice@autoenroll.test") == alice and directory.pool.opened == 1
+    finally:
+        directory.close()
+        unreachable.close()
+
+
 def test_users_are_found_by_mail_and_by_configured_proxy_addresses_or_user_principal_name(inside, admin):
     assert admin.modify(DAVE, {"proxyAddresses": [(MODIFY_REPLACE, ["SMTP:dave@autoenroll.test",
                                                                     "smtp:d.lister@autoenroll.test",

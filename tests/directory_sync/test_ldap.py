@@ -13,6 +13,7 @@ from directory_sync.config import AttributeMap
 from directory_sync.ldap import LdapDirectory
 from directory_sync.plan import Wanted
 from directory_sync.slapd import free_port
+from registration_app.core.dn import dn_key
 from registration_app.core.errors import AmbiguousUser, BadRequest, DirectoryUnavailable, UserNotFound
 from tests.directory_sync.certs import cert, crl
 from tests.ldap_admin import MODIFY_ADD
@@ -143,16 +144,24 @@ def test_paged_search_beyond_one_page(slapd, ldap_admin):
     for i in range(520):
         ldap_admin.add(f"uid=p{i},ou=people,dc=example,dc=org", ["inetOrgPerson"],
                        {"uid": f"p{i}", "cn": f"p{i}", "sn": "p", "mail": f"p{i}@paged.example.org"})
+    dns = [f"uid=p{i},ou=people,dc=example,dc=org" for i in range(520)]
+    assert ldap_admin.add("cn=paged,ou=groups,dc=example,dc=org", ["groupOfNames"], {"cn": "paged", "member": dns}), \
+        ldap_admin.result  # more members than slapd's size limit (500) lets one search return
     directory = LdapDirectory(slapd.settings(pool_size=1))
+    without_memberof = LdapDirectory(slapd.settings(use_memberof=False, nested_groups=True))
     try:
         users = [u for u in directory.iter_users() if u.email.endswith("@paged.example.org")]
         assert len(users) == 520
+        assert len(list(directory.members_of_group("paged"))) == 520  # memberOf=<group>, paged
+        assert directory.group_members("paged") == {dn_key(dn) for dn in dns}  # the groups' member lists
+        assert len(list(without_memberof.members_of_group("paged"))) == 520  # every user with mail, paged
         stop_early = directory.iter_users()
         next(stop_early)
         stop_early.close()  # abandoning a paged search must not poison the pool
         assert directory.find_user("p7@paged.example.org") is not None
     finally:
         directory.close()
+        without_memberof.close()
 
 
 # --- publication -----------------------------------------------------------------------------------

@@ -114,3 +114,25 @@ def test_a_value_larger_than_the_directory_takes_is_refused_for_good(slapd, new_
     finally:
         directory.close()
     assert status_of(refused.value) == 503 and refused.value.code == "schema_refused"
+
+
+def test_a_queued_value_larger_than_the_attribute_takes_ends_its_row_in_schema_refused_and_stays_issued(
+        services, ldap_admin, group):
+    """The same refusal through the outbox: the row is in its final state with the directory's words, the
+    certificate stays ours (its row as it was issued: the directory's limit is not ours to enforce)."""
+    from sqlalchemy import update
+    dn, email = pilot_person(ldap_admin, group)
+    issued = issue(services, email)
+    with services.db.transaction() as session:  # as if the certificate were larger than AD's 32 kB
+        session.execute(update(Certificate).where(Certificate.serial == issued.serial)
+                        .values(der=oversized_certificate()))
+    assert services.publisher.drain(user_dn=dn) == 1  # completed, not retried
+    with services.db.transaction() as session:
+        row = session.execute(select(Outbox).where(Outbox.serial == issued.serial)).scalar_one()
+        status = session.execute(select(Certificate.status).where(Certificate.serial == issued.serial)).scalar_one()
+    assert row.done_at is not None and row.last_error.startswith(f"{SCHEMA_REFUSED}: The directory refused")
+    assert "Constraint violation" in row.last_error and status == "valid"
+    assert any(r["serial"] == issued.serial and "Constraint violation" in r["directory_said"]
+               for r in directory_status(services.db)["schema_refused_rows"])
+    assert services.publisher.drain(user_dn=dn) == 0
+    assert ldap_admin.values(dn, "userCertificate;binary") == []

@@ -167,6 +167,132 @@ base_dn = "DC=corp,DC=example,DC=org"
         load_settings(config, environ={})
 
 
+def test_environment_variables_override_a_targets_keys_and_can_add_a_target(tmp_path):
+    from registration_app.settings import load_settings
+    config = tmp_path / "autoenroll.toml"
+    config.write_text('[targets.address-book]\nurl = "ldaps://book.corp.example.org"\n'
+                      'bind_dn = "cn=publisher,dc=book"\npassword_file = "/etc/autoenroll/book.pass"\n'
+                      '[targets.address-book.attributes]\ncertificate = "userSMIMECertificate"\n')
+    settings = load_settings(config, environ={
+        "AUTOENROLL_TARGETS__ADDRESS_BOOK__URL": "ldaps://book2.corp.example.org ldaps://book3.corp.example.org",
+        "AUTOENROLL_TARGETS__ADDRESS_BOOK__TIMEOUT_SECONDS": "2.5",
+        "AUTOENROLL_TARGETS__ADDRESS_BOOK__ALSO_FIND_BY": "userPrincipalName",
+        "AUTOENROLL_TARGETS__OUTLOOK__PRESET": "ad",
+        "AUTOENROLL_TARGETS__OUTLOOK__URL": "ldaps://dc1.corp.example.org",
+        "AUTOENROLL_TARGETS__OUTLOOK__START_TLS": "false",
+        "AUTOENROLL_TARGETS__OUTLOOK__ATTRIBUTES__CERTIFICATE": "userSMIMECertificate",
+    })
+    assert set(settings.targets) == {"address-book", "outlook"}
+    book = settings.targets["address-book"]
+    assert book.url == "ldaps://book2.corp.example.org ldaps://book3.corp.example.org" and book.timeout_seconds == 2.5
+    assert book.also_find_by == frozenset({"userPrincipalName"})
+    assert book.bind_dn == "cn=publisher,dc=book" and book.password_file == "/etc/autoenroll/book.pass"  # the file's
+    assert book.attributes.certificate == "userSMIMECertificate"
+    outlook = settings.targets["outlook"]
+    assert outlook.preset == "ad" and outlook.entry_id_attribute == "objectGUID"  # the preset's defaults
+    assert outlook.url == "ldaps://dc1.corp.example.org" and outlook.start_tls is False
+    assert outlook.attributes.certificate == "userSMIMECertificate" and outlook.attributes.version == "uSNChanged"
+    assert settings.ldap.url == "ldap://127.0.0.1:3890"  # [ldap] untouched
+
+
+def test_a_target_can_come_from_the_environment_alone_and_a_wrong_variable_is_named():
+    from registration_app.core.errors import ConfigError
+    from registration_app.settings import load_settings
+    settings = load_settings(None, environ={"AUTOENROLL_TARGETS__BOOK__URL": "ldaps://book.corp.example.org"})
+    assert settings.targets["book"].url == "ldaps://book.corp.example.org"
+    for environ, message in (
+            ({"AUTOENROLL_TARGETS__BOOK__COLOUR": "red"}, "unknown setting AUTOENROLL_TARGETS__BOOK__COLOUR"),
+            ({"AUTOENROLL_TARGETS__BOOK__TIMEOUT_SECONDS": "soon"}, "AUTOENROLL_TARGETS__BOOK__TIMEOUT_SECONDS"),
+            ({"AUTOENROLL_TARGETS__BOOK__PRESET": "novell"},
+             "AUTOENROLL_TARGETS__BOOK__PRESET: unknown LDAP preset 'novell'"),
+            ({"AUTOENROLL_TARGETS__BOOK": "x"}, "AUTOENROLL_TARGETS__BOOK names no key of the target"),
+            ({"AUTOENROLL_TARGETS": "x"}, "AUTOENROLL_TARGETS is not a setting")):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(None, environ=environ)
+
+
+def reconciler(services):
+    from directory_sync.reconcile import Reconciler
+    return Reconciler(services.db, services.directory, services.ca, services.publisher, services.settings.profiles)
+
+
+def test_a_full_reconcile_repairs_the_target_with_its_own_map_and_leaves_entries_in_line_unwritten(world, running):
+    from tests.e2e.test_gpgsm import foreign_signing_certificate
+    services, group = world
+    primary, book = running
+    target = services.publisher.targets[0]
+    dn, email = new_person(running, group)
+    encryption = issue(services, email).certificate.public_bytes(Encoding.DER)
+    signature = issue(services, email, profile="smime-signature").certificate.public_bytes(Encoding.DER)
+    services.publisher.drain(user_dn=dn)
+    target.drain(now=datetime.now(timezone.utc) + LATER)
+    assert values(book, dn, "userSMIMECertificate") == [encryption, signature]
+    foreign = foreign_signing_certificate(email)
+    with LdapAdmin.for_slapd(book) as admin:  # by hand in the book: ours deleted, a partner's added
+        assert admin.modify(dn, {"userSMIMECertificate": [("MODIFY_REPLACE", [signature, foreign])]}), admin.result
+
+    dry = reconciler(services).run(dry_run=True)
+    assert ("book", dn) in dry.targets_republished and f"  would republish {dn} in target book" in dry.lines() \
+        and values(book, dn, "userSMIMECertificate") == [signature, foreign]
+    report = reconciler(services).run()
+    assert ("book", dn) in report.targets_republished and report.errors == [], report.lines()
+    assert values(book, dn, "userSMIMECertificate") == [encryption, foreign, signature]  # each once, ours first
+    assert values(book, dn, "userCertificate;binary") == []  # the book's own attribute only
+    assert values(primary, dn, "userCertificate;binary") == [encryption, signature]  # the primary as it was
+    again = reconciler(services).run()
+    assert again.targets_republished == [] and dn not in again.republished, again.lines()
+
+    # The person leaves the group: the pass revokes and takes our values off the book too, at once;
+    # the revocations' outbox rows then change nothing there (no second modify: the entryCSN stays).
+    with LdapAdmin.for_slapd(primary) as admin:
+        assert admin.modify(group, {"member": [("MODIFY_DELETE", [dn])]}), admin.result
+    left = reconciler(services).run()
+    assert {r.why for r in left.revoked if r.email == email} == {"not entitled"} and ("book", dn) in left.targets_republished
+    assert values(book, dn, "userSMIMECertificate") == [foreign]
+    assert values(primary, dn, "userCertificate;binary") == []
+    stamp = values(book, dn, "entryCSN")
+    target.drain(now=datetime.now(timezone.utc) + LATER)
+    assert values(book, dn, "entryCSN") == stamp and values(book, dn, "userSMIMECertificate") == [foreign]
+    assert target.status()["depth"] == 0
+
+
+def test_a_target_that_is_down_during_reconcile_is_an_error_of_the_report_and_the_primary_is_repaired(world, running):
+    services, group = world
+    primary, book = running
+    dn, email = new_person(running, group)
+    issued = issue(services, email).certificate.public_bytes(Encoding.DER)
+    services.publisher.drain(user_dn=dn)
+    with LdapAdmin.for_slapd(primary) as admin:
+        assert admin.modify(dn, {"userCertificate;binary": [("MODIFY_DELETE", [issued])]}), admin.result
+    book.stop()
+    report = reconciler(services).run()
+    assert dn in report.republished and values(primary, dn, "userCertificate;binary") == [issued]
+    assert [where for where, _ in report.errors] == ["target book"], report.lines()
+
+
+def test_a_revocation_leaves_a_target_whose_attribute_has_no_equality_rule(world, running):
+    """userSMIMECertificate has no equality matching rule: slapd refuses deleting one of its values
+    (inappropriate matching), so the target replaces the attribute whole, other issuers' values kept."""
+    from cryptography import x509
+
+    from tests.e2e.test_gpgsm import foreign_signing_certificate
+    services, group = world
+    _, book = running
+    target = services.publisher.targets[0]
+    dn, email = new_person(running, group)
+    foreign = foreign_signing_certificate(email)
+    with LdapAdmin.for_slapd(book) as admin:
+        assert admin.modify(dn, {"userSMIMECertificate": [("MODIFY_ADD", [foreign])]}), admin.result
+    issued = issue(services, email)
+    der = issued.certificate.public_bytes(Encoding.DER)
+    target.drain(now=datetime.now(timezone.utc) + LATER)
+    assert values(book, dn, "userSMIMECertificate") == [der, foreign]
+    assert services.ca.revoke(issued.serial, x509.ReasonFlags.key_compromise)
+    assert target.drain(now=datetime.now(timezone.utc) + LATER) >= 1
+    assert values(book, dn, "userSMIMECertificate") == [foreign]
+    assert target.status()["failing"] == 0
+
+
 def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running):
     import time
     services, group = world

@@ -159,6 +159,36 @@ def test_the_password_file_is_read_once_and_its_text_never_shown(slapd, tmp_path
     assert DEV_SERVICE_PASSWORD not in repr(settings) and DEV_SERVICE_PASSWORD not in repr(pool.credentials)
 
 
+def test_a_password_from_its_file_is_in_no_log_line_and_no_message_when_the_bind_is_refused(
+        slapd, ldap_tls, tmp_path, caplog):
+    import logging
+    secret = tmp_path / "ldap.pw"
+    secret.write_text("Wr0ng-but-Secret-9\n")
+    secret.chmod(0o600)
+    caplog.set_level(logging.DEBUG)
+    settings = tls_settings(slapd, ldap_tls, "ldaps", password=DEV_SERVICE_PASSWORD, password_file=str(secret))
+    directory = LdapDirectory(settings)
+    try:
+        with pytest.raises(DirectoryUnavailable, match="refused the service account's bind") as refused:
+            directory.find_user(ALICE)
+        with pytest.raises(DirectoryUnavailable) as again:
+            directory.check_bind()  # what /health asks
+    finally:
+        directory.close()
+    assert directory.pool.credentials.password == "Wr0ng-but-Secret-9"  # the file's first line, read at start
+    said = [str(refused.value), repr(refused.value), refused.value.detail, str(again.value), repr(settings),
+            repr(directory.pool.credentials), caplog.text]
+    assert not any("Wr0ng-but-Secret-9" in text for text in said), said
+
+
+def test_the_development_password_in_a_password_file_is_refused_off_loopback_too(tmp_path):
+    secret = tmp_path / "ldap.pw"
+    secret.write_text(DEV_SERVICE_PASSWORD + "\n")
+    secret.chmod(0o600)
+    with pytest.raises(ConfigError, match="development password is refused for ldaps://ldap.corp.example.org"):
+        ConnectionPool(LdapSettings(url="ldaps://ldap.corp.example.org", password_file=str(secret)))
+
+
 def test_a_password_file_others_may_read_is_refused(tmp_path):
     secret = tmp_path / "ldap.pw"
     secret.write_text("s3rvice")

@@ -48,3 +48,38 @@ def test_each_target_keeps_its_own_state_of_the_outbox_rows_and_a_second_worker_
 
     record_at_target(db, "book", [dict(failed, attempts=2, last_error=None, done_at=now)])
     assert target_status(db, "book") == {"depth": 0, "failing": 0}
+
+
+def test_a_drain_reads_the_rows_above_its_mark_and_the_rows_tried_not_the_whole_outbox(db):
+    from sqlalchemy import text
+
+    from registration_app.store import targets
+    from registration_app.store.targets import advance_at_target, seen_through
+    old = queue(db, *(f"uid=old{i},ou=people,dc=example,dc=org" for i in range(5)))
+    now = datetime.now(timezone.utc)
+    record_at_target(db, "book", [dict(outbox_id=i, attempts=0, next_attempt_at=now, last_error=None, done_at=now)
+                                  for i in old])
+    assert advance_at_target(db, "book", settled_before=now - timedelta(minutes=5)) == 0  # too young to pass
+    assert advance_at_target(db, "book", settled_before=now + timedelta(seconds=1)) == old[-1]
+    assert seen_through(db, "book") == old[-1] and seen_through(db, "other") == 0
+
+    late, skipped, last = queue(db, *(f"uid=new{i},ou=people,dc=example,dc=org" for i in range(3)))
+    record_at_target(db, "book", [dict(outbox_id=i, attempts=0, next_attempt_at=now, last_error=None, done_at=now)
+                                  for i in (late, last)])
+    record_at_target(db, "book", [dict(outbox_id=old[0], attempts=3, next_attempt_at=now, last_error="x",
+                                       done_at=None)])  # done once, failing again (two workers)
+    later = now + timedelta(seconds=1)
+    assert [r.id for r in due_at_target(db, "book", later, limit=10)] == [old[0], skipped]
+    assert target_status(db, "book") == {"depth": 2, "failing": 1}
+    assert advance_at_target(db, "book", settled_before=later + timedelta(seconds=1)) == late  # not past `skipped`
+    assert [r.id for r in due_at_target(db, "book", later, limit=1)] == [old[0]]  # in outbox order
+    assert [r.id for r in due_at_target(db, "other", later, limit=10)] == [*old, late, skipped, last]
+
+    if db.engine.dialect.name == "sqlite":  # what each read visits: a range of an index, never a scan
+        reads = {"SEARCH outbox USING INTEGER PRIMARY KEY (rowid>?)": targets._UNSEEN.params(target="book", after=late),
+                 "SEARCH target_outbox USING INDEX ix_target_outbox_due": targets._TRIED.params(target="book")}
+        with db.engine.connect() as conn:
+            for visit, statement in reads.items():
+                sql = str(statement.compile(db.engine, compile_kwargs={"literal_binds": True}))
+                plan = " | ".join(row[-1] for row in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
+                assert visit in plan and "SCAN" not in plan, plan
