@@ -8,8 +8,10 @@ at once, until slapd is gone or every process has sent --rounds. The ingredients
 time: the same or different entries (--shared), no assertion (--no-assert), plain modifies on the same
 entries from other processes (--plain, the outbox worker), an aborted transaction every so often
 (--abort-every), one modify in flight at a time instead of pipelined (--one-at-a-time), and the way the
-transaction is sent: `project` (directory_sync/ldap_txn.modify_all as it is), `raw` (RFC 5805 with nothing
-more: start, the modifies, end as soon as their answers are in).
+transaction is sent: `project` (directory_sync/ldap_txn.modify_all as it is, with its pause before the end),
+`raw` (RFC 5805 with nothing more: start, the modifies, end as soon as their answers are in; --end-pause
+adds a pause of its own). Debian 12's slapd 2.5.13 dies within seconds with `--way raw` (2 processes, or
+1 with --plain 1); see PERFORMANCE.md, "LDAP transactions and slapd".
 
 It prints, per run, the transactions committed and refused, whether slapd is still there, and the
 kernel's lines about slapd that appeared meanwhile (`dmesg`, when readable).
@@ -117,7 +119,7 @@ def transactions(index: int, args, url: str, dns: list[str], values: list[bytes]
                 controls = [AssertionControl(True, f"(entryCSN={filter_value(csn)})")] if csn else []
                 updates.append((dn, [(ldap.MOD_REPLACE, CERTIFICATE, [rng.choice(values)])], controls))
             abort = bool(args.abort_every) and round_ % args.abort_every == args.abort_every - 1
-            if args.way == "project" and not abort and not args.one_at_a_time and not args.end_pause:
+            if args.way == "project" and not abort and not args.one_at_a_time:
                 ok = ldap_txn.modify_all(conn, updates, 10)
             else:
                 ok = raw_transaction(conn, updates, one_at_a_time=args.one_at_a_time, abort=abort,
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="wait MS ms after each transaction (the same pause, not before the end)")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false",
                         help="memberOf, refint and constraint disabled (olcDisabled)")
-    parser.add_argument("--way", choices=["project", "raw"], default="project")
+    parser.add_argument("--way", choices=["project", "raw"], default="project",
+                        help="project: ldap_txn.modify_all; raw: the end right after the answers")
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args(argv)
     print(f"slapd {subprocess.run(['dpkg-query', '-W', '-f=${Version}', 'slapd'], capture_output=True, text=True).stdout}; "
