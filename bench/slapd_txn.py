@@ -122,8 +122,8 @@ def transactions(index: int, args, url: str, dns: list[str], values: list[bytes]
             if args.way == "project" and not abort and not args.one_at_a_time:
                 ok = ldap_txn.modify_all(conn, updates, 10)
             else:
-                ok = raw_transaction(conn, updates, one_at_a_time=args.one_at_a_time, abort=abort,
-                                     pause=args.end_pause / 1000)
+                pause = ldap_txn.SETTLE_SECONDS if args.way == "project" else args.end_pause / 1000
+                ok = raw_transaction(conn, updates, one_at_a_time=args.one_at_a_time, abort=abort, pause=pause)
             committed, refused = committed + ok, refused + (not ok)
             if args.gap:
                 time.sleep(args.gap / 1000)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--abort-every", type=int, default=0, help="abort every Nth transaction")
     parser.add_argument("--one-at-a-time", action="store_true", help="wait for each modify's answer")
     parser.add_argument("--end-pause", type=float, default=0.0, metavar="MS",
-                        help="wait MS ms after the last modify's answer before ending the transaction")
+                        help="--way raw: wait MS ms after the last modify's answer before ending the transaction")
     parser.add_argument("--gap", type=float, default=0.0, metavar="MS",
                         help="wait MS ms after each transaction (the same pause, not before the end)")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false",
