@@ -92,8 +92,9 @@ class LdapSettings:
     pool_size: int = 8
     # Concurrent requests' publications in one LDAP transaction (RFC 5805), where the server offers
     # transactions (directory_sync/inline.py); false: each request publishes itself. Off by default:
-    # Debian 12's slapd 2.5.13 segfaults under concurrent transactions from several connections
-    # (PERFORMANCE.md, "The request path's publication").
+    # slapd 2.5.13 (and 2.6's same code) can crash when a transaction's end follows its updates' answers
+    # closely; ldap_txn.py's pause narrows that race, it does not close it (bench/slapd_txn.py,
+    # PERFORMANCE.md, "LDAP transactions and slapd").
     inline_transactions: bool = False
     # Addresses are looked up in mail_attribute, and also in these: "proxyAddresses" (its smtp:/SMTP:
     # values, Exchange's aliases) and "userPrincipalName", on Active Directory.

@@ -18,7 +18,8 @@ queue, its rows are handed to the outbox worker at once, and its answer says the
 directory yet". Nothing is lost either way: the outbox row was committed with the certificate.
 
 A directory that does not offer transactions (Samba, AD) is not routed here: each request publishes
-inline, in parallel, as before.
+inline, in parallel, as before. Nor is any directory by default (`[ldap] inline_transactions = false`):
+slapd 2.5 can crash when a transaction's end follows its updates' answers closely (ldap_txn.py).
 """
 
 from __future__ import annotations

@@ -8,9 +8,19 @@ server applies none of them, and the caller publishes those entries one by one i
 
 bulk.py (reconcile, provisioning) and inline.py (concurrent requests' publications) use this;
 python-ldap exceptions pass through to them (they translate them).
+
+slapd answers each update of a transaction as soon as it has queued it, and the thread that queued it
+goes on using the update (its Operation) for a moment after answering; an end that arrives meanwhile
+commits and frees those Operations under that thread (use after free: OpenLDAP 2.5.13 segfaults, most
+often in txn_preop; the code is the same in 2.6 and master). Nothing a client sees tells when that thread
+is done, so the end waits SETTLE_SECONDS after the last update's answer: with it, bench/slapd_txn.py ran
+every mix it crashed within seconds without it (PERFORMANCE.md, "LDAP transactions and slapd"). It
+narrows the race, it cannot close it: the request path leaves transactions off by default.
 """
 
 from __future__ import annotations
+
+import time
 
 import ldap
 from ldap.controls import LDAPControl
@@ -23,6 +33,7 @@ from directory_sync.connection import answered
 START = "1.3.6.1.1.21.1"
 SPECIFICATION = "1.3.6.1.1.21.2"  # the control that puts an update into a transaction
 END = "1.3.6.1.1.21.3"
+SETTLE_SECONDS = 0.002  # between the last update's answer and the end (see the module's docstring)
 
 
 def supported(conn) -> bool:
@@ -68,6 +79,7 @@ def modify_all(conn, updates: list[tuple[str, list, list[LDAPControl]]], timeout
             if not answered(exc):
                 raise
             refused = True
+    time.sleep(SETTLE_SECONDS)  # let slapd's threads be done with the updates they answered
     try:
         end(conn, identifier, commit=not refused)
     except ldap.LDAPError as exc:
