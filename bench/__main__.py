@@ -151,6 +151,10 @@ class Run:
              f"server/bare {fmt(ratio(e['server_cpu_ms_per_request'], 1000 * bare2.cpu / bare2.count if bare2.count else None), digits=2)}x",
              "<= 3x"),
         ]
+        if enroll.worker_cpu:
+            self.rows.append(("    per worker: cores used; agents' connections held",
+                              " / ".join(f"{c / enroll.wall:.2f}" for c in enroll.worker_cpu),
+                              " / ".join(str(n) for n in enroll.worker_connections), "-"))
         if enroll.agent_means:
             self.rows.append(("    mean latency per agent, lowest / highest",
                               f"{fmt(1000 * min(enroll.agent_means))} ms / {fmt(1000 * max(enroll.agent_means))} ms",
