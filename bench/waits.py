@@ -12,14 +12,14 @@ from pathlib import Path
 # First match wins, most specific first: (category, substrings of the stack that must all be there, the
 # first of them among its innermost frames: where the thread is blocked now, not a frame it will return to).
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("slapd: the publication's modify", ("_ldap_call", "_publish")),
-    ("slapd: the entitlement search", ("_ldap_call", "find_user")),
+    ("slapd: modify (publication)", ("_ldap_call", "_publish")),
+    ("slapd: search (entitlement)", ("_ldap_call", "find_user")),
     ("slapd: other", ("_ldap_call",)),
-    ("SQLite writer lock: waiting for it (the other process or thread holds it)", ("_WriterQueue.held",)),
-    ("group commit: waiting for the leader's group and COMMIT", ("Event.wait", "GroupCommit.run")),
-    ("SQLite COMMIT (the fsync)", ("do_commit",)),
+    ("SQLite writer lock: waiting", ("_WriterQueue.held",)),
+    ("group commit: waiting for the group", ("Event.wait", "GroupCommit.run")),
+    ("SQLite COMMIT (fsync)", ("do_commit",)),
 )
-RUNNING = "running or waiting for the GIL / a core"
+RUNNING = "running (or waiting for the GIL, a core)"
 REQUEST = "handle_request"  # a gunicorn thread serving a request (not the poller, not a pool's thread)
 
 

@@ -23,9 +23,9 @@ def test_each_wait_is_told_by_the_innermost_frames():
         "Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81) 100",  # not a request thread
     ]
     shares = waits.shares(lines)
-    assert shares["slapd: the publication's modify"] == 5 / 20
-    assert shares["slapd: the entitlement search"] == 3 / 20
-    assert shares["group commit: waiting for the leader's group and COMMIT"] == 4 / 20
-    assert shares["SQLite writer lock: waiting for it (the other process or thread holds it)"] == 2 / 20
+    assert shares["slapd: modify (publication)"] == 5 / 20
+    assert shares["slapd: search (entitlement)"] == 3 / 20
+    assert shares["group commit: waiting for the group"] == 4 / 20
+    assert shares["SQLite writer lock: waiting"] == 2 / 20
     assert shares[waits.RUNNING] == 6 / 20
     assert sum(shares.values()) == 1.0
