@@ -288,7 +288,10 @@ class ArrivalWorker(ThreadWorker):
         stops, a request that has not arrived gets what a kept-alive connection gets: a short linger)."""
         super().murder_pending()
         if self.shares is not None:
-            self.shares.publish(self.nr_conns)  # connections closed since the last turn
+            if self.alive:
+                self.shares.publish(self.nr_conns)  # connections closed since the last turn
+            else:
+                self.shares.release()  # stopping: it takes no more connections, leave none to it
         now = time.monotonic()
         if not self.alive and self.stop_deadline is None:
             self.stop_deadline = now + STOP_KEEPALIVE_LINGER
