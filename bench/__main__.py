@@ -20,7 +20,7 @@ from pathlib import Path
 from directory_sync.reconcile import SINCE_MARGIN
 from directory_sync.slapd import PrivateSlapd
 
-from . import bare, directory, load, peers, world
+from . import bare, directory, load, peers, waits, world
 from .platform import Stack, make_platform
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -151,6 +151,12 @@ class Run:
              f"server/bare {fmt(ratio(e['server_cpu_ms_per_request'], 1000 * bare2.cpu / bare2.count if bare2.count else None), digits=2)}x",
              "<= 3x"),
         ]
+        if self.py_spy == "wall":
+            self._waits()
+        if enroll.worker_cpu:
+            self.rows.append(("    per worker: cores used; agents' connections held",
+                              " / ".join(f"{c / enroll.wall:.2f}" for c in enroll.worker_cpu),
+                              " / ".join(str(n) for n in enroll.worker_connections), "-"))
         if enroll.agent_means:
             self.rows.append(("    mean latency per agent, lowest / highest",
                               f"{fmt(1000 * min(enroll.agent_means))} ms / {fmt(1000 * max(enroll.agent_means))} ms",
@@ -305,6 +311,15 @@ class Run:
                                   "-o", str(RESULTS / f"py-spy-worker{i}.txt")],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for i, pid in enumerate(platform.worker_pids())]
+
+    def _waits(self) -> None:
+        """Where (1)'s request threads spent their wall-clock time, per worker (bench/waits.py)."""
+        per_worker = waits.worker_shares(sorted(RESULTS.glob("py-spy-worker*.txt")))
+        self.results["request_thread_time"] = per_worker
+        for name, _ in (*waits.CATEGORIES, (waits.RUNNING, ())):
+            self.rows.append((f"    request threads' time: {name}",
+                              " / ".join(f"{100 * shares.get(name, 0.0):.1f} %" for shares in per_worker),
+                              "per worker (py-spy --idle)", "-"))
 
     def _peers(self, enroll: load.LoadResult, *, iterations: int) -> None:
         s = self.sizes

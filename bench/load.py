@@ -7,10 +7,11 @@ import os
 import queue
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 from .client import AgentConnection
-from .platform import peak_rss_mb, process_cpu
+from .platform import children, peak_rss_mb, process_cpu
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -36,6 +37,10 @@ class LoadResult:
     # Each agent's mean latency (s): their spread shows how unevenly the keep-alive connections fell on
     # the workers (each accepts the connections it wins, and keeps them).
     agent_means: list[float] = field(default_factory=list)
+    # Per gunicorn worker: CPU seconds over the run, and the agents' connections it holds (the split of
+    # the keep-alive connections decides how evenly the two processes, each on its own GIL, are loaded).
+    worker_cpu: list[float] = field(default_factory=list)
+    worker_connections: list[int] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -68,6 +73,8 @@ class LoadResult:
                 "server_cores_used": round(self.server_cores, 2),
                 "client_cpu_share": round(self.client_cpu_share, 3),
                 "agent_mean_ms": sorted(round(1000 * m, 1) for m in self.agent_means),
+                "worker_cores_used": [round(c / self.wall, 2) if self.wall else 0.0 for c in self.worker_cpu],
+                "worker_connections": self.worker_connections,
                 "worker_peak_rss_mb": [round(m, 1) for m in self.worker_peak_rss_mb]}
 
 
@@ -117,6 +124,10 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
     for t in threads:
         t.start()
     ready.wait()
+    workers = platform.worker_pids()
+    port = urllib.parse.urlsplit(platform.url).port
+    connections = [len(established_sockets(pid, port)) for pid in workers]
+    worker0 = [process_tree_cpu(pid) for pid in workers]
     cpu0, (user0, sys0) = time.process_time(), platform.cpu_split()
     slapd0 = process_cpu(slapd_pid) if slapd_pid else 0.0
     started = time.perf_counter()
@@ -129,10 +140,47 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
                         server_cpu=(user1 + sys1) - (user0 + sys0), server_sys_cpu=sys1 - sys0,
                         slapd_cpu=(process_cpu(slapd_pid) - slapd0) if slapd_pid else 0.0,
                         worker_peak_rss_mb=[peak_rss_mb(pid) for pid in platform.worker_pids()],
-                        agent_means=agent_means)
+                        agent_means=agent_means,
+                        worker_cpu=[process_tree_cpu(pid) - c for pid, c in zip(workers, worker0)],
+                        worker_connections=connections)
     if errors:
         raise RuntimeError(f"{len(errors)} agent thread(s) failed: {errors[0]!r}") from errors[0]
     return result
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of a worker and its helper processes so far."""
+    return process_cpu(pid) + sum(process_cpu(child) for child in children(pid))
+
+
+def established_sockets(pid: int, local_port: int | None) -> set[int]:
+    """The inodes of the established TCP sockets on `local_port` a process holds: the connections it
+    accepted."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == local_port:  # ESTABLISHED
+                        established.add(int(fields[9]))
+        except OSError:
+            continue
+    mine = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in established:
+                    mine.add(inode)
+    except OSError:
+        pass
+    return mine
 
 
 def wait_idle(platform, *, quiet_fraction: float = 0.05, window: float = 0.5, timeout: float = 120) -> float:

@@ -13,6 +13,12 @@ A connection that has not sent its whole request by the deadline is closed; when
 `worker_connections`, the oldest one still arriving (or else the oldest idle kept-alive one) is closed
 to make room, so a flood of idle connections cannot keep a new agent out either.
 
+The workers also share the agents' connections evenly (`_Shares`): an agent keeps its connection alive,
+so whichever worker won the accept serves all its requests, and the 8 connections of 8 agents fell 6/2
+or 5/3 on 2 workers in half the benchmark runs: one process, on one GIL, served most of the load while
+the other idled. A worker that holds more connections than another live worker leaves a new one to it
+(pausing its own accepts for a moment), unless that worker has not taken it within `ACCEPT_DEFER`.
+
 What stays with gunicorn: the parser (this module only decides when a request is there, never what it
 means: whatever it cannot tell goes to the parser, which answers it), the thread pool, keep-alive.
 HTTP/1.1 only: the server does not offer h2.
@@ -21,9 +27,12 @@ HTTP/1.1 only: the server does not offer h2.
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 import resource
 import selectors
 import ssl
+import struct
 import time
 from functools import partial
 
@@ -35,11 +44,64 @@ _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: clos
               b"Content-Length: 0\r\n\r\n")
 
 
+ACCEPT_PAUSE = 0.002  # a worker leaving a connection to a less loaded one looks again after this
+ACCEPT_DEFER = 0.1  # and takes it itself if it is still waiting after this
+
+
 def worker_class(*, body_limit: int, arrival_timeout: float = 10.0) -> type[ArrivalWorker]:
     """The worker with this server's limits: bodies up to `body_limit` bytes (the app's largest) are
-    collected before a thread takes them; larger ones go to the app, which refuses them (413)."""
+    collected before a thread takes them; larger ones go to the app, which refuses them (413). Called in
+    the master, before the workers fork: they share the connection counts made here."""
     return type("ArrivalWorker", (ArrivalWorker,), {"body_limit": body_limit,
-                                                    "arrival_timeout": arrival_timeout})
+                                                    "arrival_timeout": arrival_timeout,
+                                                    "shares": _Shares()})
+
+
+class _Shares:
+    """How many connections each live worker holds, in memory shared by the master's children (made
+    before they fork). Each worker writes only its own slot (chosen by its age, unique per spawn); the
+    others read it without a lock: a count read a moment late costs at most one connection of balance."""
+
+    SLOTS = 64
+    _SLOT = struct.Struct("qq")  # pid, connections
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, self.SLOTS * self._SLOT.size)
+        self._mine: int | None = None
+
+    def claim(self, age: int) -> None:
+        self._mine = age % self.SLOTS
+        self._SLOT.pack_into(self._memory, self._mine * self._SLOT.size, os.getpid(), 0)
+
+    def release(self) -> None:
+        if self._mine is not None:
+            self._SLOT.pack_into(self._memory, self._mine * self._SLOT.size, 0, 0)
+            self._mine = None
+
+    def publish(self, connections: int) -> None:
+        if self._mine is not None:
+            struct.pack_into("q", self._memory, self._mine * self._SLOT.size + 8, connections)
+
+    def fewest_elsewhere(self) -> int | None:
+        """The fewest connections any other live worker holds (None: there is no other)."""
+        fewest = None
+        for slot in range(self.SLOTS):
+            if slot == self._mine:
+                continue
+            pid, connections = self._SLOT.unpack_from(self._memory, slot * self._SLOT.size)
+            if pid and _alive(pid) and (fewest is None or connections < fewest):
+                fewest = connections
+        return fewest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Arrival:
@@ -59,6 +121,7 @@ class ArrivalWorker(ThreadWorker):
     arrival_timeout = 10.0  # seconds from accept (or first byte) to the whole request, handshake included
     head_limit = 64 * 1024  # a longer head is refused (431) before it reaches a thread
     body_limit = 64 * 1024
+    shares: _Shares | None = None  # worker_class() gives one, shared by the workers of one master
 
     def init_process(self) -> None:
         # Connections still arriving, oldest first: every one gets the same timeout when it starts
@@ -68,10 +131,50 @@ class ArrivalWorker(ThreadWorker):
         # One TLS context per worker (gunicorn builds one per connection: the certificate files are read
         # and parsed again for every handshake).
         self.tls_context = sock.ssl_context(self.cfg) if self.cfg.is_ssl else None
+        self.accept_paused_until = 0.0  # leaving new connections to a less loaded worker until then
+        self.deferring_since: float | None = None  # since when the connection waiting was left to it
         _raise_open_files_limit(self.worker_connections + 256)
-        super().init_process()  # runs the worker
+        if self.shares is not None:
+            self.shares.claim(self.age)
+        try:
+            super().init_process()  # runs the worker
+        finally:
+            if self.shares is not None:
+                self.shares.release()
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # gthread's loop turns accepting back on at every turn: not while a pause lasts
+        super().set_accept_enabled(enabled and time.monotonic() >= self.accept_paused_until)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self.accept_paused_until:
+            left = self.accept_paused_until - time.monotonic()
+            if left > 0:
+                timeout = min(timeout, left)  # wake when the pause ends: accepting resumes next turn
+            else:
+                self.accept_paused_until = 0.0
+        super().wait_for_and_dispatch_events(timeout)
+
+    def leave_to_another(self) -> bool:
+        """Whether to leave the connection waiting on the listener to a worker holding fewer: for at most
+        ACCEPT_DEFER (it may be busy, or stuck), after which this one takes it."""
+        fewest = self.shares.fewest_elsewhere() if self.shares is not None else None
+        now = time.monotonic()
+        if fewest is None or self.nr_conns <= fewest:
+            self.deferring_since = None
+            return False
+        if self.deferring_since is None or now - self.deferring_since > 1.0:  # a new connection waiting
+            self.deferring_since = now
+        if now - self.deferring_since >= ACCEPT_DEFER:
+            self.deferring_since = None
+            return False
+        self.accept_paused_until = now + ACCEPT_PAUSE
+        self.set_accept_enabled(False)
+        return True
 
     def accept(self, listener) -> None:
+        if self.leave_to_another():
+            return
         try:
             client, address = listener.accept()
         except OSError as exc:
@@ -94,6 +197,8 @@ class ArrivalWorker(ThreadWorker):
         self.enqueue_req(conn)
         if self.nr_conns >= self.worker_connections:
             self.evict_oldest()
+        if self.shares is not None:
+            self.shares.publish(self.nr_conns)
 
     def enqueue_req(self, conn: TConn) -> None:
         """gthread calls this for a new connection, a kept-alive one that became readable, and one whose
@@ -182,6 +287,11 @@ class ArrivalWorker(ThreadWorker):
         """Called by gthread's loop after every poll: close what missed its deadline (when the worker
         stops, a request that has not arrived gets what a kept-alive connection gets: a short linger)."""
         super().murder_pending()
+        if self.shares is not None:
+            if self.alive:
+                self.shares.publish(self.nr_conns)  # connections closed since the last turn
+            else:
+                self.shares.release()  # stopping: it takes no more connections, leave none to it
         now = time.monotonic()
         if not self.alive and self.stop_deadline is None:
             self.stop_deadline = now + STOP_KEEPALIVE_LINGER

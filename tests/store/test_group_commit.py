@@ -162,6 +162,7 @@ _CRASHING_PROCESS = textwrap.dedent("""
     release = threading.Event()
 
     started = threading.Event()
+    answered_0 = threading.Event()
 
     def unit(i):
         def work(conn):
@@ -170,9 +171,12 @@ _CRASHING_PROCESS = textwrap.dedent("""
                 started.set()
                 release.wait(30)
             if i == 2:
+                answered_0.wait(30)  # unit 0's thread hands on the lead before it prints its answer
                 os._exit(3)  # the process dies with unit 1 run, in its savepoint, and nothing committed
         db.run(work, core=True)
         print(f"answered {i}", flush=True)
+        if i == 0:
+            answered_0.set()
 
     def until(condition):
         while not condition():
