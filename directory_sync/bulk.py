@@ -34,12 +34,13 @@ Change = tuple[str, list[bytes], Wanted]  # (dn, values as read, what our record
 
 class BulkDirectory:
     """One connection (not shared between threads: give each thread its own BulkDirectory).
-    `transactions=False` publishes without LDAP transactions even where the server offers them."""
+    `transactions=False` publishes without LDAP transactions even where the server offers them; by
+    default the settings' `bulk_transactions` decides."""
 
-    def __init__(self, directory: LdapDirectory, *, transactions: bool = True) -> None:
+    def __init__(self, directory: LdapDirectory, *, transactions: bool | None = None) -> None:
         self.directory = directory
         self.settings = directory.settings
-        self.transactions = transactions
+        self.transactions = self.settings.bulk_transactions if transactions is None else transactions
         self._conn = None
         self._txn: bool | None = None  # does the server offer transactions? (asked once per connection)
 

@@ -96,6 +96,10 @@ class LdapSettings:
     # closely; ldap_txn.py's pause narrows that race, it does not close it (bench/slapd_txn.py,
     # PERFORMANCE.md, "LDAP transactions and slapd").
     inline_transactions: bool = False
+    # Reconcile's, provisioning's and the targets' publications WINDOW at a time in one LDAP transaction
+    # where the server offers them (directory_sync/bulk.py): a fraction of slapd's CPU per entry. On by
+    # default, with the same pause before each end; false: pipelined modifies, one slapd commit each.
+    bulk_transactions: bool = True
     # Addresses are looked up in mail_attribute, and also in these: "proxyAddresses" (its smtp:/SMTP:
     # values, Exchange's aliases) and "userPrincipalName", on Active Directory.
     also_find_by: frozenset[str] = frozenset()

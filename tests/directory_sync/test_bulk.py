@@ -64,3 +64,23 @@ def test_no_directory_fails_every_entry(slapd, directory, new_user):
     finally:
         slapd.start()
     assert all(isinstance(o, DirectoryUnavailable) for o in outcomes)
+
+
+@pytest.mark.parametrize("setting", [True, False], ids=["bulk_transactions on", "bulk_transactions off"])
+def test_the_setting_decides_whether_bulk_publication_opens_transactions(directory, new_user, monkeypatch, setting):
+    import dataclasses
+
+    from directory_sync import bulk as bulk_module
+    from directory_sync.ldap import LdapDirectory
+
+    started = []
+    real_start = bulk_module.ldap_txn.start
+    monkeypatch.setattr(bulk_module.ldap_txn, "start", lambda conn: started.append(1) or real_start(conn))
+    configured = LdapDirectory(dataclasses.replace(directory.settings, bulk_transactions=setting))
+    users = [new_user() for _ in range(3)]
+    values = [cert(ISSUER, email, encryption=True) for _, email in users]
+    with BulkDirectory(configured) as bulk:
+        assert bulk.publish_many([(dn, [], ours(v)) for (dn, _), v in zip(users, values)]) == [None] * 3
+    assert bool(started) is setting  # the real slapd offers transactions: only the setting says no
+    for (_, email), value in zip(users, values):
+        assert certificates(directory, email) == [value]
