@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -111,9 +111,9 @@ class LocalCA:
             renewal_key=renewal_key(r.subject.email, r.profile.name, r.replaces, r.entry_id),
             encryption_slot=encryption_slot(r.subject.email, r.profile),
         ) for r in records]
-        rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
-                     reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)
-                for r in records]
+        rows: list[dict[str, Any]] = [
+            dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number), reason="issued",
+                 created_at=now, attempts=0, next_attempt_at=now + publish_after) for r in records]
         ids = insert_issued(session, certificates, rows, supersede)
         events = [dict(event="certificate.issued", outcome="done", actor=actor, subject=r.subject.email,
                        detail={"serial": serial_hex(r.cert.serial_number), "profile": r.profile.name,
