@@ -179,7 +179,8 @@ def verify_user_chain(
 
 def _verify_path(x5c: tuple[bytes, ...], trust: UserTrust, now: datetime) -> _Verified:
     """Parse and verify the chain at `now`: everything but revocation."""
-    certs = [_load_certificate(der, index) for index, der in enumerate(x5c)]
+    certs = [_load_certificate(x5c[0], 0)]
+    certs += [_load_ca_certificate(der, index) for index, der in enumerate(x5c[1:], 1)]
     for index, cert in enumerate(certs):  # WeakKey before the verifier builds anything
         check_certificate_key(cert, f"the key of x5c[{index}]" if index else "the user certificate's key")
     leaf, intermediates = certs[0], certs[1:]
@@ -259,6 +260,25 @@ _CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+# The CA certificates that x5c chains carry after the leaf, parsed: every user's chain carries the same
+# few, and each parse with its fields touched cost as much as the rest of the path's checks
+# (PERFORMANCE.md, "Authentication"). A parse depends on nothing but the DER; what is verified of
+# them (the path, validity) is not kept here.
+_CA_CERTIFICATES_KEPT = 64
+_parsed_ca_certificates: dict[bytes, x509.Certificate] = {}
+
+
+def _load_ca_certificate(der: bytes, index: int) -> x509.Certificate:
+    der = bytes(der)
+    cert = _parsed_ca_certificates.get(der)
+    if cert is None:
+        cert = _load_certificate(der, index)
+        if len(_parsed_ca_certificates) >= _CA_CERTIFICATES_KEPT:
+            _parsed_ca_certificates.clear()  # a handful of issuing CAs is the normal case
+        _parsed_ca_certificates[der] = cert
+    return cert
 
 
 def _load_certificate(der: bytes, index: int) -> x509.Certificate:
