@@ -281,9 +281,30 @@ def _load_ca_certificate(der: bytes, index: int) -> x509.Certificate:
     return cert
 
 
+class _LastLeaf(threading.local):
+    der: bytes | None = None
+    cert: x509.Certificate | None = None
+
+
+_last_leaf = _LastLeaf()
+
+
+def parse_leaf(der: bytes) -> x509.Certificate:
+    """`x509.load_der_x509_certificate` of an x5c leaf, remembered for this thread's last DER: one
+    request's checks parse its leaf three times (the read-ahead's serial, the JWS key, the chain).
+    Raises what the parse raises; the caller says what that means for the request."""
+    der = bytes(der)
+    last = _last_leaf
+    if last.cert is not None and last.der == der:
+        return last.cert
+    cert = x509.load_der_x509_certificate(der)
+    last.der, last.cert = der, cert
+    return cert
+
+
 def _load_certificate(der: bytes, index: int) -> x509.Certificate:
     try:
-        cert = x509.load_der_x509_certificate(bytes(der))
+        cert = parse_leaf(der) if index == 0 else x509.load_der_x509_certificate(bytes(der))
         # Parsing is lazy: touch what we read later so that a malformed field fails here, as a 400.
         cert.extensions  # noqa: B018
         cert.not_valid_before_utc  # noqa: B018

@@ -54,7 +54,7 @@ from registration_app.core.errors import (
 )
 from registration_app.core.model import AgentIdentity, VerifiedRequest
 
-from .chain import MAX_CHAIN_LENGTH, UserTrust, verify_user_chain
+from .chain import MAX_CHAIN_LENGTH, UserTrust, parse_leaf, verify_user_chain
 from .keypolicy import check_public_key
 
 __all__ = [
@@ -317,7 +317,7 @@ def _require_binding(header: dict[str, Any]) -> _Binding:
 def _leaf_public_key(der: bytes) -> object:
     """The x5c leaf's public key, read before anything trusts the certificate (chain.py verifies it)."""
     try:
-        cert = x509.load_der_x509_certificate(der)
+        cert = parse_leaf(der)
     except Exception:  # any parse failure of attacker-supplied DER is a client error
         raise MalformedJWS("x5c[0] is not a valid DER certificate") from None
     try:
