@@ -75,6 +75,7 @@ class Completions:
         self._items: list[tuple[str, list]] = []
         self._in_flight = 0  # batches taken by a transaction (or the thread) that has not ended yet
         self._flushing = 0
+        self._idle = True  # the thread waits for rows (not lingering): a submit must wake it
         self._pid: int | None = None
 
     def submit(self, target: str, rows: list) -> None:
@@ -83,7 +84,8 @@ class Completions:
                 self._pid, self._items, self._in_flight = os.getpid(), [], 0
                 threading.Thread(target=self._run, name="outbox-completions", daemon=True).start()
             self._items.append((target, rows))
-            self._cond.notify_all()
+            if self._idle:  # lingering, the thread needs no wake-up: each one cost a context switch
+                self._cond.notify_all()
 
     def take(self) -> list[tuple[str, list]]:
         """The queued rows, for a transaction about to commit: it marks them with store.repos.mark_published
@@ -115,7 +117,8 @@ class Completions:
             self._in_flight -= 1
             if requeue:
                 self._items[:0] = batch
-            self._cond.notify_all()
+            if self._flushing or (requeue and self._idle):  # who waits for it: a flush, or the idle thread
+                self._cond.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every submitted row is marked (or failed to be); False on timeout."""
@@ -136,8 +139,10 @@ class Completions:
     def _run(self) -> None:
         while True:
             with self._cond:
+                self._idle = True
                 while not self._items:
                     self._cond.wait()
+                self._idle = False
                 linger_until = time.monotonic() + self.LINGER
                 while self._items and not self._flushing and (left := linger_until - time.monotonic()) > 0:
                     self._cond.wait(left)

@@ -179,7 +179,8 @@ def verify_user_chain(
 
 def _verify_path(x5c: tuple[bytes, ...], trust: UserTrust, now: datetime) -> _Verified:
     """Parse and verify the chain at `now`: everything but revocation."""
-    certs = [_load_certificate(der, index) for index, der in enumerate(x5c)]
+    certs = [_load_certificate(x5c[0], 0)]
+    certs += [_load_ca_certificate(der, index) for index, der in enumerate(x5c[1:], 1)]
     for index, cert in enumerate(certs):  # WeakKey before the verifier builds anything
         check_certificate_key(cert, f"the key of x5c[{index}]" if index else "the user certificate's key")
     leaf, intermediates = certs[0], certs[1:]
@@ -261,9 +262,49 @@ _CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(
 # --- helpers ------------------------------------------------------------------------------
 
 
+# The CA certificates that x5c chains carry after the leaf, parsed: every user's chain carries the same
+# few, and each parse with its fields touched cost as much as the rest of the path's checks
+# (PERFORMANCE.md, "Authentication"). A parse depends on nothing but the DER; what is verified of
+# them (the path, validity) is not kept here.
+_CA_CERTIFICATES_KEPT = 64
+_parsed_ca_certificates: dict[bytes, x509.Certificate] = {}
+
+
+def _load_ca_certificate(der: bytes, index: int) -> x509.Certificate:
+    der = bytes(der)
+    cert = _parsed_ca_certificates.get(der)
+    if cert is None:
+        cert = _load_certificate(der, index)
+        if len(_parsed_ca_certificates) >= _CA_CERTIFICATES_KEPT:
+            _parsed_ca_certificates.clear()  # a handful of issuing CAs is the normal case
+        _parsed_ca_certificates[der] = cert
+    return cert
+
+
+class _LastLeaf(threading.local):
+    der: bytes | None = None
+    cert: x509.Certificate | None = None
+
+
+_last_leaf = _LastLeaf()
+
+
+def parse_leaf(der: bytes) -> x509.Certificate:
+    """`x509.load_der_x509_certificate` of an x5c leaf, remembered for this thread's last DER: one
+    request's checks parse its leaf three times (the read-ahead's serial, the JWS key, the chain).
+    Raises what the parse raises; the caller says what that means for the request."""
+    der = bytes(der)
+    last = _last_leaf
+    if last.cert is not None and last.der == der:
+        return last.cert
+    cert = x509.load_der_x509_certificate(der)
+    last.der, last.cert = der, cert
+    return cert
+
+
 def _load_certificate(der: bytes, index: int) -> x509.Certificate:
     try:
-        cert = x509.load_der_x509_certificate(bytes(der))
+        cert = parse_leaf(der) if index == 0 else x509.load_der_x509_certificate(bytes(der))
         # Parsing is lazy: touch what we read later so that a malformed field fails here, as a 400.
         cert.extensions  # noqa: B018
         cert.not_valid_before_utc  # noqa: B018

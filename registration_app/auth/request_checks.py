@@ -22,6 +22,7 @@ from cryptography import x509
 from ..store.db import Database
 from ..store.repos import NonceToken, agent_revoked, parse_nonce
 from ..store.requests import OurCertificate, RequestFacts, request_facts
+from .chain import parse_leaf
 
 
 def agent_revocation(db: Database) -> Callable[[str], bool]:
@@ -44,7 +45,7 @@ def named_in(body: bytes | None) -> tuple[str | None, str | None]:
         x5c = header.get("x5c")
         serial = None
         if isinstance(x5c, list) and x5c and isinstance(x5c[0], str):
-            serial = format(x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True)).serial_number, "x")
+            serial = format(parse_leaf(base64.b64decode(x5c[0], validate=True)).serial_number, "x")
         return nonce, serial
     except Exception:  # anything malformed: nothing to read ahead, the verification refuses it
         return None, None

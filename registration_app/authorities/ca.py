@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -18,9 +18,9 @@ from ..core.model import Profile, Subject, Usage
 from ..store import audit
 from ..store.db import Database, connection_of
 from ..store.errors import lost_renewal_race
-from ..store.issuance import (crl_state, insert_issued, locked_crl_state, mark_revoked, queue_crl_publication,
-                              revoked_entries)
-from ..store.models import CrlState, Outbox
+from ..store.issuance import (IssuedOutbox, crl_state, insert_issued, locked_crl_state, mark_revoked,
+                              queue_crl_publication, revoked_entries)
+from ..store.models import CrlState
 from ..store.repos import status_of_certificate
 from .certs import CaUrls, build_smime_certificate
 from .crl import build_crl
@@ -80,7 +80,7 @@ class LocalCA:
     def record_issued(self, session, cert: x509.Certificate, profile: Profile, subject: Subject, *,
                       user_dn: str, replaces: str | None, key_source: str, actor: str, now: datetime,
                       audit_detail: dict | None = None, deferred_audit: list[dict] | None = None, publish_after: timedelta = timedelta(0),
-                      entry_id: str | None = None) -> Outbox:
+                      entry_id: str | None = None) -> IssuedOutbox:
         """Add the certificate row, its outbox row and its audit row to `session` (a Session or a Core
         Connection; the caller commits).
 
@@ -99,7 +99,7 @@ class LocalCA:
         return outboxes[0]
 
     def record_issued_many(self, session, records: list["ToRecord"], *, actor: str, now: datetime,
-                           publish_after: timedelta = timedelta(0)) -> tuple[list[Outbox], list[dict]]:
+                           publish_after: timedelta = timedelta(0)) -> tuple[list[IssuedOutbox], list[dict]]:
         """`record_issued` for many certificates in a few statements (a provisioning batch): returns their
         outbox rows and their certificate.issued audit events, for the caller to append."""
         supersede = [{"old": r.replaces, "new": serial_hex(r.cert.serial_number)} for r in records if r.replaces]
@@ -111,16 +111,16 @@ class LocalCA:
             renewal_key=renewal_key(r.subject.email, r.profile.name, r.replaces, r.entry_id),
             encryption_slot=encryption_slot(r.subject.email, r.profile),
         ) for r in records]
-        rows = [dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number),
-                     reason="issued", created_at=now, attempts=0, next_attempt_at=now + publish_after)
-                for r in records]
+        rows: list[dict[str, Any]] = [
+            dict(user_dn=r.user_dn, email=r.subject.email, serial=serial_hex(r.cert.serial_number), reason="issued",
+                 created_at=now, attempts=0, next_attempt_at=now + publish_after) for r in records]
         ids = insert_issued(session, certificates, rows, supersede)
         events = [dict(event="certificate.issued", outcome="done", actor=actor, subject=r.subject.email,
                        detail={"serial": serial_hex(r.cert.serial_number), "profile": r.profile.name,
                                "replaces": r.replaces, "not_after": r.cert.not_valid_after_utc.isoformat(),
                                "key_source": r.key_source, **(r.audit_detail or {})})
                   for r in records]
-        return [Outbox(id=i, **row) for i, row in zip(ids, rows)], events
+        return [IssuedOutbox(id=i, **row) for i, row in zip(ids, rows)], events
 
     def sign(self, public_key, profile: Profile, subject: Subject, *, user_dn: str, serial: int,
              replaces: str | None, key_source: str, actor: str, now: datetime | None = None,

@@ -37,7 +37,11 @@ from .prepared import Prepared
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str, **options) -> Engine:
+def make_engine(url: str, *, temp_in_memory: bool = False, **options) -> Engine:
+    """`temp_in_memory` (SQLite): the statement journal of a SAVEPOINT (every group-commit unit has one)
+    stays in memory instead of spilling to a temporary file past 64 KiB, which an enrollment's unit did,
+    a file created, written and unlinked per transaction (PERFORMANCE.md, "SQLite"). For the hot path's
+    connections only: temporary tables and sorts of big reads (reconcile) keep spilling to a file."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **options)
 
@@ -49,6 +53,8 @@ def make_engine(url: str, **options) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
+            if temp_in_memory:
+                cur.execute("PRAGMA temp_store=MEMORY")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -227,7 +233,7 @@ class Database:
         # so they must not take the pool's slots. A server database keeps its pooled, pre-pinged
         # connections: a long-lived one could have been dropped by the server in between.
         is_sqlite = self.engine.dialect.name == "sqlite"
-        self._thread_engine = make_engine(url, poolclass=NullPool) if is_sqlite else None
+        self._thread_engine = make_engine(url, poolclass=NullPool, temp_in_memory=True) if is_sqlite else None
         if self._thread_engine is not None:
             self._thread_engine.update_execution_options(**options)
         self._threads = _ThreadConnections()

@@ -6,7 +6,7 @@ enrollment's one transaction runs them (authorities/ca.py `LocalCA.record_issued
 from __future__ import annotations
 
 from datetime import datetime
-from typing import cast
+from typing import NamedTuple, cast
 
 from sqlalchemy import String, Table, bindparam, case, func, insert, select, update
 
@@ -27,8 +27,8 @@ _SLOT = bindparam("slot", type_=String)
 _KEPT_SLOT = select(case((_PREDECESSOR.c.profile == bindparam("slot_profile", type_=String),
                           func.coalesce(_PREDECESSOR.c.encryption_slot, "")), else_=_SLOT)).where(
     _PREDECESSOR.c.serial == bindparam("slot_after", type_=String)).scalar_subquery()
-_INSERT_CERTIFICATE = insert(_CERTIFICATES).values(
-    encryption_slot=func.nullif(func.coalesce(_KEPT_SLOT, _SLOT), ""))
+_INSERT_CERTIFICATE = Prepared(insert(_CERTIFICATES).values(
+    encryption_slot=func.nullif(func.coalesce(_KEPT_SLOT, _SLOT), "")))
 _OUTBOX = cast(Table, Outbox.__table__)
 _INSERT_OUTBOX_RETURNING = Prepared(insert(_OUTBOX).returning(_OUTBOX.c.id))
 # Many rows: one executemany, then their ids read back by serial (INSERT ... RETURNING with
@@ -41,6 +41,21 @@ _REVOKED = select(_CERTIFICATES.c.serial, _CERTIFICATES.c.revoked_at, _CERTIFICA
     _CERTIFICATES.c.status == "revoked")
 
 
+class IssuedOutbox(NamedTuple):
+    """An outbox row as `insert_issued` wrote it (its columns and id), for the request path's inline
+    publication: a plain row, as the publisher's other rows are (building an ORM instance per
+    issuance cost more than the INSERT: PERFORMANCE.md)."""
+
+    id: int
+    user_dn: str
+    email: str
+    serial: str | None
+    reason: str
+    created_at: datetime
+    attempts: int
+    next_attempt_at: datetime
+
+
 def insert_issued(session, certificates: list[dict], outbox: list[dict], supersede: list[dict]) -> list[int]:
     """In the caller's transaction (a Session or a Core Connection): the predecessors in `supersede`
     ({"old", "new"} serials) become superseded, the certificate rows and their outbox rows are
@@ -50,7 +65,7 @@ def insert_issued(session, certificates: list[dict], outbox: list[dict], superse
     conn = connection_of(session)
     if supersede:  # one UPDATE each, not a read then a write
         _SUPERSEDE.run(conn, supersede)
-    conn.execute(_INSERT_CERTIFICATE, [
+    _INSERT_CERTIFICATE.run(conn, [
         {**{k: v for k, v in c.items() if k != "encryption_slot"}, "slot": c.get("encryption_slot"),
          "slot_profile": c["profile"], "slot_after": c["replaces"]} for c in certificates])
     if len(outbox) == 1:

@@ -22,6 +22,21 @@ class UTCDateTime(TypeDecorator):
             value = value.astimezone(timezone.utc).replace(tzinfo=None)
         return value
 
+    def bind_processor(self, dialect):
+        """On SQLite, the two steps (naive UTC, then SQLAlchemy's DATETIME text) in one: the same text,
+        for a fifth of the cost (a dozen datetimes per enrollment). Elsewhere as TypeDecorator does."""
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value):
+            if value is None:
+                return None
+            if value.tzinfo is not None:
+                value = value.astimezone(timezone.utc).replace(tzinfo=None)
+            # SQLAlchemy's SQLite DATETIME storage format: YYYY-MM-DD HH:MM:SS.ffffff
+            return value.isoformat(" ", "microseconds")
+        return process
+
     def process_result_value(self, value, dialect):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=timezone.utc)

@@ -168,3 +168,32 @@ def test_the_next_issuance_marks_what_the_previous_one_published(services, user,
         published = session.execute(select(AuditEvent).where(
             AuditEvent.event == "directory.published", AuditEvent.subject == user.email)).scalars().all()
     assert len(published) == 1 and published[0].detail["serials"] == [first.serial]
+
+
+def test_with_no_issuance_after_them_the_thread_marks_the_rows_published_meanwhile(services, user, new_user,
+                                                                                  ldap_admin, group):
+    """Rows submitted while the batching thread lingers do not wake it (a context switch per
+    enrollment under load): it still marks all of them, in one transaction, once its linger is over."""
+    from bench.platform import eventually
+    completions = services.publisher.completions
+    completions.LINGER = 0.3
+    assert completions.flush(timeout=10)  # whatever an earlier test left lingering ends: the thread waits idle
+    try:
+        dn, email = new_user()
+        assert ldap_admin.modify(group, {"member": [("MODIFY_ADD", [dn])]}), ldap_admin.result
+        other = services.directory.find_user(email)
+        issued = [issue(services, u, publish_inline=True) for u in (user, other)]
+        for u, one in zip((user, other), issued):
+            assert services.ra.publish_now(u.dn, one) is True
+
+        def marked() -> bool:
+            with services.db.read() as session:
+                return all(session.get(Outbox, one.outbox.id).done_at is not None for one in issued)
+
+        eventually(marked, timeout=10, what="the lingering thread to mark both rows")
+    finally:
+        completions.LINGER = type(completions).LINGER
+    with services.db.read() as session:
+        events = session.execute(select(AuditEvent).where(
+            AuditEvent.event == "directory.published", AuditEvent.subject.in_([user.email, other.email]))).scalars().all()
+    assert sorted(e.subject for e in events) == sorted([user.email, other.email])

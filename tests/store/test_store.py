@@ -393,3 +393,39 @@ def test_an_old_chain_that_was_changed_is_not_laundered_by_the_upgrade(tmp_path)
             adopt_server_keys(db)
     finally:
         db.dispose()
+
+
+def _temporary_files() -> list[str]:
+    """SQLite's temporary files (etilqs_*, unlinked at once) this process holds open now."""
+    import os
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own fd)
+            continue
+        if "etilqs_" in target:
+            found.append(target)
+    return found
+
+
+def test_a_unit_that_changes_many_pages_keeps_its_savepoint_journal_in_memory(tmp_path):
+    """Every group-commit unit runs in a SAVEPOINT, whose journal SQLite spills to a temporary file past
+    64 KiB of changed pages unless temp_store is MEMORY: an enrollment's unit did, a file created,
+    written and unlinked per transaction."""
+    with bare_database(tmp_path, group_commit=True) as db:
+        if db.engine.dialect.name != "sqlite":
+            pytest.skip("SQLite's statement journal")
+        expires = datetime.now(timezone.utc) + timedelta(minutes=5)
+        db.run(lambda conn: conn.execute(text("INSERT INTO nonces (value, expires_at) VALUES (:v, :e)"),
+                                         [{"v": f"n{i:06d}" + "x" * 40, "e": expires} for i in range(3000)]),
+               core=True)
+        seen: list[str] = []
+
+        def change_every_page(conn):  # existing pages: each is journaled before it changes
+            conn.execute(text("UPDATE nonces SET expires_at = :e"), {"e": expires + timedelta(seconds=1)})
+            seen.extend(_temporary_files())
+
+        db.run(change_every_page, core=True)
+        assert seen == []
+        assert db.query(text("SELECT count(*) AS n FROM nonces WHERE expires_at > :e"), {"e": expires})[0].n == 3000
