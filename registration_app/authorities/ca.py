@@ -17,7 +17,7 @@ from ..core.errors import Conflict, DuplicateRecord, UnknownCertificate
 from ..core.model import Profile, Subject, Usage
 from ..store import audit
 from ..store.db import Database, connection_of
-from ..store.errors import lost_renewal_race
+from ..store.errors import lost_race_message, lost_renewal_race
 from ..store.issuance import (IssuedOutbox, crl_state, insert_issued, locked_crl_state, mark_revoked,
                               queue_crl_publication, revoked_entries)
 from ..store.models import CrlState
@@ -138,8 +138,7 @@ class LocalCA:
         except DuplicateRecord as exc:
             if not lost_renewal_race(exc):
                 raise
-            raise Conflict("another request already replaced this certificate; "
-                           "list your certificates and try again") from exc
+            raise Conflict(lost_race_message(exc)) from exc
         return cert
 
     def revoke(self, serial: int | str, reason: x509.ReasonFlags, *, actor: str = "operator",

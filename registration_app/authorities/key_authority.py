@@ -35,7 +35,7 @@ from ..core.ports import CertificateAuthority, KeyAuthority, RecoveryAuthority
 from ..store import audit
 from ..store.batch import insert_escrows
 from ..store.db import Database
-from ..store.errors import lost_renewal_race
+from ..store.errors import lost_race_message, lost_renewal_race
 from ..store.outbox import mark_published
 from ..store.repos import certificates_of
 from .ca import LocalCA, ToRecord, serial_hex
@@ -286,8 +286,7 @@ class LocalKeyAuthority(SplitKeyAuthority):
         except DuplicateRecord as exc:
             decision.commit_rows_only(self.db, now)
             if lost_renewal_race(exc):
-                raise Conflict("another request already replaced this certificate; "
-                               "list your certificates and try again") from exc
+                raise Conflict(lost_race_message(exc)) from exc
             if blob is not None:
                 raise EscrowFailed("the key could not be escrowed; nothing was issued") from exc
             raise

@@ -63,3 +63,11 @@ def lost_renewal_race(error: DuplicateRecord) -> bool:
     encryption profiles at once: the one-current-encryption index). Any other duplicate is a fault, not
     the client's."""
     return error.constraint in (RENEWAL_KEY_CONSTRAINT, ONE_ENCRYPTION_CONSTRAINT)
+
+
+def lost_race_message(error: DuplicateRecord) -> str:
+    """What the 409 of a lost race (`lost_renewal_race`) tells the client, by the constraint that decided it."""
+    if error.constraint == ONE_ENCRYPTION_CONSTRAINT:
+        return ("another request issued a current encryption certificate for this address at the same time; "
+                "list your certificates, and enroll with replace to supersede it")
+    return "another request already replaced this certificate; list your certificates and try again"
