@@ -9,7 +9,8 @@ transaction commits, the next ones gather, and whichever thread leads next runs 
 What stays true:
 - one unit is still one all-or-nothing unit: its SAVEPOINT is released when its work returns and rolled
   back when it raises, so a failing unit takes only its own writes with it and raises its own error;
-  the others of the group commit;
+  the others of the group commit (a group of one unit has no savepoint: its failure rolls the
+  transaction back);
 - nobody is answered before the commit that holds their unit: each caller returns (or raises) only
   after the group's COMMIT returned; if the COMMIT fails, every unit of the group gets that error, and a
   process that dies before it answers nobody;
@@ -125,6 +126,9 @@ class GroupCommit:
                 group.extend(self._pending[:MAX_UNITS])
                 del self._pending[:MAX_UNITS]
         anchor = self._db.anchor
+        if len(group) == 1:  # alone: its transaction is its savepoint (a failure rolls it all back)
+            self._run_alone(conn, group[0], anchor)
+            return
         for unit in group:
             unit.result, unit.error = None, None
             mark = anchor.mark() if anchor is not None else None
@@ -141,6 +145,21 @@ class GroupCommit:
                     raise  # the lock was lost: the group is retried (Database._run), nothing has committed
                 continue
             Prepared.sql(conn, f"RELEASE SAVEPOINT {_SAVEPOINT}")
+
+    @staticmethod
+    def _run_alone(conn, unit: _Unit, anchor) -> None:
+        """A group of one unit needs no SAVEPOINT and RELEASE: when its work raises, the error leaves the
+        transaction, which rolls back whole (nothing else is in it), and the unit gets its own error;
+        a busy database retries the group as above."""
+        unit.result, unit.error = None, None
+        mark = anchor.mark() if anchor is not None else None
+        try:
+            unit.result = unit.work(conn)
+        except BaseException as exc:
+            unit.error = exc
+            if anchor is not None:
+                anchor.restore(mark)
+            raise
 
 
 def _busy(exc: OperationalError) -> bool:

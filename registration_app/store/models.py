@@ -58,7 +58,8 @@ class Certificate(Base):
     __tablename__ = "certificates"
 
     serial: Mapped[str] = mapped_column(String(48), primary_key=True)
-    email: Mapped[str] = mapped_column(String(320), index=True)
+    # found by address through ix_certificates_user_profile_status and the lower(email) index below
+    email: Mapped[str] = mapped_column(String(320))
     user_dn: Mapped[str] = mapped_column(String(1024), index=True)
     # The directory entry's stable id (entryUUID / objectGUID, see LdapSettings.entry_id_attribute) when
     # the certificate was issued: the certificate belongs to that entry, wherever it is renamed to, and

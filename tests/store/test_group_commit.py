@@ -137,6 +137,19 @@ def test_waiting_units_share_one_commit_and_a_failing_unit_takes_only_its_own_wr
     assert report.rows == 3 and db.anchor.read().rows == 3
 
 
+def test_a_unit_alone_that_fails_writes_nothing_and_the_next_one_alone_commits(db):
+    """A group of one unit runs without a savepoint: its failure rolls the transaction back whole."""
+    failing, passing = _token(db), _token(db)
+    with pytest.raises(ValueError, match="alone fails"):
+        db.run(_unit(failing, "alone", fail=True), core=True)
+    assert db.run(_unit(passing, "next"), core=True) == "next"
+    assert [_used(db, failing), _used(db, passing)] == [False, True]
+    assert _audited(db) == ["next"]
+    report = _verify(db)  # the checkpoint outside the database forgot the failed unit's row
+    assert report.ok, report.problem
+    assert report.rows == 1 and db.anchor.read().rows == 1
+
+
 def test_a_nonce_replayed_within_one_group_issues_nothing(db):
     token = _token(db)
     queue = _Queue(db)
