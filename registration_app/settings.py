@@ -334,11 +334,7 @@ def profile_tables_from_environment(env: object, tables: Mapping[str, Mapping]) 
         if not isinstance(values, Mapping):
             raise ConfigError(f"{label} names no key of the profile: set {label}__<KEY> (for example "
                               f"{label}__VALIDITY_DAYS)")
-        matches = [name for name in tables if name.lower().replace("-", "_") == env_name.replace("-", "_")]
-        if len(matches) > 1:
-            raise ConfigError(f"{label} matches the profiles {', '.join(sorted(matches))}: rename one of them")
-        name = matches[0] if matches else env_name
-        table = overrides.setdefault(name, {})
+        table = overrides.setdefault(_named_by(label, env_name, tables, "profiles"), {})
         for key, value in values.items():
             if isinstance(value, Mapping):
                 raise ConfigError(f"unknown setting {label}__{key.upper()}__{'__'.join(k.upper() for k in value)}")
@@ -403,11 +399,17 @@ def target_tables_from_environment(env: object, tables: Mapping) -> dict[str, di
         label = f"AUTOENROLL_TARGETS__{env_name.upper()}"
         if not isinstance(values, Mapping):
             raise ConfigError(f"{label} names no key of the target: set {label}__<KEY> (for example {label}__URL)")
-        matches = [name for name in tables if name.lower().replace("-", "_") == env_name.replace("-", "_")]
-        if len(matches) > 1:
-            raise ConfigError(f"{label} matches the targets {', '.join(sorted(matches))}: rename one of them")
-        overrides[matches[0] if matches else env_name] = dict(values)
+        overrides[_named_by(label, env_name, tables, "targets")] = dict(values)
     return overrides
+
+
+def _named_by(label: str, env_name: str, tables: Mapping, kind: str) -> str:
+    """The table a variable's NAME stands for: the one of `tables` equal to it ignoring case, with `_`
+    standing for `-` (environment names cannot hold `-`), else NAME itself (a new one)."""
+    matches = [name for name in tables if name.lower().replace("-", "_") == env_name.replace("-", "_")]
+    if len(matches) > 1:
+        raise ConfigError(f"{label} matches the {kind} {', '.join(sorted(matches))}: rename one of them")
+    return matches[0] if matches else env_name
 
 
 def _ldap_preset(settings: Settings, data: dict, env: dict) -> Settings:

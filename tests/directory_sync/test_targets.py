@@ -294,7 +294,6 @@ def test_a_revocation_leaves_a_target_whose_attribute_has_no_equality_rule(world
 
 
 def test_the_worker_thread_catches_a_stopped_target_up_by_itself(world, running):
-    import time
     services, group = world
     _, book = running
     dn, email = new_person(running, group)
