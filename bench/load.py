@@ -11,7 +11,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from .client import AgentConnection
-from .platform import children, peak_rss_mb, process_cpu
+from .platform import CLK_TCK, children, peak_rss_mb, process_cpu
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -41,6 +41,9 @@ class LoadResult:
     # the keep-alive connections decides how evenly the two processes, each on its own GIL, are loaded).
     worker_cpu: list[float] = field(default_factory=list)
     worker_connections: list[int] = field(default_factory=list)
+    # CPU seconds the whole machine spent busy over the run (/proc/stat): what the server, slapd and the
+    # agents did not use went to other processes or stayed idle.
+    machine_cpu: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -75,6 +78,7 @@ class LoadResult:
                 "agent_mean_ms": sorted(round(1000 * m, 1) for m in self.agent_means),
                 "worker_cores_used": [round(c / self.wall, 2) if self.wall else 0.0 for c in self.worker_cpu],
                 "worker_connections": self.worker_connections,
+                "machine_cpu_s": round(self.machine_cpu, 2),
                 "worker_peak_rss_mb": [round(m, 1) for m in self.worker_peak_rss_mb]}
 
 
@@ -130,10 +134,12 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
     worker0 = [process_tree_cpu(pid) for pid in workers]
     cpu0, (user0, sys0) = time.process_time(), platform.cpu_split()
     slapd0 = process_cpu(slapd_pid) if slapd_pid else 0.0
+    machine0 = machine_busy_cpu()
     started = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    machine = machine_busy_cpu() - machine0
     user1, sys1 = platform.cpu_split()
     result = LoadResult(requests=len(users), ok=statuses.get(201, 0), statuses=dict(statuses), wall=wall,
                         latencies=latencies, client_cpu=time.process_time() - cpu0,
@@ -142,7 +148,7 @@ def run_load(platform, users: list, payload: dict, *, agents: int = 8, slapd_pid
                         worker_peak_rss_mb=[peak_rss_mb(pid) for pid in platform.worker_pids()],
                         agent_means=agent_means,
                         worker_cpu=[process_tree_cpu(pid) - c for pid, c in zip(workers, worker0)],
-                        worker_connections=connections)
+                        worker_connections=connections, machine_cpu=machine)
     if errors:
         raise RuntimeError(f"{len(errors)} agent thread(s) failed: {errors[0]!r}") from errors[0]
     return result
@@ -193,6 +199,15 @@ def wait_idle(platform, *, quiet_fraction: float = 0.05, window: float = 0.5, ti
         if platform.cpu_seconds() - before < quiet_fraction * window:
             return time.monotonic() - started
     return time.monotonic() - started
+
+
+def machine_busy_cpu() -> float:
+    """CPU seconds all cores of this machine have been busy since boot (/proc/stat: everything but
+    idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / CLK_TCK  # guest time is already counted in user
 
 
 def cpu_count() -> int:

@@ -22,6 +22,13 @@ def test_smoke_benchmarks_produce_figures_and_json(tmp_path):
     assert r["enroll"]["rate_per_s"] > 0 and r["enroll"]["p99_ms"] > 0 and r["enroll"]["server_cpu_s"] > 0
     assert r["bare"]["1_process"]["rate_per_s"] > 0 and r["bare"]["2_processes"]["rate_per_s"] > 0
     assert r["ratios"]["enroll_over_bare"] > 0 and r["latency_floor_ms"] > 0
+    # (1) and the bare pipeline in turns, each round's CPU per certificate and where the cores went
+    assert len(r["rounds"]) == document["sizes"]["rounds"] == 2
+    assert all(x["server_ms"] > 0 and x["bare_ms"] > 0 and x["server_cores"] > 0 for x in r["rounds"])
+    median = r["rounds_median"]
+    assert min(x["server_over_bare"] for x in r["rounds"]) <= median["server_over_bare"] \
+        <= max(x["server_over_bare"] for x in r["rounds"])
+    assert r["ratios"]["server_over_bare_cpu_median"] == median["server_over_bare"]
     assert r["rsa"]["warm"]["p99_ms"] > 0 and r["rsa"]["empty"]["p99_ms"] > 0
     assert r["peers"]["cfssl"]["per_core_rate"] > 0 and r["peers"]["openssl"]["per_core_rate"] > 0
     assert r["peers"]["ours_over_cfssl"] > 0 and r["peers"]["ours_over_openssl"] > 0
