@@ -202,11 +202,21 @@ def connection_of(session_or_connection) -> Connection:
 
 
 class _ThreadConnections(threading.local):
-    """Each thread's own long-lived connections (see `Database.query` and `Database.write`)."""
+    """Each thread's own long-lived reader connection (see `Database.query`)."""
 
     pid: int | None = None
     reader: Connection | None = None
-    writer: Connection | None = None
+
+
+class _ProcessWriter:
+    """The process's one long-lived writer connection (see `Database.write`). Used only under the writer
+    queue, which admits one thread of the process at a time, so one connection serves them all; and
+    SQLite keeps a connection's page cache only while no OTHER connection commits, so one writer keeps
+    its B-tree pages between this process's transactions where a writer per thread read them again
+    (PERFORMANCE.md, "The store's CPU per enrollment")."""
+
+    pid: int | None = None
+    conn: Connection | None = None
 
 
 class Database:
@@ -226,8 +236,9 @@ class Database:
         options = {"autoenroll_keys": self.keys, "autoenroll_anchor": self.anchor}
         self.engine = make_engine(url)
         self.engine.update_execution_options(**options)
-        # On SQLite the hot paths (an enrollment's reads and its one transaction) keep a connection
-        # per thread instead of checking one out of the pool per statement group: the check-out,
+        # On SQLite the hot paths (an enrollment's reads and its one transaction) keep long-lived
+        # connections (a reader per thread, one writer per process) instead of checking one out of the
+        # pool per statement group: the check-out,
         # return, reset and BEGIN/COMMIT statements cost several times the SQL they wrap (PERFORMANCE.md).
         # NullPool: these connections are never returned,
         # so they must not take the pool's slots. A server database keeps its pooled, pre-pinged
@@ -237,6 +248,7 @@ class Database:
         if self._thread_engine is not None:
             self._thread_engine.update_execution_options(**options)
         self._threads = _ThreadConnections()
+        self._writer = _ProcessWriter()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = self.engine.execution_options(autoenroll_read_only=True)
         self._readers = sessionmaker(self._read_engine, expire_on_commit=False)
@@ -291,7 +303,8 @@ class Database:
     def write(self) -> Iterator[Connection]:
         """A write transaction on a bare Core connection: no ORM session to build and flush, for the
         hot paths (an enrollment's one transaction) whose statements are all Core. It runs on this
-        thread's own connection, or on a pooled one when that is busy (a transaction inside another)."""
+        process's writer connection (SQLite), or on a pooled one when that is busy (a transaction inside
+        another)."""
         with database_errors(), self._write() as conn:
             yield conn
 
@@ -307,7 +320,9 @@ class Database:
 
     @contextmanager
     def _write_transaction(self) -> Iterator[Connection]:
-        conn = self._thread_connection("writer")
+        """Called with the writer queue held (SQLite): the process's writer connection is this thread's
+        until the transaction ends; a transaction inside another one of the thread takes a pooled one."""
+        conn = self._writer_connection()
         if conn is None or conn.in_transaction():
             with self.engine.begin() as pooled:
                 yield pooled
@@ -317,8 +332,26 @@ class Database:
                 yield conn
         except DBAPIError as exc:
             if exc.connection_invalidated or not self._usable(conn) or conn.in_transaction():
-                self._drop_thread_connection("writer")  # e.g. a BEGIN that failed half-way: start afresh
+                self._drop_writer()  # e.g. a BEGIN that failed half-way: start afresh
             raise
+
+    def _writer_connection(self) -> Connection | None:
+        if self._thread_engine is None:
+            return None
+        writer = self._writer
+        if writer.pid != os.getpid():  # a fork (gunicorn worker) inherits no connection
+            writer.pid, writer.conn = os.getpid(), None
+        if writer.conn is None:
+            writer.conn = self._thread_engine.connect()
+        return writer.conn
+
+    def _drop_writer(self) -> None:
+        conn, self._writer.conn = self._writer.conn, None
+        if conn is not None and self._writer.pid == os.getpid():
+            try:
+                conn.close()
+            except Exception:  # already broken: nothing more to release
+                pass
 
     @contextmanager
     def read_connection(self) -> Iterator[Connection]:
@@ -355,12 +388,10 @@ class Database:
             return None
         threads = self._threads
         if threads.pid != os.getpid():  # a fork (gunicorn worker) inherits no connection
-            threads.pid, threads.reader, threads.writer = os.getpid(), None, None
+            threads.pid, threads.reader = os.getpid(), None
         conn = getattr(threads, kind)
         if conn is None:
-            conn = self._thread_engine.connect()
-            if kind == "reader":
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn = self._thread_engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             setattr(threads, kind, conn)
         return conn
 
@@ -403,7 +434,8 @@ class Database:
         raise AssertionError("unreachable")
 
     def dispose(self) -> None:
-        """Close the pool and the calling thread's own connections (other threads' close with them)."""
+        """Close the pool, the process's writer and the calling thread's reader (other threads' close with
+        them); called once no transaction is open."""
         self._drop_thread_connection("reader")
-        self._drop_thread_connection("writer")
+        self._drop_writer()
         self.engine.dispose()
