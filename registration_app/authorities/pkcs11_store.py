@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -83,6 +84,13 @@ _INITIALISED: dict[str, int] = {}
 _INITIALISED_IN: dict[str, int] = {}  # the process (pid) that initialised each module last
 _REINITIALISING = threading.Lock()
 
+# Opening a session: how many attempts, and the pause before the next (times the attempt number). SoftHSM's
+# window (Token._open) is microseconds wide; a module's real failure costs 0.06 s more this way.
+_OPEN_ATTEMPTS = 4
+_OPEN_PAUSE = 0.01
+_GENERAL_ERROR_CAUSE = ("\"a token file was read while another process rewrote it (SoftHSM rewrites token.object at "
+                        "every login); initialising the module again\"")
+
 
 class Token:
     """One token of one PKCS#11 module, opened with the PIN of `pin_file`, with a pool of sessions for
@@ -126,26 +134,41 @@ class Token:
     def _open(self):
         """A new session, logged in. In a forked child the module inherited from the parent is tried first
         (SoftHSM carries on across fork; a child that initialises it again sees the token list of an
-        older initialisation) and initialised again if that fails (PKCS#11 §6.7.7 asks it of a child)."""
+        older initialisation) and initialised again if that fails (PKCS#11 §6.7.7 asks it of a child).
+
+        A CKR_GENERAL_ERROR (or a token not found) is tried again a few times, the module initialised
+        afresh each time: SoftHSM 2.6 rewrites a token's token.object on every C_Login (ftruncate, unlock,
+        then the write at fclose), so another process that reads the file in that window (C_GetTokenInfo of
+        every token, as get_token does, or its own login to that token) gets GeneralError, and keeps getting
+        it until the module is initialised again. The CA and the KRA of a split deployment starting together
+        on one token folder hit it. A read-only session would not help: C_Login rewrites the file all the same."""
         import pkcs11
-        if _INITIALISED_IN.get(self.module, os.getpid()) != os.getpid():
+        forked = _INITIALISED_IN.get(self.module, os.getpid()) != os.getpid()
+        for attempt in range(1, _OPEN_ATTEMPTS + 1):
+            last = attempt == _OPEN_ATTEMPTS
             try:
                 return self._open_once()
-            except (pkcs11.PKCS11Error, ConfigError) as exc:
-                if isinstance(exc, ConfigError) and "PIN" in exc.detail:
+            except pkcs11.NoSuchToken:
+                if last:
+                    raise ConfigError(f"no PKCS#11 token labelled {self.label!r} in {self.module}") from None
+                # SoftHSM sees only the tokens that existed when it was initialised (and misses one whose
+                # token.object it read while another process rewrote it): look again
+            except pkcs11.GeneralError:
+                if last:
                     raise
-                self._library(rescan=True)
-        return self._open_once()
+                log.warning("event=key_store.open_retry token=%s attempt=%d error=GeneralError cause=%s",
+                            self.label, attempt, _GENERAL_ERROR_CAUSE)
+                time.sleep(_OPEN_PAUSE * attempt)
+            except (pkcs11.PKCS11Error, ConfigError) as exc:
+                if not (forked and attempt == 1) or (isinstance(exc, ConfigError) and "PIN" in exc.detail):
+                    raise
+            self._library(rescan=True)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _open_once(self):
         import pkcs11
         try:
             token = self._library().get_token(token_label=self.label)
-        except pkcs11.NoSuchToken:
-            try:
-                token = self._library(rescan=True).get_token(token_label=self.label)
-            except pkcs11.NoSuchToken:
-                raise ConfigError(f"no PKCS#11 token labelled {self.label!r} in {self.module}") from None
         except pkcs11.MultipleTokensReturned:  # which one holds our keys is a guess: name one label once
             raise ConfigError(f"several PKCS#11 tokens are labelled {self.label!r} in {self.module}; "
                               "give each token a label of its own") from None
@@ -212,6 +235,14 @@ class Token:
                 session.close()
             except Exception:  # a dead session cannot be closed cleanly: dropping it is all we can do
                 pass
+
+    def close(self) -> None:
+        """Close this process's sessions of the token (the login ends with the last one)."""
+        with self._lock:
+            pool, self._pool = self._pool, _Pool(pid=os.getpid(), generation=self._pool.generation)
+        if pool.pid == os.getpid():  # a parent's sessions are not this process's to close
+            for session, _keys in pool.sessions:
+                session.close()
 
     def private_key_object(self, entry, name: str):
         import pkcs11

@@ -151,3 +151,86 @@ def test_an_escrow_sealed_before_still_opens_with_a_kra_key_in_the_token(token):
     # and a KRA accepts new escrows of the current algorithm only
     with pytest.raises(EscrowIntegrityError, match="unknown format"):
         open_private_key(old, kra, aad, algorithms=(ALG_RSA_OAEP_SHA1_AES256GCM,))
+
+
+# A server starting as the CA or the KRA of a split deployment does: open a session of its own token, check its
+# key, close (the login ends with the last session, so every round logs in again, which rewrites token.object).
+STARTS = """import sys
+from cryptography.hazmat.primitives import serialization
+from registration_app.authorities.pkcs11_store import Token
+module, label, pin, pem, rounds = sys.argv[1:]
+public_key = serialization.load_pem_public_key(open(pem, "rb").read())
+for _ in range(int(rounds)):
+    token = Token(module, label, pin)
+    token.check({"ca": public_key})
+    token.close()
+print("started", rounds, "times")
+"""
+
+
+@pytest.fixture
+def token_folder(tmp_path, monkeypatch):
+    """A SoftHSM folder of this test's own (the servers of the session do not read it), with two tokens,
+    each with a CA key: as a CA's and a KRA's beside each other."""
+    from tests.softhsm import SoftHsm
+    monkeypatch.setenv("SOFTHSM2_CONF", "")  # SoftHsm.start sets it; restored after the test
+    hsm = SoftHsm(tmp_path / "hsm")
+    hsm.start()
+    tokens = {}
+    for label in ("left", "right"):
+        pin = tmp_path / f"{label}.pin"
+        hsm.new_token(label, pin)
+        key = subprocess.run(
+            [sys.executable, "-c", "import sys\nfrom cryptography.hazmat.primitives import serialization as s\n"
+             "from registration_app.authorities.pkcs11_store import Token\nfrom registration_app.core.model import KeyType\n"
+             "key = Token(*sys.argv[1:]).generate('ca', KeyType.EC_P256)\n"
+             "print(key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo).decode())",
+             MODULE, label, str(pin)], check=True, capture_output=True, text=True, timeout=60).stdout
+        (tmp_path / f"{label}.pem").write_text(key)
+        tokens[label] = (str(pin), str(tmp_path / f"{label}.pem"))
+    return hsm, tokens
+
+
+def test_two_servers_start_together_on_tokens_of_one_folder(token_folder):
+    """The split deployment's flake: each process's login rewrites its token's token.object, which the other
+    reads as it looks for its own token; before Token._open tried again, about one start in 200 failed
+    with `token 'split-ca': GeneralError` (here, a few hundred rounds each)."""
+    hsm, tokens = token_folder
+    starts = [subprocess.Popen([sys.executable, "-c", STARTS, MODULE, label, *tokens[label], "300"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for label in tokens]
+    for start in starts:
+        out, err = start.communicate(timeout=120)
+        assert start.returncode == 0, err
+        assert out.strip() == "started 300 times"
+
+
+def test_a_token_file_left_empty_by_another_process_is_read_again_with_the_cause_logged(token_folder):
+    """What the other process's login leaves for a moment (token.object truncated, not yet written), frozen:
+    this process knew the token beside its own, finds it unreadable, and opens its own token all the same,
+    after initialising the module again, with the cause in the log."""
+    hsm, tokens = token_folder
+    (right,) = [d / "token.object" for d in hsm.tokens.iterdir() if b"right".ljust(32) in (d / "token.object").read_bytes()]
+    script = """import logging, sys
+from cryptography.hazmat.primitives import serialization
+from registration_app.authorities.pkcs11_store import Token
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+module, label, pin, pem, other = sys.argv[1:]
+public_key = serialization.load_pem_public_key(open(pem, "rb").read())
+token = Token(module, label, pin)
+token.check({"ca": public_key})
+token.close()
+open(other, "wb").close()  # the other token's file, as SoftHSM leaves it between ftruncate and write
+token.check({"ca": public_key})
+print("checked")
+"""
+    saved = right.read_bytes()
+    try:
+        opened = subprocess.run([sys.executable, "-c", script, MODULE, "left", *tokens["left"], str(right)],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        right.write_bytes(saved)
+    assert opened.returncode == 0, opened.stderr
+    retry, checked = opened.stdout.strip().splitlines()
+    assert retry.startswith("event=key_store.open_retry token=left attempt=1 error=GeneralError cause=")
+    assert "rewrites token.object" in retry
+    assert checked == "checked"
