@@ -69,8 +69,16 @@ class PrivatePostgres:
     def restart(self, down_seconds: float = 1.0) -> None:
         """Stop the server (fast: every connection is cut), wait, start it again on the same port."""
         import time
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.halt()
         time.sleep(down_seconds)
+        self.resume()
+
+    def halt(self) -> None:
+        """Stop the server (fast: every connection is cut), keeping its data for `resume`."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the server `halt` stopped, on the same port."""
         self._start()
 
     @property

@@ -207,7 +207,25 @@ def check_private_files(settings: Settings) -> None:
         check_private(path)
 
 
-def build_services(settings: Settings, *, directory: Directory | None = None, run_migrations: bool = True) -> Services:
+def check_database(settings: Settings) -> None:
+    """What `autoenroll init` has still to move out of the database (store/upgrade.py): a ConfigError
+    saying so. The server asks once, in the master before it forks; its workers do not ask again, so that
+    a worker started while the database is down (a restart, a worker replaced) boots and answers 503
+    instead of failing to boot, which makes gunicorn's master shut the whole server down."""
+    from .store.upgrade import pending
+    db = Database(settings.db_url, keys=read_server_keys(settings.data_dir, ROLE_KEYS[settings.role]))
+    try:
+        still_in_database = pending(db)
+    finally:
+        db.dispose()
+    if still_in_database is not None:
+        raise ConfigError(still_in_database)
+
+
+def build_services(settings: Settings, *, directory: Directory | None = None, run_migrations: bool = True,
+                   database_checked: bool = False) -> Services:
+    """Every service of settings.role. `database_checked`: `check_database` has run already (the server's
+    master did before forking this worker), so building touches neither the database nor the directory."""
     from directory_sync.ldap import LdapDirectory
 
     paths = PkiPaths.in_dir(settings.data_dir)
@@ -216,12 +234,9 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     check_role(settings)
     if run_migrations:
         migrate(settings.db_url)
+    if not database_checked:
+        check_database(settings)
     db = Database(settings.db_url, keys=read_server_keys(settings.data_dir, ROLE_KEYS[settings.role]))
-    from .store.upgrade import pending
-    still_in_database = pending(db)
-    if still_in_database is not None:
-        db.dispose()
-        raise ConfigError(still_in_database)
     ca_cert = read_cert(paths.ca_cert)
     user_trust = build_user_trust(settings, ca_cert)
     tls_anchors = (read_cert(paths.tls_ca_cert),)

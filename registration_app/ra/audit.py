@@ -32,7 +32,7 @@ def verify_audit_log(settings: Settings) -> AuditVerdict:
             checkpoint = db.anchor.read() if db.anchor is not None else None
         except ValueError as exc:
             return AuditVerdict(checkpoint_file, None, str(exc))
-        with db.read_connection() as conn:
+        with db.snapshot() as conn:  # the head and the rows as of one moment, the server appending meanwhile
             return AuditVerdict(checkpoint_file, audit.verify(conn, keys, checkpoint))
     finally:
         db.dispose()

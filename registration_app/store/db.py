@@ -359,6 +359,19 @@ class Database:
         with database_errors(), self._read_engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A read transaction whose statements all see the database as it was at the first of them, for
+        reads that must agree with each other while the server writes (`audit verify` reads the head,
+        then walks the rows: under PostgreSQL's READ COMMITTED an append committed in between showed
+        the rows running past the head, "rows deleted at the end"). PostgreSQL: REPEATABLE READ, read
+        only. SQLite: the read transaction's deferred BEGIN, in WAL mode, is such a snapshot already."""
+        engine = self._read_engine
+        if engine.dialect.name == "postgresql":
+            engine = engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        with database_errors(), engine.begin() as conn:
+            yield conn
+
     def query(self, statement, parameters: dict | None = None) -> list:
         """The rows of ONE read statement (Core, or prepared.py's `Prepared`), which is its own snapshot:
         run in autocommit on this thread's connection, with no BEGIN, COMMIT or pool check-out around it. For several

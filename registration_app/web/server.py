@@ -27,7 +27,8 @@ class _Server(BaseApplication):
     def load(self):
         from ..wiring import build_services
         from .app import create_app
-        services = build_services(self.settings, run_migrations=False)  # done once in run()
+        # Migrations and the database check ran once in run(): a worker boots with the database down
+        services = build_services(self.settings, run_migrations=False, database_checked=True)
         services.start_background()
         self.services = services  # this worker's, for worker_exit
         return create_app(self.settings, services)
@@ -70,22 +71,24 @@ def start_plain_http(settings: Settings):
     from ..wiring import build_services
     from .app import create_app
     host, _, port = settings.http_bind.rpartition(":")
-    app = create_app(settings, build_services(settings, run_migrations=False), with_api=False)
+    app = create_app(settings, build_services(settings, run_migrations=False, database_checked=True),
+                     with_api=False)
     server = make_server(host, int(port), app, threaded=True)
     threading.Thread(target=server.serve_forever, name="plain-http", daemon=True).start()
     return server
 
 
 def run(settings: Settings) -> None:
-    from ..wiring import check_directory, check_role
+    from ..wiring import check_database, check_directory, check_role
     from ..store.db import migrate
     from ..core.errors import AutoenrollError
     try:
         check_role(settings)  # before gunicorn forks: a misconfigured role stops here with its reason
         check_directory(settings)  # and so do LDAP settings that are unsafe or a TLS set-up that fails
+        migrate(settings.db_url)
+        check_database(settings)  # and a database `autoenroll init` has not finished with
     except AutoenrollError as exc:
         raise SystemExit(f"autoenroll serve: {exc.detail}") from None
-    migrate(settings.db_url)
     options = gunicorn_options(settings)
     options["when_ready"] = lambda _arbiter: start_plain_http(settings)
     server = _Server(settings, options)

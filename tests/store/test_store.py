@@ -2,7 +2,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, event, select, text, update
 
 from bench.postgres import database_url_for
 from registration_app.core.codes import parse_code
@@ -48,6 +48,28 @@ def test_enrollment_codes_are_stored_sealed_and_used_once(db):
     assert enrollment_code(db, code_id) is None
     with pytest.raises(BadEnrollmentCode):
         parse_code("not-a-code")
+
+
+def test_audit_verify_reads_the_head_and_the_rows_as_of_one_moment(db):
+    """The server appends while an operator verifies: a row committed after the walk read the head
+    must not show as rows running past the head ("rows deleted at the end"), as it did on
+    PostgreSQL's READ COMMITTED before verify ran in `Database.snapshot()`."""
+    def append(subject):
+        db.run(lambda s: audit.append(s, event="e", outcome="done", actor="a", subject=subject))
+
+    for i in range(3):
+        append(str(i))
+    appended = []
+    with db.snapshot() as conn:
+        def between(_conn, _cursor, statement, *_rest):
+            if "audit_head" in statement and not appended:
+                appended.append(True)
+                append("meanwhile")  # committed on another connection, the walk not yet started
+
+        event.listen(conn, "after_cursor_execute", between)
+        report = audit.verify(conn, db.keys, db.anchor.read())
+    assert appended and report.ok and report.rows == 3, report.problem
+    assert verify(db).ok and verify(db).rows == 4
 
 
 def test_audit_chain_detects_changes_and_deletions(db):
