@@ -196,8 +196,11 @@ class LocalCA:
 
     def refresh_crl_if_due(self, now: datetime | None = None) -> x509.CertificateRevocationList | None:
         """Rebuild the CRL if it is missing or past half its validity; the check and the rebuild are one
-        transaction, so several workers checking at once build one CRL, not one each. None if not due."""
+        transaction, so several workers checking at once build one CRL, not one each. None if not due.
+        A read decides first: the write transaction (the writer lock) only when the read says due."""
         now = now or datetime.now(timezone.utc)
+        if not self._crl_due(crl_state(self.db), now):
+            return None
 
         def work(session):
             state = locked_crl_state(session)

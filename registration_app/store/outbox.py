@@ -57,16 +57,25 @@ def open_rows_with_certificates(db: Database, user_dn: str, certificates_of) -> 
         return rows, certificates_of(session, user_dn)
 
 
+def _due(now: datetime, user_dn: str | None):
+    """The conditions of a row `claim` may take."""
+    due = [_OUTBOX.c.done_at.is_(None), _OUTBOX.c.next_attempt_at <= now,
+           or_(_OUTBOX.c.claimed_until.is_(None), _OUTBOX.c.claimed_until < now)]
+    return due if user_dn is None else [*due, _OUTBOX.c.user_dn == user_dn]
+
+
 def claim(db: Database, now: datetime, user_dn: str | None, limit: int, hold: timedelta) -> list[Outbox]:
     """Due rows (only this user's when given), each claimed for `hold` by this worker: a row another
-    worker claimed meanwhile is left to it."""
+    worker claimed meanwhile is left to it.
+
+    A read first: the write transaction (the file's writer lock, on SQLite) only when a row is due.
+    Every worker's outbox thread asks every few seconds, nearly always for nothing, and took the lock
+    each time, in the enrollments' way."""
+    if not db.query(select(_OUTBOX.c.id).where(*_due(now, user_dn)).limit(1)):
+        return []
+
     def work(session):
-        query = select(Outbox).where(
-            Outbox.done_at.is_(None), Outbox.next_attempt_at <= now,
-            or_(Outbox.claimed_until.is_(None), Outbox.claimed_until < now),
-        ).order_by(Outbox.id).limit(limit)
-        if user_dn is not None:
-            query = query.where(Outbox.user_dn == user_dn)
+        query = select(Outbox).where(*_due(now, user_dn)).order_by(Outbox.id).limit(limit)
         rows = list(session.execute(query).scalars())
         claimed = []
         for row in rows:

@@ -30,6 +30,7 @@ import errno
 import mmap
 import os
 import resource
+import select
 import selectors
 import ssl
 import struct
@@ -46,6 +47,7 @@ _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: clos
 
 ACCEPT_PAUSE = 0.002  # a worker leaving a connection to a less loaded one looks again after this
 ACCEPT_DEFER = 0.1  # and takes it itself if it is still waiting after this
+LINGER = 0.005  # a thread that answered waits this long for the connection's next request (see `handle`)
 
 
 def worker_class(*, body_limit: int, arrival_timeout: float = 10.0) -> type[ArrivalWorker]:
@@ -141,6 +143,62 @@ class ArrivalWorker(ThreadWorker):
         finally:
             if self.shares is not None:
                 self.shares.release()
+
+    def handle(self, conn: TConn):
+        """gthread's, then, while nothing else waits for a thread, the connection's next request on this
+        same thread if it has all arrived within LINGER: an agent sends it as soon as it has read the
+        answer, and the way back through the poller (the done-callback, a wake-up of the main thread,
+        two epoll_ctl, the poll, the hand-off to a thread) cost more CPU than the short wait
+        (PERFORMANCE.md, "The web side of a request"). A request not all there by then goes back to the
+        poller with what has arrived of it, under the same deadline rules as any other."""
+        keep = super().handle(conn)
+        # (ThreadPoolExecutor's queue of submitted work: empty when no connection waits for a thread)
+        while keep is True and self.alive and self.tpool._work_queue.empty():
+            arrived = self.linger(conn)
+            if arrived is None:
+                break
+            if not arrived:
+                return False  # the peer closed the connection
+            keep = super().handle(conn)
+        return keep
+
+    def linger(self, conn: TConn) -> bool | None:
+        """Wait up to LINGER for the next request: True when all of it is in the parser's buffer, False
+        when the peer left, None otherwise (what arrived of it is in the buffer, for the poller)."""
+        unreader = conn.parser.unreader
+        if unreader.buf.getvalue():
+            return None  # read ahead of a body: the poller's path handles it (finish_request)
+        sock_ = conn.sock
+        sock_.setblocking(False)
+        deadline = time.monotonic() + LINGER
+        buffer = b""
+        poller = None
+        try:
+            while True:
+                try:
+                    data = sock_.recv(65536)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(sock_.fileno(), select.POLLIN)
+                    if not poller.poll(left * 1000):
+                        return None
+                    continue
+                if not data:
+                    return False
+                buffer += data
+                if self.request_arrived(buffer):
+                    return True
+        except (_HeadTooLarge, ssl.SSLWantWriteError):
+            return None  # the poller answers it (431), or waits until it may write
+        except (OSError, ValueError):  # a reset, a TLS alert
+            return False
+        finally:
+            if buffer:
+                unreader.unread(buffer)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         # gthread's loop turns accepting back on at every turn: not while a pause lasts

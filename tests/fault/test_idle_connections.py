@@ -242,6 +242,38 @@ def test_requests_that_arrive_in_pieces_are_served_whole(world):
     assert (bare_lf, too_long) == (400, 431)
 
 
+def test_a_kept_alive_connections_next_request_is_served_whole_however_it_arrives(world):
+    """After an answer the thread waits a moment (web/worker.py LINGER) for the connection's next
+    request and serves it itself when all of it is there; otherwise what arrived goes back to the poller.
+    On one kept-alive connection: a next request sent at once, one whose first piece comes at once and
+    the rest later (the piece the thread read must reach the poller intact), one sent after the linger,
+    then one whose head never ends, which the server closes by the arrival deadline."""
+    w = world
+    address = ("127.0.0.1", int(w.platform.url.rsplit(":", 1)[1]))
+    context = ssl.create_default_context(cafile=str(w.platform.tls_ca))
+    context.load_cert_chain(str(w.platform.agent_cert), str(w.platform.agent_key))
+    nonce = b"GET /api/v1/nonce HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with context.wrap_socket(socket.create_connection(address, timeout=AGENT_TIMEOUT),
+                             server_hostname="localhost") as tls:
+        stream = tls.makefile("rb")
+        answers = []
+        for pieces, pause in (([nonce], 0.0), ([nonce], 0.0), ([nonce[:20], nonce[20:]], 0.3),
+                              ([nonce[:5], nonce[5:]], 0.3)):
+            time.sleep(pause)  # the first two at once after the answer: the thread's linger serves them
+            for i, piece in enumerate(pieces):
+                tls.sendall(piece)
+                if i + 1 < len(pieces):
+                    time.sleep(0.3)  # past the linger: the rest reaches the poller's arrival
+            answers.append(read_reply(stream))
+        assert [status for status, _, _ in answers] == [200] * 4, answers
+        assert len({json.loads(body)["nonce"] for _, _, body in answers}) == 4
+        tls.sendall(nonce[:20])  # a head that never ends: closed at the arrival deadline (10 s)
+        started = time.monotonic()
+        tls.settimeout(GIVE_UP)
+        assert stream.read() == b""
+        assert 5 < time.monotonic() - started < GIVE_UP
+
+
 def long_head(size: int) -> bytes:
     """The start of a head of `size` bytes, just over the limit: the server has read all of it when it
     refuses it (so it closes with FIN, not a reset that could beat its answer)."""
