@@ -29,9 +29,21 @@ class _Server(BaseApplication):
         from .app import create_app
         # Migrations and the database check ran once in run(): a worker boots with the database down
         services = build_services(self.settings, run_migrations=False, database_checked=True)
+        app = create_app(self.settings, services)
+        _freeze_the_heap()
         services.start_background()
         self.services = services  # this worker's, for worker_exit
-        return create_app(self.settings, services)
+        return app
+
+
+def _freeze_the_heap() -> None:
+    """What a worker built at boot (modules, settings, trust, the app: some hundred thousand objects)
+    lives as long as the worker: out of the cyclic collector's sight (gc.freeze) once the boot's own
+    garbage is collected. Otherwise every full collection walks all of it again, 50-130 ms with the GIL
+    held, during which none of the worker's threads runs (PERFORMANCE.md, "The web side of a request")."""
+    import gc
+    gc.collect()
+    gc.freeze()
 
 
 def gunicorn_options(settings: Settings) -> dict:
