@@ -10,7 +10,8 @@ certificate and CRL code does not know where the key is.
 Sessions: a PKCS#11 session does not survive fork, so each process opens its own on first use
 (`Token.session`): the gunicorn master (or the provisioning parent) may have used the token before it
 forked its workers; a worker opens its sessions through the module it inherited, and initialises the module
-again if that fails. Sessions are pooled per process (a thread takes one for one operation); any token
+again if that fails. Sessions are pooled per process (a thread takes one for one operation, and one thread
+at a time calls the module: `_calls`); any token
 failure throws the whole pool away and initialises the module again, so the first request after the token
 comes back opens fresh sessions instead of tripping over dead ones.
 
