@@ -10,7 +10,8 @@ certificate and CRL code does not know where the key is.
 Sessions: a PKCS#11 session does not survive fork, so each process opens its own on first use
 (`Token.session`): the gunicorn master (or the provisioning parent) may have used the token before it
 forked its workers; a worker opens its sessions through the module it inherited, and initialises the module
-again if that fails. Sessions are pooled per process (a thread takes one for one operation); any token
+again if that fails. Sessions are pooled per process (a thread takes one for one operation, and one thread
+at a time calls the module: `_calls`); any token
 failure throws the whole pool away and initialises the module again, so the first request after the token
 comes back opens fresh sessions instead of tripping over dead ones.
 
@@ -82,7 +83,18 @@ class _Pool:
 # the sessions of all.
 _INITIALISED: dict[str, int] = {}
 _INITIALISED_IN: dict[str, int] = {}  # the process (pid) that initialised each module last
-_REINITIALISING = threading.Lock()
+
+# One call at a time into each module, in each process. python-pkcs11 initialises a module with
+# C_Initialize(NULL), which per PKCS#11 promises it that no two threads call it at once, and SoftHSM then
+# turns its own locks off (MutexFactory disabled): threads signing on sessions of their own failed with
+# GeneralError, ObjectHandleInvalid and SessionHandleInvalid, or crashed the process (SIGSEGV), even
+# with no other process near the token; one thread per process never did, other processes' logins or not.
+_CALLS: dict[str, threading.RLock] = {}
+os.register_at_fork(after_in_child=_CALLS.clear)  # a lock held by a thread of the parent stays held in a child
+
+
+def _calls(module: str) -> threading.RLock:
+    return _CALLS.setdefault(module, threading.RLock())
 
 # Opening a session: how many attempts, and the pause before the next (times the attempt number). SoftHSM's
 # window (Token._open) is microseconds wide; a module's real failure costs 0.06 s more this way.
@@ -123,12 +135,10 @@ class Token:
             # after a failure, when a token is not found, and in a forked child whose first session failed
             # (_open): the module looks for its tokens afresh (SoftHSM sees only the tokens that existed
             # when it was initialised, and keeps a removed token's slot broken until then)
-            with _REINITIALISING:
-                if self._stale or rescan:
-                    self._lib.reinitialize()
-                    _INITIALISED_IN[self.module] = os.getpid()
-                    _INITIALISED[self.module] = _INITIALISED.get(self.module, 0) + 1
-                    self._stale = False
+            self._lib.reinitialize()  # under _calls(module): no other thread has a call in flight
+            _INITIALISED_IN[self.module] = os.getpid()
+            _INITIALISED[self.module] = _INITIALISED.get(self.module, 0) + 1
+            self._stale = False
         return self._lib
 
     def _open(self):
@@ -185,7 +195,14 @@ class Token:
     def session(self, *, for_admin: bool = False) -> Iterator[tuple[Any, dict]]:
         """A session of this process (and the cache of key objects found through it), returned to the
         pool after use. A token failure empties the pool and raises KeyStoreUnavailable, or the failure
-        as it is for an administrative command (`for_admin`)."""
+        as it is for an administrative command (`for_admin`). The whole use holds the module's call lock
+        (`_calls`): the module was promised one thread at a time."""
+        with _calls(self.module):
+            with self._session(for_admin=for_admin) as entry:
+                yield entry
+
+    @contextmanager
+    def _session(self, *, for_admin: bool) -> Iterator[tuple[Any, dict]]:
         import pkcs11
         entry = self._take()
         try:
@@ -238,11 +255,11 @@ class Token:
 
     def close(self) -> None:
         """Close this process's sessions of the token (the login ends with the last one)."""
-        with self._lock:
+        with _calls(self.module), self._lock:
             pool, self._pool = self._pool, _Pool(pid=os.getpid(), generation=self._pool.generation)
-        if pool.pid == os.getpid():  # a parent's sessions are not this process's to close
-            for session, _keys in pool.sessions:
-                session.close()
+            if pool.pid == os.getpid():  # a parent's sessions are not this process's to close
+                for session, _keys in pool.sessions:
+                    session.close()
 
     def private_key_object(self, entry, name: str):
         import pkcs11

@@ -234,3 +234,49 @@ print("checked")
     assert retry.startswith("event=key_store.open_retry token=left attempt=1 error=GeneralError cause=")
     assert "rewrites token.object" in retry
     assert checked == "checked"
+
+
+# A gunicorn worker under load: threads signing on sessions of their own, as many signatures as it has time
+# for, each verified; a failure is printed with its PKCS#11 error and the process goes on.
+SIGNS = """import sys, threading, time
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from registration_app.authorities.pkcs11_store import Token
+module, label, pin, pem, seconds = sys.argv[1:]
+public_key = serialization.load_pem_public_key(open(pem, "rb").read())
+key = Token(module, label, pin).key("ca", public_key)
+key.check()
+signed, failed, end = [], [], time.monotonic() + float(seconds)
+def sign():
+    while time.monotonic() < end:
+        data = str(time.monotonic()).encode()
+        try:
+            public_key.verify(key.sign(data, ec.ECDSA(hashes.SHA256())), data, ec.ECDSA(hashes.SHA256()))
+            signed.append(1)
+        except Exception as exc:
+            failed.append(repr(exc))
+threads = [threading.Thread(target=sign) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(signed), len(failed), failed[:3])
+"""
+
+
+def test_threads_of_two_processes_sign_on_one_token_while_others_log_in(token_folder):
+    """Bench row (10)'s 503s: python-pkcs11 initialises the module with C_Initialize(NULL), which lets
+    SoftHSM drop its own locks, so before Token serialised the calls four threads of one process failed
+    within seconds (GeneralError, ObjectHandleInvalid, SessionHandleInvalid) or crashed it. Now every
+    signature verifies, with the token's server starting again and again beside them (logins)."""
+    hsm, tokens = token_folder
+    signers = [subprocess.Popen([sys.executable, "-c", SIGNS, MODULE, "left", *tokens["left"], "6"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    starts = subprocess.Popen([sys.executable, "-c", STARTS, MODULE, "left", *tokens["left"], "100"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for signer in signers:
+        out, err = signer.communicate(timeout=60)
+        assert signer.returncode == 0, err[-2000:]
+        signed, failed, first = out.split(" ", 2)
+        assert int(signed) > 0 and int(failed) == 0, first
+    out, err = starts.communicate(timeout=60)
+    assert starts.returncode == 0, err[-2000:]
