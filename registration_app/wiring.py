@@ -207,17 +207,18 @@ def check_private_files(settings: Settings) -> None:
         check_private(path)
 
 
-def check_database(settings: Settings) -> None:
+def server_database(settings: Settings) -> Database:
+    """The role's database, with the server keys of its data folder."""
+    return Database(settings.db_url, keys=read_server_keys(settings.data_dir, ROLE_KEYS[settings.role]))
+
+
+def check_database(db: Database) -> None:
     """What `autoenroll init` has still to move out of the database (store/upgrade.py): a ConfigError
     saying so. The server asks once, in the master before it forks; its workers do not ask again, so that
     a worker started while the database is down (a restart, a worker replaced) boots and answers 503
     instead of failing to boot, which makes gunicorn's master shut the whole server down."""
     from .store.upgrade import pending
-    db = Database(settings.db_url, keys=read_server_keys(settings.data_dir, ROLE_KEYS[settings.role]))
-    try:
-        still_in_database = pending(db)
-    finally:
-        db.dispose()
+    still_in_database = pending(db)
     if still_in_database is not None:
         raise ConfigError(still_in_database)
 
@@ -234,9 +235,13 @@ def build_services(settings: Settings, *, directory: Directory | None = None, ru
     check_role(settings)
     if run_migrations:
         migrate(settings.db_url)
+    db = server_database(settings)
     if not database_checked:
-        check_database(settings)
-    db = Database(settings.db_url, keys=read_server_keys(settings.data_dir, ROLE_KEYS[settings.role]))
+        try:
+            check_database(db)
+        except BaseException:
+            db.dispose()
+            raise
     ca_cert = read_cert(paths.ca_cert)
     user_trust = build_user_trust(settings, ca_cert)
     tls_anchors = (read_cert(paths.tls_ca_cert),)

@@ -39,8 +39,9 @@ class _Server(BaseApplication):
 def _freeze_the_heap() -> None:
     """What a worker built at boot (modules, settings, trust, the app: some hundred thousand objects)
     lives as long as the worker: out of the cyclic collector's sight (gc.freeze) once the boot's own
-    garbage is collected. Otherwise every full collection walks all of it again, 50-130 ms with the GIL
-    held, during which none of the worker's threads runs (PERFORMANCE.md, "The web side of a request")."""
+    garbage is collected. Otherwise every full collection walks all of it again, 44-85 ms with the GIL
+    held, during which none of the worker's threads runs (PERFORMANCE.md, "The next request on the
+    thread that answered, and the boot heap frozen")."""
     import gc
     gc.collect()
     gc.freeze()
@@ -91,14 +92,18 @@ def start_plain_http(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    from ..wiring import check_database, check_directory, check_role
+    from ..wiring import check_database, check_directory, check_role, server_database
     from ..store.db import migrate
     from ..core.errors import AutoenrollError
     try:
         check_role(settings)  # before gunicorn forks: a misconfigured role stops here with its reason
         check_directory(settings)  # and so do LDAP settings that are unsafe or a TLS set-up that fails
         migrate(settings.db_url)
-        check_database(settings)  # and a database `autoenroll init` has not finished with
+        db = server_database(settings)  # and a database `autoenroll init` has not finished with
+        try:
+            check_database(db)
+        finally:
+            db.dispose()
     except AutoenrollError as exc:
         raise SystemExit(f"autoenroll serve: {exc.detail}") from None
     options = gunicorn_options(settings)

@@ -155,7 +155,7 @@ class ArrivalWorker(ThreadWorker):
         same thread if it has all arrived within LINGER: an agent sends it as soon as it has read the
         answer, and the way back through the poller (the done-callback, a wake-up of the main thread,
         two epoll_ctl, the poll, the hand-off to a thread) cost more CPU than the short wait
-        (PERFORMANCE.md, "The web side of a request"). A request not all there by then goes back to the
+        (PERFORMANCE.md, "The next request on the thread that answered"). A request not all there by then goes back to the
         poller with what has arrived of it, under the same deadline rules as any other."""
         keep = super().handle(conn)
         # (ThreadPoolExecutor's queue of submitted work: empty when no connection waits for a thread)
