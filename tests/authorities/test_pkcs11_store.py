@@ -168,6 +168,24 @@ print("started", rounds, "times")
 """
 
 
+def finished(commands: list[list[str]], timeout: float) -> list[tuple[int, str, str]]:
+    """Run the commands side by side; (returncode, stdout, stderr) of each once all have ended. Each is
+    waited for (or killed at the timeout) before anything is asserted, so a failing one leaves no process
+    running and no pipe open behind it for a later test to trip over (pytest's unraisable warnings)."""
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command in commands]
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            err += f"\n(killed after {timeout} s)"
+        results.append((process.returncode, out, err))
+    return results
+
+
 @pytest.fixture
 def token_folder(tmp_path, monkeypatch):
     """A SoftHSM folder of this test's own (the servers of the session do not read it), with two tokens,
@@ -196,11 +214,10 @@ def test_two_servers_start_together_on_tokens_of_one_folder(token_folder):
     reads as it looks for its own token; before Token._open tried again, about one start in 200 failed
     with `token 'split-ca': GeneralError` (here, a few hundred rounds each)."""
     hsm, tokens = token_folder
-    starts = [subprocess.Popen([sys.executable, "-c", STARTS, MODULE, label, *tokens[label], "300"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for label in tokens]
-    for start in starts:
-        out, err = start.communicate(timeout=120)
-        assert start.returncode == 0, err
+    starts = finished([[sys.executable, "-c", STARTS, MODULE, label, *tokens[label], "300"] for label in tokens],
+                      timeout=120)
+    for returncode, out, err in starts:
+        assert returncode == 0, err
         assert out.strip() == "started 300 times"
 
 
@@ -269,14 +286,11 @@ def test_threads_of_two_processes_sign_on_one_token_while_others_log_in(token_fo
     within seconds (GeneralError, ObjectHandleInvalid, SessionHandleInvalid) or crashed it. Now every
     signature verifies, with the token's server starting again and again beside them (logins)."""
     hsm, tokens = token_folder
-    signers = [subprocess.Popen([sys.executable, "-c", SIGNS, MODULE, "left", *tokens["left"], "6"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    starts = subprocess.Popen([sys.executable, "-c", STARTS, MODULE, "left", *tokens["left"], "100"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for signer in signers:
-        out, err = signer.communicate(timeout=60)
-        assert signer.returncode == 0, err[-2000:]
+    *signers, starts = finished([[sys.executable, "-c", SIGNS, MODULE, "left", *tokens["left"], "6"]] * 2
+                                + [[sys.executable, "-c", STARTS, MODULE, "left", *tokens["left"], "100"]], timeout=60)
+    for returncode, out, err in signers:
+        assert returncode == 0, err[-2000:]
         signed, failed, first = out.split(" ", 2)
         assert int(signed) > 0 and int(failed) == 0, first
-    out, err = starts.communicate(timeout=60)
-    assert starts.returncode == 0, err[-2000:]
+    returncode, out, err = starts
+    assert returncode == 0, err[-2000:]
