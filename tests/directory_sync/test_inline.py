@@ -6,11 +6,13 @@ directory answered "not yet" while its certificate still gets there."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import os
 import signal
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -158,26 +160,42 @@ def test_a_revocation_committed_after_the_rows_were_read_is_published_again(serv
     assert [shown(admin, user.dn) for user in users[1:]] == [[der(one)] for one in issued[1:]]
 
 
+def thread_states(pid: int) -> list[str]:
+    """The scheduler state of each thread of the process (T: stopped)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:  # the thread ended meanwhile
+            pass
+    return states
+
+
 def test_a_request_queued_behind_a_stalled_directory_says_not_yet_and_the_worker_publishes_it(
-        services, slapd, admin, group):
+        services, slapd, admin, group, caplog):
     first, second = entitled_users(services, admin, group, 2)
     leading, queued = enroll(services, first), enroll(services, second)
     publisher, inline = services.publisher, services.publisher.inline
     wait, publisher.inline_wait = publisher.inline_wait, 0.3
     answers: dict[str, bool] = {}
-    os.kill(slapd.pid, signal.SIGSTOP)  # the first request's modify waits for slapd
+    caplog.set_level(logging.INFO)  # shown if the answers are not as expected
+    pid = slapd.pid
+    os.kill(pid, signal.SIGSTOP)  # the first request's modify waits for slapd
     try:
+        eventually(lambda: set(thread_states(pid)) == {"T"}, timeout=10, step=0.01, what="slapd stopped")
         ahead = threading.Thread(target=lambda: answers.setdefault(
             "first", services.ra.publish_now(first.dn, leading, entry=first)))
         ahead.start()
         eventually(lambda: inline._leading, timeout=10, step=0.01, what="the first request in the directory")
         answers["second"] = services.ra.publish_now(second.dn, queued, entry=second)
+        stopped = thread_states(pid)
     finally:
-        os.kill(slapd.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
         publisher.inline_wait = wait
     ahead.join()
 
-    assert answers == {"first": True, "second": False}  # the second agent is told: not in the directory yet
+    # the second agent is told: not in the directory yet
+    assert answers == {"first": True, "second": False}, (stopped, [r.getMessage() for r in caplog.records])
     assert shown(admin, first.dn) == [der(leading)]
     assert publisher.drain(user_dn=second.dn) == 1  # its row was handed to the worker at once
     assert shown(admin, second.dn) == [der(queued)]
